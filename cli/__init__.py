@@ -1,0 +1,1 @@
+"""Pinnace command line: `pinnace serve`, `pinnace render`, `pinnace operator`."""

@@ -1,0 +1,1 @@
+"""Pinnace operator: reconciles `LLMDeployment` resources (group pinnace.dev)."""
