@@ -25,10 +25,12 @@ setup-test: $(VENV)/.test
 serve: setup
 	$(VENV)/bin/pinnace serve $(ARGS)
 
+# Never `python -m ...` from the repo root: the cwd on sys.path would let ./operator
+# shadow the standard library's `operator`.
 lint: setup-test
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
-	$(PY) -m mypy runtime operator cli
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	VENV=$(VENV) hack/mypy.sh
 
 test: lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
