@@ -1,1 +1,1 @@
-
+"""Scheduling core: pure Python, never imports torch (tested in milliseconds)."""

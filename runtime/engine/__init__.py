@@ -1,1 +1,1 @@
-
+"""Engine: request intake, the schedule -> execute -> update step, detokenization."""

@@ -1,1 +1,1 @@
-
+"""Tensor side of the engine: model runner, KV cache tensors, sampler."""

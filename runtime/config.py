@@ -1,0 +1,71 @@
+"""Engine configuration: one dataclass, validated once for the Python API, CLI and HTTP."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
+
+
+@dataclass
+class EngineConfig:
+    """Engine options, named as vLLM names them."""
+
+    model: str
+    tokenizer: str | None = None  # reserved: the model folder's tokenizer is used
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 2048 (chunked prefill beyond it)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes of KV cache on CPU (default 4 GiB)
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # explicit block count; overrides the memory budget
+    seed: int | None = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attention_backend: str = "auto"
+    chat_template: str | None = None  # a file path or the template text
+    max_logprobs: int = 20
+    quantization: str | None = None
+    enable_lora: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("block_size", self.block_size)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.num_kv_blocks is not None:
+            _positive("num_kv_blocks", self.num_kv_blocks)
+        if self.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}."
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float", "half"):
+            raise ValueError(
+                f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16."
+            )
+        if self.quantization is not None:
+            raise ValueError(f"quantization {self.quantization!r} is not supported yet.")
+        if self.enable_lora:
+            raise ValueError("enable_lora is not supported yet.")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
+        if self.chat_template is not None and os.path.isfile(self.chat_template):
+            with open(self.chat_template) as f:
+                self.chat_template = f.read()
+
+    @property
+    def resolved_max_num_batched_tokens(self) -> int:
+        return self.max_num_batched_tokens or 2048
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

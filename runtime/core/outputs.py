@@ -1,0 +1,82 @@
+"""The contracts between scheduling and compute: plain dataclasses, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pinnace.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute KV for `token_ids` at positions from
+    `num_computed_tokens`, and sample a next token if `needs_sample`."""
+
+    req_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sampling_params: SamplingParams
+    needs_sample: bool
+    # Output tokens so far: sampling penalties and seeded generators need the history.
+    num_output_tokens: int = 0
+    lora_id: int = 0
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Requests that left since the last step (finished, aborted, preempted): runners drop
+    # any per-request state (e.g. seeded generators) for them.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities of one sampled token and the top alternatives (token id -> logprob)."""
+
+    token_logprob: float
+    top: dict[int, float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Sampled token per request that needed one (absent: a partial prefill chunk)."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+@dataclass
+class RequestUpdate:
+    """What one step changed for one request: the engine turns these into user outputs."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: Logprobs | None = None
+    num_cached_tokens: int = 0  # prefix-cache hit length when the request was admitted

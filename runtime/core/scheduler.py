@@ -1,0 +1,200 @@
+"""Continuous batching with a token budget, chunked prefill and preemption by recompute.
+
+Each step: running requests first (FCFS order; one decode token each, or the next chunk of
+an unfinished prefill), then waiting requests while budget, sequence slots and KV blocks
+last. When a running request cannot get a block, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the front of the queue to
+be recomputed later (its prefix blocks often survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pinnace.runtime.core.kv_cache_manager import KVCacheManager
+from pinnace.runtime.core.outputs import (
+    ModelRunnerOutput,
+    RequestUpdate,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from pinnace.runtime.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache_manager: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1.")
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: set[str] = set()
+
+    # -- queue management ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use.")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(
+        self, req_ids: list[str], status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
+        """End requests from outside the step (abort, stop string); unknown ids are ignored."""
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.stop_reason = stop_reason
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.req_id]
+        self._finished_ids.add(request.req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = set()
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(out, budget)
+        budget -= out.total_num_scheduled_tokens
+        if not preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                i += 1
+        return preempted
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted_req_ids.add(request.req_id)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, num_new, blocks):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.kv.record_prefix_query(request.num_tokens, num_hit)
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            req_id=request.req_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            num_computed_tokens=start,
+            block_ids=self.kv.block_ids(request.req_id),
+            sampling_params=request.sampling_params,
+            needs_sample=start + num_new == request.num_tokens,
+            num_output_tokens=request.num_output_tokens,
+            lora_id=request.lora_id,
+        )
+
+    # -- after the forward pass ---------------------------------------------------------
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[RequestUpdate]:
+        """Advance token accounting, append sampled tokens and apply token-level stops."""
+        updates = []
+        for item in scheduled.scheduled:
+            request = self.requests.get(item.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += item.num_scheduled_tokens
+            token_id = result.sampled_token_ids.get(item.req_id)
+            if token_id is None:
+                continue
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            update = RequestUpdate(
+                item.req_id,
+                [token_id],
+                logprobs=result.logprobs.get(item.req_id),
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+                update.finish_reason = status.finish_reason
+                update.stop_reason = request.stop_reason
+            updates.append(update)
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in (params.stop_token_ids or ()):
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.pool.num_queries,
+            prefix_cache_hits=self.kv.pool.num_hits,
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,0 +1,158 @@
+"""The engine: requests in, one schedule -> execute -> update step at a time, outputs out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.core.kv_cache_manager import KVCacheManager
+from pinnace.runtime.core.outputs import SchedulerStats
+from pinnace.runtime.core.scheduler import Scheduler
+from pinnace.runtime.engine.request_state import RequestState
+from pinnace.runtime.engine.setup import EngineParts, build_engine_parts
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.request import Request, RequestStatus
+from pinnace.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        parts: EngineParts = build_engine_parts(config)
+        self.parts = parts
+        self.tokenizer = parts.checkpoint.tokenizer
+        self.model_config = parts.checkpoint.config
+        self.max_model_len = parts.max_model_len
+        self.eos_token_ids = frozenset(parts.checkpoint.eos_token_ids)
+        self.vocab_size = int(self.model_config.vocab_size)
+        kv = KVCacheManager(parts.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            kv,
+            config.max_num_seqs,
+            config.resolved_max_num_batched_tokens,
+            self.max_model_len,
+        )
+        self.runner = parts.runner
+        self._states: dict[str, RequestState] = {}  # by user request id
+        self._child_to_parent: dict[str, str] = {}
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request before it is queued; returns its resolved max_tokens."""
+        num = len(prompt_token_ids)
+        if num == 0:
+            raise ValueError("the prompt is empty.")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of vocabulary (size {self.vocab_size}).")
+        room = self.max_model_len - num
+        if room < 1:
+            raise ValueError(
+                f"the prompt is {num} tokens, but this model's maximum context length "
+                f"(max_model_len) is {self.max_model_len} tokens."
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the {num}-token prompt exceeds this "
+                f"model's maximum context length of {self.max_model_len} tokens."
+            )
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(
+                f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}."
+            )
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        prompt_ids = self.tokenize(prompt)
+        max_tokens = self.validate(prompt_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        state = RequestState(request_id, text, prompt_ids, params, self.tokenizer)
+        self._states[request_id] = state
+        now = time.monotonic()
+        for i, child_id in enumerate(state.child_ids):
+            self._child_to_parent[child_id] = request_id
+            child_params = params if params.n == 1 else params.for_sample(i)
+            self.scheduler.add_request(
+                Request(
+                    req_id=child_id,
+                    prompt_token_ids=prompt_ids,
+                    sampling_params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    max_tokens=max_tokens,
+                    cache_salt=cache_salt,
+                    arrival_time=now,
+                )
+            )
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            state = self._states.pop(request_id, None)
+            if state is None:
+                continue
+            for child_id in state.child_ids:
+                self._child_to_parent.pop(child_id, None)
+            self.scheduler.finish_requests(state.child_ids, RequestStatus.FINISHED_ABORTED)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that made progress."""
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        updates = self.scheduler.update_from_output(sched, result)
+        touched: dict[str, RequestState] = {}
+        for update in updates:
+            parent = self._child_to_parent.get(update.req_id)
+            if parent is None:
+                continue
+            state = self._states[parent]
+            sample = state.samples[update.req_id]
+            if sample.apply(update) is not None:
+                self.scheduler.finish_requests(
+                    [update.req_id], RequestStatus.FINISHED_STOPPED, sample.stop_reason
+                )
+            if sample.index == 0:
+                state.num_cached_tokens = update.num_cached_tokens
+            touched[parent] = state
+        outputs = []
+        for request_id, state in touched.items():
+            outputs.append(state.output())
+            if state.finished:
+                del self._states[request_id]
+                for child_id in state.child_ids:
+                    self._child_to_parent.pop(child_id, None)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.pool.reset_prefix_cache()
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device

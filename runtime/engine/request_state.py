@@ -1,0 +1,99 @@
+"""Per-request output bookkeeping: the n samples of one user request and their text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pinnace.runtime.core.outputs import RequestUpdate
+from pinnace.runtime.engine.detokenizer import IncrementalDetokenizer
+from pinnace.runtime.outputs import CompletionOutput, RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class SampleState:
+    """One of the n samples (one scheduler request)."""
+
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def apply(self, update: RequestUpdate) -> str | None:
+        """Record a step's tokens; returns a stop string if the text now contains one."""
+        self.token_ids.extend(update.new_token_ids)
+        if update.logprobs is not None:
+            lp = update.logprobs
+            entry = dict(lp.top)
+            entry[update.new_token_ids[-1]] = lp.token_logprob
+            self.logprobs = [*(self.logprobs or []), entry]
+            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.token_logprob
+        stop = self.detok.update(update.new_token_ids)
+        if update.finish_reason is not None:
+            self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
+        if stop is not None and self.finish_reason is None:
+            self.finish_reason, self.stop_reason = "stop", stop
+            return stop
+        return None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.detok.output_text(finished=self.finish_reason is not None),
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            cumulative_logprob=self.cumulative_logprob,
+        )
+
+
+class RequestState:
+    """A user request fanned out into `n` scheduler requests ids `child_ids`."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.num_cached_tokens = 0
+        self.child_ids = (
+            [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        )
+        self.samples = {
+            child: SampleState(
+                i,
+                IncrementalDetokenizer(
+                    tokenizer,
+                    prompt_token_ids,
+                    params.skip_special_tokens,
+                    params.stop_strings,
+                    params.include_stop_str_in_output,
+                ),
+            )
+            for i, child in enumerate(self.child_ids)
+        }
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.output() for s in self.samples.values()],
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+        )

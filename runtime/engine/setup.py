@@ -1,0 +1,110 @@
+"""Build the tensor side of an engine from its config: model, KV cache, runner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pinnace.runtime.layers.attention_backend import get_attention_backend
+from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
+from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes
+from pinnace.runtime.worker.model_runner import ModelRunner
+from pinnace.runtime.worker.sampler import Sampler
+
+logger = logging.getLogger("pinnace.runtime")
+
+GiB = 1024**3
+
+
+@dataclass
+class EngineParts:
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+    runner: ModelRunner
+    num_blocks: int
+    max_model_len: int
+    weight_bytes: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu or cuda.")
+    return device
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    device = resolve_device(config.device)
+    ckpt = open_checkpoint(config.model, config.chat_template)
+    dtype = resolve_dtype(config.dtype, ckpt, device)
+    model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
+    max_model_len = config.max_model_len or model_max
+    model = build_model(ckpt, dtype, device, max_positions=max(max_model_len, model_max))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_blocks = _num_kv_blocks(config, ckpt, dtype, device)
+    capacity = num_blocks * config.block_size
+    if max_model_len > capacity:
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len={max_model_len} needs more KV cache than the budget holds "
+                f"({capacity} tokens in {num_blocks} blocks); raise the KV budget or lower "
+                "max_model_len."
+            )
+        logger.warning(
+            "max_model_len lowered from %d to the KV capacity %d", max_model_len, capacity
+        )
+        max_model_len = capacity
+    kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, dtype, device)
+    backend = get_attention_backend(config.attention_backend, device)
+    sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
+    runner = ModelRunner(model, kv_caches, config.block_size, backend, sampler, device)
+    arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
+    logger.info(
+        "Loaded %s (%s, %s) from %s on %s: %.1f MiB of weights, attention backend %s",
+        arch, ckpt.format, str(dtype).removeprefix("torch."), config.model, device,
+        weight_bytes / 2**20, backend.name,
+    )  # fmt: skip
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
+        "maximum concurrency at full length: %.1fx",
+        num_blocks, config.block_size, capacity,
+        num_blocks * block_bytes(ckpt.config, config.block_size, dtype) / GiB,
+        max_model_len, capacity / max_model_len,
+    )  # fmt: skip
+    return EngineParts(ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes)
+
+
+def _num_kv_blocks(
+    config: EngineConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device
+) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = block_bytes(ckpt.config, config.block_size, dtype)
+    if device.type == "cuda":
+        budget = _cuda_kv_budget(config, device)
+    else:
+        budget = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes."
+        )
+    return int(num_blocks)
+
+
+def _cuda_kv_budget(config: EngineConfig, device: torch.device) -> int:
+    """What gpu_memory_utilization leaves after weights and a reserve for activations."""
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    # Activations of one max-size step: a generous rule of thumb, not a profile.
+    reserve = 1 * GiB
+    budget = int(total * config.gpu_memory_utilization) - used_by_others
+    budget -= torch.cuda.memory_reserved(device) + reserve
+    return max(budget, 0)

@@ -1,0 +1,150 @@
+"""`LLM`: the embeddable offline API (vLLM's shape)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate text offline: `LLM(model="path").generate(["Hello"], SamplingParams())`.
+
+    Keyword arguments are EngineConfig fields (vLLM's names: dtype, max_model_len,
+    max_num_seqs, max_num_batched_tokens, block_size, enable_prefix_caching, seed,
+    gpu_memory_utilization, kv_cache_memory, ...).
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Returns one RequestOutput per prompt, in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        # Validate everything first: a bad prompt must not leave half a batch queued.
+        resolved = [_unpack(p) for p in prompt_list]
+        engine = self.llm_engine
+        for prompt, sp in zip(resolved, params, strict=True):
+            engine.validate(engine.tokenize(prompt), sp)
+        ids = [f"gen-{next(self._counter)}" for _ in resolved]
+        for req_id, prompt, sp in zip(ids, resolved, params, strict=True):
+            engine.add_request(req_id, prompt, sp)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        if not messages:
+            raise ValueError("messages must not be empty.")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        prompts: list[Prompt] = [
+            self.apply_chat_template(c, chat_template, add_generation_prompt) for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(
+        self,
+        conversation: list[Message],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and tokenizer.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template.")
+        if not conversation:
+            raise ValueError("a conversation must have at least one message.")
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+        # The template already writes BOS and other specials: don't add them twice.
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finals: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while len(finals) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finals[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in finals])
+            raise
+        finally:
+            bar.close()
+        return [finals[i] for i in ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    items: list[Any] = list(prompts)
+    if not items:
+        raise ValueError("prompts must not be empty.")
+    if all(isinstance(t, int) for t in items):
+        return [items]  # one prompt given as token ids
+    return items
+
+
+def _unpack(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return str(prompt["prompt"])
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'.")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return prompt
+    raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt)}.")
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, num: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * num
+    if isinstance(params, SamplingParams):
+        return [params] * num
+    params = list(params)
+    if len(params) != num:
+        raise ValueError(f"got {len(params)} SamplingParams for {num} prompts.")
+    return params

@@ -1,0 +1,91 @@
+"""Executes a SchedulerOutput: builds the flat batch, runs the model, samples.
+
+    execute(SchedulerOutput) -> ModelRunnerOutput
+
+Token rows of all scheduled requests are concatenated ([T] ids/positions/slots); only
+the last row of each request that needs a sample goes through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
+from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
+from pinnace.runtime.worker.sampler import Sampler, SamplingRow
+from torch import nn
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        backend: AttentionBackend,
+        sampler: Sampler,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.backend = backend
+        self.sampler = sampler
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.drop(sched.finished_req_ids)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        input_ids, positions, layout, sample_idx = self._prepare(sched)
+        metadata = self.backend.build_metadata(layout)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        out = ModelRunnerOutput()
+        if not sample_idx:
+            return out
+        rows_idx = torch.tensor(sample_idx, device=self.device)
+        logits = self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
+        items = [s for s in sched.scheduled if s.needs_sample]
+        rows = [SamplingRow(s.req_id, s.sampling_params, s.num_output_tokens) for s in items]
+        tokens, logprobs = self.sampler(logits, rows)
+        for item, token, lp in zip(items, tokens, logprobs, strict=True):
+            out.sampled_token_ids[item.req_id] = token
+            if lp is not None:
+                out.logprobs[item.req_id] = lp
+        return out
+
+    def _prepare(
+        self, sched: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        bs = self.block_size
+        for item in sched.scheduled:
+            start = item.num_computed_tokens
+            pos = range(start, start + item.num_scheduled_tokens)
+            ids.extend(item.token_ids)
+            positions.extend(pos)
+            table = item.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if item.needs_sample:
+                sample_idx.append(len(ids) - 1)
+        dev = self.device
+        layout = BatchLayout(
+            query_lens=[s.num_scheduled_tokens for s in sched.scheduled],
+            num_computed_tokens=[s.num_computed_tokens for s in sched.scheduled],
+            block_tables=[s.block_ids for s in sched.scheduled],
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            device=dev,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            layout,
+            sample_idx,
+        )

@@ -1,0 +1,129 @@
+"""Logits -> next tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws exactly one
+noise vector per request per step. A seeded request draws from its own generator, so its
+tokens do not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pinnace.runtime.core.outputs import Logprobs
+from pinnace.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    req_id: str
+    params: SamplingParams
+    num_output_tokens: int
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int], seed: int | None, device: torch.device) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def drop(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            self._request_generators.pop(req_id, None)
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[Logprobs | None]]:
+        """logits: [N, V] float32, one row per request that samples this step."""
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_min_tokens(logits, rows)
+        if all(r.params.is_greedy for r in rows):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, rows)
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(raw_logprobs, token_list, rows)
+
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        banned = [
+            (i, self.eos_token_ids + list(r.params.stop_token_ids or []))
+            for i, r in enumerate(rows)
+            if r.num_output_tokens < r.params.min_tokens
+        ]
+        if not banned:
+            return logits
+        logits = logits.clone()
+        for i, ids in banned:
+            logits[i, ids] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        dev = logits.device
+        greedy = torch.tensor([r.params.is_greedy for r in rows], device=dev)
+        temps = torch.tensor(
+            [1.0 if r.params.is_greedy else r.params.temperature for r in rows], device=dev
+        )
+        scaled = _top_k_top_p(
+            logits / temps[:, None],
+            [r.params.top_k for r in rows],
+            [r.params.top_p for r in rows],
+        )
+        probs = torch.softmax(scaled, dim=-1)
+        noise = self._noise(probs, rows)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, row in enumerate(rows):
+            if row.params.seed is None or row.params.is_greedy:
+                continue
+            gen = self._request_generators.get(row.req_id)
+            if gen is None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(row.params.seed)
+                self._request_generators[row.req_id] = gen
+            noise[i].exponential_(generator=gen)
+        return noise
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor | None, tokens: list[int], rows: list[SamplingRow]
+    ) -> list[Logprobs | None]:
+        out: list[Logprobs | None] = []
+        for i, row in enumerate(rows):
+            k = row.params.logprobs
+            if raw is None or k is None:
+                out.append(None)
+                continue
+            top = {}
+            if k > 0:
+                values, ids = raw[i].topk(k)
+                top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+            out.append(Logprobs(token_logprob=float(raw[i, tokens[i]]), top=top))
+        return out
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf."""
+    vocab = logits.shape[-1]
+    use_k = any(0 < k < vocab for k in top_k)
+    use_p = any(p < 1.0 for p in top_p)
+    if not (use_k or use_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if use_k:
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+        rank = torch.arange(vocab, device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
+    if use_p:
+        ps = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep a token if the mass before it is below p: the top token always survives.
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= ps[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
