@@ -1,0 +1,240 @@
+"""GGUF checkpoints: config, tokenizer and dequantized weights from one llama.cpp file.
+
+A GGUF file carries everything a HF model directory would: hyper-parameters, the tokenizer
+(vocabulary, merges, special ids, chat template) and the tensors, most of them quantized in
+ggml blocks. This module turns it into the pieces the engine's loader consumes:
+
+    ckpt = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ckpt.config        # LlamaConfig, as AutoConfig.from_pretrained(..., gguf_file=) builds it
+    ckpt.tokenizer     # fast tokenizer with the file's chat template
+    for name, tensor in ckpt.weights(torch.bfloat16):  # HF names and layout, one at a time
+        ...
+
+Config and tokenizer come from transformers' GGUF support, so they match what
+`from_pretrained(..., gguf_file=)` gives. Tensors are read through `gguf.GGUFReader`, which
+memory-maps the file, and dequantized one at a time with `gguf.quants.dequantize`: peak memory is
+one tensor in float32, not the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
+from gguf.quants import dequantize
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+
+# HF `model_type` (as transformers derives it from the file) -> the class the engine builds.
+# Keys of `_QK_PERMUTED` / `SUPPORTED_ARCHITECTURES` are GGUF `general.architecture` values.
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# llama.cpp's converter interleaves the rows of q/k for these (its RoPE kernel wants pairs
+# adjacent); Qwen2 is written unpermuted.
+_QK_PERMUTED = frozenset({"llama", "mistral"})
+
+Q = GGMLQuantizationType
+# Q5_0/Q5_1 are here because llama.cpp falls back to them inside K-quant files whenever a row
+# length is not a multiple of 256 (Qwen2-0.5B's 896 is), so a "Q4_K_M" file contains them.
+SUPPORTED_TENSOR_TYPES = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file opened for loading: metadata parsed, tensors still on disk (memory-mapped)."""
+
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    generation_eos_token_ids: list[int]
+    path: str
+    # HF parameter name -> ggml type name as stored ("Q4_1", "F32", ...), for logs and for a
+    # loader that wants to keep some weights quantized.
+    tensor_types: dict[str, str] = field(repr=False)
+    _reader: GGUFReader = field(repr=False)
+    _hf_names: dict[str, str] = field(repr=False)  # GGUF tensor name -> HF parameter name
+    _processor: TensorProcessor = field(repr=False)
+
+    def weights(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, tensor)` in file order, dequantized to `dtype`, in HF layout.
+
+        Each tensor is a fresh CPU tensor the caller owns (never a view of the mapped file).
+        `lm_head.weight` appears only when the file has its own output matrix (untied).
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"GGUF weights dequantize to a floating dtype, not {dtype}.")
+        for tensor in self._reader.tensors:
+            # float32 numpy in torch order ([out_features, in_features] for a linear weight)
+            values = dequantize(tensor.data, tensor.tensor_type)
+            # Undo llama.cpp's q/k row interleaving; transformers' own code, so the result is
+            # bit-identical to `from_pretrained(..., gguf_file=)`.
+            values = self._processor.process(weights=values, name=tensor.name).weights
+            # F32 tensors are still read-only views of the mapped file: copy those (only).
+            values = np.require(values, requirements=["C", "W"])
+            yield self._hf_names[tensor.name], torch.from_numpy(values).to(dtype)
+
+
+def is_gguf(path: str) -> bool:
+    """True for a path ending in `.gguf` (existing or not) or a directory with exactly one."""
+    if os.path.isdir(path):
+        return len(_gguf_files_in(path)) == 1
+    return path.lower().endswith(".gguf")
+
+
+def load_gguf(path: str) -> GGUFCheckpoint:
+    """Open a GGUF file (or a directory holding one) and check it can be loaded.
+
+    Every check happens here, before any weight is read: an unsupported architecture, tensor
+    type, RoPE scaling or tensor name raises `ValueError`; a missing file `FileNotFoundError`.
+    """
+    file = _resolve_file(path)
+    reader = _open_reader(file)
+    architecture = _read_field(reader, "general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{file}: GGUF architecture {architecture!r} is not supported. "
+            f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    _check_loadable(reader, architecture, file)
+
+    directory, name = os.path.split(os.path.abspath(file))
+    config = AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    # transformers leaves `architectures` unset for GGUF; the engine picks its class from it.
+    config.architectures = [_HF_ARCHITECTURES[config.model_type]]
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+
+    hf_names = _map_tensor_names(reader, config, architecture, file)
+    processor_cls = LlamaTensorProcessor if architecture in _QK_PERMUTED else TensorProcessor
+    processor = processor_cls(config=config.to_dict())
+    return GGUFCheckpoint(
+        config=config,
+        tokenizer=tokenizer,
+        generation_eos_token_ids=_eos_token_ids(config, reader),
+        path=file,
+        tensor_types={hf_names[t.name]: t.tensor_type.name for t in reader.tensors},
+        _reader=reader,
+        _hf_names=hf_names,
+        _processor=processor,
+    )
+
+
+def _gguf_files_in(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.lower().endswith(".gguf"))
+
+
+def _resolve_file(path: str) -> str:
+    if os.path.isdir(path):
+        files = _gguf_files_in(path)
+        if not files:
+            raise FileNotFoundError(f"No .gguf file in directory {path}.")
+        if len(files) > 1:
+            raise ValueError(
+                f"Directory {path} holds several GGUF files ({', '.join(files)}); "
+                "pass the path of the one to load."
+            )
+        return os.path.join(path, files[0])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def _open_reader(file: str) -> GGUFReader:
+    try:
+        return GGUFReader(file)
+    except (ValueError, IndexError) as error:  # bad magic, truncated header, empty file
+        raise ValueError(f"{file} is not a readable GGUF file: {error}") from error
+
+
+def _read_field(reader: GGUFReader, key: str) -> Any:
+    """A metadata value, or None when the file does not have the key."""
+    found = reader.get_field(key)
+    return None if found is None else found.contents()
+
+
+def _check_loadable(reader: GGUFReader, architecture: str, file: str) -> None:
+    """Reject files whose weights or metadata this loader would read wrongly."""
+    if (_read_field(reader, "split.count") or 1) > 1:
+        raise ValueError(
+            f"{file} is one part of a split GGUF; merge the parts first "
+            "(llama-gguf-split --merge) and load the merged file."
+        )
+    bad = sorted({t.tensor_type for t in reader.tensors} - SUPPORTED_TENSOR_TYPES)
+    if bad:
+        names = ", ".join(t.name for t in bad)
+        supported = ", ".join(t.name for t in sorted(SUPPORTED_TENSOR_TYPES))
+        raise ValueError(
+            f"{file} has tensors of type {names}, which cannot be loaded. "
+            f"Supported tensor types: {supported}."
+        )
+    # transformers' GGUF config ignores RoPE scaling; loading anyway would give a model that is
+    # silently wrong at every position, so refuse instead.
+    scaling = _read_field(reader, f"{architecture}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{file} uses {scaling!r} RoPE scaling, which is not supported yet.")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(
+            f"{file} stores per-dimension RoPE frequencies (Llama-3.1-style rope scaling), "
+            "which is not supported yet."
+        )
+
+
+def _map_tensor_names(
+    reader: GGUFReader, config: PretrainedConfig, architecture: str, file: str
+) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name, checked both ways against the HF model class.
+
+    The HF names come from the model class itself (built on the meta device, so no memory),
+    and gguf's own name table translates them, as transformers' GGUF loader does.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # Mistral files are written with llama's tensor names.
+    gguf_arch = "llama" if architecture in _QK_PERMUTED else architecture
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    name_map = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    expected: dict[str, str] = {}
+    for hf_name in model.state_dict():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            expected[gguf_name] = hf_name
+
+    in_file = [t.name for t in reader.tensors]
+    unknown = [n for n in in_file if n not in expected]
+    if unknown:
+        raise ValueError(
+            f"{file} has tensors that {type(model).__name__} has no parameter for: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}."
+        )
+    missing = set(expected.values()) - {expected[n] for n in in_file}
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")  # tied: the embedding matrix serves as the output
+    if missing:
+        raise ValueError(f"{file} lacks tensors for: {', '.join(sorted(missing))}.")
+    return {n: expected[n] for n in in_file}
+
+
+def _eos_token_ids(config: PretrainedConfig, reader: GGUFReader) -> list[int]:
+    """The config's EOS plus llama.cpp's end-of-turn / end-of-message ids, deduplicated."""
+    eos = config.eos_token_id
+    ids: list[int] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        token_id = _read_field(reader, key)
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    return ids
