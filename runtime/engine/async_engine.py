@@ -1,0 +1,336 @@
+"""AsyncLLMEngine: one background thread drives the engine; each request gets a stream.
+
+LLMEngine is not thread-safe, so every engine call happens on one dedicated thread:
+
+    event loop (HTTP handlers)            engine thread
+    --------------------------            -------------
+    generate() -> inbox.put(Add) ------>  drain inbox: add_request / abort_request
+                                          step() -> outputs
+    stream.queue  <-- call_soon_threadsafe(deliver, outputs)
+    leaving `async with` unfinished
+               -> inbox.put(Abort) ---->  abort_request: KV blocks freed before next step
+
+Torch releases the GIL during compute, so the event loop keeps serving while a step runs.
+Tokenizing and validating (`validate`) only read the tokenizer and the config, so the
+event loop may call them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pinnace.runtime.core.outputs import SchedulerStats
+from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed and cannot serve any more requests."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in it were aborted, the engine goes on serving."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+@dataclass
+class RequestStream:
+    """One request's outputs, in order, plus the timestamps metrics need (monotonic s)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    previous_token_time: float | None = None  # the token step before the last one
+    num_generation_tokens: int = 0
+    finished: bool = False
+    last_output: RequestOutput | None = None
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished and self.queue.empty():
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class RequestObserver(Protocol):
+    """Told about every delivered output and every finished or aborted request."""
+
+    def on_output(self, stream: RequestStream, output: RequestOutput, num_new_tokens: int) -> None:
+        pass
+
+    def on_finish(self, stream: RequestStream, finish_reason: str) -> None:
+        pass
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+_Command = _Add | _Abort | _Stop
+
+
+class AsyncLLMEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int | None = None,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be at least 1, got {max_waiting_requests}."
+            )
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.observer = observer
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # event-loop side only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stats = engine.stats()
+        self._dead: BaseException | None = None
+        # Each counter is written by one thread only; their difference is the adds in flight.
+        self._num_sent_adds = 0
+        self._num_applied_adds = 0
+
+    # -- read-only views, safe from any thread ----------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self.engine.tokenize(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raises ValueError with a user-facing message; returns the resolved max_tokens."""
+        return self.engine.validate(prompt_token_ids, params)
+
+    def stats(self) -> SchedulerStats:
+        """Scheduler counters as of the engine thread's last step or command."""
+        return self._stats
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine failed: {self._dead!r}")
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running.")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread; outputs are delivered on `loop` (default: the running one)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already started.")
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pinnace-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(_Stop())
+        self._thread.join(timeout)
+        self._thread = None
+
+    # -- requests (event-loop side) ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestStream]:
+        """Queue a request and yield its stream; leaving the block unfinished aborts it.
+
+        Request ids must not contain "#" (the engine's child-sample separator).
+        """
+        self.check_health()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        self.check_queue_room(params.n)
+        stream = RequestStream(request_id, len(prompt_token_ids))
+        self._streams[request_id] = stream
+        self._num_sent_adds += params.n
+        self._inbox.put(_Add(stream, prompt_token_ids, params, cache_salt))
+        try:
+            yield stream
+        finally:
+            if not stream.finished:
+                # Cancelled, disconnected or failed: free its KV blocks now.
+                self._inbox.put(_Abort(request_id))
+                stream.finished = True
+                if self.observer is not None:
+                    self.observer.on_finish(stream, "abort")
+            self._streams.pop(request_id, None)
+
+    def check_queue_room(self, num_new: int) -> None:
+        """Raises QueueFullError if `num_new` more requests would pass the waiting limit."""
+        if self.max_waiting_requests is None:
+            return
+        in_flight = self._num_sent_adds - self._num_applied_adds
+        waiting = self._stats.num_waiting_reqs + in_flight
+        if waiting + num_new > self.max_waiting_requests:
+            raise QueueFullError(
+                f"the server is busy: {waiting} requests are waiting "
+                f"(max_waiting_requests={self.max_waiting_requests}); retry later."
+            )
+
+    def _deliver(
+        self, outputs: list[RequestOutput], scheduled: list[str], step_start: float
+    ) -> None:
+        """Runs on the event loop: route one step's outputs to their streams."""
+        now = time.monotonic()
+        for request_id in scheduled:
+            stream = self._streams.get(request_id)
+            if stream is not None and stream.scheduled_time is None:
+                stream.scheduled_time = step_start
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None or stream.finished:
+                continue  # aborted while the step ran
+            num_tokens = sum(len(c.token_ids) for c in output.outputs)
+            num_new = num_tokens - stream.num_generation_tokens
+            if num_new > 0:
+                stream.previous_token_time = stream.last_token_time
+                stream.first_token_time = stream.first_token_time or now
+                stream.last_token_time = now
+                stream.num_generation_tokens = num_tokens
+            stream.last_output = output
+            if self.observer is not None:
+                self.observer.on_output(stream, output, num_new)
+            stream.queue.put_nowait(output)
+            if output.finished:
+                stream.finished = True
+                if self.observer is not None:
+                    reason = output.outputs[0].finish_reason if output.outputs else None
+                    self.observer.on_finish(stream, reason or "stop")
+
+    def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
+        """Runs on the event loop: end streams (None: all) with an error; already aborted."""
+        for request_id in list(self._streams) if request_ids is None else request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None and not stream.finished:
+                stream.queue.put_nowait(error)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        active: set[str] = set()  # requests the engine holds, engine-thread side
+        try:
+            while True:
+                if not self._apply_commands(active, block=not active):
+                    return
+                if active:
+                    self._step(active)
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # pragma: no cover - a bug in the engine itself
+            logger.exception("engine thread died")
+            self._dead = exc
+            self._call_soon(self._fail, None, EngineDeadError(f"the engine failed: {exc!r}"))
+
+    def _apply_commands(self, active: set[str], block: bool) -> bool:
+        """Drain the inbox (waiting for one command if idle); False on stop."""
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Abort):
+                self.engine.abort_request([command.request_id])
+                active.discard(command.request_id)
+                continue
+            self._add(command, active)
+
+    def _add(self, command: _Add, active: set[str]) -> None:
+        stream = command.stream
+        try:
+            self.engine.add_request(
+                stream.request_id, command.prompt_token_ids, command.params, command.cache_salt
+            )
+            active.add(stream.request_id)
+        except ValueError as exc:
+            self._call_soon(self._fail, [stream.request_id], exc)
+        finally:
+            self._num_applied_adds += command.params.n
+
+    def _step(self, active: set[str]) -> None:
+        start = time.monotonic()
+        unscheduled = self._waiting_ids()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting its %d requests", len(active))
+            ids = sorted(active)
+            self.engine.abort_request(ids)
+            active.clear()
+            self._call_soon(self._fail, ids, EngineStepError(f"generation failed: {exc!r}"))
+            return
+        scheduled = sorted(unscheduled - self._waiting_ids())
+        for output in outputs:
+            if output.finished:
+                active.discard(output.request_id)
+        self._call_soon(self._deliver, outputs, scheduled, start)
+
+    def _waiting_ids(self) -> set[str]:
+        # Scheduler ids of the n samples of request R are "R#i" (R itself when n == 1).
+        return {r.req_id.partition("#")[0] for r in self.engine.scheduler.waiting}
+
+    def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)

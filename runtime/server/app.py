@@ -1,0 +1,78 @@
+"""The app factory: one engine, OpenAI + KServe V1/V2 routes, metrics, optional auth."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from pinnace.runtime.engine.async_engine import AsyncLLMEngine
+from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.server.auth import APIKeyMiddleware
+from pinnace.runtime.server.errors import install_error_handlers
+from pinnace.runtime.server.kserve_v1 import build_v1_router
+from pinnace.runtime.server.kserve_v2 import build_v2_router
+from pinnace.runtime.server.metrics import ServingMetrics
+from pinnace.runtime.server.openai_routes import build_openai_router
+from pinnace.runtime.server.serving import ServerContext, server_version
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+logger = logging.getLogger("pinnace.server")
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_waiting_requests: int | None = None
+    # Metric name prefixes: "pinnace", and "vllm" for dashboards built for vLLM.
+    metrics_prefixes: list[str] = field(default_factory=lambda: ["pinnace"])
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names or not all(self.served_model_names):
+            raise ValueError("served model names must be non-empty.")
+        if self.api_key == "":
+            raise ValueError("the API key must not be empty (leave it unset for no auth).")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be at least 1, got {self.max_waiting_requests}."
+            )
+
+
+def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """An ASGI app serving `engine`; its engine thread runs while the app's lifespan does."""
+    metrics = ServingMetrics(
+        settings.served_model_names[0],
+        lambda: async_engine.stats(),
+        settings.metrics_prefixes,
+    )
+    async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
+    ctx = ServerContext(async_engine, settings.served_model_names, engine.config.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        logger.info("engine thread started; serving %s", ", ".join(ctx.model_names))
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="Pinnace", version=server_version(), lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(build_openai_router(ctx))
+    app.include_router(build_v1_router(ctx))
+    app.include_router(build_v2_router(ctx))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def render_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    return app

@@ -1,0 +1,163 @@
+"""POST /v1/chat/completions: the tokenizer's (or --chat-template's) template, then generate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.deltas import DeltaTracker
+from pinnace.runtime.server.errors import APIError, bad_request
+from pinnace.runtime.server.logprobs import chat_logprobs
+from pinnace.runtime.server.openai_params import chat_params, message_dicts
+from pinnace.runtime.server.openai_protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
+)
+from pinnace.runtime.server.serving import (
+    SSE_DONE,
+    EngineRequest,
+    ServerContext,
+    cancel_on_disconnect,
+    sse,
+    sse_error,
+)
+from starlette.responses import Response
+from transformers import PreTrainedTokenizerBase
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of a conversation, exactly as `LLM.apply_chat_template` builds them."""
+    if tokenizer.chat_template is None:
+        raise bad_request(
+            "this model's tokenizer has no chat template; start the server with --chat-template.",
+            "messages",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as exc:
+        raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from exc
+    # The template writes BOS and other specials itself: don't add them twice.
+    return list(tokenizer.encode(str(text), add_special_tokens=False))
+
+
+@dataclass
+class ChatJob:
+    request_id: str
+    model: str
+    params: SamplingParams
+    request: EngineRequest
+    num_top_logprobs: int | None  # None: no logprobs
+
+
+def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatJob:
+    model = ctx.resolve_model(req.model)
+    params = chat_params(req)
+    messages = message_dicts(req.messages)
+    ids = render_chat(ctx.engine.tokenizer, messages, req.add_generation_prompt)
+    ids = ctx.prepare(ids, params, param="messages")
+    request_id = ctx.new_id("chatcmpl")
+    num_top = (req.top_logprobs or 0) if req.logprobs else None
+    return ChatJob(request_id, model, params, EngineRequest(request_id, ids, params), num_top)
+
+
+async def create_chat_completion(
+    ctx: ServerContext, req: ChatCompletionRequest, raw: Request
+) -> ChatCompletionResponse | Response:
+    job = prepare_chat(ctx, req)
+    ctx.check_room(job.params.n)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = stream_chat(ctx, job, include_usage, raw.url.path)
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await cancel_on_disconnect(raw, complete_chat(ctx, job))
+
+
+def _logprobs(
+    ctx: ServerContext, job: ChatJob, token_ids: list[int], entries: list[dict[int, float]] | None
+) -> ChatChoiceLogprobs | None:
+    if job.num_top_logprobs is None or entries is None:
+        return None
+    return chat_logprobs(ctx.engine.tokenizer, token_ids, entries, job.num_top_logprobs)
+
+
+async def complete_chat(ctx: ServerContext, job: ChatJob) -> ChatCompletionResponse:
+    (final,) = await ctx.collect([job.request])
+    choices = [
+        ChatChoice(
+            index=out.index,
+            message=ChatResponseMessage(content=out.text),
+            logprobs=_logprobs(ctx, job, out.token_ids, out.logprobs),
+            finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
+        )
+        for out in final.outputs
+    ]
+    num_prompt = len(job.request.prompt_token_ids)
+    num_out = sum(len(out.token_ids) for out in final.outputs)
+    usage = UsageInfo(
+        prompt_tokens=num_prompt, completion_tokens=num_out, total_tokens=num_prompt + num_out
+    )
+    return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+
+
+async def stream_chat(
+    ctx: ServerContext, job: ChatJob, include_usage: bool, path: str
+) -> AsyncIterator[str]:
+    """A role delta per choice, content deltas, a finish_reason chunk, usage, [DONE]."""
+    created = int(time.time())
+
+    def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        body = ChatCompletionChunk(
+            id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
+        )
+        return sse(body.model_dump_json(exclude_none=True))
+
+    tracker = DeltaTracker()
+    try:
+        for i in range(job.params.n):
+            first = DeltaMessage(role="assistant", content="")
+            yield chunk([ChatStreamChoice(index=i, delta=first)])
+        async with ctx.generate_all([job.request]) as outputs:
+            async for _, output in outputs:
+                for out in output.outputs:
+                    delta = tracker.delta(out.index, out)
+                    if delta is None:
+                        continue
+                    choice = ChatStreamChoice(
+                        index=out.index,
+                        delta=DeltaMessage(content=delta.text),
+                        logprobs=_logprobs(ctx, job, delta.token_ids, delta.logprobs),
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                    )
+                    yield chunk([choice])
+        if include_usage:
+            num_prompt = len(job.request.prompt_token_ids)
+            usage = UsageInfo(
+                prompt_tokens=num_prompt,
+                completion_tokens=tracker.num_tokens,
+                total_tokens=num_prompt + tracker.num_tokens,
+            )
+            yield chunk([], usage)
+    except APIError as exc:
+        yield sse_error(path, exc)
+    yield SSE_DONE

@@ -1,0 +1,177 @@
+"""POST /v1/completions: one or many prompts, n samples each, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.deltas import DeltaTracker
+from pinnace.runtime.server.errors import APIError, bad_request
+from pinnace.runtime.server.logprobs import completion_logprobs
+from pinnace.runtime.server.openai_params import completion_params
+from pinnace.runtime.server.openai_protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from pinnace.runtime.server.serving import (
+    SSE_DONE,
+    EngineRequest,
+    ServerContext,
+    cancel_on_disconnect,
+    sse,
+    sse_error,
+)
+from starlette.responses import Response
+
+
+@dataclass
+class CompletionJob:
+    """A validated request: one engine request per prompt, all with the same params."""
+
+    request_id: str
+    model: str
+    params: SamplingParams
+    requests: list[EngineRequest]
+    echo_texts: list[str] | None  # the prompts as text, when echo is on
+
+    def choice_index(self, prompt_index: int, sample_index: int) -> int:
+        return prompt_index * self.params.n + sample_index
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The four OpenAI prompt forms as a list of single prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty.", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [[int(p) for p in prompt]]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> CompletionJob:
+    model = ctx.resolve_model(req.model)
+    params = completion_params(req)
+    prompts = prompt_list(req.prompt)
+    request_id = ctx.new_id("cmpl")
+    requests = [
+        EngineRequest(f"{request_id}-{i}", ctx.prepare(p, params), params)
+        for i, p in enumerate(prompts)
+    ]
+    echo = None
+    if req.echo:
+        tokenizer = ctx.engine.tokenizer
+        echo = [p if isinstance(p, str) else str(tokenizer.decode(p)) for p in prompts]
+    return CompletionJob(request_id, model, params, requests, echo)
+
+
+async def create_completion(
+    ctx: ServerContext, req: CompletionRequest, raw: Request
+) -> CompletionResponse | Response:
+    job = prepare_completion(ctx, req)
+    ctx.check_room(len(job.requests) * job.params.n)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = stream_completion(ctx, job, include_usage, raw.url.path)
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await cancel_on_disconnect(raw, complete(ctx, job))
+
+
+async def complete(ctx: ServerContext, job: CompletionJob) -> CompletionResponse:
+    finals = await ctx.collect(job.requests)
+    choices = [
+        _choice(ctx, job, i, final, c.index)
+        for i, final in enumerate(finals)
+        for c in final.outputs
+    ]
+    num_out = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    usage = UsageInfo(
+        prompt_tokens=job.num_prompt_tokens,
+        completion_tokens=num_out,
+        total_tokens=job.num_prompt_tokens + num_out,
+    )
+    return CompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+
+
+def _choice(
+    ctx: ServerContext, job: CompletionJob, prompt_index: int, final: RequestOutput, sample: int
+) -> CompletionChoice:
+    out = final.outputs[sample]
+    prefix = job.echo_texts[prompt_index] if job.echo_texts else ""
+    logprobs = None
+    if job.params.logprobs is not None and out.logprobs is not None:
+        logprobs = completion_logprobs(
+            ctx.engine.tokenizer, out.token_ids, out.logprobs, len(prefix)
+        )
+    return CompletionChoice(
+        index=job.choice_index(prompt_index, out.index),
+        text=prefix + out.text,
+        logprobs=logprobs,
+        finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
+    )
+
+
+async def stream_completion(
+    ctx: ServerContext, job: CompletionJob, include_usage: bool, path: str
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        body = CompletionResponse(
+            id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
+        )
+        return sse(body.model_dump_json(exclude_none=True))
+
+    tracker = DeltaTracker()
+    offsets: dict[int, int] = {}  # text sent per choice, for logprobs' text_offset
+    try:
+        for i, text in enumerate(job.echo_texts or []):
+            for s in range(job.params.n):
+                offsets[job.choice_index(i, s)] = len(text)
+                yield chunk([CompletionChoice(index=job.choice_index(i, s), text=text)])
+        async with ctx.generate_all(job.requests) as outputs:
+            async for prompt_index, output in outputs:
+                for out in output.outputs:
+                    index = job.choice_index(prompt_index, out.index)
+                    delta = tracker.delta(index, out)
+                    if delta is None:
+                        continue
+                    logprobs = None
+                    if job.params.logprobs is not None and delta.logprobs is not None:
+                        logprobs = completion_logprobs(
+                            ctx.engine.tokenizer,
+                            delta.token_ids,
+                            delta.logprobs,
+                            offsets.get(index, 0),
+                        )
+                    offsets[index] = offsets.get(index, 0) + len(delta.text)
+                    choice = CompletionChoice(
+                        index=index,
+                        text=delta.text,
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                    )
+                    yield chunk([choice])
+        if include_usage:
+            usage = UsageInfo(
+                prompt_tokens=job.num_prompt_tokens,
+                completion_tokens=tracker.num_tokens,
+                total_tokens=job.num_prompt_tokens + tracker.num_tokens,
+            )
+            yield chunk([], usage)
+    except APIError as exc:
+        yield sse_error(path, exc)
+    yield SSE_DONE

@@ -1,0 +1,56 @@
+"""KServe V1 prediction: `POST /v1/models/{name}:predict` with prompts as instances.
+
+`GET /v1/models/{name}` (the V1 readiness check) is served by the OpenAI routes: its body
+is OpenAI's model object plus V1's `name` and `ready`, so both clients can read it.
+`GET /v1/models` keeps the OpenAI list shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pinnace.runtime.server.errors import APIError
+from pinnace.runtime.server.kserve_protocol import (
+    V1Instance,
+    V1PredictRequest,
+    V1PredictResponse,
+    parse_parameters,
+)
+from pinnace.runtime.server.serving import EngineRequest, ServerContext, cancel_on_disconnect
+from starlette.responses import JSONResponse, Response
+
+
+def build_v1_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter(tags=["kserve-v1"])
+
+    @router.post("/v1/models/{name:path}:predict")
+    async def predict(name: str, body: V1PredictRequest, raw: Request) -> Response:
+        if name not in ctx.model_names:
+            raise APIError(404, f"model {name!r} is not served here; it serves {ctx.model_names}.")
+        if not body.instances:
+            raise APIError(400, "instances must not be empty.", "instances")
+        request_id = ctx.new_id("predict")
+        requests = []
+        for i, instance in enumerate(body.instances):
+            prompt, values = _instance(instance, body.parameters)
+            params = parse_parameters(values, f"instances[{i}]")
+            ids = ctx.prepare(prompt, params, f"instances[{i}]")
+            requests.append(EngineRequest(f"{request_id}-{i}", ids, params))
+        ctx.check_room(len(requests))
+        finals = await cancel_on_disconnect(raw, ctx.collect(requests))
+        if isinstance(finals, Response):
+            return finals
+        predictions = [f.outputs[0].text for f in finals]
+        return JSONResponse(V1PredictResponse(predictions=predictions).model_dump())
+
+    return router
+
+
+def _instance(
+    instance: str | V1Instance, parameters: dict[str, object] | None
+) -> tuple[str, dict[str, object]]:
+    """(prompt, settings): an instance's own settings override the request's."""
+    values = dict(parameters or {})
+    if isinstance(instance, str):
+        return instance, values
+    values.update(instance.model_extra or {})
+    return instance.prompt, values

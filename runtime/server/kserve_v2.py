@@ -1,0 +1,227 @@
+"""KServe V2 / Open Inference Protocol routes, plus Triton's generate extension.
+
+`{name}` may carry a version (`<model>/versions/1`, as in the spec's paths); the one
+version served is "1". Errors answer `{"error": "..."}` (see errors.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pinnace.runtime.engine.async_engine import EngineDeadError
+from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.errors import APIError, bad_request
+from pinnace.runtime.server.kserve_protocol import (
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    V2GenerateRequest,
+    V2GenerateResponse,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2ResponseOutput,
+    V2ServerMetadata,
+    V2TensorMetadata,
+    parse_parameters,
+)
+from pinnace.runtime.server.serving import (
+    EngineRequest,
+    ServerContext,
+    cancel_on_disconnect,
+    server_version,
+    sse,
+)
+from starlette.responses import Response
+
+MODEL_VERSION = "1"
+PLATFORM = "pinnace"
+
+
+def _json(model: Any, status: int = 200) -> JSONResponse:
+    # The spec's optional fields may be absent but never null.
+    return JSONResponse(model.model_dump(exclude_none=True), status)
+
+
+def resolve(ctx: ServerContext, name: str) -> tuple[str, str | None]:
+    """(model name, version or None); 404 if this server does not serve it."""
+    model, sep, version = name.partition("/versions/")
+    if model not in ctx.model_names or (sep and version != MODEL_VERSION):
+        raise APIError(404, f"model {name!r} is not served here; it serves {ctx.model_names}.")
+    return model, version if sep else None
+
+
+def text_prompts(req: V2InferRequest) -> tuple[list[str], list[int]]:
+    """The prompts of a BYTES `text_input` tensor, and its shape."""
+    names = [t.name for t in req.inputs]
+    if names != [TEXT_INPUT]:
+        raise bad_request(f"expected one input tensor named {TEXT_INPUT!r}, got {names}.")
+    tensor = req.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise bad_request(f"{TEXT_INPUT} must have datatype BYTES, got {tensor.datatype!r}.")
+    extra = set(tensor.parameters or {}) - {"content_type"}
+    if extra or (tensor.parameters or {}).get("content_type", "str") != "str":
+        raise bad_request(f"{TEXT_INPUT} parameters {tensor.parameters} are not supported.")
+    prompts = _flatten(tensor.data)
+    if not prompts:
+        raise bad_request(f"{TEXT_INPUT} holds no data.")
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad_request(f"{TEXT_INPUT} data must be strings.")
+    if any(d < 0 for d in tensor.shape) or math.prod(tensor.shape) != len(prompts):
+        raise bad_request(
+            f"{TEXT_INPUT} shape {tensor.shape} does not match its {len(prompts)} element(s)."
+        )
+    for out in req.outputs or []:
+        if out.name != TEXT_OUTPUT:
+            raise bad_request(f"unknown output {out.name!r}; this model has {TEXT_OUTPUT!r}.")
+    return prompts, tensor.shape
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Row-major elements of a (possibly nested) tensor_data list, without recursion."""
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], StopIteration)
+        if item is StopIteration:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+    return out
+
+
+def build_v2_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter(tags=["kserve-v2"])
+    tensors_in = [V2TensorMetadata(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
+    tensors_out = [V2TensorMetadata(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1])]
+
+    @router.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        return _json(
+            V2ServerMetadata(name=PLATFORM, version=server_version(), extensions=["generate"])
+        )
+
+    @router.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @router.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        return _ready_response(ctx, {"ready": True})
+
+    @router.get("/v2/models/{name:path}/ready")
+    async def model_ready(name: str) -> JSONResponse:
+        model, _ = resolve(ctx, name)
+        return _ready_response(ctx, V2ModelReady(name=model, ready=True).model_dump())
+
+    @router.post("/v2/models/{name:path}/infer")
+    async def infer(name: str, body: V2InferRequest, raw: Request) -> Response:
+        model, version = resolve(ctx, name)
+        params = parse_parameters(body.parameters)
+        prompts, shape = text_prompts(body)
+        requests = _engine_requests(ctx, "infer", prompts, params)
+        ctx.check_room(len(requests))
+        finals = await cancel_on_disconnect(raw, ctx.collect(requests))
+        if isinstance(finals, Response):
+            return finals
+        texts = [f.outputs[0].text for f in finals]
+        output = V2ResponseOutput(name=TEXT_OUTPUT, shape=shape, datatype="BYTES", data=texts)
+        return _json(
+            V2InferResponse(model_name=model, model_version=version, id=body.id, outputs=[output])
+        )
+
+    @router.post("/v2/models/{name:path}/generate")
+    async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
+        model, version = resolve(ctx, name)
+        params = parse_parameters(body.sampling_values())
+        requests = _engine_requests(ctx, "generate", [body.text_input], params)
+        ctx.check_room(1)
+        finals = await cancel_on_disconnect(raw, ctx.collect(requests))
+        if isinstance(finals, Response):
+            return finals
+        out = finals[0].outputs[0]
+        return _json(
+            V2GenerateResponse(
+                model_name=model,
+                model_version=version,
+                id=body.id,
+                text_output=out.text,
+                finish_reason=out.finish_reason,
+            )
+        )
+
+    @router.post("/v2/models/{name:path}/generate_stream")
+    async def generate_stream(name: str, body: V2GenerateRequest) -> Response:
+        model, version = resolve(ctx, name)
+        params = parse_parameters(body.sampling_values())
+        requests = _engine_requests(ctx, "generate", [body.text_input], params)
+        ctx.check_room(1)
+        events = _stream_events(ctx, requests, model, version, body.id)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    @router.get("/v2/models/{name:path}")
+    async def model_metadata(name: str) -> JSONResponse:
+        model, _ = resolve(ctx, name)
+        return _json(
+            V2ModelMetadata(
+                name=model,
+                versions=[MODEL_VERSION],
+                platform=PLATFORM,
+                inputs=tensors_in,
+                outputs=tensors_out,
+            )
+        )
+
+    return router
+
+
+def _ready_response(ctx: ServerContext, body: dict[str, Any]) -> JSONResponse:
+    try:
+        ctx.engine.check_health()
+    except EngineDeadError as exc:
+        return JSONResponse({"error": str(exc)}, 503)
+    return JSONResponse(body)
+
+
+def _engine_requests(
+    ctx: ServerContext, kind: str, prompts: list[str], params: SamplingParams
+) -> list[EngineRequest]:
+    request_id = ctx.new_id(kind)
+    return [
+        EngineRequest(f"{request_id}-{i}", ctx.prepare(p, params, "text_input"), params)
+        for i, p in enumerate(prompts)
+    ]
+
+
+async def _stream_events(
+    ctx: ServerContext,
+    requests: list[EngineRequest],
+    model: str,
+    version: str | None,
+    request_id: str | None,
+) -> AsyncIterator[str]:
+    """One event per step with the new text; the last one carries finish_reason."""
+    sent = 0
+    try:
+        async with ctx.generate_all(requests) as outputs:
+            async for _, output in outputs:
+                out = output.outputs[0]
+                delta, sent = out.text[sent:], max(sent, len(out.text))
+                if not delta and not out.finished:
+                    continue
+                event = V2GenerateResponse(
+                    model_name=model,
+                    model_version=version,
+                    id=request_id,
+                    text_output=delta,
+                    finish_reason=out.finish_reason,
+                )
+                yield sse(event.model_dump_json(exclude_none=True))
+    except APIError as exc:
+        yield sse({"error": exc.message})

@@ -1,0 +1,78 @@
+"""Engine logprobs ({token_id: logprob} per output token) in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+import math
+
+from pinnace.runtime.server.openai_protocol import (
+    ChatChoiceLogprobs,
+    ChatLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+)
+from transformers import PreTrainedTokenizerBase
+
+# JSON has no -inf: vLLM's stand-in for a token that cannot be sampled.
+_MIN_LOGPROB = -9999.0
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    return str(tokenizer.decode([token_id]))
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else _MIN_LOGPROB
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens. The engine adds the sampled token to the top-k; when it
+    is outside the top-k it is the least likely entry, so sorting recovers the top-k."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: list[int],
+    entries: list[dict[int, float]],
+    text_offset: int,
+) -> CompletionLogprobs:
+    """`/v1/completions` shape; top_logprobs holds the top-k plus the sampled token."""
+    out = CompletionLogprobs()
+    offset = text_offset
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        token = _decode(tokenizer, token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(_finite(entry.get(token_id, _MIN_LOGPROB)))
+        out.top_logprobs.append(
+            {_decode(tokenizer, i): _finite(lp) for i, lp in _top(entry, len(entry))}
+        )
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def chat_logprobs(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: list[int],
+    entries: list[dict[int, float]],
+    num_top: int,
+) -> ChatChoiceLogprobs:
+    """`/v1/chat/completions` shape: each token with its `num_top` best alternatives."""
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        token = _decode(tokenizer, token_id)
+        top = [_top_logprob(tokenizer, i, lp) for i, lp in _top(entry, num_top)]
+        content.append(
+            ChatLogprob(
+                token=token,
+                logprob=_finite(entry.get(token_id, _MIN_LOGPROB)),
+                bytes=list(token.encode()),
+                top_logprobs=top,
+            )
+        )
+    return ChatChoiceLogprobs(content=content)
+
+
+def _top_logprob(tokenizer: PreTrainedTokenizerBase, token_id: int, logprob: float) -> TopLogprob:
+    token = _decode(tokenizer, token_id)
+    return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(token.encode()))

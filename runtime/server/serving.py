@@ -1,0 +1,207 @@
+"""What every route needs: the served model, prompt checks, engine calls and their errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pinnace.runtime.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineStepError,
+    QueueFullError,
+    RequestStream,
+)
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.errors import APIError, bad_request, error_body
+from starlette.responses import Response
+
+T = TypeVar("T")
+
+# Seconds a client told "busy" (503) should wait before retrying.
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class ServerContext:
+    """The served model and its engine, shared by the OpenAI and KServe routes."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_names: list[str], model_path: str) -> None:
+        if not model_names:
+            raise ValueError("at least one served model name is needed.")
+        self.engine = engine
+        self.model_names = model_names
+        self.model_path = model_path
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def resolve_model(self, name: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if name is None or name == "":
+            return self.model_name
+        if name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        return name
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    def prepare(
+        self, prompt: str | list[int], params: SamplingParams, param: str = "prompt"
+    ) -> list[int]:
+        """Tokenize and check one prompt against the context length; 400 if it can't run."""
+        ids = self.engine.tokenize(prompt)
+        try:
+            self.engine.validate(ids, params)
+        except ValueError as exc:
+            raise bad_request(str(exc), _param_of(str(exc), param)) from exc
+        return ids
+
+    def check_room(self, num_requests: int) -> None:
+        with engine_errors():
+            self.engine.check_queue_room(num_requests)
+
+    async def collect(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Run requests to completion; returns their final outputs in order."""
+        finals: list[RequestOutput | None] = [None] * len(requests)
+        async with self.generate_all(requests) as outputs:
+            async for index, output in outputs:
+                finals[index] = output
+        return [f for f in finals if f is not None]
+
+    @contextlib.asynccontextmanager
+    async def generate_all(
+        self, requests: list[EngineRequest]
+    ) -> AsyncIterator[AsyncIterator[tuple[int, RequestOutput]]]:
+        """Submit requests; yields their outputs interleaved as (index, output).
+
+        Leaving the block early (error, cancellation, disconnect) aborts all of them.
+        """
+        with engine_errors():
+            async with contextlib.AsyncExitStack() as stack:
+                streams = [
+                    await stack.enter_async_context(
+                        self.engine.generate(r.request_id, r.prompt_token_ids, r.params)
+                    )
+                    for r in requests
+                ]
+                merged = _merge(streams)
+                try:
+                    yield merged
+                finally:
+                    await merged.aclose()
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Engine exceptions -> HTTP errors."""
+    try:
+        yield
+    except QueueFullError as exc:
+        raise APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc)) from exc
+    except EngineStepError as exc:
+        raise APIError(500, str(exc)) from exc
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                merged.put_nowait((index, output))
+            merged.put_nowait((index, None))
+        except Exception as exc:
+            merged.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await merged.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _param_of(message: str, default: str) -> str:
+    """The parameter an engine validation message is about (they start with its name)."""
+    head = message.replace("=", " ").split(" ", 1)[0]
+    if head in ("max_tokens", "logprobs", "n", "temperature", "top_p", "top_k", "min_tokens"):
+        return head
+    return default
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body was read already, so the next ASGI message is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("pinnace")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare source tree
+        return "0+unknown"
+
+
+def sse(data: Any) -> str:
+    """One server-sent event; `data` is a JSON string or a JSON-able value."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    return f"data: {text}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(path: str, exc: APIError) -> str:
+    return sse(error_body(path, exc.status, exc.message, exc.param))
