@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from pinnace.runtime.layers.linear import can_pack, pack_linears
 from pinnace.runtime.models.registry import resolve_model_class
 from safetensors import safe_open
 from torch import nn
@@ -160,4 +161,6 @@ def build_model(
     missing = model.expected_weights() - loaded  # type: ignore[operator]
     if missing:
         raise ValueError(f"checkpoint {ckpt.path!r} lacks weights: {sorted(missing)[:8]}")
+    if can_pack(device, dtype):
+        pack_linears(model)
     return model.eval()
