@@ -37,8 +37,8 @@ SMOLLM2_SHAPE = dict(
 
 
 def build_random_model(out_dir: str, dtype: torch.dtype) -> str:
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE), dtype=dtype)
