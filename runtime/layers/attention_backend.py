@@ -56,7 +56,8 @@ class AttentionBackend(ABC):
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick a backend by name; "auto" is FlashInfer on CUDA when installed, else torch."""
+    """Pick a backend by name. Only the portable torch backend exists so far; "auto" is
+    where a FlashInfer backend on CUDA will be preferred once it lands."""
     from pinnace.runtime.layers.torch_attention import TorchAttentionBackend
 
     if name in ("auto", "torch"):
