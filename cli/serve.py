@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     import uvicorn
+
     from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import build_app
 

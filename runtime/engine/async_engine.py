@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from transformers import PreTrainedTokenizerBase
+
 from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
-from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +220,22 @@ class AsyncLLMEngine:
         """Raises QueueFullError if `num_new` more requests would pass the waiting limit."""
         if self.max_waiting_requests is None:
             return
-        in_flight = self._num_sent_adds - self._num_applied_adds
-        waiting = self._stats.num_waiting_reqs + in_flight
+        waiting = self._projected_waiting()
         if waiting + num_new > self.max_waiting_requests:
             raise QueueFullError(
                 f"the server is busy: {waiting} requests are waiting "
                 f"(max_waiting_requests={self.max_waiting_requests}); retry later."
             )
+
+    def _projected_waiting(self) -> int:
+        """Waiting requests once the adds still in the inbox are applied: those beyond the
+        free batch slots will wait (while some wait already, no slot is free: FCFS)."""
+        stats = self._stats
+        in_flight = self._num_sent_adds - self._num_applied_adds
+        free = 0
+        if stats.num_waiting_reqs == 0:
+            free = max(0, self.engine.config.max_num_seqs - stats.num_running_reqs)
+        return stats.num_waiting_reqs + max(0, in_flight - free)
 
     def _deliver(
         self, outputs: list[RequestOutput], scheduled: list[str], step_start: float

@@ -8,6 +8,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
 from pinnace.runtime.engine.async_engine import AsyncLLMEngine
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.server.auth import APIKeyMiddleware
@@ -17,8 +20,6 @@ from pinnace.runtime.server.kserve_v2 import build_v2_router
 from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.server.openai_routes import build_openai_router
 from pinnace.runtime.server.serving import ServerContext, server_version
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import Response
 
 logger = logging.getLogger("pinnace.server")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import secrets
 
-from pinnace.runtime.server.errors import error_response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pinnace.runtime.server.errors import error_response
 
 # Probes and scrapers can't be expected to hold the key.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/v2/health/live", "/v2/health/ready"})

@@ -10,6 +10,9 @@ from typing import Any
 import jinja2
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+from transformers import PreTrainedTokenizerBase
+
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
@@ -34,8 +37,6 @@ from pinnace.runtime.server.serving import (
     sse,
     sse_error,
 )
-from starlette.responses import Response
-from transformers import PreTrainedTokenizerBase
 
 
 def render_chat(
@@ -44,6 +45,8 @@ def render_chat(
     add_generation_prompt: bool = True,
 ) -> list[int]:
     """Token ids of a conversation, exactly as `LLM.apply_chat_template` builds them."""
+    if not messages:
+        raise bad_request("messages must not be empty.", "messages")
     if tokenizer.chat_template is None:
         raise bad_request(
             "this model's tokenizer has no chat template; start the server with --chat-template.",
@@ -53,7 +56,7 @@ def render_chat(
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from exc
     # The template writes BOS and other specials itself: don't add them twice.
     return list(tokenizer.encode(str(text), add_special_tokens=False))

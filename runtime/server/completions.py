@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.deltas import DeltaTracker
@@ -28,7 +30,6 @@ from pinnace.runtime.server.serving import (
     sse,
     sse_error,
 )
-from starlette.responses import Response
 
 
 @dataclass

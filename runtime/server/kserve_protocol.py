@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.errors import bad_request, describe_validation_errors
 from pinnace.runtime.server.openai_protocol import INT64, RequestModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"

@@ -8,6 +8,8 @@ is OpenAI's model object plus V1's `name` and `ready`, so both clients can read 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
 from pinnace.runtime.server.errors import APIError
 from pinnace.runtime.server.kserve_protocol import (
     V1Instance,
@@ -16,7 +18,6 @@ from pinnace.runtime.server.kserve_protocol import (
     parse_parameters,
 )
 from pinnace.runtime.server.serving import EngineRequest, ServerContext, cancel_on_disconnect
-from starlette.responses import JSONResponse, Response
 
 
 def build_v1_router(ctx: ServerContext) -> APIRouter:

@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response
+
 from pinnace.runtime.engine.async_engine import EngineDeadError
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.errors import APIError, bad_request
@@ -36,7 +38,6 @@ from pinnace.runtime.server.serving import (
     server_version,
     sse,
 )
-from starlette.responses import Response
 
 MODEL_VERSION = "1"
 PLATFORM = "pinnace"

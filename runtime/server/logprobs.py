@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+from transformers import PreTrainedTokenizerBase
+
 from pinnace.runtime.server.openai_protocol import (
     ChatChoiceLogprobs,
     ChatLogprob,
     CompletionLogprobs,
     TopLogprob,
 )
-from transformers import PreTrainedTokenizerBase
 
 # JSON has no -inf: vLLM's stand-in for a token that cannot be sampled.
 _MIN_LOGPROB = -9999.0

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.engine.async_engine import RequestStream
 from pinnace.runtime.outputs import RequestOutput
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 # vLLM's buckets, so existing dashboards' quantile queries keep their resolution.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -76,6 +78,25 @@ class _SchedulerCollector(Collector):
         return family
 
 
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class _Series:
+    """One metric under every prefix, its children labelled with the model name up front
+    (so the series exist, at 0, before the first request: dashboards see them at once)."""
+
+    def __init__(self, children: list[Any]) -> None:
+        self.children = children
+
+    def inc(self, amount: float = 1.0) -> None:
+        for child in self.children:
+            child.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for child in self.children:
+            child.observe(value)
+
+
 class ServingMetrics:
     """Owns the registry; observes requests through the AsyncLLMEngine's observer hooks."""
 
@@ -86,46 +107,52 @@ class ServingMetrics:
         prefixes: Sequence[str] = ("pinnace",),
     ) -> None:
         self.model_name = model_name
+        self.prefixes = list(prefixes)
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerCollector(prefixes, model_name, stats))
-        reg, labels = self.registry, ["model_name"]
-        self._prompt_tokens = [
-            Counter(f"{p}:prompt_tokens", "Prefill tokens processed.", labels, registry=reg)
+        self.prompt_tokens = self._counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
+        success = [
+            Counter(f"{p}:request_success", "Finished requests by finish reason.",
+                    ["model_name", "finished_reason"], registry=self.registry)
             for p in prefixes
-        ]
-        self._generation_tokens = [
-            Counter(f"{p}:generation_tokens", "Tokens generated.", labels, registry=reg)
-            for p in prefixes
-        ]
-        self._success = [
-            Counter(
-                f"{p}:request_success",
-                "Finished requests by finish reason.",
-                [*labels, "finished_reason"],
-                registry=reg,
-            )
-            for p in prefixes
-        ]
-        self._ttft = self._histograms(
-            prefixes, "time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
+        ]  # fmt: skip
+        self.request_success = {
+            reason: _Series([c.labels(model_name, reason) for c in success])
+            for reason in FINISH_REASONS
+        }
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
         )
-        self._itl = self._histograms(
-            prefixes, "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS
+        self.itl = self._histogram(
+            "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS
         )
-        self._e2e = self._histograms(
-            prefixes, "e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS
+        self.e2e = self._histogram(
+            "e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS
         )
-        self._queue = self._histograms(
-            prefixes, "request_queue_time_seconds", "Arrival to first scheduled.", REQUEST_BUCKETS
+        self.queue_time = self._histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", REQUEST_BUCKETS
         )
 
-    def _histograms(
-        self, prefixes: Sequence[str], name: str, doc: str, buckets: Sequence[float]
-    ) -> list[Histogram]:
-        return [
-            Histogram(f"{p}:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry)
-            for p in prefixes
-        ]
+    def _counter(self, name: str, doc: str) -> _Series:
+        return _Series(
+            [
+                Counter(f"{p}:{name}", doc, ["model_name"], registry=self.registry).labels(
+                    self.model_name
+                )
+                for p in self.prefixes
+            ]
+        )
+
+    def _histogram(self, name: str, doc: str, buckets: Sequence[float]) -> _Series:
+        return _Series(
+            [
+                Histogram(
+                    f"{p}:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
+                ).labels(self.model_name)
+                for p in self.prefixes
+            ]
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -136,25 +163,15 @@ class ServingMetrics:
         if num_new_tokens <= 0 or stream.last_token_time is None:
             return
         if stream.previous_token_time is None:
-            for h in self._ttft:
-                h.labels(self.model_name).observe(stream.last_token_time - stream.arrival_time)
+            self.ttft.observe(stream.last_token_time - stream.arrival_time)
         else:
             # One step brings one token per sample: each gap is one inter-token latency.
-            gap = stream.last_token_time - stream.previous_token_time
-            for h in self._itl:
-                h.labels(self.model_name).observe(gap)
+            self.itl.observe(stream.last_token_time - stream.previous_token_time)
 
     def on_finish(self, stream: RequestStream, finish_reason: str) -> None:
-        now = time.monotonic()
-        name = self.model_name
-        for c in self._prompt_tokens:
-            c.labels(name).inc(stream.num_prompt_tokens)
-        for c in self._generation_tokens:
-            c.labels(name).inc(stream.num_generation_tokens)
-        for c in self._success:
-            c.labels(name, finish_reason).inc()
-        for h in self._e2e:
-            h.labels(name).observe(now - stream.arrival_time)
+        self.prompt_tokens.inc(stream.num_prompt_tokens)
+        self.generation_tokens.inc(stream.num_generation_tokens)
+        self.request_success.get(finish_reason, self.request_success["stop"]).inc()
+        self.e2e.observe(time.monotonic() - stream.arrival_time)
         if stream.scheduled_time is not None:
-            for h in self._queue:
-                h.labels(name).observe(max(0.0, stream.scheduled_time - stream.arrival_time))
+            self.queue_time.observe(max(0.0, stream.scheduled_time - stream.arrival_time))

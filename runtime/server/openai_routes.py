@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.responses import Response
+
 from pinnace.runtime.engine.async_engine import EngineDeadError
 from pinnace.runtime.server.chat import create_chat_completion, render_chat
 from pinnace.runtime.server.completions import create_completion
@@ -20,8 +23,6 @@ from pinnace.runtime.server.openai_protocol import (
     TokenizeResponse,
 )
 from pinnace.runtime.server.serving import ServerContext, server_version
-from pydantic import BaseModel
-from starlette.responses import Response
 
 
 def _json(body: BaseModel | Response) -> Response:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
+from starlette.responses import Response
+
 from pinnace.runtime.engine.async_engine import (
     AsyncLLMEngine,
     EngineDeadError,
@@ -22,7 +24,6 @@ from pinnace.runtime.engine.async_engine import (
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.errors import APIError, bad_request, error_body
-from starlette.responses import Response
 
 T = TypeVar("T")
 

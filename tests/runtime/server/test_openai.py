@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from pinnace.runtime import LLM, SamplingParams
 
 MODEL = "tiny"
