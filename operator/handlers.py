@@ -1,0 +1,107 @@
+"""Thin kopf handlers: every trigger funnels into one `reconcile` pass for one resource.
+
+Triggers: create / update / resume of an `LLMDeployment`, and events of the Deployments
+and Services it owns: status follows pod readiness, and an edited or deleted child is
+put back (drift). No timer: kopf would need a finalizer on every resource to stop
+timers, and a finalizer makes deletion hang whenever the operator is down.
+
+Error mapping: an invalid spec is a `PermanentError` (status says Degraded; kopf stops
+retrying until the spec changes); API failures are `TemporaryError`s retried with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from pinnace.operator import names
+from pinnace.operator.client import ApiError, HttpKubeClient, KubeClient
+from pinnace.operator.reconcile import reconcile
+
+RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
+MANAGED_BY = {names.LABEL_MANAGED_BY: names.FIELD_MANAGER}
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    # kopf's own bookkeeping goes to annotations under our prefix; status stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{names.GROUP}/finalizer"
+    # Only our explicit kopf.event() calls and real problems become Kubernetes Events,
+    # not every "handler succeeded" log line.
+    settings.posting.level = logging.WARNING
+    # Re-establish watches every 5 minutes: a silently dead connection would stall the
+    # operator, and each re-list replays the children's events — a periodic resync.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    """All handlers, on a registry of their own (no import-time global state)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure(settings)
+        if getattr(memo, "client", None) is None:
+            memo.client = HttpKubeClient.from_environment()
+        memo.locks = {}
+        memo.locks_guard = threading.Lock()
+
+    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.update(*RESOURCE, registry=registry)
+    def changed(name: str, namespace: str | None, memo: Any, retry: int, **_: Any) -> None:
+        _reconcile(memo, namespace or "default", name, retry, strict=True)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, registry=registry)
+    @kopf.on.event("", "v1", "services", labels=MANAGED_BY, registry=registry)
+    def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        for ref in body.get("metadata", {}).get("ownerReferences", []):
+            if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION:
+                _reconcile(memo, body["metadata"]["namespace"], ref["name"], 0, strict=False)
+
+    @kopf.on.delete(*RESOURCE, optional=True, registry=registry)
+    def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        # optional=True: no finalizer, so deletion never waits for the operator; the
+        # children go with the resource through their ownerReferences.
+        logger.info("deleted; Kubernetes garbage-collects its Deployment and Service")
+
+    return registry
+
+
+def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict: bool) -> None:
+    client: KubeClient = memo.client
+    # Several triggers may fire for one resource at once (its own event, a child's event, the
+    # timer); one pass at a time, each on a fresh read, keeps status and events consistent.
+    with _lock_for(memo, namespace, name):
+        try:
+            body = client.get(names.KIND, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # gone or going: nothing to converge, children follow the owner
+            result = reconcile(client, body)
+        except ApiError as err:
+            raise kopf.TemporaryError(
+                f"Kubernetes API error: {err}", delay=min(60, 2**retry)
+            ) from err
+        for event in result.events:
+            kopf.event(_ref(body), type=event.type, reason=event.reason, message=event.message)
+    if result.error is not None and strict:
+        raise kopf.PermanentError(str(result.error))
+
+
+def _lock_for(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
+    with memo.locks_guard:
+        lock: threading.Lock = memo.locks.setdefault((namespace, name), threading.Lock())
+        return lock
+
+
+def _ref(body: Mapping[str, Any]) -> kopf.Body:
+    return kopf.Body(dict(body))  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""A parsed `LLMDeployment`: metadata + validated spec, and the checks no schema can make.
+
+`parse_llmdeployment(body)` is the single entry for the operator and `pinnace render`;
+any problem becomes one `SpecError` whose one-line message is what the user sees (CLI
+error line, `Degraded` condition message).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from pinnace.operator import names
+from pinnace.operator.spec import LLMDeploymentSpec, Rule
+
+# Flags the operator derives from the spec; setting them in extraArgs would silently fight
+# the operator (or break the probes), so they are refused with a pointer to the right field.
+MANAGED_FLAGS: dict[str, str] = {
+    "--host": "the operator binds 0.0.0.0",
+    "--port": "use serving.port",
+    "--served-model-name": "use model.servedName",
+    "--dtype": "use engine.dtype",
+    "--max-model-len": "use engine.maxModelLen",
+    "--max-num-seqs": "use engine.maxNumSeqs",
+    "--gpu-memory-utilization": "use engine.gpuMemoryUtilization",
+    "--enable-prefix-caching": "use engine.enablePrefixCaching",
+    "--no-enable-prefix-caching": "use engine.enablePrefixCaching",
+    "--quantization": "use engine.quantization",
+    "--kv-cache-dtype": "use engine.kvCacheDtype",
+    "--tensor-parallel-size": "use engine.tensorParallelSize",
+    "--kv-cache-memory": "use engine.kvCacheMemory",
+    "--enable-lora": "use adapters",
+    "--lora-modules": "use adapters",
+    "--api-key": "use serving.apiKeySecretRef",
+}
+# Environment the operator sets itself (cache location, API key).
+RESERVED_ENV = frozenset({"PINNACE_API_KEY", "HF_HOME", "HOME", "TMPDIR", "PYTHONUNBUFFERED"})
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Children are named after the resource and a Service name must be a DNS-1035 label.
+METADATA_NAME_RULE = Rule(
+    "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with "
+    "a letter, at most 63 characters) because it names the Service",
+    lambda body: (
+        bool(_DNS_1035.match(str(body.get("metadata", {}).get("name", ""))))
+        and len(body["metadata"]["name"]) <= 63
+    ),
+)
+
+
+class SpecError(ValueError):
+    """The resource is invalid; retrying will not help until the user edits it."""
+
+    def __init__(self, message: str, *, reason: str = "InvalidSpec") -> None:
+        super().__init__(message)
+        self.reason = reason  # the Degraded condition's reason
+
+
+@dataclass(frozen=True)
+class LLMDeployment:
+    name: str
+    namespace: str
+    spec: LLMDeploymentSpec
+    generation: int | None = None
+    uid: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.model.served_name or self.name
+
+    @property
+    def image(self) -> str:
+        return self.spec.image or names.DEFAULT_IMAGE
+
+
+def parse_llmdeployment(body: Mapping[str, Any]) -> LLMDeployment:
+    """Validate a whole `LLMDeployment` object (as from the API or a YAML file)."""
+    kind, api_version = body.get("kind"), body.get("apiVersion")
+    if kind is not None and (kind, api_version) != (names.KIND, names.API_VERSION):
+        expected = f"{names.KIND} ({names.API_VERSION})"
+        raise SpecError(f"expected kind {expected}, got {kind} ({api_version})")
+    meta = body.get("metadata") or {}
+    if not METADATA_NAME_RULE.check(body):
+        raise SpecError(METADATA_NAME_RULE.message)
+    try:
+        spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+    llmd = LLMDeployment(
+        name=meta["name"],
+        namespace=meta.get("namespace") or "default",
+        spec=spec,
+        generation=meta.get("generation"),
+        uid=meta.get("uid"),
+        annotations=dict(meta.get("annotations") or {}),
+    )
+    problems = semantic_errors(llmd)
+    if problems:
+        raise SpecError("; ".join(problems))
+    return llmd
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line: `spec.engine.dtype: Input should be ...; ...`."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in ("spec", *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def semantic_errors(llmd: LLMDeployment) -> list[str]:
+    """Checks that need more than one field, defaults, or operator knowledge."""
+    spec, problems = llmd.spec, []
+    engine, gpus = spec.engine, spec.resources.gpu_count
+    clash = [a.name for a in spec.adapters if a.name == llmd.served_name]
+    if clash:
+        problems.append(f"adapters: name {clash[0]!r} clashes with the served model name")
+    if engine.tensor_parallel_size > 1 and engine.tensor_parallel_size != gpus:
+        problems.append(
+            f"engine.tensorParallelSize={engine.tensor_parallel_size} needs "
+            f"resources.gpu.count={engine.tensor_parallel_size} (got {gpus})"
+        )
+    if engine.kv_cache_memory is not None and gpus > 0:
+        problems.append(
+            "engine.kvCacheMemory is the CPU KV budget; with GPUs use engine.gpuMemoryUtilization"
+        )
+    if engine.quantization in ("gptq", "awq") and engine.dtype in ("float32", "bfloat16"):
+        problems.append(f"engine.quantization={engine.quantization} needs dtype float16 or auto")
+    for arg in engine.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            hint = MANAGED_FLAGS[flag]
+            problems.append(f"engine.extraArgs: {flag} is set by the operator; {hint}")
+    for var in engine.env:
+        if var.name in RESERVED_ENV:
+            problems.append(f"engine.env: {var.name} is set by the operator")
+    return problems

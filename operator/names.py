@@ -1,0 +1,34 @@
+"""Names shared by the CRD, the renderers and the operator: API identity, labels, defaults."""
+
+from __future__ import annotations
+
+GROUP = "pinnace.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ("llmd",)
+
+DEFAULT_IMAGE = "ghcr.io/pinnace/runtime:0.1.0"
+# The server-side-apply field manager; also names who wrote what in managedFields.
+FIELD_MANAGER = "pinnace-operator"
+
+# app.kubernetes.io/* conventions; name+instance form the (immutable) selector.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_VERSION = "app.kubernetes.io/version"
+APP_NAME = "pinnace"
+COMPONENT = "inference"
+
+# Hash of the rendered pod template: changes exactly when pods must roll.
+ANNOTATION_POD_SPEC_HASH = f"{GROUP}/pod-spec-hash"
+# Hash of a whole rendered child: lets reconcile skip the apply when nothing changed.
+ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
+# Escape hatch for the GPU memory fit check (the estimate is deliberately rough).
+ANNOTATION_SKIP_FIT_CHECK = f"{GROUP}/skip-fit-check"
+
+CONTAINER_NAME = "runtime"
+PORT_NAME = "http"

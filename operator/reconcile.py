@@ -1,0 +1,179 @@
+"""One reconcile pass: parse -> render -> apply what changed -> observe -> status.
+
+Pure planning lives in `render/` and `status.py`; this module only sequences them over a
+`KubeClient`, so it runs the same under kopf and in tests without kopf. A pass with
+nothing changed makes no write: children are applied only when their applied-hash
+annotation or a field we own differs (drift), and status only when it differs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes.utils import parse_quantity
+
+from pinnace.operator import names
+from pinnace.operator.client import ApiError, KubeClient
+from pinnace.operator.fit import check_fit
+from pinnace.operator.llmdeployment import SpecError, parse_llmdeployment
+from pinnace.operator.render import endpoint, render_all
+from pinnace.operator.render.args import effective
+from pinnace.operator.render.labels import selector_string
+from pinnace.operator.status import (
+    Event,
+    degraded_status,
+    healthy_status,
+    observe_deployment,
+    transition_events,
+)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class ReconcileResult:
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)  # "Kind/name" of children written
+    error: SpecError | None = None  # set when the resource cannot be rolled out as is
+
+
+def reconcile(
+    client: KubeClient, body: Mapping[str, Any], *, now: Callable[[], str] = utc_now
+) -> ReconcileResult:
+    """Bring the children of one `LLMDeployment` body in line with its spec.
+
+    Raises `ApiError` for transient API failures (the caller retries with backoff).
+    """
+    meta = body["metadata"]
+    namespace, name = meta.get("namespace", "default"), meta["name"]
+    previous = dict(body.get("status") or {})
+    generation = meta.get("generation")
+    try:
+        llmd = parse_llmdeployment(body)
+        check_fit(llmd)
+        events, applied, deployment = _apply_children(client, body, render_all(llmd))
+    except SpecError as err:
+        return _degraded(client, body, err, previous, now)
+    except ApiError as err:
+        if not err.is_permanent:
+            raise
+        rejected = SpecError(
+            f"the API server rejected a child object: {err.message}", reason="ApplyRejected"
+        )
+        return _degraded(client, body, rejected, previous, now)
+    status = healthy_status(
+        desired_replicas=llmd.spec.replicas,
+        obs=observe_deployment(deployment),
+        previous=previous,
+        generation=generation,
+        now=now(),
+        endpoint=endpoint(llmd),
+        selector=selector_string(llmd),
+        effective=effective(llmd),
+    )
+    write_status(client, namespace, name, previous, status)
+    return ReconcileResult(status, events + transition_events(previous, status), applied)
+
+
+def _degraded(
+    client: KubeClient,
+    body: Mapping[str, Any],
+    err: SpecError,
+    previous: dict[str, Any],
+    now: Callable[[], str],
+) -> ReconcileResult:
+    meta = body["metadata"]
+    status = degraded_status(
+        reason=err.reason,
+        message=str(err),
+        previous=previous,
+        generation=meta.get("generation"),
+        now=now(),
+    )
+    write_status(client, meta.get("namespace", "default"), meta["name"], previous, status)
+    return ReconcileResult(status, transition_events(previous, status), error=err)
+
+
+def _apply_children(
+    client: KubeClient, owner: Mapping[str, Any], desired: list[dict[str, Any]]
+) -> tuple[list[Event], list[str], dict[str, Any] | None]:
+    events, applied, deployment = [], [], None
+    for obj in desired:
+        kind, meta = obj["kind"], obj["metadata"]
+        live = client.get(kind, meta["namespace"], meta["name"])
+        if live is None or not is_up_to_date(obj, live):
+            # Ownership lets Kubernetes garbage-collect children with the resource. Only the
+            # ownerReference: copying the owner's labels (kopf.adopt) would leak GitOps
+            # tracking labels onto objects that are not in git.
+            kopf.append_owner_reference(obj, owner=kopf.Body(dict(owner)))  # type: ignore[arg-type]
+            verb = "Created" if live is None else "Updated"
+            live = client.apply(obj)
+            applied.append(f"{kind}/{meta['name']}")
+            events.append(Event("Normal", verb, f"{verb} {kind} {meta['name']}"))
+        if kind == "Deployment":
+            deployment = live
+    return events, applied, deployment
+
+
+def is_up_to_date(desired: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+    """Live carries our last applied hash and every field we set still has our value."""
+    key = names.ANNOTATION_APPLIED_HASH
+    want = desired["metadata"]["annotations"][key]
+    have = (live.get("metadata") or {}).get("annotations", {}).get(key)
+    return want == have and _contains(live, desired, quantities=False)
+
+
+def _contains(live: Any, want: Any, *, quantities: bool) -> bool:
+    """`want` is a sub-document of `live` (the server may add defaults, never change ours)."""
+    if isinstance(want, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and _contains(live[k], v, quantities=k in ("requests", "limits"))
+            for k, v in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(want)
+            and all(_contains(a, b, quantities=quantities) for a, b in zip(live, want, strict=True))
+        )
+    if quantities and isinstance(want, str) and isinstance(live, str) and want != live:
+        # The API server canonicalises quantities ("0.5" -> "500m").
+        try:
+            return bool(parse_quantity(want) == parse_quantity(live))
+        except ValueError:
+            return False
+    return bool(live == want)
+
+
+def write_status(
+    client: KubeClient,
+    namespace: str,
+    name: str,
+    previous: Mapping[str, Any],
+    status: Mapping[str, Any],
+) -> bool:
+    """The one place status is written; a no-op (no request) when nothing changed."""
+    if dict(previous) == dict(status):
+        return False
+    client.patch_status(names.KIND, namespace, name, merge_patch(previous, status))
+    return True
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 patch turning `old` into `new` (null deletes a key; lists are replaced)."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(old.get(key), Mapping):
+            sub = merge_patch(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif old.get(key, object()) != value:
+            patch[key] = value
+    return patch

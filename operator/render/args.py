@@ -1,0 +1,76 @@
+"""`pinnace serve` arguments derived from the spec (flag names follow vLLM)."""
+
+from __future__ import annotations
+
+from kubernetes.utils import parse_quantity
+
+from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.render import sources
+from pinnace.operator.status import Effective
+
+
+def model_source(llmd: LLMDeployment) -> sources.Source:
+    model = llmd.spec.model
+    return sources.resolve(
+        model.uri,
+        slot="model",
+        runtime_image=llmd.image,
+        credentials=model.credentials_secret_ref,
+        revision=model.revision,
+    )
+
+
+def adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Source]]:
+    model = llmd.spec.model
+    scheme = model.uri.split("://", 1)[0]
+    return [
+        (
+            adapter.name,
+            sources.resolve(
+                adapter.uri,
+                slot=f"adapter-{i}",
+                runtime_image=llmd.image,
+                # The model's download credentials serve adapters from the same store only.
+                credentials=model.credentials_secret_ref
+                if adapter.uri.startswith(f"{scheme}://") and scheme in ("hf", "s3", "gs")
+                else None,
+            ),
+        )
+        for i, adapter in enumerate(llmd.spec.adapters)
+    ]
+
+
+def serve_args(llmd: LLMDeployment) -> list[str]:
+    """Everything after `pinnace`: `serve MODEL_PATH --flag value ...`."""
+    spec, engine = llmd.spec, llmd.spec.engine
+    args = ["serve", model_source(llmd).path]
+    args += ["--host", "0.0.0.0", "--port", str(spec.serving.port)]
+    args += ["--served-model-name", llmd.served_name, "--dtype", engine.dtype]
+    if engine.max_model_len is not None:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(engine.max_num_seqs)]
+    prefix_caching = "enable" if engine.enable_prefix_caching else "no-enable"
+    args.append(f"--{prefix_caching}-prefix-caching")
+    if engine.quantization is not None:
+        args += ["--quantization", engine.quantization]
+    args += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    if spec.resources.gpu_count > 0:
+        args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
+        args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.kv_cache_memory is not None:
+        args += ["--kv-cache-memory", str(int(parse_quantity(engine.kv_cache_memory)))]
+    adapters = adapter_sources(llmd)
+    if adapters:
+        args += ["--enable-lora", "--lora-modules"]
+        args += [f"{name}={source.path}" for name, source in adapters]
+    return args + list(engine.extra_args)
+
+
+def effective(llmd: LLMDeployment) -> Effective:
+    return Effective(
+        image=llmd.image,
+        model_path=model_source(llmd).path,
+        served_model_name=llmd.served_name,
+        args=serve_args(llmd),
+    )

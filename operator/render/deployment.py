@@ -1,0 +1,190 @@
+"""The runtime Deployment: `pinnace serve` with probes, GPUs, cache and a locked-down pod."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from pinnace.operator import names
+from pinnace.operator.fit import startup_budget_seconds
+from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.render import args as argmod
+from pinnace.operator.render import labels, sources
+
+RUNTIME_UID = 1000
+# Long enough to finish streaming responses after the pod leaves the Service endpoints.
+TERMINATION_GRACE_SECONDS = 120
+PRESTOP_SLEEP_SECONDS = 5  # let kube-proxy/ingress drop the endpoint before we stop
+PROBE_PERIOD_SECONDS = 10
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": RUNTIME_UID,
+    "runAsGroup": RUNTIME_UID,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUNTIME_UID,
+    "runAsGroup": RUNTIME_UID,
+    "fsGroup": RUNTIME_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
+    template = _pod_template(llmd)
+    pod_hash = labels.content_hash(template)
+    template["metadata"]["annotations"] = {names.ANNOTATION_POD_SPEC_HASH: pod_hash}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": labels.metadata(llmd, llmd.name),
+        "spec": {
+            "replicas": llmd.spec.replicas,
+            "selector": {"matchLabels": labels.selector_labels(llmd)},
+            # Keep serving capacity during a rollout: bring a new pod up before one goes.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": template,
+        },
+    }
+    return labels.stamp_applied_hash(deployment)
+
+
+def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
+    model = argmod.model_source(llmd)
+    adapters = [source for _, source in argmod.adapter_sources(llmd)]
+    all_sources = [model, *adapters]
+    volumes = [
+        _cache_volume(llmd),
+        {"name": sources.TMP_VOLUME, "emptyDir": {}},
+        *(v for s in all_sources for v in s.volumes),
+    ]
+    if llmd.spec.engine.tensor_parallel_size > 1:  # NCCL needs a real /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    init_containers = [
+        {**s.download, "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
+        for s in all_sources
+        if s.download
+    ]
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # the runtime never talks to the API
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [_runtime_container(llmd, [m for s in all_sources for m in s.mounts])],
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod["initContainers"] = init_containers
+    pod.update(_scheduling(llmd))
+    return {"metadata": {"labels": labels.common_labels(llmd)}, "spec": pod}
+
+
+def _cache_volume(llmd: LLMDeployment) -> dict[str, Any]:
+    cache = llmd.spec.storage.cache
+    if cache is None:
+        return {"name": sources.CACHE_VOLUME, "emptyDir": {}}
+    claim = cache.claim_name or f"{llmd.name}-cache"
+    return {"name": sources.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+
+
+def _runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = llmd.spec
+    mounts = [
+        {"name": sources.CACHE_VOLUME, "mountPath": sources.CACHE_DIR},
+        {"name": sources.TMP_VOLUME, "mountPath": sources.TMP_DIR},
+        *source_mounts,
+    ]
+    if spec.engine.tensor_parallel_size > 1:
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    container: dict[str, Any] = {
+        "name": names.CONTAINER_NAME,
+        "image": llmd.image,
+        "command": ["pinnace"],
+        "args": argmod.serve_args(llmd),
+        "ports": [{"name": names.PORT_NAME, "containerPort": spec.serving.port, "protocol": "TCP"}],
+        "env": _env(llmd),
+        "resources": _resources(llmd),
+        "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        **_probes(llmd),
+    }
+    return container
+
+
+def _env(llmd: LLMDeployment) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{sources.CACHE_DIR}/hf"},
+        {"name": "HOME", "value": sources.TMP_DIR},
+        {"name": "TMPDIR", "value": sources.TMP_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    key_ref = llmd.spec.serving.api_key_secret_ref
+    if key_ref is not None:  # via env, not argv: argv shows up in `ps` and in status
+        ref = {"name": key_ref.name, "key": key_ref.key}
+        env.append({"name": "PINNACE_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+    env += [{"name": var.name, "value": var.value} for var in llmd.spec.engine.env]
+    return env
+
+
+def _resources(llmd: LLMDeployment) -> dict[str, Any]:
+    res = llmd.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = res.cpu  # no CPU limit: throttling a tokenizer only adds latency
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpu is not None and res.gpu.count > 0:
+        requests[res.gpu.resource_name] = limits[res.gpu.resource_name] = str(res.gpu.count)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probes(llmd: LLMDeployment) -> dict[str, Any]:
+    def http(period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": "/health", "port": names.PORT_NAME},
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": failures,
+        }
+
+    # The startup budget grows with model size so a slow load is not killed half-way.
+    startup_failures = math.ceil(startup_budget_seconds(llmd) / PROBE_PERIOD_SECONDS)
+    return {
+        "startupProbe": http(PROBE_PERIOD_SECONDS, startup_failures),
+        "readinessProbe": http(5, 3),
+        "livenessProbe": http(PROBE_PERIOD_SECONDS, 6),
+    }
+
+
+def _scheduling(llmd: LLMDeployment) -> dict[str, Any]:
+    sched = llmd.spec.scheduling
+    out: dict[str, Any] = {}
+    if sched.node_selector:
+        out["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        out["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations
+        ]
+    if sched.affinity:
+        out["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        out["priorityClassName"] = sched.priority_class_name
+    if sched.runtime_class_name:
+        out["runtimeClassName"] = sched.runtime_class_name
+    return out

@@ -1,0 +1,36 @@
+"""The ClusterIP Service in front of the runtime pods (port named `http`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pinnace.operator import names
+from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.render import labels
+
+
+def render_service(llmd: LLMDeployment) -> dict[str, Any]:
+    port = llmd.spec.serving.port
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": labels.metadata(llmd, llmd.name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels.selector_labels(llmd),
+            "ports": [
+                {
+                    "name": names.PORT_NAME,
+                    "port": port,
+                    "targetPort": names.PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+    return labels.stamp_applied_hash(service)
+
+
+def endpoint(llmd: LLMDeployment) -> str:
+    """In-cluster base URL of the OpenAI API."""
+    return f"http://{llmd.name}.{llmd.namespace}.svc.cluster.local:{llmd.spec.serving.port}/v1"

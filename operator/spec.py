@@ -1,0 +1,268 @@
+"""The `LLMDeployment` spec: one pydantic model that is both the parser and the CRD schema.
+
+The CRD's openAPIV3Schema is generated from these classes (`crd.py`), so the two cannot
+drift. Cross-field rules are declared once as `Rule(cel, message, check)`: the CEL text
+goes into the CRD (`x-kubernetes-validations`, enforced by the API server), the Python
+`check` runs here (for `pinnace render` and the operator), with the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+# Kubernetes resource.Quantity, as the API server accepts it ("16Gi", "500m", "1e9").
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+MODEL_URI_PATTERN = r"^(hf|pvc|s3|gs|file)://[^\s]+$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PARAM_COUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBT]?$"
+
+Quantity = str
+DOWNLOAD_SCHEMES = ("hf://", "s3://", "gs://")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: `cel` for the API server, `check` for Python, one message."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+def _add_rules(schema: dict[str, Any], cls: type) -> None:
+    rules: tuple[Rule, ...] = getattr(cls, "rules", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in rules]
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase field names as in the CRD, unknown fields rejected, rules enforced."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        json_schema_extra=_add_rules,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> SpecModel:
+        for rule in self.rules:
+            if not rule.check(self):
+                raise ValueError(rule.message)
+        return self
+
+
+class SecretRef(SpecModel):
+    """A Secret in the same namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the same namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(default="api-key", min_length=1, description="Key within the Secret.")
+
+
+class ModelSource(SpecModel):
+    """Where the weights come from and how clients name the model."""
+
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+        description="hf://org/name, pvc://claim/path, s3://bucket/path, gs://bucket/path, "
+        "or file:///path baked into the image.",
+    )
+    served_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Model name clients pass in requests (default: metadata.name).",
+    )
+    revision: str | None = Field(
+        default=None, min_length=1, max_length=255, description="hf:// revision (branch/tag/sha)."
+    )
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret for the download: HF_TOKEN (hf://), AWS_* keys (s3://), "
+        "or key.json (gs://).",
+    )
+    parameter_count: str | None = Field(
+        default=None,
+        pattern=PARAM_COUNT_PATTERN,
+        description="Size hint for the GPU fit check and startup budget, e.g. 1.5B or 135M.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.revision) || self.uri.startsWith('hf://')",
+            "model.revision applies only to hf:// models",
+            lambda m: m.revision is None or m.uri.startswith("hf://"),
+        ),
+        Rule(
+            "!has(self.credentialsSecretRef) || self.uri.startsWith('hf://')"
+            " || self.uri.startsWith('s3://') || self.uri.startsWith('gs://')",
+            "model.credentialsSecretRef is used only to download hf://, s3:// or gs:// models",
+            lambda m: m.credentials_secret_ref is None or m.uri.startswith(DOWNLOAD_SCHEMES),
+        ),
+    )
+
+
+class GPU(SpecModel):
+    """Accelerators per replica."""
+
+    count: int = Field(default=1, ge=0, le=16, description="GPUs per replica.")
+    resource_name: str = Field(
+        default="nvidia.com/gpu", min_length=1, description="Extended resource to request."
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        description="Memory of one GPU (e.g. 80Gi); enables the fit check.",
+    )
+
+
+class Resources(SpecModel):
+    """Compute per replica."""
+
+    gpu: GPU | None = Field(default=None, description="GPUs; absent means CPU-only.")
+    cpu: Quantity | None = Field(default=None, pattern=QUANTITY_PATTERN, description="CPU request.")
+    memory: Quantity | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="Memory request and limit."
+    )
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpu.count if self.gpu is not None else 0
+
+
+class EnvVar(SpecModel):
+    """An environment variable for the runtime container."""
+
+    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=256)
+    value: str = ""
+
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["int8", "fp8", "gptq", "awq"]
+
+
+class Engine(SpecModel):
+    """Runtime settings; each maps to one `pinnace serve` flag."""
+
+    max_model_len: int | None = Field(default=None, ge=16, le=1_048_576)
+    max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
+    dtype: DType = "auto"
+    quantization: Quantization | None = None
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    kv_cache_memory: Quantity | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="KV cache budget on CPU (e.g. 2Gi)."
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+
+class Adapter(SpecModel):
+    """A LoRA adapter served next to the base model under its own name."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
+    uri: str = Field(pattern=MODEL_URI_PATTERN, max_length=1024)
+
+
+class Serving(SpecModel):
+    """How clients reach the runtime."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Require this API key (Secret key) on /v1 requests."
+    )
+
+
+class Cache(SpecModel):
+    """A PVC for downloaded weights: an existing claim, or one the operator creates."""
+
+    claim_name: str | None = Field(default=None, pattern=DNS_LABEL_PATTERN, max_length=253)
+    size: Quantity | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    storage_class_name: str | None = Field(default=None, min_length=1)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = "ReadWriteOnce"
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "has(self.claimName) != has(self.size)",
+            "storage.cache: set exactly one of claimName (existing PVC) or size (new PVC)",
+            lambda c: (c.claim_name is None) != (c.size is None),
+        ),
+        Rule(
+            "!has(self.storageClassName) || has(self.size)",
+            "storage.cache.storageClassName applies only with size",
+            lambda c: c.storage_class_name is None or c.size is not None,
+        ),
+    )
+
+
+class Storage(SpecModel):
+    cache: Cache | None = Field(default=None, description="Absent: an emptyDir per pod.")
+
+
+TolerationOperator = Literal["Exists", "Equal"]
+TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class Toleration(SpecModel):
+    key: str | None = None
+    operator: TolerationOperator | None = None
+    value: str | None = None
+    effect: TaintEffect | None = None
+    toleration_seconds: int | None = None
+
+
+class Scheduling(SpecModel):
+    """Copied into the pod spec as is."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+
+
+class LLMDeploymentSpec(SpecModel):
+    """Desired state of one served model."""
+
+    model: ModelSource
+    replicas: int = Field(default=1, ge=0, le=1000)
+    image: str | None = Field(default=None, min_length=1, description="Runtime image override.")
+    resources: Resources = Field(default_factory=Resources)
+    engine: Engine = Field(default_factory=Engine)
+    adapters: list[Adapter] = Field(default_factory=list, max_length=32)
+    serving: Serving = Field(default_factory=Serving)
+    storage: Storage = Field(default_factory=Storage)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.adapters)"
+            " || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            "adapters: names must be unique",
+            lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+        ),
+    )

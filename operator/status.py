@@ -1,0 +1,225 @@
+"""`LLMDeployment.status`: the schema and the pure function that computes it.
+
+Kubernetes conventions: `observedGeneration`, and conditions `Ready`, `Progressing`,
+`Degraded` whose `lastTransitionTime` moves only when their status flips — so computing
+the status twice from the same facts yields the same dict and reconcile writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Progressing", "Ready", "ScaledToZero", "Degraded"]
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+
+
+class StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class Condition(StatusModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Effective(StatusModel):
+    """What the operator resolved from the spec and runs (defaults applied)."""
+
+    image: str
+    model_path: str
+    served_model_name: str
+    args: list[str] = Field(default_factory=list)
+
+
+class LLMDeploymentStatus(StatusModel):
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int | None = Field(default=None, description="Pods of the runtime Deployment.")
+    ready_replicas: int | None = None
+    updated_replicas: int | None = None
+    selector: str | None = Field(default=None, description="Label selector (scale subresource).")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
+    effective: Effective | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the child Deployment reports, reduced to what status needs."""
+
+    exists: bool = False
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    up_to_date: bool = False  # the Deployment controller has seen its latest spec
+    stuck_message: str | None = None  # ProgressDeadlineExceeded
+
+
+def observe_deployment(deployment: Mapping[str, Any] | None) -> Observation:
+    if deployment is None:
+        return Observation()
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation")
+    stuck = next(
+        (
+            c.get("message") or "rollout exceeded its progress deadline"
+            for c in status.get("conditions") or []
+            if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        ),
+        None,
+    )
+    return Observation(
+        exists=True,
+        replicas=int(status.get("replicas") or 0),
+        ready=int(status.get("readyReplicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        up_to_date=generation is None or status.get("observedGeneration", 0) >= generation,
+        stuck_message=stuck,
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post about the resource."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> None:
+    """Upsert one condition; keep its lastTransitionTime unless the status flips."""
+    value: Literal["True", "False"] = "True" if status else "False"
+    old = next((c for c in conditions if c["type"] == type_), None)
+    since = old["lastTransitionTime"] if old and old["status"] == value else now
+    new = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    ).model_dump(by_alias=True, exclude_none=True)
+    if old is None:
+        conditions.append(new)
+    else:
+        conditions[conditions.index(old)] = new
+
+
+def healthy_status(
+    *,
+    desired_replicas: int,
+    obs: Observation,
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+    endpoint: str,
+    selector: str,
+    effective: Effective,
+) -> dict[str, Any]:
+    """Status of a valid resource whose children were applied."""
+    conds = [dict(c) for c in (previous or {}).get("conditions") or []]
+
+    def put(type_: str, status: bool, reason: str, message: str) -> None:
+        set_condition(conds, type_, status, reason, message, now=now, generation=generation)
+
+    ready = obs.ready >= desired_replicas > 0
+    done = obs.up_to_date and obs.updated >= desired_replicas and obs.replicas == desired_replicas
+    counts = f"{obs.ready}/{desired_replicas} replicas ready"
+    if desired_replicas == 0:
+        put("Ready", False, "ScaledToZero", "replicas is 0")
+    elif ready:
+        msg = f"{counts}; serving at {endpoint}"
+        put("Ready", True, "ReplicasReady", msg)
+    else:
+        msg = f"{counts} (pods pending or model loading)"
+        put("Ready", False, "ReplicasNotReady", msg)
+    if done:
+        put("Progressing", False, "RolloutComplete", counts)
+    else:
+        msg = f"{obs.updated}/{desired_replicas} replicas updated, {obs.ready} ready"
+        put("Progressing", True, "RollingOut", msg)
+    if obs.stuck_message:
+        put("Degraded", True, "RolloutStuck", obs.stuck_message)
+    else:
+        put("Degraded", False, "AsExpected", "")
+    phase: Phase = (
+        "Degraded" if obs.stuck_message
+        else "ScaledToZero" if desired_replicas == 0
+        else "Ready" if ready and done
+        else "Pending" if obs.ready == 0
+        else "Progressing"
+    )  # fmt: skip
+    return LLMDeploymentStatus(
+        observed_generation=generation,
+        phase=phase,
+        conditions=[Condition.model_validate(c) for c in conds],
+        replicas=obs.replicas,
+        ready_replicas=obs.ready,
+        updated_replicas=obs.updated,
+        selector=selector,
+        endpoint=endpoint,
+        effective=effective,
+    ).model_dump(by_alias=True, exclude_none=True)
+
+
+def degraded_status(
+    *,
+    reason: str,
+    message: str,
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    """Status of a resource the operator refuses to roll out; last known counts are kept."""
+    status = dict(previous or {})
+    conds = [dict(c) for c in status.get("conditions") or []]
+
+    def put(type_: str, status: bool, message: str) -> None:
+        set_condition(conds, type_, status, reason, message, now=now, generation=generation)
+
+    put("Degraded", True, message)
+    put("Progressing", False, "not rolled out until the spec is fixed")
+    if not any(c["type"] == "Ready" for c in conds):
+        put("Ready", False, message)
+    status.update(observedGeneration=generation, phase="Degraded", conditions=conds)
+    return LLMDeploymentStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+
+
+def transition_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
+    """Events for condition flips worth a human's attention."""
+
+    def state(status: Mapping[str, Any] | None) -> dict[str, tuple[str, str]]:
+        conds = (status or {}).get("conditions") or []
+        return {c["type"]: (c["status"], c.get("reason", "")) for c in conds}
+
+    old, cur = state(previous), state(new)
+    by_type = {c["type"]: c for c in new.get("conditions") or []}
+    events = []
+    if cur.get("Ready", ("",))[0] == "True" and old.get("Ready", ("",))[0] != "True":
+        events.append(Event("Normal", "Ready", by_type["Ready"]["message"]))
+    if old.get("Ready", ("",))[0] == "True" and cur.get("Ready", ("",))[0] != "True":
+        events.append(Event("Warning", "NotReady", by_type["Ready"]["message"]))
+    if cur.get("Degraded", ("",))[0] == "True" and old.get("Degraded") != cur["Degraded"]:
+        events.append(Event("Warning", cur["Degraded"][1], by_type["Degraded"]["message"]))
+    if old.get("Degraded", ("",))[0] == "True" and cur.get("Degraded", ("",))[0] != "True":
+        events.append(Event("Normal", "Recovered", "the resource is valid again"))
+    return events

@@ -1,0 +1,357 @@
+"""Fixtures: a Kubernetes API emulator (kmock on 127.0.0.1) and the real kopf operator.
+
+kmock's `KubernetesEmulator` stores objects and streams watches; `ApiServer` adds what a
+real API server does and the operator relies on: namespace from the URL, uid,
+resourceVersion, generation (bumped on spec changes only), creationTimestamp, 201 on
+create, CRD registration into discovery, CR validation against the CRD schema (422),
+status-subresource semantics, server-side apply (create-if-absent, fields the manager
+dropped are removed), and ownerReference garbage collection on delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import jsonpatch
+import jsonschema
+import kmock
+import kopf
+import kubernetes
+import pytest
+import yaml
+from kmock._internal import enums, k8s
+
+from pinnace.operator.client import HttpKubeClient
+from pinnace.operator.handlers import build_registry
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO / "crds" / "pinnace.dev_llmdeployments.yaml"
+TEST_AGENT = "pinnace-tests"
+BUILTINS = {
+    "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
+    "v1/services": dict(kind="Service", namespaced=True, subresources={"status"}),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True),
+    "v1/events": dict(kind="Event", namespaced=True),
+    # Discovery only: kopf waits to see it exists (it never lists it with scanning disabled).
+    "v1/namespaces": dict(kind="Namespace", namespaced=False),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
+        kind="CustomResourceDefinition", namespaced=False
+    ),
+}
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+def merge(old: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(old) if isinstance(old, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+def dropped(old_applied: Any, new_applied: Any) -> Any:
+    """Nulls for fields a field manager applied before and no longer applies (SSA)."""
+    if not isinstance(old_applied, dict) or not isinstance(new_applied, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in old_applied.items():
+        if key not in new_applied:
+            out[key] = None
+        else:
+            sub = dropped(value, new_applied[key])
+            if sub:
+                out[key] = sub
+    return out
+
+
+@attrs.define(kw_only=True)
+class ApiServer(k8s.KubernetesEmulator):
+    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _schemas: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _applied: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in BUILTINS.items():
+            self.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
+
+    def _find(self, request: kmock.Request, name: str | None) -> Any:
+        for key in self.objects:
+            res, ns, obj_name = key
+            if res == request.resource and ns == request.namespace and obj_name == name:
+                return key if not self.objects[key].deleted else None
+        return None
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is None:
+            return await super()._handle(request)
+        original = request
+        try:
+            if request.action == enums.action.CREATE:
+                request = self._on_create(request, dict(request.data or {}))
+            elif request.method == "PATCH" and request.name is not None:
+                request = self._on_patch(request)
+        except k8s.KubernetesError as exc:
+            return await self._render_error(exc)
+        if request is not original:  # kmock's views find requests by identity in its log
+            index = next(i for i, r in enumerate(self._requests) if r is original)
+            self._requests[index] = request
+        response = await super()._handle(request)
+        if request.action == enums.action.CREATE:
+            response.set_status(201)
+        elif request.action == enums.action.DELETE:
+            await self._collect_garbage()
+        return response
+
+    def _stamp(self, obj: dict[str, Any], request: kmock.Request) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        if "name" not in meta and "generateName" in meta:
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", _now())
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+        return obj
+
+    def _on_create(self, request: kmock.Request, obj: dict[str, Any]) -> kmock.Request:
+        self._validate(request, obj)
+        obj = self._stamp(obj, request)
+        if obj.get("kind") == "CustomResourceDefinition":
+            self._register_crd(obj)
+        return attrs.evolve(request, action=enums.action.CREATE, data=obj)
+
+    def _on_patch(self, request: kmock.Request) -> kmock.Request:
+        key = self._find(request, request.name)
+        content_type = _header(request, "Content-Type")
+        is_apply = "apply-patch" in content_type
+        old = self.objects[key].raw if key is not None else {}
+        if "json-patch" in content_type:  # RFC 6902 (kopf uses it for finalizers)
+            try:
+                patch = _diff(old, jsonpatch.apply_patch(old, request.data))
+            except jsonpatch.JsonPatchConflict as exc:  # a failed "test" op
+                raise k8s.KubernetesError(status=409, reason="Conflict", message=str(exc)) from exc
+        else:
+            patch = dict(request.data or {})
+        if key is None:
+            if not is_apply:
+                raise k8s.KubernetesObjectNotFoundError()
+            self._applied[(request.resource, request.namespace, request.name)] = patch
+            create = attrs.evolve(request, name=None, subresource=None)
+            return self._on_create(create, copy.deepcopy(patch))
+        if is_apply:  # server-side apply: drop what this manager no longer applies
+            patch = merge(dropped(self._applied.get(key), patch), patch)
+            self._applied[key] = dict(request.data)
+        has_status = "status" in self.resources[request.resource].subresources
+        if request.subresource == "status":
+            patch = {"status": patch.get("status")} if "status" in patch else {}
+        elif has_status:
+            patch.pop("status", None)  # the main resource ignores status changes
+        new = merge(old, patch)
+        new.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+        if new.get("spec") != old.get("spec"):
+            new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        self._validate(request, new)
+        # kmock merges the request data into the stored object: send the full difference.
+        return attrs.evolve(request, action=enums.action.UPDATE, data=_diff(old, new))
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{spec['names']['plural']}"
+            self.resources[key] = kmock.ResourceInfo(
+                kind=spec["names"]["kind"],
+                singular=spec["names"]["singular"],
+                shortnames=set(spec["names"].get("shortNames", [])),
+                namespaced=spec["scope"] == "Namespaced",
+                subresources=set(version.get("subresources", {})),
+                verbs=VERBS,
+            )
+            self._schemas[kmock.resource(key)] = version["schema"]["openAPIV3Schema"]
+
+    def _validate(self, request: kmock.Request, obj: dict[str, Any]) -> None:
+        schema = self._schemas.get(request.resource)
+        if schema is None:
+            return
+        errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(obj), key=str)
+        if errors:
+            path = ".".join(str(p) for p in errors[0].absolute_path)
+            message = f"{path}: {errors[0].message}"
+            raise k8s.KubernetesError(status=422, reason="Invalid", message=message)
+
+    async def _collect_garbage(self) -> None:
+        while True:
+            live = {self.objects[k].get("metadata", {}).get("uid") for k in self.objects}
+            for key in list(self.objects):
+                obj = self.objects[key]
+                owners = [r["uid"] for r in obj.get("metadata", {}).get("ownerReferences", [])]
+                if not obj.deleted and owners and not any(uid in live for uid in owners):
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+                    break
+            else:
+                return
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            out[key] = _diff(old[key], value)
+        elif old.get(key) != value:
+            out[key] = value
+    return out
+
+
+def _header(request: kmock.Request, name: str) -> str:
+    return next((v for k, v in request.headers.items() if k.lower() == name.lower()), "")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Cluster:
+    """The emulator served on 127.0.0.1 from a background event loop, plus a test client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),))
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("kmock server did not start")
+        self.http = httpx.Client(base_url=self.url, headers={"User-Agent": TEST_AGENT}, timeout=10)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with ApiServer() as api, kmock.Server(api) as server:
+            self.api, self.url = api, str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self.http.close()
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    # -- kubectl-like helpers (they go through HTTP like any client) --
+
+    def apply_crd(self) -> None:
+        crd = yaml.safe_load(CRD_PATH.read_text())
+        self.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+
+    def post(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(path, json=obj)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def patch(self, path: str, patch: dict[str, Any]) -> httpx.Response:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        return self.http.patch(path, json=patch, headers=headers)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        response = self.http.get(path)
+        return None if response.status_code == 404 else dict(response.json())
+
+    def requests(self) -> list[kmock.Request]:
+        return list(self.api)
+
+    def writes(self, *, since: int = 0) -> list[str]:
+        """Mutating requests by anyone but the test itself, as 'METHOD path'."""
+        return [
+            f"{r.method} {r.url.path}"
+            for r in self.requests()[since:]
+            if r.method in ("POST", "PUT", "PATCH", "DELETE")
+            and _header(r, "User-Agent") != TEST_AGENT
+        ]
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+class Operator:
+    """The real kopf operator (our registry) in a thread, talking HTTP to the emulator."""
+
+    def __init__(self, url: str, namespaces: list[str]) -> None:
+        registry = build_registry()
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url, insecure=True)
+
+        @kopf.on.startup(registry=registry)
+        def no_scanning(settings: kopf.OperatorSettings, **_: Any) -> None:
+            # kmock cannot parse /api/v1/namespaces (it reads "namespaces" as a namespace
+            # segment), so kopf takes the namespaces as given instead of listing them.
+            settings.scanning.disabled = True
+
+        config = kubernetes.client.Configuration(host=url)
+        self.memo = kopf.Memo(client=HttpKubeClient(kubernetes.client.ApiClient(config)))
+        self.stop_flag, self.ready_flag = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        kwargs = dict(
+            registry=registry,
+            namespaces=namespaces,
+            standalone=True,
+            memo=self.memo,
+            stop_flag=self.stop_flag,
+            ready_flag=self.ready_flag,
+        )
+        self._thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
+        self._thread.start()
+        if not self.ready_flag.wait(15):
+            raise RuntimeError("operator did not start")
+
+    def _run(self, kwargs: dict[str, Any]) -> None:
+        try:
+            asyncio.run(kopf.operator(**kwargs))
+        except BaseException as exc:  # surfaced by `alive`
+            self.error = exc
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self._thread.join(30)
+
+
+@pytest.fixture
+def start_operator(cluster: Cluster) -> Iterator[Any]:
+    started: list[Operator] = []
+
+    def start(namespaces: list[str] | None = None) -> Operator:
+        op = Operator(cluster.url, namespaces or ["ml"])
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()

@@ -1,0 +1,133 @@
+"""Examples pass the CRD (schema + CEL) and the Python model; broken ones fail both the same way.
+
+The CRD side is checked the way the API server does it: the committed openAPIV3Schema
+with jsonschema (Draft 4 = OpenAPI v3's flavour: boolean exclusiveMinimum) and every
+`x-kubernetes-validations` rule evaluated by a real CEL interpreter (cel-python).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from pinnace.operator.fit import check_fit
+from pinnace.operator.llmdeployment import SpecError, parse_llmdeployment
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+INVALID = sorted((Path(__file__).parent / "data" / "invalid").glob("*.yaml"))
+
+
+def load_case(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Header comments `# key: value` and the YAML body."""
+    meta = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("# "):
+            break
+        key, _, value = line[2:].partition(": ")
+        meta[key] = value
+    return meta, yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    crd = yaml.safe_load((REPO / "crds" / "pinnace.dev_llmdeployments.yaml").read_text())
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+_CEL = celpy.Environment()
+
+
+def cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = _CEL.program(_CEL.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+            errors.append(f"{path}: {rule['message']}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += cel_errors(sub, value[key], f"{path}.{key}".lstrip("."))
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += cel_errors(schema["items"], item, f"{path}.{i}")
+    return errors
+
+
+def crd_errors(schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft4Validator(schema)
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+        for e in validator.iter_errors(body)
+    ]
+    return errors or cel_errors(schema, body)
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """What the API server stores: schema defaults filled in where the parent exists."""
+    if isinstance(value, dict):
+        out = dict(value)
+        for key, sub in schema.get("properties", {}).items():
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = apply_defaults(sub, out[key])
+        return out
+    if isinstance(value, list) and "items" in schema:
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def test_there_are_examples_for_each_use_case() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"minimal-cpu", "gpu", "pvc-model", "adapters"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_is_valid_for_the_crd_and_the_model(path: Path, schema: dict[str, Any]) -> None:
+    body = yaml.safe_load(path.read_text())
+    assert crd_errors(schema, body) == []
+    llmd = parse_llmdeployment(body)
+    check_fit(llmd)
+    # The API server stores defaulted objects: they must mean the same to the operator.
+    assert parse_llmdeployment(apply_defaults(schema, body)) == llmd
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_broken_resource_is_rejected_with_its_message(path: Path, schema: dict[str, Any]) -> None:
+    meta, body = load_case(path)
+    errors = crd_errors(schema, body)
+    if meta["layer"] == "schema":  # kubectl apply fails
+        assert len(errors) == 1 and errors[0].startswith(meta["expect-crd"]), errors
+    else:  # the API server accepts it; the operator (and `pinnace render`) must not
+        assert errors == []
+    with pytest.raises(SpecError) as caught:
+        check_fit(parse_llmdeployment(body))
+    assert str(caught.value).startswith(meta["expect"])
+    assert "\n" not in str(caught.value)
+
+
+def test_every_cel_rule_has_a_broken_example(schema: dict[str, Any]) -> None:
+    messages = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            messages.update(r["message"] for r in node.get("x-kubernetes-validations", []))
+            for value in node.values():
+                collect(value)
+
+    collect(schema)
+    expected = [load_case(p)[0].get("expect-crd", "") for p in INVALID]
+    assert messages and all(any(m in e for e in expected) for m in messages), messages
+
+
+def test_defaults_of_the_model_are_visible_in_status_args() -> None:
+    body = yaml.safe_load((REPO / "examples" / "minimal-cpu.yaml").read_text())
+    llmd = parse_llmdeployment(body)
+    assert (llmd.spec.replicas, llmd.spec.engine.dtype, llmd.spec.serving.port) == (1, "auto", 8000)
+    assert llmd.spec.engine.enable_prefix_caching and llmd.spec.resources.gpu is None
