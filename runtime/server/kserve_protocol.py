@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pinnace.runtime.sampling_params import SamplingParams
-from pinnace.runtime.server.errors import bad_request, describe_validation_errors
 from pinnace.runtime.server.openai_protocol import INT64, RequestModel
 
 TEXT_INPUT = "text_input"
@@ -19,8 +17,8 @@ TEXT_OUTPUT = "text_output"
 
 
 class KServeParameters(RequestModel):
-    """Sampling settings a KServe request may carry (SamplingParams' names and defaults,
-    with max_tokens defaulting to 16 as in /v1/completions)."""
+    """Settings a KServe request may carry: SamplingParams' names and defaults (max_tokens
+    16, as /v1/completions), and whether to apply the chat template."""
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -33,19 +31,8 @@ class KServeParameters(RequestModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-
-
-def parse_parameters(values: dict[str, Any] | None, where: str = "parameters") -> SamplingParams:
-    """Validate a free-form parameters object into SamplingParams; 400 names the key."""
-    try:
-        parsed = KServeParameters.model_validate(values or {})
-    except ValidationError as exc:
-        message, param = describe_validation_errors(list(exc.errors()))
-        raise bad_request(f"{where}.{message}", param) from exc
-    try:
-        return SamplingParams(**parsed.model_dump())
-    except ValueError as exc:
-        raise bad_request(f"{where}: {exc}") from exc
+    # None: wrap the text as a user message when the model has a chat template.
+    apply_chat_template: bool | None = None
 
 
 class V2RequestInput(RequestModel):

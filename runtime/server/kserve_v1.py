@@ -11,13 +11,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from pinnace.runtime.server.errors import APIError
-from pinnace.runtime.server.kserve_protocol import (
-    V1Instance,
-    V1PredictRequest,
-    V1PredictResponse,
-    parse_parameters,
-)
-from pinnace.runtime.server.serving import EngineRequest, ServerContext, cancel_on_disconnect
+from pinnace.runtime.server.kserve_inputs import engine_request, parse_options
+from pinnace.runtime.server.kserve_protocol import V1Instance, V1PredictRequest, V1PredictResponse
+from pinnace.runtime.server.serving import ServerContext, cancel_on_disconnect
 
 
 def build_v1_router(ctx: ServerContext) -> APIRouter:
@@ -33,9 +29,9 @@ def build_v1_router(ctx: ServerContext) -> APIRouter:
         requests = []
         for i, instance in enumerate(body.instances):
             prompt, values = _instance(instance, body.parameters)
-            params = parse_parameters(values, f"instances[{i}]")
-            ids = ctx.prepare(prompt, params, f"instances[{i}]")
-            requests.append(EngineRequest(f"{request_id}-{i}", ids, params))
+            options = parse_options(values, f"instances[{i}]")
+            where = f"instances[{i}]"
+            requests.append(engine_request(ctx, f"{request_id}-{i}", prompt, options, where))
         ctx.check_room(len(requests))
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
 from pinnace.runtime.engine.async_engine import EngineDeadError
-from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.errors import APIError, bad_request
+from pinnace.runtime.server.kserve_inputs import KServeOptions, engine_request, parse_options
 from pinnace.runtime.server.kserve_protocol import (
     TEXT_INPUT,
     TEXT_OUTPUT,
@@ -29,7 +29,6 @@ from pinnace.runtime.server.kserve_protocol import (
     V2ResponseOutput,
     V2ServerMetadata,
     V2TensorMetadata,
-    parse_parameters,
 )
 from pinnace.runtime.server.serving import (
     EngineRequest,
@@ -124,9 +123,9 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v2/models/{name:path}/infer")
     async def infer(name: str, body: V2InferRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        params = parse_parameters(body.parameters)
+        options = parse_options(body.parameters)
         prompts, shape = text_prompts(body)
-        requests = _engine_requests(ctx, "infer", prompts, params)
+        requests = _engine_requests(ctx, "infer", prompts, options)
         ctx.check_room(len(requests))
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
@@ -140,8 +139,8 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v2/models/{name:path}/generate")
     async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        params = parse_parameters(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], params)
+        options = parse_options(body.sampling_values())
+        requests = _engine_requests(ctx, "generate", [body.text_input], options)
         ctx.check_room(1)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
@@ -160,8 +159,8 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v2/models/{name:path}/generate_stream")
     async def generate_stream(name: str, body: V2GenerateRequest) -> Response:
         model, version = resolve(ctx, name)
-        params = parse_parameters(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], params)
+        options = parse_options(body.sampling_values())
+        requests = _engine_requests(ctx, "generate", [body.text_input], options)
         ctx.check_room(1)
         events = _stream_events(ctx, requests, model, version, body.id)
         return StreamingResponse(events, media_type="text/event-stream")
@@ -191,11 +190,11 @@ def _ready_response(ctx: ServerContext, body: dict[str, Any]) -> JSONResponse:
 
 
 def _engine_requests(
-    ctx: ServerContext, kind: str, prompts: list[str], params: SamplingParams
+    ctx: ServerContext, kind: str, prompts: list[str], options: KServeOptions
 ) -> list[EngineRequest]:
     request_id = ctx.new_id(kind)
     return [
-        EngineRequest(f"{request_id}-{i}", ctx.prepare(p, params, "text_input"), params)
+        engine_request(ctx, f"{request_id}-{i}", p, options, TEXT_INPUT)
         for i, p in enumerate(prompts)
     ]
 

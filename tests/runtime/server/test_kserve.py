@@ -51,10 +51,21 @@ def check(components: dict[str, Any], name: str, body: Any) -> None:
     jsonschema.Draft7Validator(schema).validate(body)
 
 
-def openai_texts(http: httpx.Client, prompts: list[str]) -> list[str]:
+def completion_texts(http: httpx.Client, prompts: list[str]) -> list[str]:
     body = {"model": MODEL, "prompt": prompts, **GREEDY}
     resp = http.post("/v1/completions", json=body).json()
     return [c["text"] for c in resp["choices"]]
+
+
+def chat_texts(http: httpx.Client, prompts: list[str]) -> list[str]:
+    """What /v1/chat/completions answers to each prompt as a lone user message."""
+    texts = []
+    for prompt in prompts:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **GREEDY}
+        texts.append(
+            http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        )
+    return texts
 
 
 def infer_body(prompts: list[str], **extra: Any) -> dict[str, Any]:
@@ -87,7 +98,13 @@ def test_v2_infer_batch_equals_openai(http: httpx.Client, components: dict[str, 
     (output,) = body["outputs"]
     assert body["id"] == "req-1" and body["model_name"] == MODEL
     assert output["name"] == "text_output" and output["shape"] == [2]
-    assert output["data"] == openai_texts(http, PROMPTS)
+    # The model has a chat template, so by default each text is a user message.
+    assert output["data"] == chat_texts(http, PROMPTS)
+    raw = infer_body(PROMPTS)
+    raw["parameters"]["apply_chat_template"] = False
+    resp = http.post(f"/v2/models/{MODEL}/infer", json=raw)
+    check(components, "inference_response", resp.json())
+    assert resp.json()["outputs"][0]["data"] == completion_texts(http, PROMPTS)
     versioned = http.post(f"/v2/models/{MODEL}/versions/1/infer", json=infer_body(PROMPTS[:1]))
     check(components, "inference_response", versioned.json())
     assert versioned.json()["model_version"] == "1"
@@ -127,7 +144,7 @@ def test_v2_infer_unknown_model_and_bad_json(http: httpx.Client) -> None:
 
 
 def test_v2_generate_and_stream(http: httpx.Client) -> None:
-    (expected,) = openai_texts(http, PROMPTS[:1])
+    (expected,) = chat_texts(http, PROMPTS[:1])
     resp = http.post(
         f"/v2/models/{MODEL}/generate", json={"text_input": PROMPTS[0], "parameters": GREEDY}
     )
@@ -145,12 +162,15 @@ def test_v2_generate_and_stream(http: httpx.Client) -> None:
 
 
 def test_v1_predict_equals_openai(http: httpx.Client) -> None:
-    expected = openai_texts(http, PROMPTS)
+    expected = chat_texts(http, PROMPTS)
     body = {"instances": [PROMPTS[0], {"prompt": PROMPTS[1]}], "parameters": GREEDY}
     resp = http.post(f"/v1/models/{MODEL}:predict", json=body)
     assert resp.status_code == 200, resp.text
     jsonschema.validate(resp.json(), V1_RESPONSE)
     assert resp.json()["predictions"] == expected
+    raw = {"instances": PROMPTS, "parameters": {**GREEDY, "apply_chat_template": False}}
+    resp = http.post(f"/v1/models/{MODEL}:predict", json=raw)
+    assert resp.json()["predictions"] == completion_texts(http, PROMPTS)
     # An instance's own settings win over the request's parameters.
     body = {"instances": [{"prompt": PROMPTS[0], "max_tokens": 2}], "parameters": GREEDY}
     short = http.post(f"/v1/models/{MODEL}:predict", json=body).json()["predictions"][0]
