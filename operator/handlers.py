@@ -88,9 +88,10 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict
                 return  # gone or going: nothing to converge, children follow the owner
             result = reconcile(client, body)
         except ApiError as err:
-            raise kopf.TemporaryError(
-                f"Kubernetes API error: {err}", delay=min(60, 2**retry)
-            ) from err
+            if err.status == 404:
+                return  # deleted while we worked; its children follow it
+            delay = min(60, 2**retry)  # exponential backoff, capped
+            raise kopf.TemporaryError(f"Kubernetes API error: {err}", delay=delay) from err
         for event in result.events:
             kopf.event(_ref(body), type=event.type, reason=event.reason, message=event.message)
     if result.error is not None and strict:

@@ -142,7 +142,12 @@ def healthy_status(
         set_condition(conds, type_, status, reason, message, now=now, generation=generation)
 
     ready = obs.ready >= desired_replicas > 0
-    done = obs.up_to_date and obs.updated >= desired_replicas and obs.replicas == desired_replicas
+    done = (
+        obs.up_to_date
+        and obs.updated >= desired_replicas
+        and obs.ready >= desired_replicas
+        and obs.replicas == desired_replicas
+    )
     counts = f"{obs.ready}/{desired_replicas} replicas ready"
     if desired_replicas == 0:
         put("Ready", False, "ScaledToZero", "replicas is 0")

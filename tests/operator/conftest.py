@@ -114,7 +114,9 @@ class ApiServer(k8s.KubernetesEmulator):
         response = await super()._handle(request)
         if request.action == enums.action.CREATE:
             response.set_status(201)
-        elif request.action == enums.action.DELETE:
+        if request.action in (enums.action.CREATE, enums.action.DELETE):
+            # Like the real garbage collector: children of a gone owner go too, including
+            # ones created late with an ownerReference to an owner that no longer exists.
             await self._collect_garbage()
         return response
 
@@ -355,3 +357,26 @@ def start_operator(cluster: Cluster) -> Iterator[Any]:
     yield start
     for op in started:
         op.stop()
+
+
+@pytest.fixture
+def kube_client(cluster: Cluster) -> HttpKubeClient:
+    """The operator's own client, pointed at the emulator."""
+    config = kubernetes.client.Configuration(host=cluster.url)
+    return HttpKubeClient(kubernetes.client.ApiClient(config))
+
+
+@pytest.fixture
+def create_llmd(cluster: Cluster) -> Any:
+    """Create an LLMDeployment from examples/NAME.yaml (CRD applied first), return its path."""
+    cluster.apply_crd()
+
+    def create(name: str, *, namespace: str = "ml", **spec: Any) -> str:
+        body = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+        body["metadata"]["namespace"] = namespace
+        body["spec"].update(spec)
+        base = f"/apis/pinnace.dev/v1alpha1/namespaces/{namespace}/llmdeployments"
+        cluster.post(base, body)
+        return f"{base}/{body['metadata']['name']}"
+
+    return create

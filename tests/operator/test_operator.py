@@ -1,0 +1,179 @@
+"""The real kopf operator against the API emulator: the lifecycle of an LLMDeployment."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pinnace.operator import names
+
+BASE = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments"
+DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-chat"
+SERVICE = "/api/v1/namespaces/ml/services/qwen-chat"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {predicate}")
+
+
+def settle(cluster: Any, quiet: float = 0.8) -> None:
+    """Wait until the operator has made no request for `quiet` seconds."""
+    last, since = len(cluster.requests()), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        now = len(cluster.requests())
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def args_of(deployment: dict[str, Any]) -> list[str]:
+    return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def pod_hash(deployment: dict[str, Any]) -> str:
+    return str(
+        deployment["spec"]["template"]["metadata"]["annotations"][names.ANNOTATION_POD_SPEC_HASH]
+    )
+
+
+def condition(cr: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in cr["status"]["conditions"] if c["type"] == type_)
+
+
+def test_lifecycle_create_update_ready_delete(
+    cluster: Any, create_llmd: Any, start_operator: Any
+) -> None:
+    operator = start_operator()
+    path = create_llmd("gpu")
+    cr = cluster.get(path)
+
+    # Create: children with ownerReferences and the flags from the spec.
+    dep = wait_for(lambda: cluster.get(DEPLOYMENT))
+    service = wait_for(lambda: cluster.get(SERVICE))
+    for child in (dep, service):
+        [owner] = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == (
+            "LLMDeployment",
+            cr["metadata"]["uid"],
+            True,
+        )
+    args = args_of(dep)
+    assert args[args.index("--max-model-len") + 1] == "8192"
+    assert args[args.index("--dtype") + 1] == "bfloat16"
+    first_hash = pod_hash(dep)
+
+    # Scale: the Deployment is patched, the pod template (and its hash) is not.
+    assert cluster.patch(path, {"spec": {"replicas": 3}}).status_code == 200
+    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"]["replicas"] == 3 and d)
+    assert pod_hash(dep) == first_hash
+    # An engine change rolls the pods: the hash moves with the new flags.
+    assert cluster.patch(path, {"spec": {"engine": {"dtype": "float16"}}}).status_code == 200
+    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and "float16" in args_of(d) and d)
+    assert pod_hash(dep) != first_hash
+    assert cluster.get(path)["metadata"]["generation"] == 3
+
+    # The Deployment controller reports ready pods: the resource becomes Ready.
+    ready = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": 3,
+        "readyReplicas": 3,
+        "updatedReplicas": 3,
+    }
+    assert cluster.patch(DEPLOYMENT + "/status", {"status": ready}).status_code == 200
+    cr = wait_for(
+        lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Ready" and c
+    )
+    assert cr["status"]["endpoint"] == "http://qwen-chat.ml.svc.cluster.local:8000/v1"
+    assert cr["status"]["observedGeneration"] == 3 and cr["status"]["readyReplicas"] == 3
+    assert condition(cr, "Ready")["status"] == "True"
+    assert cr["spec"]["engine"]["dtype"] == "float16"  # the operator never rewrites the spec
+    assert "effective" in cr["status"] and "--dtype" in cr["status"]["effective"]["args"]
+    events = wait_for(
+        lambda: [
+            r.data
+            for r in cluster.requests()
+            if r.method == "POST"
+            and r.url.path.endswith("/events")
+            and r.data.get("reason") == "Ready"
+        ]
+    )
+    assert events[0]["involvedObject"]["name"] == "qwen-chat"
+
+    # Delete: Kubernetes garbage-collects the children; the operator does not bring them back.
+    assert cluster.http.delete(path).status_code == 200
+    wait_for(lambda: cluster.get(DEPLOYMENT) is None and cluster.get(SERVICE) is None)
+    settle(cluster)
+    assert cluster.get(DEPLOYMENT) is None and cluster.get(path) is None
+    assert operator.alive
+
+
+def test_invalid_resource_is_degraded_and_the_operator_carries_on(
+    cluster: Any, create_llmd: Any, start_operator: Any
+) -> None:
+    operator = start_operator()
+    bad = create_llmd("gpu", adapters=[{"name": "qwen-chat", "uri": "hf://acme/lora"}])
+    cr = wait_for(
+        lambda: (c := cluster.get(bad)) and c.get("status", {}).get("phase") == "Degraded" and c
+    )
+    degraded = condition(cr, "Degraded")
+    assert degraded["reason"] == "InvalidSpec"
+    assert degraded["message"] == "adapters: name 'qwen-chat' clashes with the served model name"
+    assert cluster.get(DEPLOYMENT) is None
+    warnings = [
+        r.data for r in cluster.requests() if r.method == "POST" and r.url.path.endswith("/events")
+    ]
+    assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in warnings)
+    # PermanentError: no retry storm against a spec only the user can fix.
+    settle(cluster)
+    before = len(cluster.requests())
+    time.sleep(1.5)
+    assert cluster.writes(since=before) == []
+    # Still serving other resources, and the fixed resource recovers.
+    create_llmd("minimal-cpu")
+    wait_for(lambda: cluster.get("/apis/apps/v1/namespaces/ml/deployments/smollm2"))
+    assert cluster.patch(bad, {"spec": {"adapters": None}}).status_code == 200
+    cr = wait_for(
+        lambda: (c := cluster.get(bad)) and condition(c, "Degraded")["status"] == "False" and c
+    )
+    assert cluster.get(DEPLOYMENT) is not None and operator.alive
+
+
+def test_second_reconcile_with_no_change_makes_no_write(
+    cluster: Any, create_llmd: Any, start_operator: Any
+) -> None:
+    operator = start_operator()
+    path = create_llmd("gpu")
+    wait_for(lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Pending")
+    settle(cluster)
+
+    def reconciles() -> int:  # each pass starts by reading the resource fresh
+        return sum(
+            1
+            for r in cluster.requests()
+            if r.method == "GET"
+            and r.url.path == path
+            and r.headers.get("User-Agent", "").startswith("OpenAPI")
+        )
+
+    # Trigger 1: an event on the owned Deployment (a label someone else added).
+    before, passes = len(cluster.requests()), reconciles()
+    label = {"metadata": {"labels": {"team": "ml"}}}
+    assert cluster.patch(DEPLOYMENT, label).status_code == 200
+    wait_for(lambda: reconciles() > passes)
+    settle(cluster)
+    assert cluster.writes(since=before) == []
+
+    # Trigger 2: an operator restart (kopf resumes every resource).
+    operator.stop()
+    before, passes = len(cluster.requests()), reconciles()
+    start_operator()
+    wait_for(lambda: reconciles() > passes)
+    settle(cluster)
+    assert cluster.writes(since=before) == []

@@ -1,0 +1,133 @@
+"""reconcile() over HTTP against the API emulator, without kopf: apply, drift, idempotence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pinnace.operator.client import HttpKubeClient
+from pinnace.operator.llmdeployment import parse_llmdeployment
+from pinnace.operator.reconcile import reconcile
+from pinnace.operator.render import render_all
+
+DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-chat"
+SERVICE = "/api/v1/namespaces/ml/services/qwen-chat"
+PVC = "/api/v1/namespaces/ml/persistentvolumeclaims/qwen-chat-cache"
+
+
+def run(cluster: Any, client: HttpKubeClient, path: str) -> Any:
+    body = cluster.get(path)
+    assert body is not None
+    return reconcile(client, body)
+
+
+def test_first_pass_creates_owned_children_and_status(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("gpu")
+    result = run(cluster, kube_client, path)
+    assert result.applied == [
+        "PersistentVolumeClaim/qwen-chat-cache",
+        "Service/qwen-chat",
+        "Deployment/qwen-chat",
+    ]
+    cr = cluster.get(path)
+    for child in (DEPLOYMENT, SERVICE, PVC):
+        obj = cluster.get(child)
+        assert obj is not None, child
+        [owner] = obj["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "pinnace.dev/v1alpha1",
+            "kind": "LLMDeployment",
+            "name": "qwen-chat",
+            "uid": cr["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    # What was applied is exactly what `pinnace render` prints, plus the ownerReference.
+    for rendered in render_all(parse_llmdeployment(cr)):
+        live = cluster.get(
+            {"Deployment": DEPLOYMENT, "Service": SERVICE}.get(rendered["kind"], PVC)
+        )
+        live["metadata"].pop("ownerReferences")
+        for server_field in ("uid", "resourceVersion", "generation", "creationTimestamp"):
+            live["metadata"].pop(server_field)
+        assert live == rendered
+    status = cr["status"]
+    assert status["phase"] == "Pending" and status["observedGeneration"] == 1
+    assert status["endpoint"] == "http://qwen-chat.ml.svc.cluster.local:8000/v1"
+    assert (
+        status["effective"]["args"]
+        == cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert (
+        status["selector"] == "app.kubernetes.io/instance=qwen-chat,app.kubernetes.io/name=pinnace"
+    )
+    assert [e.reason for e in result.events] == ["Created", "Created", "Created"]
+
+
+def test_second_pass_with_nothing_changed_writes_nothing(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("gpu")
+    run(cluster, kube_client, path)
+    before = len(cluster.requests())
+    result = run(cluster, kube_client, path)
+    assert result.applied == [] and result.events == []
+    assert cluster.writes(since=before) == []
+    reads = [r for r in cluster.requests()[before:] if r.method == "GET"]
+    assert len(reads) >= 4  # it did look: the resource and each child
+
+
+def test_drift_is_corrected_and_dropped_fields_are_removed(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("gpu")
+    run(cluster, kube_client, path)
+    # Someone edits the Deployment by hand: the next pass puts the spec back.
+    edit = {"spec": {"template": {"spec": {"priorityClassName": "batch"}}}}
+    assert cluster.patch(DEPLOYMENT, edit).status_code == 200
+    assert run(cluster, kube_client, path).applied == ["Deployment/qwen-chat"]
+    assert cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]["priorityClassName"] == "inference"
+    # The user drops nodeSelector from the resource: it disappears from the pods (SSA).
+    assert cluster.patch(path, {"spec": {"scheduling": {"nodeSelector": None}}}).status_code == 200
+    assert run(cluster, kube_client, path).applied == ["Deployment/qwen-chat"]
+    assert "nodeSelector" not in cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]
+    assert cluster.get(path)["status"]["observedGeneration"] == 2
+
+
+def test_ready_deployment_makes_the_resource_ready(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("gpu")
+    run(cluster, kube_client, path)
+    ready = {
+        "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    }
+    assert cluster.patch(DEPLOYMENT + "/status", ready).status_code == 200
+    result = run(cluster, kube_client, path)
+    status = cluster.get(path)["status"]
+    assert status["phase"] == "Ready" and status["readyReplicas"] == 2
+    ready_condition = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready_condition["status"] == "True" and status["endpoint"] in ready_condition["message"]
+    assert [(e.type, e.reason) for e in result.events] == [("Normal", "Ready")]
+
+
+def test_invalid_spec_is_degraded_and_rolls_nothing_out(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("gpu", engine={"extraArgs": ["--dtype", "float16"]})
+    result = run(cluster, kube_client, path)
+    message = "engine.extraArgs: --dtype is set by the operator; use engine.dtype"
+    assert result.error is not None and str(result.error) == message
+    assert cluster.get(DEPLOYMENT) is None and cluster.get(SERVICE) is None
+    status = cluster.get(path)["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == (
+        "True",
+        "InvalidSpec",
+        message,
+    )
+    assert status["phase"] == "Degraded"
+    before = len(cluster.requests())
+    run(cluster, kube_client, path)
+    assert cluster.writes(since=before) == []  # no retry storm of status writes either

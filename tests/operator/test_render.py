@@ -1,0 +1,209 @@
+"""Pure renderers: schema-valid Kubernetes objects with the flags, security and probes asked for."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from pinnace.operator import names
+from pinnace.operator.llmdeployment import LLMDeployment, parse_llmdeployment
+from pinnace.operator.render import render_all, render_deployment
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def example(name: str, **spec_overrides: Any) -> LLMDeployment:
+    body = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+    body["spec"].update(copy.deepcopy(spec_overrides))
+    return parse_llmdeployment(body)
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    [runtime] = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(runtime)
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_rendered_object_is_valid_kubernetes(path: Path) -> None:
+    objects = render_all(parse_llmdeployment(yaml.safe_load(path.read_text())))
+    assert {o["kind"] for o in objects} >= {"Deployment", "Service"}
+    for obj in objects:
+        # Raises with the offending path on any unknown field or wrong type.
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_gpu_example_flags_resources_and_scheduling() -> None:
+    llmd = example("gpu")
+    dep = render_deployment(llmd)
+    runtime = container(dep)
+    args = runtime["args"]
+    assert runtime["command"] == ["pinnace"] and args[0] == "serve"
+    assert args[1] == "/cache/model/hf/Qwen/Qwen2.5-1.5B-Instruct@main"
+    assert flag(args, "--served-model-name") == "qwen-chat"
+    assert flag(args, "--max-model-len") == "8192" and flag(args, "--max-num-seqs") == "64"
+    assert flag(args, "--dtype") == "bfloat16" and "--enable-prefix-caching" in args
+    assert flag(args, "--gpu-memory-utilization") == "0.9"
+    assert flag(args, "--port") == "8000" and flag(args, "--host") == "0.0.0.0"
+    assert "--api-key" not in args  # the key travels as an env var from the Secret
+    key_env = next(e for e in runtime["env"] if e["name"] == "PINNACE_API_KEY")
+    assert key_env["valueFrom"]["secretKeyRef"] == {"name": "qwen-chat-api", "key": "api-key"}
+    res = runtime["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+    assert res["limits"]["memory"] == "16Gi" and "cpu" not in res["limits"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["priorityClassName"] == "inference"
+    assert dep["spec"]["replicas"] == 2
+
+
+def test_hf_model_is_downloaded_into_the_cache_pvc_with_the_token() -> None:
+    llmd = example("gpu")
+    objects = {o["kind"]: o for o in render_all(llmd)}
+    pvc = objects["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == "qwen-chat-cache"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+    assert cache["persistentVolumeClaim"]["claimName"] == "qwen-chat-cache"
+    [download] = pod["initContainers"]
+    assert download["command"][:3] == ["hf", "download", "Qwen/Qwen2.5-1.5B-Instruct"]
+    assert flag(download["command"], "--revision") == "main"
+    assert flag(download["command"], "--local-dir") == container(objects["Deployment"])["args"][1]
+    token = next(e for e in download["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+
+
+def test_file_and_pvc_models_need_no_download() -> None:
+    cpu = render_deployment(example("minimal-cpu"))
+    assert "initContainers" not in cpu["spec"]["template"]["spec"]
+    assert container(cpu)["args"][1] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "--gpu-memory-utilization" not in container(cpu)["args"]
+    assert flag(container(cpu)["args"], "--kv-cache-memory") == str(512 * 1024**2)
+
+    pvc = render_deployment(example("pvc-model"))
+    pod = pvc["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    model_volume = next(v for v in pod["volumes"] if v["name"] == "model-pvc")
+    assert model_volume["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
+    args = container(pvc)["args"]
+    assert args[1] == "/mnt/model-pvc/meta-llama/Llama-3.1-70B-Instruct-AWQ"
+    assert flag(args, "--tensor-parallel-size") == "2" and flag(args, "--quantization") == "awq"
+    assert flag(args, "--kv-cache-dtype") == "fp8"
+    assert any(m["mountPath"] == "/dev/shm" for m in container(pvc)["volumeMounts"])
+    assert pod["affinity"]["nodeAffinity"] and pod["runtimeClassName"] == "nvidia"
+
+
+def test_adapters_become_lora_modules_from_their_sources() -> None:
+    dep = render_deployment(example("adapters"))
+    args = container(dep)["args"]
+    assert "--enable-lora" in args
+    modules = args[args.index("--lora-modules") + 1 : args.index("--max-loras")]
+    assert modules == [
+        "billing=/cache/adapter-0/s3/models/adapters/billing",
+        "returns=/cache/adapter-1/hf/acme/returns-lora",
+        "tone=/mnt/adapter-2-pvc/tone",
+    ]
+    assert args[-2:] == ["--max-loras", "4"]  # extraArgs go last
+    inits = {c["name"]: c for c in dep["spec"]["template"]["spec"]["initContainers"]}
+    assert set(inits) == {"download-model", "download-adapter-0", "download-adapter-1"}
+    # s3 credentials go to the s3 downloads only, never to the hf one.
+    assert inits["download-adapter-0"]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert "envFrom" not in inits["download-adapter-1"]
+    assert not any(e["name"] == "HF_TOKEN" for e in inits["download-adapter-1"]["env"])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_pods_are_locked_down(path: Path) -> None:
+    dep = render_deployment(parse_llmdeployment(yaml.safe_load(path.read_text())))
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and sc["runAsUser"] == 1000
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        # A read-only root needs writable scratch: the cache and /tmp are volumes.
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/cache", "/tmp"} <= mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["tmp"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["HF_HOME"] == "/cache/hf" and env["HOME"] == "/tmp"
+
+
+def test_probes_and_draining() -> None:
+    small, big = render_deployment(example("minimal-cpu")), render_deployment(example("pvc-model"))
+    for dep in (small, big):
+        runtime = container(dep)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert runtime[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert runtime["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+        assert runtime["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+
+    def budget(dep: dict[str, Any]) -> int:
+        probe = container(dep)["startupProbe"]
+        return int(probe["periodSeconds"] * probe["failureThreshold"])
+
+    # A 70B model gets a longer load budget than a 135M one, both at least 5 minutes.
+    assert budget(big) > budget(small) >= 300
+
+
+def test_labels_selector_and_service() -> None:
+    llmd = example("gpu")
+    objects = {o["kind"]: o for o in render_all(llmd)}
+    dep, svc = objects["Deployment"], objects["Service"]
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector == {
+        "app.kubernetes.io/name": "pinnace",
+        "app.kubernetes.io/instance": "qwen-chat",
+    }
+    assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"] == selector
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    for obj in objects.values():
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "pinnace-operator"
+        assert labels["app.kubernetes.io/instance"] == "qwen-chat"
+        assert obj["metadata"]["namespace"] == "ml"
+        assert "ownerReferences" not in obj["metadata"]  # owner-neutral; the operator adopts
+
+
+def pod_hash(llmd: LLMDeployment) -> str:
+    dep = render_deployment(llmd)
+    return str(dep["spec"]["template"]["metadata"]["annotations"][names.ANNOTATION_POD_SPEC_HASH])
+
+
+def test_pod_spec_hash_changes_exactly_when_pods_must_roll() -> None:
+    base = pod_hash(example("gpu"))
+    assert pod_hash(example("gpu")) == base  # deterministic
+    assert pod_hash(example("gpu", replicas=5)) == base  # scaling does not roll pods
+    engine = {**yaml.safe_load((REPO / "examples" / "gpu.yaml").read_text())["spec"]["engine"]}
+    assert pod_hash(example("gpu", engine={**engine, "dtype": "float16"})) != base
+    assert pod_hash(example("gpu", image="ghcr.io/pinnace/runtime:0.2.0")) != base
+
+
+def test_rendering_is_pure_and_repeatable() -> None:
+    llmd = example("adapters")
+    assert render_all(llmd) == render_all(llmd)
+    first = render_all(llmd)
+    first[-1]["spec"]["replicas"] = 99  # mutating output must not leak into the next render
+    assert render_all(llmd)[-1]["spec"]["replicas"] == 1
