@@ -59,6 +59,12 @@ def tiny_model(make_tiny_model: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def serve_app() -> Callable[..., ServerThread]:
+    """serve_app(app, api_key=None) -> a started ServerThread."""
+    return lambda app, api_key=None: ServerThread(app, api_key).start()
+
+
+@pytest.fixture(scope="session")
 def start_server() -> Callable[..., ServerThread]:
     """start_server(model, settings=..., **engine_options) -> a started ServerThread."""
     from pinnace.runtime.config import EngineConfig

@@ -1,0 +1,148 @@
+"""`pinnace serve`: flags, one-line errors with exit code 2, and a real start-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pinnace.cli.main import main
+from pinnace.cli.serve import default_served_name, parse_bytes
+
+PINNACE = str(Path(sys.executable).with_name("pinnace"))
+FLAGS = [
+    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--max-num-seqs",
+    "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching",
+    "--no-enable-prefix-caching", "--gpu-memory-utilization", "--kv-cache-memory", "--api-key",
+    "--chat-template", "--seed", "--max-waiting-requests", "--metrics-prefix-vllm",
+    "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
+    "--lora-modules",
+]  # fmt: skip
+
+
+def test_help_lists_every_flag(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [PINNACE, "serve", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    missing = [flag for flag in FLAGS if flag not in out.stdout]
+    assert not missing
+    assert "PINNACE_API_KEY" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000), ("4096", 4096),
+     ("64 mib", 64 * 2**20), ("10kB", 10_000)],
+)  # fmt: skip
+def test_parse_bytes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+def test_default_served_name(tmp_path: Path) -> None:
+    assert default_served_name("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
+    assert default_served_name("/x/qwen2.5-0.5b-instruct-q8_0.gguf") == "qwen2.5-0.5b-instruct"
+    assert default_served_name("/x/model.f16.gguf") == "model"
+    assert default_served_name("/x/plain.gguf") == "plain"
+    folder = tmp_path / "Qwen2.5-0.5B-Instruct"
+    folder.mkdir()
+    assert default_served_name(f"{folder}/") == "Qwen2.5-0.5B-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["/no/such/model"], "does not exist"),
+        (["{model}", "--kv-cache-memory", "lots"], "--kv-cache-memory"),
+        (["{model}", "--kv-cache-memory", "0"], "--kv-cache-memory"),
+        (["{model}", "--tensor-parallel-size", "2"], "--tensor-parallel-size 2"),
+        (["{model}", "--quantization", "awq"], "quantization 'awq' is not supported"),
+        (["{model}", "--enable-lora"], "enable_lora is not supported"),
+        (["{model}", "--lora-modules", "a=/b"], "--enable-lora"),
+        (["{model}", "--kv-cache-dtype", "fp8"], "kv-cache-dtype"),
+        (["{model}", "--max-num-seqs", "0"], "max_num_seqs"),
+        (["{model}", "--gpu-memory-utilization", "2"], "gpu_memory_utilization"),
+        (["{model}", "--port", "70000"], "--port"),
+        (["{model}", "--chat-template", "missing.jinja"], "missing.jinja"),
+        (["{model}", "--max-waiting-requests", "0"], "max_waiting_requests"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], needle: str
+) -> None:
+    argv = ["serve", *(a.replace("{model}", str(tmp_path)) for a in args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pinnace serve: error:") and "\n" not in err
+    assert needle in err
+
+
+def test_bad_flag_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [PINNACE, "serve", str(tmp_path), "--tensor-parallel-size", "4"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "pinnace serve: error: --tensor-parallel-size 4 is not supported yet: "
+        "pinnace runs a model on one device."
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_starts_logs_and_answers(tmp_path: Path, tiny_model: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PINNACE_API_KEY": "k"}
+    args = [PINNACE, "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+            "--kv-cache-memory", "32MiB", "--max-model-len", "128",
+            "--served-model-name", "tiny", "alias"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        headers = {"Authorization": "Bearer k"}
+        models = httpx.get(f"{url}/v1/models", headers=headers).json()
+        assert [m["id"] for m in models["data"]] == ["tiny", "alias"]
+        body: dict[str, Any] = {"model": "alias", "messages": [{"role": "user", "content": "Hi"}],
+                                "max_tokens": 3}  # fmt: skip
+        chat = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        assert chat.status_code == 200 and chat.json()["model"] == "alias"
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    text = log.read_text()
+    assert code == 0, text
+    assert "Loaded LlamaForCausalLM" in text
+    assert "KV cache:" in text and "max_model_len 128" in text
+    assert f"http://127.0.0.1:{port}" in text and "API key required" in text
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
