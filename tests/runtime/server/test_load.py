@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,21 @@ def test_half_hang_up_mid_stream_frees_everything(
     # Aborted requests stopped early: far fewer than their 400 tokens each were made.
     gen = f"pinnace:generation_tokens_total{{{LABEL}}}"
     assert after[gen] - before[gen] < (NUM_CLIENTS // 2) * (24 + 400) / 2
+
+
+def test_serving_benchmark_reports_json(server: Any, tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[3] / "hack" / "bench" / "serving.py"
+    args = [sys.executable, str(script), "--base-url", server.url, "--model", MODEL,
+            "--num-prompts", "8", "--request-rate", "40", "--max-tokens", "6", "--ignore-eos",
+            "--output", str(tmp_path / "report.json")]  # fmt: skip
+    out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert report["completed"] == 8 and report["failed"] == 0
+    assert report["total_output_tokens"] == 8 * 6
+    assert report["output_throughput"] > 0
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        stats = report[key]
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    assert report["e2e_ms"]["p50"] >= report["ttft_ms"]["p50"]
