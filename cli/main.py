@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-COMMANDS = ("generate", "serve")
+COMMANDS = ("generate", "serve", "render", "run_operator")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,9 +43,18 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
 
 
-def build_registry() -> kopf.OperatorRegistry:
-    """All handlers, on a registry of their own (no import-time global state)."""
+def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
+    """All handlers, on a registry of their own (no import-time global state).
+
+    `login=False` leaves authentication to a login handler the caller adds (tests).
+    """
     registry = kopf.OperatorRegistry()
+
+    if login:
+        # A fresh registry lacks kopf's default login handlers: in-cluster or kubeconfig.
+        @kopf.on.login(registry=registry)
+        def authenticate(**kwargs: Any) -> kopf.ConnectionInfo | None:
+            return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

@@ -301,7 +301,7 @@ class Operator:
     """The real kopf operator (our registry) in a thread, talking HTTP to the emulator."""
 
     def __init__(self, url: str, namespaces: list[str]) -> None:
-        registry = build_registry()
+        registry = build_registry(login=False)
 
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
