@@ -32,13 +32,17 @@ class SampleState:
             entry[update.new_token_ids[-1]] = lp.token_logprob
             self.logprobs = [*(self.logprobs or []), entry]
             self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.token_logprob
-        stop = self.detok.update(update.new_token_ids)
+        text_ids = update.new_token_ids
+        if update.finish_reason == "stop" and not self.detok.include_stop:
+            text_ids = text_ids[:-1]  # as in vLLM, the EOS / stop token's text is left out
+        stop = self.detok.update(text_ids)
         if update.finish_reason is not None:
             self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
-        if stop is not None and self.finish_reason is None:
+        if stop is not None:
+            # The text was cut at the stop string, so it is the reason even when the same
+            # token also reached max_tokens (vLLM reports it the same way).
             self.finish_reason, self.stop_reason = "stop", stop
-            return stop
-        return None
+        return stop
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(
