@@ -31,7 +31,9 @@ def render(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, st
     return code, out, err
 
 
-@pytest.mark.parametrize("name", ["minimal-cpu", "gpu", "pvc-model", "adapters"])
+@pytest.mark.parametrize(
+    "name", ["minimal-cpu", "gpu", "pvc-model", "adapters"], ids=lambda n: f"examples/{n}"
+)
 def test_render_prints_exactly_the_objects_the_operator_applies(
     capsys: pytest.CaptureFixture[str], name: str
 ) -> None:

@@ -34,7 +34,7 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_every_rendered_object_is_valid_kubernetes(path: Path) -> None:
     objects = render_all(parse_llmdeployment(yaml.safe_load(path.read_text())))
     assert {o["kind"] for o in objects} >= {"Deployment", "Service"}
@@ -124,7 +124,7 @@ def test_adapters_become_lora_modules_from_their_sources() -> None:
     assert not any(e["name"] == "HF_TOKEN" for e in inits["download-adapter-1"]["env"])
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_pods_are_locked_down(path: Path) -> None:
     dep = render_deployment(parse_llmdeployment(yaml.safe_load(path.read_text())))
     pod = dep["spec"]["template"]["spec"]

@@ -88,7 +88,7 @@ def test_there_are_examples_for_each_use_case() -> None:
     assert {p.stem for p in EXAMPLES} >= {"minimal-cpu", "gpu", "pvc-model", "adapters"}
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_example_is_valid_for_the_crd_and_the_model(path: Path, schema: dict[str, Any]) -> None:
     body = yaml.safe_load(path.read_text())
     assert crd_errors(schema, body) == []
@@ -98,7 +98,7 @@ def test_example_is_valid_for_the_crd_and_the_model(path: Path, schema: dict[str
     assert parse_llmdeployment(apply_defaults(schema, body)) == llmd
 
 
-@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: f"examples/{p.stem}")
 def test_broken_resource_is_rejected_with_its_message(path: Path, schema: dict[str, Any]) -> None:
     meta, body = load_case(path)
     errors = crd_errors(schema, body)
