@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]

@@ -6,6 +6,7 @@ import logging
 import time
 
 import torch
+
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import SchedulerStats

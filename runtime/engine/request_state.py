@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers import PreTrainedTokenizerBase
+
 from pinnace.runtime.core.outputs import RequestUpdate
 from pinnace.runtime.engine.detokenizer import IncrementalDetokenizer
 from pinnace.runtime.outputs import CompletionOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
-from transformers import PreTrainedTokenizerBase
 
 
 @dataclass

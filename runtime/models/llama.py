@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from pinnace.runtime.layers.attention import Attention
-from pinnace.runtime.layers.norm import RMSNorm
-from pinnace.runtime.layers.rotary import RotaryEmbedding
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+
+from pinnace.runtime.layers.attention import Attention
+from pinnace.runtime.layers.norm import RMSNorm
+from pinnace.runtime.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
