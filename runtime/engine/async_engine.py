@@ -280,10 +280,16 @@ class AsyncLLMEngine:
         active: set[str] = set()  # requests the engine holds, engine-thread side
         try:
             while True:
-                if not self._apply_commands(active, block=not active):
+                idle = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(active, block=idle):
+                    self.engine.abort_request(sorted(active))
+                    stopped = EngineDeadError("the engine was shut down.")
+                    self._call_soon(self._fail, None, stopped)
                     return
-                if active:
+                if self.engine.has_unfinished_requests():
                     self._step(active)
+                else:
+                    active.clear()
                 self._stats = self.engine.stats()
         except BaseException as exc:  # pragma: no cover - a bug in the engine itself
             logger.exception("engine thread died")

@@ -167,3 +167,19 @@ def test_health_after_shutdown(llm: LLM) -> None:
     asyncio.run(body())
     with pytest.raises(ValueError, match="max_waiting_requests"):
         AsyncLLMEngine(llm.llm_engine, max_waiting_requests=0)
+
+
+def test_shutdown_ends_open_streams(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def body() -> int:
+        engine = AsyncLLMEngine(llm.llm_engine)
+        engine.start()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async with engine.generate("s", engine.tokenize("Once"), params) as stream:
+                async for out in stream:
+                    if len(out.outputs[0].token_ids) == 2:
+                        engine.shutdown()
+        return llm.llm_engine.num_unfinished_requests()
+
+    assert asyncio.run(body()) == 0

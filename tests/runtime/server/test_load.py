@@ -123,3 +123,18 @@ def test_serving_benchmark_reports_json(server: Any, tmp_path: Path) -> None:
         stats = report[key]
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
     assert report["e2e_ms"]["p50"] >= report["ttft_ms"]["p50"]
+
+
+def test_non_streaming_client_that_gives_up_is_aborted(
+    server: Any,
+    parse_metrics: Callable[[str], dict[str, float]],
+    wait_for: Callable[..., bool],
+) -> None:
+    aborted = f'pinnace:request_success_total{{finished_reason="abort",{LABEL}}}'
+    running = f"pinnace:num_requests_running{{{LABEL}}}"
+    before = parse_metrics(server.metrics())[aborted]
+    body = {"model": MODEL, "prompt": "Go", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    assert wait_for(lambda: parse_metrics(server.metrics())[aborted] == before + 1)
+    assert parse_metrics(server.metrics())[running] == 0
