@@ -98,10 +98,18 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 def build_v2_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(tags=["kserve-v2"])
+    # Metadata first: GET /v2/models/{name}/ready must match before GET /v2/models/{name}.
+    _add_metadata_routes(router, ctx)
+    _add_inference_routes(router, ctx)
+    return router
+
+
+def _add_metadata_routes(router: APIRouter, ctx: ServerContext) -> None:
     tensors_in = [V2TensorMetadata(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
     tensors_out = [V2TensorMetadata(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1])]
 
     @router.get("/v2")
+    @router.get("/v2/", include_in_schema=False)  # the spec's spelling
     async def server_metadata() -> JSONResponse:
         return _json(
             V2ServerMetadata(name=PLATFORM, version=server_version(), extensions=["generate"])
@@ -120,6 +128,21 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
         model, _ = resolve(ctx, name)
         return _ready_response(ctx, V2ModelReady(name=model, ready=True).model_dump())
 
+    @router.get("/v2/models/{name:path}")
+    async def model_metadata(name: str) -> JSONResponse:
+        model, _ = resolve(ctx, name)
+        return _json(
+            V2ModelMetadata(
+                name=model,
+                versions=[MODEL_VERSION],
+                platform=PLATFORM,
+                inputs=tensors_in,
+                outputs=tensors_out,
+            )
+        )
+
+
+def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.post("/v2/models/{name:path}/infer")
     async def infer(name: str, body: V2InferRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
@@ -164,21 +187,6 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
         ctx.check_room(1)
         events = _stream_events(ctx, requests, model, version, body.id)
         return StreamingResponse(events, media_type="text/event-stream")
-
-    @router.get("/v2/models/{name:path}")
-    async def model_metadata(name: str) -> JSONResponse:
-        model, _ = resolve(ctx, name)
-        return _json(
-            V2ModelMetadata(
-                name=model,
-                versions=[MODEL_VERSION],
-                platform=PLATFORM,
-                inputs=tensors_in,
-                outputs=tensors_out,
-            )
-        )
-
-    return router
 
 
 def _ready_response(ctx: ServerContext, body: dict[str, Any]) -> JSONResponse:

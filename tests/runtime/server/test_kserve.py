@@ -78,6 +78,7 @@ def test_v2_metadata_and_health(http: httpx.Client, components: dict[str, Any]) 
     assert meta.status_code == 200
     check(components, "metadata_server_response", meta.json())
     assert "generate" in meta.json()["extensions"]
+    assert http.get("/v2/").json() == meta.json()
     assert http.get("/v2/health/live").status_code == 200
     assert http.get("/v2/health/ready").status_code == 200
     model = http.get(f"/v2/models/{MODEL}").json()
