@@ -1,8 +1,9 @@
 """The few API calls the operator makes, behind a small interface.
 
-`KubeClient` is what reconcile needs: read an object, server-side apply one, and
-merge-patch a status. `HttpKubeClient` implements it with the official client's
-authenticated HTTP layer, so every request is visible (and countable) on the wire.
+`KubeClient` is what reconcile needs: read an object, server-side apply one, delete one
+it no longer renders, and merge-patch a status. `HttpKubeClient` implements it with the
+official client's authenticated HTTP layer, so every request is visible (and countable)
+on the wire.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "Service": ("v1", "services"),
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
+    "InferenceService": (f"{names.KSERVE_GROUP}/v1beta1", "inferenceservices"),
+    "ServingRuntime": (f"{names.KSERVE_GROUP}/v1alpha1", "servingruntimes"),
     names.KIND: (names.API_VERSION, names.PLURAL),
 }
 
@@ -48,6 +53,9 @@ class KubeClient(Protocol):
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """JSON merge patch of the status subresource."""
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete the object if it is still the one with this uid (gone already is fine)."""
 
 
 def object_path(kind: str, namespace: str, name: str | None = None) -> str:
@@ -94,6 +102,13 @@ class HttpKubeClient:
             "PATCH", path, None, {"status": status}, content_type="application/merge-patch+json"
         )
         _checked(code, body)
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        # The uid precondition: never delete a same-named object created since we looked.
+        body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        code, answer = self._request("DELETE", object_path(kind, namespace, name), None, body)
+        if code not in (404, 409):  # gone, or replaced by another object: nothing to do
+            _checked(code, answer)
 
     def _request(
         self,

@@ -1,9 +1,10 @@
 """Thin kopf handlers: every trigger funnels into one `reconcile` pass for one resource.
 
-Triggers: create / update / resume of an `LLMDeployment`, and events of the Deployments
-and Services it owns: status follows pod readiness, and an edited or deleted child is
-put back (drift). No timer: kopf would need a finalizer on every resource to stop
-timers, and a finalizer makes deletion hang whenever the operator is down.
+Triggers: create / update / resume of an `LLMDeployment`, and events of the Deployments,
+Services and InferenceServices it owns: status follows pod (or KServe) readiness, and an
+edited or deleted child is put back (drift). No timer: kopf would need a finalizer on
+every resource to stop timers, and a finalizer makes deletion hang whenever the operator
+is down.
 
 Error mapping: an invalid spec is a `PermanentError` (status says Degraded; kopf stops
 retrying until the spec changes); API failures are `TemporaryError`s retried with
@@ -72,6 +73,11 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, registry=registry)
     @kopf.on.event("", "v1", "services", labels=MANAGED_BY, registry=registry)
+    # KServe mode: status mirrors the InferenceService's Ready/URL. Without KServe installed
+    # kopf finds no such resource and this handler simply never fires.
+    @kopf.on.event(
+        names.KSERVE_GROUP, "v1beta1", "inferenceservices", labels=MANAGED_BY, registry=registry
+    )
     def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         for ref in body.get("metadata", {}).get("ownerReferences", []):
             if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION:

@@ -78,6 +78,13 @@ class LLMDeployment:
     def image(self) -> str:
         return self.spec.image or names.DEFAULT_IMAGE
 
+    @property
+    def replicas(self) -> int | None:
+        """The fixed replica count, or None when an autoscaler owns it."""
+        if self.spec.autoscaling is not None:
+            return None
+        return 1 if self.spec.replicas is None else self.spec.replicas
+
 
 def parse_llmdeployment(body: Mapping[str, Any]) -> LLMDeployment:
     """Validate a whole `LLMDeployment` object (as from the API or a YAML file)."""
@@ -142,4 +149,57 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     for var in engine.env:
         if var.name in RESERVED_ENV:
             problems.append(f"engine.env: {var.name} is set by the operator")
+    return problems + _autoscaling_errors(llmd) + _kserve_errors(llmd)
+
+
+def _autoscaling_errors(llmd: LLMDeployment) -> list[str]:
+    scaling, problems = llmd.spec.autoscaling, []
+    if scaling is None:
+        return []
+    metrics = scaling.scaling_metrics
+    for m in metrics:
+        if m.metric == "kvCacheUsage" and m.target is not None and m.target > 1:
+            problems.append("autoscaling: the kvCacheUsage target is a fraction (0 < target <= 1)")
+        if m.metric == "cpu" and m.target is not None and m.target != int(m.target):
+            problems.append("autoscaling: the cpu target is a whole percent of the CPU request")
+    if any(m.metric == "cpu" for m in metrics) and llmd.spec.resources.cpu is None:
+        problems.append(
+            "autoscaling: metric cpu needs resources.cpu (utilization is of the request)"
+        )
+    if scaling.min_replicas == 0 and all(m.metric == "cpu" for m in metrics):
+        problems.append("autoscaling: scaling to zero needs a metric other than cpu")
+    return problems
+
+
+def _kserve_errors(llmd: LLMDeployment) -> list[str]:
+    """What KServe cannot express; each message says what to use instead."""
+    spec, problems = llmd.spec, []
+    if not spec.serving.is_kserve:
+        return []
+    if spec.model.credentials_secret_ref is not None:
+        problems.append(
+            "model.credentialsSecretRef is not used in KServe mode: KServe's storage initializer "
+            "reads credentials from serving.kserve.serviceAccountName's Secrets"
+        )
+    if spec.storage.cache is not None:
+        problems.append("storage.cache does not apply in KServe mode (KServe downloads per pod)")
+    if llmd.replicas == 0:
+        problems.append("replicas 0 is not supported in KServe mode; delete the resource instead")
+    scaling = spec.autoscaling
+    if scaling is None:
+        return problems
+    names_ = {m.metric for m in scaling.scaling_metrics}
+    if spec.serving.is_serverless:
+        if scaling.engine == "keda":
+            problems.append("autoscaling.engine keda needs KServe deploymentMode RawDeployment")
+        if names_ != {"requestsRunning"}:
+            problems.append(
+                "KServe Serverless scales on in-flight requests only: use metric "
+                "requestsRunning, or deploymentMode RawDeployment with engine keda"
+            )
+    elif scaling.engine == "hpa" and names_ != {"cpu"}:
+        problems.append(
+            "KServe's HPA autoscaler scales on cpu only: use autoscaling.engine keda "
+            "for requestsWaiting, kvCacheUsage or requestsRunning"
+        )
     return problems

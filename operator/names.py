@@ -32,3 +32,16 @@ ANNOTATION_SKIP_FIT_CHECK = f"{GROUP}/skip-fit-check"
 
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
+
+# KServe (serving.mode: KServe): its API group and the names it insists on.
+KSERVE_GROUP = "serving.kserve.io"
+KSERVE_CONTAINER_NAME = "kserve-container"  # the runtime container KServe merges into
+KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the weights
+KSERVE_MODEL_FORMAT = "pinnace"
+KSERVE_PORT_NAME = "http1"  # Knative accepts one port, named http1 or h2c
+ANNOTATION_KSERVE_DEPLOYMENT_MODE = f"{KSERVE_GROUP}/deploymentMode"
+ANNOTATION_KSERVE_AUTOSCALER_CLASS = f"{KSERVE_GROUP}/autoscalerClass"
+LABEL_KSERVE_ISVC = f"{KSERVE_GROUP}/inferenceservice"
+
+# KEDA's Prometheus when autoscaling.prometheusUrl is not set: kube-prometheus-stack's.
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"

@@ -19,15 +19,17 @@ from kubernetes.utils import parse_quantity
 from pinnace.operator import names
 from pinnace.operator.client import ApiError, KubeClient
 from pinnace.operator.fit import check_fit
-from pinnace.operator.llmdeployment import SpecError, parse_llmdeployment
-from pinnace.operator.render import endpoint, render_all
+from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
+from pinnace.operator.render import PRUNABLE, endpoint, render_all
 from pinnace.operator.render.args import effective
 from pinnace.operator.render.labels import selector_string
 from pinnace.operator.status import (
     Event,
     degraded_status,
     healthy_status,
+    kserve_status,
     observe_deployment,
+    observe_inference_service,
     transition_events,
 )
 
@@ -40,7 +42,7 @@ def utc_now() -> str:
 class ReconcileResult:
     status: dict[str, Any]
     events: list[Event] = field(default_factory=list)
-    applied: list[str] = field(default_factory=list)  # "Kind/name" of children written
+    applied: list[str] = field(default_factory=list)  # "Kind/name" of children written/deleted
     error: SpecError | None = None  # set when the resource cannot be rolled out as is
 
 
@@ -54,11 +56,12 @@ def reconcile(
     meta = body["metadata"]
     namespace, name = meta.get("namespace", "default"), meta["name"]
     previous = dict(body.get("status") or {})
-    generation = meta.get("generation")
     try:
         llmd = parse_llmdeployment(body)
         check_fit(llmd)
-        events, applied, deployment = _apply_children(client, body, render_all(llmd))
+        desired = render_all(llmd)
+        events, applied, live = _apply_children(client, body, desired)
+        events += _prune(client, body, {obj["kind"] for obj in desired}, applied)
     except SpecError as err:
         return _degraded(client, body, err, previous, now)
     except ApiError as err:
@@ -68,18 +71,43 @@ def reconcile(
             f"the API server rejected a child object: {err.message}", reason="ApplyRejected"
         )
         return _degraded(client, body, rejected, previous, now)
-    status = healthy_status(
-        desired_replicas=llmd.spec.replicas,
-        obs=observe_deployment(deployment),
+    status = _status(llmd, live, previous, meta.get("generation"), now())
+    write_status(client, namespace, name, previous, status)
+    return ReconcileResult(status, events + transition_events(previous, status), applied)
+
+
+def _status(
+    llmd: LLMDeployment,
+    live: Mapping[str, dict[str, Any]],
+    previous: Mapping[str, Any],
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    if llmd.spec.serving.is_kserve:
+        return kserve_status(
+            name=llmd.name,
+            obs=observe_inference_service(live.get("InferenceService")),
+            previous=previous,
+            generation=generation,
+            now=now,
+            selector=f"{names.LABEL_KSERVE_ISVC}={llmd.name}",
+            effective=effective(llmd),
+        )
+    obs = observe_deployment(live.get("Deployment"))
+    desired = llmd.replicas
+    if desired is None:  # autoscaled: the count is whatever the autoscaler set last
+        desired = obs.desired if obs.desired is not None else 1
+    return healthy_status(
+        desired_replicas=desired,
+        obs=obs,
         previous=previous,
         generation=generation,
-        now=now(),
+        now=now,
         endpoint=endpoint(llmd),
         selector=selector_string(llmd),
         effective=effective(llmd),
+        autoscaled=llmd.replicas is None,
     )
-    write_status(client, namespace, name, previous, status)
-    return ReconcileResult(status, events + transition_events(previous, status), applied)
 
 
 def _degraded(
@@ -103,8 +131,9 @@ def _degraded(
 
 def _apply_children(
     client: KubeClient, owner: Mapping[str, Any], desired: list[dict[str, Any]]
-) -> tuple[list[Event], list[str], dict[str, Any] | None]:
-    events, applied, deployment = [], [], None
+) -> tuple[list[Event], list[str], dict[str, dict[str, Any]]]:
+    """Apply what differs; returns events, "Kind/name"s written, and the live children."""
+    events, applied, live_by_kind = [], [], {}
     for obj in desired:
         kind, meta = obj["kind"], obj["metadata"]
         live = client.get(kind, meta["namespace"], meta["name"])
@@ -117,9 +146,31 @@ def _apply_children(
             live = client.apply(obj)
             applied.append(f"{kind}/{meta['name']}")
             events.append(Event("Normal", verb, f"{verb} {kind} {meta['name']}"))
-        if kind == "Deployment":
-            deployment = live
-    return events, applied, deployment
+        live_by_kind[kind] = live
+    return events, applied, live_by_kind
+
+
+def _prune(
+    client: KubeClient, owner: Mapping[str, Any], desired_kinds: set[str], deleted: list[str]
+) -> list[Event]:
+    """Delete children this resource owns but no longer renders (mode or autoscaler change).
+
+    Only objects whose ownerReference names this resource's uid: a same-named object
+    someone else made is never touched.
+    """
+    meta, events = owner["metadata"], []
+    namespace, name, uid = meta.get("namespace", "default"), meta["name"], meta.get("uid")
+    for kind in PRUNABLE:
+        if kind in desired_kinds or uid is None:
+            continue
+        live = client.get(kind, namespace, name)
+        refs = (live or {}).get("metadata", {}).get("ownerReferences") or []
+        if live is None or not any(ref.get("uid") == uid for ref in refs):
+            continue
+        client.delete(kind, namespace, name, live["metadata"]["uid"])
+        deleted.append(f"{kind}/{name}")
+        events.append(Event("Normal", "Deleted", f"Deleted {kind} {name}"))
+    return events
 
 
 def is_up_to_date(desired: Mapping[str, Any], live: Mapping[str, Any]) -> bool:

@@ -22,6 +22,8 @@ QUANTITY_PATTERN = (
 )
 MODEL_URI_PATTERN = r"^(hf|pvc|s3|gs|file)://[^\s]+$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+URL_PATTERN = r"^https?://[^\s]+$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 PARAM_COUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBT]?$"
@@ -186,13 +188,54 @@ class Adapter(SpecModel):
     uri: str = Field(pattern=MODEL_URI_PATTERN, max_length=1024)
 
 
+ServingMode = Literal["Deployment", "KServe"]
+
+
+class KServe(SpecModel):
+    """How the KServe InferenceService runs (serving.mode: KServe)."""
+
+    deployment_mode: Literal["RawDeployment", "Serverless"] = Field(
+        default="RawDeployment",
+        description="RawDeployment: a Deployment + HPA/KEDA; Serverless: Knative, scale to zero.",
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="ServiceAccount of the predictor pods; KServe's storage initializer "
+        "takes download credentials from its Secrets.",
+    )
+
+
 class Serving(SpecModel):
     """How clients reach the runtime."""
 
+    mode: ServingMode = Field(
+        default="Deployment",
+        description="Deployment: a Deployment + Service run by the operator; "
+        "KServe: a ServingRuntime + InferenceService run by KServe.",
+    )
     port: int = Field(default=8000, ge=1, le=65535)
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Require this API key (Secret key) on /v1 requests."
     )
+    kserve: KServe | None = Field(default=None, description="KServe settings (mode: KServe).")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.kserve) || self.mode == 'KServe'",
+            "serving.kserve applies only with serving.mode: KServe",
+            lambda s: s.kserve is None or s.mode == "KServe",
+        ),
+    )
+
+    @property
+    def is_kserve(self) -> bool:
+        return self.mode == "KServe"
+
+    @property
+    def is_serverless(self) -> bool:
+        return self.kserve is not None and self.kserve.deployment_mode == "Serverless"
 
 
 class Cache(SpecModel):
@@ -219,6 +262,86 @@ class Cache(SpecModel):
 
 class Storage(SpecModel):
     cache: Cache | None = Field(default=None, description="Absent: an emptyDir per pod.")
+
+
+ScalingMetricName = Literal["requestsWaiting", "kvCacheUsage", "requestsRunning", "cpu"]
+_TARGET_DESCRIPTION = (
+    "Per-replica target: requests (requestsWaiting, requestsRunning), a fraction 0-1 "
+    "(kvCacheUsage), or percent of the CPU request (cpu). Default depends on the metric."
+)
+
+
+class ScalingMetric(SpecModel):
+    """One signal to scale on; with several the autoscaler takes the largest replica count."""
+
+    metric: ScalingMetricName
+    target: float | None = Field(default=None, gt=0, description=_TARGET_DESCRIPTION)
+
+
+class Autoscaling(SpecModel):
+    """Replicas follow LLM load signals; replaces spec.replicas."""
+
+    engine: Literal["hpa", "keda"] = Field(
+        default="hpa",
+        description="hpa: autoscaling/v2 HPA (custom metrics via prometheus-adapter); "
+        "keda: a KEDA ScaledObject with Prometheus triggers (allows minReplicas 0).",
+    )
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metric: ScalingMetricName | None = Field(
+        default=None, description="One metric (shorthand for metrics: [{metric, target}])."
+    )
+    target: float | None = Field(default=None, gt=0, description=_TARGET_DESCRIPTION)
+    metrics: list[ScalingMetric] = Field(default_factory=list, max_length=4)
+    scale_down_delay_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="How long load must stay low before replicas are removed.",
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        pattern=URL_PATTERN,
+        max_length=1024,
+        description="Prometheus that KEDA queries "
+        "(default: http://prometheus-operated.monitoring.svc:9090, kube-prometheus-stack).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.minReplicas <= self.maxReplicas",
+            "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+            lambda a: a.min_replicas <= a.max_replicas,
+        ),
+        Rule(
+            "!has(self.metric) || !has(self.metrics)",
+            "autoscaling: set metric (with target) or metrics, not both",
+            lambda a: a.metric is None or not a.metrics,
+        ),
+        Rule(
+            "!has(self.target) || has(self.metric)",
+            "autoscaling.target goes with autoscaling.metric",
+            lambda a: a.target is None or a.metric is not None,
+        ),
+        Rule(
+            "!has(self.metrics)"
+            " || self.metrics.all(m, self.metrics.exists_one(n, n.metric == m.metric))",
+            "autoscaling.metrics: each metric at most once",
+            lambda a: len({m.metric for m in a.metrics}) == len(a.metrics),
+        ),
+        Rule(
+            "!has(self.prometheusUrl) || self.engine == 'keda'",
+            "autoscaling.prometheusUrl is read by KEDA only (engine: keda)",
+            lambda a: a.prometheus_url is None or a.engine == "keda",
+        ),
+    )
+
+    @property
+    def scaling_metrics(self) -> list[ScalingMetric]:
+        """The metrics to scale on, whichever form was used (default: requestsWaiting)."""
+        if self.metrics:
+            return list(self.metrics)
+        return [ScalingMetric(metric=self.metric or "requestsWaiting", target=self.target)]
 
 
 TolerationOperator = Literal["Exists", "Equal"]
@@ -249,7 +372,12 @@ class LLMDeploymentSpec(SpecModel):
     """Desired state of one served model."""
 
     model: ModelSource
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int | None = Field(
+        default=None, ge=0, le=1000, description="Fixed replica count (default 1)."
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Scale on LLM load instead of a fixed replica count."
+    )
     image: str | None = Field(default=None, min_length=1, description="Runtime image override.")
     resources: Resources = Field(default_factory=Resources)
     engine: Engine = Field(default_factory=Engine)
@@ -264,5 +392,25 @@ class LLMDeploymentSpec(SpecModel):
             " || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             "adapters: names must be unique",
             lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+        ),
+        # An autoscaler owns the replica count; a second owner in git would fight it.
+        Rule(
+            "!has(self.replicas) || !has(self.autoscaling)",
+            "replicas and autoscaling are mutually exclusive: remove replicas and let "
+            "autoscaling.minReplicas/maxReplicas bound the count",
+            lambda s: s.replicas is None or s.autoscaling is None,
+        ),
+        Rule(
+            "!has(self.autoscaling) || self.autoscaling.minReplicas > 0"
+            " || self.autoscaling.engine == 'keda'"
+            " || (has(self.serving) && has(self.serving.kserve)"
+            " && self.serving.kserve.deploymentMode == 'Serverless')",
+            "autoscaling.minReplicas 0 (scale to zero) needs engine: keda or KServe Serverless",
+            lambda s: (
+                s.autoscaling is None
+                or s.autoscaling.min_replicas > 0
+                or s.autoscaling.engine == "keda"
+                or s.serving.is_serverless
+            ),
         ),
     )

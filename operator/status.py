@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 Phase = Literal["Pending", "Progressing", "Ready", "ScaledToZero", "Degraded"]
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 class StatusModel(BaseModel):
@@ -24,7 +25,7 @@ class StatusModel(BaseModel):
 
 class Condition(StatusModel):
     type: str
-    status: Literal["True", "False", "Unknown"]
+    status: ConditionStatus
     reason: str
     message: str = ""
     last_transition_time: str
@@ -49,6 +50,7 @@ class LLMDeploymentStatus(StatusModel):
     updated_replicas: int | None = None
     selector: str | None = Field(default=None, description="Label selector (scale subresource).")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
+    url: str | None = Field(default=None, description="The InferenceService's URL (KServe mode).")
     effective: Effective | None = None
 
 
@@ -57,6 +59,7 @@ class Observation:
     """What the child Deployment reports, reduced to what status needs."""
 
     exists: bool = False
+    desired: int | None = None  # spec.replicas as the Deployment has it (an HPA's choice)
     replicas: int = 0
     ready: int = 0
     updated: int = 0
@@ -77,8 +80,10 @@ def observe_deployment(deployment: Mapping[str, Any] | None) -> Observation:
         ),
         None,
     )
+    replicas = (deployment.get("spec") or {}).get("replicas")
     return Observation(
         exists=True,
+        desired=None if replicas is None else int(replicas),
         replicas=int(status.get("replicas") or 0),
         ready=int(status.get("readyReplicas") or 0),
         updated=int(status.get("updatedReplicas") or 0),
@@ -99,7 +104,7 @@ class Event:
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,
-    status: bool,
+    status: bool | ConditionStatus,
     reason: str,
     message: str,
     *,
@@ -107,7 +112,7 @@ def set_condition(
     generation: int | None,
 ) -> None:
     """Upsert one condition; keep its lastTransitionTime unless the status flips."""
-    value: Literal["True", "False"] = "True" if status else "False"
+    value: ConditionStatus = status if isinstance(status, str) else "True" if status else "False"
     old = next((c for c in conditions if c["type"] == type_), None)
     since = old["lastTransitionTime"] if old and old["status"] == value else now
     new = Condition(
@@ -134,8 +139,9 @@ def healthy_status(
     endpoint: str,
     selector: str,
     effective: Effective,
+    autoscaled: bool = False,
 ) -> dict[str, Any]:
-    """Status of a valid resource whose children were applied."""
+    """Status of a valid resource whose children were applied (Deployment mode)."""
     conds = [dict(c) for c in (previous or {}).get("conditions") or []]
 
     def put(type_: str, status: bool, reason: str, message: str) -> None:
@@ -150,7 +156,7 @@ def healthy_status(
     )
     counts = f"{obs.ready}/{desired_replicas} replicas ready"
     if desired_replicas == 0:
-        put("Ready", False, "ScaledToZero", "replicas is 0")
+        put("Ready", False, "ScaledToZero", "scaled to zero" if autoscaled else "replicas is 0")
     elif ready:
         msg = f"{counts}; serving at {endpoint}"
         put("Ready", True, "ReplicasReady", msg)
@@ -182,6 +188,83 @@ def healthy_status(
         updated_replicas=obs.updated,
         selector=selector,
         endpoint=endpoint,
+        effective=effective,
+    ).model_dump(by_alias=True, exclude_none=True)
+
+
+@dataclass(frozen=True)
+class ServiceObservation:
+    """What the child InferenceService reports (KServe mode)."""
+
+    exists: bool = False
+    ready: ConditionStatus | None = None  # its Ready condition; None: no status yet
+    reason: str = ""
+    message: str = ""
+    url: str | None = None
+    address: str | None = None  # in-cluster URL
+    up_to_date: bool = False  # KServe has seen its latest spec
+
+
+def observe_inference_service(isvc: Mapping[str, Any] | None) -> ServiceObservation:
+    if isvc is None:
+        return ServiceObservation()
+    status = isvc.get("status") or {}
+    generation = (isvc.get("metadata") or {}).get("generation")
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    value = ready.get("status") if ready else None
+    return ServiceObservation(
+        exists=True,
+        ready=value if value in ("True", "False", "Unknown") else None,
+        reason=(ready or {}).get("reason") or "",
+        message=(ready or {}).get("message") or "",
+        url=status.get("url") or None,
+        address=(status.get("address") or {}).get("url") or None,
+        up_to_date=generation is None or status.get("observedGeneration", 0) >= generation,
+    )
+
+
+def kserve_status(
+    *,
+    name: str,
+    obs: ServiceObservation,
+    previous: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+    selector: str,
+    effective: Effective,
+) -> dict[str, Any]:
+    """Status of a KServe-mode resource: Ready and the URL mirror the InferenceService's."""
+    conds = [dict(c) for c in (previous or {}).get("conditions") or []]
+
+    def put(type_: str, status: bool | ConditionStatus, reason: str, message: str) -> None:
+        set_condition(conds, type_, status, reason, message, now=now, generation=generation)
+
+    isvc = f"InferenceService {name}"
+    if obs.ready is None:
+        put("Ready", "Unknown", "AwaitingKServe", f"{isvc} has no Ready condition yet "
+            "(is KServe installed?)")  # fmt: skip
+    else:
+        fallback = {"True": "InferenceServiceReady", "False": "InferenceServiceNotReady"}
+        reason = obs.reason or fallback.get(obs.ready, "InferenceServiceUnknown")
+        message = obs.message or (f"{isvc} is ready at {obs.url}" if obs.url else isvc)
+        put("Ready", obs.ready, reason, message)
+    done = obs.ready == "True" and obs.up_to_date
+    if done:
+        put("Progressing", False, "InferenceServiceReady", f"{isvc} is ready")
+    else:
+        put("Progressing", True, "WaitingForInferenceService", f"waiting for {isvc} to be ready")
+    put("Degraded", False, "AsExpected", "")
+    phase: Phase = (
+        "Ready" if done else "Pending" if obs.ready in (None, "Unknown") else "Progressing"
+    )
+    base = obs.address or obs.url
+    return LLMDeploymentStatus(
+        observed_generation=generation,
+        phase=phase,
+        conditions=[Condition.model_validate(c) for c in conds],
+        selector=selector,
+        endpoint=f"{base.rstrip('/')}/v1" if base else None,
+        url=obs.url,
         effective=effective,
     ).model_dump(by_alias=True, exclude_none=True)
 
@@ -222,7 +305,10 @@ def transition_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]
     if cur.get("Ready", ("",))[0] == "True" and old.get("Ready", ("",))[0] != "True":
         events.append(Event("Normal", "Ready", by_type["Ready"]["message"]))
     if old.get("Ready", ("",))[0] == "True" and cur.get("Ready", ("",))[0] != "True":
-        events.append(Event("Warning", "NotReady", by_type["Ready"]["message"]))
+        if cur["Ready"][1] == "ScaledToZero":  # asked for (replicas 0, or idle autoscaling)
+            events.append(Event("Normal", "ScaledToZero", by_type["Ready"]["message"]))
+        else:
+            events.append(Event("Warning", "NotReady", by_type["Ready"]["message"]))
     if cur.get("Degraded", ("",))[0] == "True" and old.get("Degraded") != cur["Degraded"]:
         events.append(Event("Warning", cur["Degraded"][1], by_type["Degraded"]["message"]))
     if old.get("Degraded", ("",))[0] == "True" and cur.get("Degraded", ("",))[0] != "True":

@@ -1,7 +1,8 @@
 """Pure renderers: `LLMDeployment` -> the Kubernetes objects that run it. No API calls.
 
 `render_all` is the whole contract between the operator and `pinnace render`: the
-operator applies exactly these objects (plus an ownerReference to the resource).
+operator applies exactly these objects (plus an ownerReference to the resource), and
+removes the ones it owns that are no longer rendered (`PRUNABLE`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,46 @@ from __future__ import annotations
 from typing import Any
 
 from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.render.autoscaling import render_autoscaler
 from pinnace.operator.render.deployment import render_deployment
+from pinnace.operator.render.kserve import render_inference_service, render_serving_runtime
 from pinnace.operator.render.service import endpoint, render_service
 from pinnace.operator.render.storage import render_cache_pvc
 
-__all__ = ["endpoint", "render_all", "render_cache_pvc", "render_deployment", "render_service"]
+__all__ = [
+    "PRUNABLE",
+    "endpoint",
+    "render_all",
+    "render_autoscaler",
+    "render_cache_pvc",
+    "render_deployment",
+    "render_inference_service",
+    "render_service",
+    "render_serving_runtime",
+]
+
+# Children that go when the spec stops asking for them (switching serving.mode, dropping
+# autoscaling), all named after the resource. Never the cache PVC: it holds downloaded
+# weights, and goes with the resource itself.
+PRUNABLE = (
+    "InferenceService",
+    "ServingRuntime",
+    "HorizontalPodAutoscaler",
+    "ScaledObject",
+    "Deployment",
+    "Service",
+)
 
 
 def render_all(llmd: LLMDeployment) -> list[dict[str, Any]]:
-    """Children in apply order: the cache PVC (if any) before the pods that mount it."""
+    """Children in apply order: what others reference comes first."""
+    if llmd.spec.serving.is_kserve:
+        return [render_serving_runtime(llmd), render_inference_service(llmd)]
     pvc = render_cache_pvc(llmd)
-    return [*([pvc] if pvc else []), render_service(llmd), render_deployment(llmd)]
+    autoscaler = render_autoscaler(llmd)
+    return [
+        *([pvc] if pvc else []),
+        render_service(llmd),
+        render_deployment(llmd),
+        *([autoscaler] if autoscaler else []),
+    ]

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from kubernetes.utils import parse_quantity
 
+from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment
 from pinnace.operator.render import sources
 from pinnace.operator.status import Effective
 
 
+def uses_storage_uris(llmd: LLMDeployment) -> bool:
+    """KServe mode with adapters to fetch: every fetched URI goes into `storageUris`."""
+    return llmd.spec.serving.is_kserve and any(
+        not a.uri.startswith("file://") for a in llmd.spec.adapters
+    )
+
+
 def model_source(llmd: LLMDeployment) -> sources.Source:
     model = llmd.spec.model
+    if llmd.spec.serving.is_kserve:
+        # storageUris need one common root and no overlap: the model gets a folder of its own.
+        mount = names.KSERVE_MODEL_DIR + ("/model" if uses_storage_uris(llmd) else "")
+        return sources.resolve_kserve(model.uri, mount_path=mount, revision=model.revision)
     return sources.resolve(
         model.uri,
         slot="model",
@@ -22,6 +34,16 @@ def model_source(llmd: LLMDeployment) -> sources.Source:
 
 def adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Source]]:
     model = llmd.spec.model
+    if llmd.spec.serving.is_kserve:
+        return [
+            (
+                a.name,
+                sources.resolve_kserve(
+                    a.uri, mount_path=f"{names.KSERVE_MODEL_DIR}/adapters/{a.name}"
+                ),
+            )
+            for a in llmd.spec.adapters
+        ]
     scheme = model.uri.split("://", 1)[0]
     return [
         (

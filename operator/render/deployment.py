@@ -40,20 +40,24 @@ def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
     template = _pod_template(llmd)
     pod_hash = labels.content_hash(template)
     template["metadata"]["annotations"] = {names.ANNOTATION_POD_SPEC_HASH: pod_hash}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": labels.selector_labels(llmd)},
+        # Keep serving capacity during a rollout: bring a new pod up before one goes.
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "template": template,
+    }
+    if llmd.replicas is not None:
+        # With autoscaling the field is left out, so the HPA/KEDA is its only writer and
+        # server-side apply never puts our count back over theirs.
+        spec = {"replicas": llmd.replicas, **spec}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": labels.metadata(llmd, llmd.name),
-        "spec": {
-            "replicas": llmd.spec.replicas,
-            "selector": {"matchLabels": labels.selector_labels(llmd)},
-            # Keep serving capacity during a rollout: bring a new pod up before one goes.
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
-            "template": template,
-        },
+        "spec": spec,
     }
     return labels.stamp_applied_hash(deployment)
 
@@ -79,12 +83,12 @@ def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
         "enableServiceLinks": False,
         "securityContext": copy.deepcopy(POD_SECURITY),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "containers": [_runtime_container(llmd, [m for s in all_sources for m in s.mounts])],
+        "containers": [runtime_container(llmd, [m for s in all_sources for m in s.mounts])],
         "volumes": volumes,
     }
     if init_containers:
         pod["initContainers"] = init_containers
-    pod.update(_scheduling(llmd))
+    pod.update(scheduling(llmd))
     return {"metadata": {"labels": labels.common_labels(llmd)}, "spec": pod}
 
 
@@ -96,7 +100,7 @@ def _cache_volume(llmd: LLMDeployment) -> dict[str, Any]:
     return {"name": sources.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
 
 
-def _runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) -> dict[str, Any]:
     spec = llmd.spec
     mounts = [
         {"name": sources.CACHE_VOLUME, "mountPath": sources.CACHE_DIR},
@@ -112,7 +116,7 @@ def _runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]])
         "args": argmod.serve_args(llmd),
         "ports": [{"name": names.PORT_NAME, "containerPort": spec.serving.port, "protocol": "TCP"}],
         "env": _env(llmd),
-        "resources": _resources(llmd),
+        "resources": resources(llmd),
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
@@ -136,7 +140,7 @@ def _env(llmd: LLMDeployment) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(llmd: LLMDeployment) -> dict[str, Any]:
+def resources(llmd: LLMDeployment) -> dict[str, Any]:
     res = llmd.spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
@@ -172,7 +176,7 @@ def _probes(llmd: LLMDeployment) -> dict[str, Any]:
     }
 
 
-def _scheduling(llmd: LLMDeployment) -> dict[str, Any]:
+def scheduling(llmd: LLMDeployment) -> dict[str, Any]:
     sched = llmd.spec.scheduling
     out: dict[str, Any] = {}
     if sched.node_selector:

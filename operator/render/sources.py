@@ -31,6 +31,7 @@ class Source:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
     download: dict[str, Any] | None = None  # an init container
+    storage_uri: str | None = None  # KServe mode: what KServe's storage initializer fetches
 
 
 def resolve(
@@ -61,6 +62,16 @@ def resolve(
         dest += f"@{revision}"
     container, volumes = _downloader(scheme, rest, dest, slot, runtime_image, credentials, revision)
     return Source(path=dest, volumes=volumes, download=container)
+
+
+def resolve_kserve(uri: str, *, mount_path: str, revision: str | None = None) -> Source:
+    """KServe mode: KServe fetches (or mounts, for pvc://) the URI at `mount_path`."""
+    scheme, rest = uri.split("://", 1)
+    if scheme == "file":
+        return Source(path="/" + rest.lstrip("/"))
+    # KServe spells an hf:// revision as a suffix: hf://org/name:revision.
+    storage_uri = f"{uri}:{revision}" if revision else uri
+    return Source(path=mount_path, storage_uri=storage_uri)
 
 
 def _downloader(

@@ -36,12 +36,19 @@ from pinnace.operator.handlers import build_registry
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "pinnace.dev_llmdeployments.yaml"
+# KServe's own CRDs (shared test data, never copied into the repo); tests skip without them.
+KSERVE_CRD_DIR = REPO.parent / "shared" / "data" / "kserve-v0.20.0" / "crd"
+# No KEDA CRD is available offline: a hand-written schema of the ScaledObject fields we use.
+KEDA_CRD_PATH = Path(__file__).parent / "data" / "keda" / "scaledobjects.keda.sh.yaml"
 TEST_AGENT = "pinnace-tests"
 BUILTINS = {
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
     "v1/services": dict(kind="Service", namespaced=True, subresources={"status"}),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
+    "autoscaling/v2/horizontalpodautoscalers": dict(
+        kind="HorizontalPodAutoscaler", namespaced=True, subresources={"status"}
+    ),
     # Discovery only: kopf waits to see it exists (it never lists it with scanning disabled).
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
@@ -258,8 +265,8 @@ class Cluster:
 
     # -- kubectl-like helpers (they go through HTTP like any client) --
 
-    def apply_crd(self) -> None:
-        crd = yaml.safe_load(CRD_PATH.read_text())
+    def apply_crd(self, crd: dict[str, Any] | None = None) -> None:
+        crd = crd if crd is not None else yaml.safe_load(CRD_PATH.read_text())
         self.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
 
     def post(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -357,6 +364,67 @@ def start_operator(cluster: Cluster) -> Iterator[Any]:
     yield start
     for op in started:
         op.stop()
+
+
+def load_crd(path: Path) -> dict[str, Any]:
+    return dict(yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
+@pytest.fixture(scope="session")
+def kserve_crds() -> dict[str, dict[str, Any]]:
+    """KServe v0.20.0's InferenceService, ServingRuntime and ClusterServingRuntime CRDs."""
+    if not KSERVE_CRD_DIR.is_dir():
+        pytest.skip(f"KServe CRDs not found at {KSERVE_CRD_DIR}")
+    crds = {}
+    for plural in ("inferenceservices", "servingruntimes", "clusterservingruntimes"):
+        crd = load_crd(KSERVE_CRD_DIR / f"full_serving.kserve.io_{plural}.yaml")
+        crds[crd["spec"]["names"]["kind"]] = crd
+    return crds
+
+
+@pytest.fixture(scope="session")
+def keda_crd() -> dict[str, Any]:
+    return load_crd(KEDA_CRD_PATH)
+
+
+def pruned_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """Fields of `value` its structural schema does not declare: the API server would drop
+    them silently, so a typo in a rendered custom resource shows up here instead."""
+    if schema.get("x-kubernetes-preserve-unknown-fields") or path == "metadata":
+        return []  # object metadata is validated by the API server's own rules
+    out: list[str] = []
+    if isinstance(value, dict):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, sub in value.items():
+            where = f"{path}.{key}".lstrip(".")
+            if props is not None and key in props:
+                out += pruned_fields(props[key], sub, where)
+            elif isinstance(extra, dict):
+                out += pruned_fields(extra, sub, where)
+            else:
+                out.append(where)
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            out += pruned_fields(schema["items"], item, f"{path}[{i}]")
+    return out
+
+
+def crd_schema_errors(crd: dict[str, Any], obj: dict[str, Any]) -> list[str]:
+    """What the API server would say about `obj` given this CRD: schema errors, then fields
+    it would prune (reported here as errors: we never mean to send a field that is lost)."""
+    [version] = [v for v in crd["spec"]["versions"] if obj["apiVersion"].endswith(v["name"])]
+    schema = version["schema"]["openAPIV3Schema"]
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+        for e in jsonschema.Draft4Validator(schema).iter_errors(obj)
+    ]
+    return errors + [f"{f}: unknown field" for f in pruned_fields(schema, obj)]
+
+
+@pytest.fixture(scope="session")
+def schema_errors() -> Any:
+    """`schema_errors(crd, obj) -> list[str]`, empty when the API server would accept obj."""
+    return crd_schema_errors
 
 
 @pytest.fixture

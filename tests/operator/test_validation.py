@@ -66,7 +66,8 @@ def crd_errors(schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
         f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
         for e in validator.iter_errors(body)
     ]
-    return errors or cel_errors(schema, body)
+    # Like the API server: CEL rules see the object with schema defaults filled in.
+    return errors or cel_errors(schema, apply_defaults(schema, body))
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -85,7 +86,16 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
 
 
 def test_there_are_examples_for_each_use_case() -> None:
-    assert {p.stem for p in EXAMPLES} >= {"minimal-cpu", "gpu", "pvc-model", "adapters"}
+    assert {p.stem for p in EXAMPLES} >= {
+        "minimal-cpu",
+        "gpu",
+        "pvc-model",
+        "adapters",
+        "kserve",
+        "kserve-serverless",
+        "autoscaling",
+        "autoscaling-keda",
+    }
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
@@ -129,5 +139,7 @@ def test_every_cel_rule_has_a_broken_example(schema: dict[str, Any]) -> None:
 def test_defaults_of_the_model_are_visible_in_status_args() -> None:
     body = yaml.safe_load((REPO / "examples" / "minimal-cpu.yaml").read_text())
     llmd = parse_llmdeployment(body)
-    assert (llmd.spec.replicas, llmd.spec.engine.dtype, llmd.spec.serving.port) == (1, "auto", 8000)
+    assert (llmd.replicas, llmd.spec.engine.dtype, llmd.spec.serving.port) == (1, "auto", 8000)
+    assert llmd.spec.replicas is None  # no schema default: it would clash with autoscaling
+    assert llmd.spec.serving.mode == "Deployment" and llmd.spec.autoscaling is None
     assert llmd.spec.engine.enable_prefix_caching and llmd.spec.resources.gpu is None

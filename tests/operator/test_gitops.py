@@ -1,0 +1,152 @@
+"""GitOps: applying the same manifest again is a no-op, and the autoscaler is never a diff.
+
+The manifest is applied the way `kubectl apply --server-side` (or Argo CD / Flux) does:
+server-side apply under the test's own field manager. The real kopf operator runs against
+the API emulator; every request it makes is on record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CR = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments/qwen-autoscaled"
+DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-autoscaled"
+HPA = "/apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/qwen-autoscaled"
+CHILDREN = [
+    DEPLOYMENT,
+    HPA,
+    "/api/v1/namespaces/ml/services/qwen-autoscaled",
+    "/api/v1/namespaces/ml/persistentvolumeclaims/qwen-autoscaled-cache",
+]
+
+
+def manifest() -> dict[str, Any]:
+    return dict(yaml.safe_load((REPO / "examples" / "autoscaling.yaml").read_text()))
+
+
+def server_side_apply(cluster: Any, obj: dict[str, Any]) -> None:
+    response = cluster.http.patch(
+        CR,
+        params={"fieldManager": "argocd-controller", "force": "true"},
+        json=obj,
+        headers={"Content-Type": "application/apply-patch+yaml"},
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def settle(cluster: Any, quiet: float = 0.8) -> None:
+    """Wait until nobody has made a request for `quiet` seconds."""
+    last, since = len(cluster.requests()), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        now = len(cluster.requests())
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def operator_writes(cluster: Any, since: int) -> list[Any]:
+    return [
+        r
+        for r in cluster.requests()[since:]
+        if r.method in ("POST", "PUT", "PATCH", "DELETE")
+        and r.headers.get("User-Agent") != "pinnace-tests"
+    ]
+
+
+def versions(cluster: Any) -> dict[str, str]:
+    return {path: cluster.get(path)["metadata"]["resourceVersion"] for path in CHILDREN}
+
+
+def test_applying_the_same_manifest_twice_changes_nothing(
+    cluster: Any, start_operator: Any
+) -> None:
+    cluster.apply_crd()
+    start_operator()
+    server_side_apply(cluster, manifest())
+    wait_for(lambda: all(cluster.get(path) for path in CHILDREN))
+    wait_for(lambda: "status" in cluster.get(CR))
+    settle(cluster)
+    before, children = len(cluster.requests()), versions(cluster)
+
+    server_side_apply(cluster, manifest())  # the next sync of an unchanged repo
+    settle(cluster)
+
+    assert [f"{r.method} {r.url.path}" for r in operator_writes(cluster, before)] == []
+    assert versions(cluster) == children  # no second update to any child
+    cr = cluster.get(CR)
+    assert cr["spec"] == manifest()["spec"] and cr["metadata"]["generation"] == 1
+
+
+def test_what_the_autoscaler_does_never_shows_up_as_a_diff(
+    cluster: Any, start_operator: Any
+) -> None:
+    cluster.apply_crd()
+    start_operator()
+    server_side_apply(cluster, manifest())
+    dep = wait_for(lambda: cluster.get(DEPLOYMENT))
+    assert "replicas" not in dep["spec"]  # the operator leaves the count to the HPA
+    assert cluster.get(HPA)["spec"]["maxReplicas"] == 8
+    settle(cluster)
+    before = len(cluster.requests())
+
+    # The HPA scales the Deployment up (through the Deployment, never the LLMDeployment).
+    scaled = {"spec": {"replicas": 5}}
+    assert cluster.patch(DEPLOYMENT, scaled).status_code == 200
+    generation = cluster.get(DEPLOYMENT)["metadata"]["generation"]
+    status = {"observedGeneration": generation, "replicas": 5, "readyReplicas": 5}
+    assert cluster.patch(DEPLOYMENT + "/status", {"status": {**status, "updatedReplicas": 5}})
+    cr = wait_for(lambda: (c := cluster.get(CR)) and c["status"].get("readyReplicas") == 5 and c)
+    settle(cluster)
+
+    assert cr["status"]["phase"] == "Ready" and cr["status"]["replicas"] == 5
+    assert cluster.get(DEPLOYMENT)["spec"]["replicas"] == 5  # not put back by the operator
+    writes = {r.url.path for r in operator_writes(cluster, before)}
+    # Only the status subresource was written (and an Event: it became Ready): no child,
+    # and never the spec.
+    assert writes == {CR + "/status", "/api/v1/namespaces/ml/events"}
+    assert cr["spec"] == manifest()["spec"] and cr["metadata"]["generation"] == 1
+
+    # Scaled to zero (KEDA-style): a phase, not an error, and still no diff.
+    before = len(cluster.requests())
+    assert cluster.patch(DEPLOYMENT, {"spec": {"replicas": 0}}).status_code == 200
+    zero = {"replicas": 0, "readyReplicas": 0, "updatedReplicas": 0}
+    cluster.patch(DEPLOYMENT + "/status", {"status": zero})
+    cr = wait_for(lambda: (c := cluster.get(CR)) and c["status"]["phase"] == "ScaledToZero" and c)
+    settle(cluster)
+    writes = {r.url.path for r in operator_writes(cluster, before)}
+    assert writes == {CR + "/status", "/api/v1/namespaces/ml/events"}  # a ScaledToZero Event
+    ready = next(c for c in cr["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == ("ScaledToZero", "scaled to zero")
+
+
+def test_dropping_autoscaling_deletes_the_hpa_and_fixes_the_count(
+    cluster: Any, start_operator: Any
+) -> None:
+    cluster.apply_crd()
+    operator = start_operator()
+    server_side_apply(cluster, manifest())
+    wait_for(lambda: cluster.get(HPA))
+    edited = manifest()
+    del edited["spec"]["autoscaling"]
+    edited["spec"]["replicas"] = 2
+    server_side_apply(cluster, edited)  # SSA drops autoscaling: this manager no longer sets it
+    wait_for(lambda: cluster.get(HPA) is None)
+    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"].get("replicas") == 2 and d)
+    assert dep["metadata"]["ownerReferences"][0]["name"] == "qwen-autoscaled"
+    assert "autoscaling" not in cluster.get(CR)["spec"] and operator.alive
