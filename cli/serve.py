@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -163,8 +164,8 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
 
 
 def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
-    later.add_argument("--quantization", default=None, help="not supported yet")
-    later.add_argument("--kv-cache-dtype", default="auto", help="only 'auto'")
+    later.add_argument("--quantization", default=None, help="weight quantization method")
+    later.add_argument("--kv-cache-dtype", default="auto", help="KV cache element type")
     later.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1")
     later.add_argument("--enable-lora", action="store_true", help="not supported yet")
     later.add_argument(
@@ -185,8 +186,6 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
             f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: "
             "pinnace runs a model on one device."
         )
-    if args.kv_cache_dtype != "auto":
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r} is not supported yet.")
     if args.lora_modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora.")
     template = args.chat_template
@@ -195,6 +194,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}.")
     config = EngineConfig(
+        **_kv_cache_dtype_option(EngineConfig, args.kv_cache_dtype),
         model=model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -219,6 +219,15 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         metrics_prefixes=["pinnace", "vllm"] if args.metrics_prefix_vllm else ["pinnace"],
     )
     return config, settings
+
+
+def _kv_cache_dtype_option(config_class: type, value: str) -> dict[str, str]:
+    """Pass --kv-cache-dtype on where the engine has the option; otherwise only 'auto'."""
+    if any(f.name == "kv_cache_dtype" for f in dataclasses.fields(config_class)):
+        return {"kv_cache_dtype": value}
+    if value != "auto":
+        raise ValueError(f"--kv-cache-dtype {value!r} is not supported yet.")
+    return {}
 
 
 def _looks_like_path(value: str) -> bool:
