@@ -397,6 +397,8 @@ def pruned_fields(schema: dict[str, Any], value: Any, path: str = "") -> list[st
         props, extra = schema.get("properties"), schema.get("additionalProperties")
         for key, sub in value.items():
             where = f"{path}.{key}".lstrip(".")
+            if not path and key in ("apiVersion", "kind", "metadata"):
+                continue  # kept on every object, declared or not
             if props is not None and key in props:
                 out += pruned_fields(props[key], sub, where)
             elif isinstance(extra, dict):

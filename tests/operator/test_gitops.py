@@ -101,7 +101,7 @@ def test_what_the_autoscaler_does_never_shows_up_as_a_diff(
     server_side_apply(cluster, manifest())
     dep = wait_for(lambda: cluster.get(DEPLOYMENT))
     assert "replicas" not in dep["spec"]  # the operator leaves the count to the HPA
-    assert cluster.get(HPA)["spec"]["maxReplicas"] == 8
+    assert wait_for(lambda: cluster.get(HPA))["spec"]["maxReplicas"] == 8
     settle(cluster)
     before = len(cluster.requests())
 
