@@ -164,7 +164,7 @@ def test_adapters_are_fetched_by_kserve_under_one_root() -> None:
     ]
     args = runtime["spec"]["containers"][0]["args"]
     assert args[1] == "/mnt/models/model"
-    modules = args[args.index("--lora-modules") + 1 : args.index("--max-loras")]
+    modules = args[args.index("--lora-modules") + 1 : args.index("--max-num-batched-tokens")]
     assert modules == [f"{n}=/mnt/models/adapters/{n}" for n in ("billing", "returns", "tone")]
 
 

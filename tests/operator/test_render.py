@@ -120,13 +120,13 @@ def test_adapters_become_lora_modules_from_their_sources() -> None:
     dep = render_deployment(example("adapters"))
     args = container(dep)["args"]
     assert "--enable-lora" in args
-    modules = args[args.index("--lora-modules") + 1 : args.index("--max-loras")]
+    modules = args[args.index("--lora-modules") + 1 : args.index("--max-num-batched-tokens")]
     assert modules == [
         "billing=/cache/adapter-0/s3/models/adapters/billing",
         "returns=/cache/adapter-1/hf/acme/returns-lora",
         "tone=/mnt/adapter-2-pvc/tone",
     ]
-    assert args[-2:] == ["--max-loras", "4"]  # extraArgs go last
+    assert args[-2:] == ["--max-num-batched-tokens", "4096"]  # extraArgs go last
     inits = {c["name"]: c for c in dep["spec"]["template"]["spec"]["initContainers"]}
     assert set(inits) == {"download-model", "download-adapter-0", "download-adapter-1"}
     # s3 credentials go to the s3 downloads only, never to the hf one.
