@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,21 @@ def test_the_runtime_exports_every_series_the_autoscalers_query() -> None:
             sample = collected[signal.series]
             assert sample.labels == {"model_name": "qwen"}  # what the KEDA query selects on
     assert collected["pinnace:num_requests_waiting"].value == 5
+
+
+def test_documented_adapter_rules_serve_the_metrics_the_hpa_asks_for() -> None:
+    """docs/operator.md's prometheus-adapter rules turn each series into the HPA's name."""
+    doc = (REPO / "docs" / "operator.md").read_text()
+    section = doc[doc.index("### prometheus-adapter") :]
+    block = section[section.index("```yaml") + len("```yaml") : section.index("```\n", 10)]
+    served = set()
+    for rule in yaml.safe_load(block)["rules"]["custom"]:
+        series = re.match(r"[\w:]+", rule["seriesQuery"].strip("'"))
+        assert series is not None
+        pattern, template = rule["name"]["matches"], rule["name"]["as"]
+        match = re.match(pattern, series.group(0))
+        assert match is not None, pattern
+        served.add(template.replace("${1}", match.group(1)))
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}  # per-pod metrics
+    wanted = {s.custom_metric for s in SIGNALS.values() if s.series is not None}
+    assert served == wanted
