@@ -73,7 +73,8 @@ def _status_schema() -> dict[str, Any]:
 PRINTER_COLUMNS = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+    # Observed, not .spec.replicas: with autoscaling the spec has no count.
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -181,3 +181,18 @@ def test_notes_point_at_files_that_exist(chart: Any) -> None:
     example = yaml.safe_load((REPO / "examples" / "minimal-cpu.yaml").read_text())
     assert f"llmd/{example['metadata']['name']}" in notes
     assert f'"model": "{example["spec"]["model"]["servedName"]}"' in notes
+
+
+def test_service_monitor_scrapes_the_services_the_operator_renders(chart: Any) -> None:
+    from pinnace.operator.llmdeployment import parse_llmdeployment
+    from pinnace.operator.render import render_service
+
+    [monitor] = by_kind(render(chart, VALUES["kserve"]))["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    example = yaml.safe_load((REPO / "examples" / "autoscaling.yaml").read_text())
+    service = render_service(parse_llmdeployment(example))
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics" and monitor["spec"]["namespaceSelector"] == {"any": True}

@@ -131,3 +131,32 @@ def test_invalid_spec_is_degraded_and_rolls_nothing_out(
     before = len(cluster.requests())
     run(cluster, kube_client, path)
     assert cluster.writes(since=before) == []  # no retry storm of status writes either
+
+
+def test_switching_modes_prunes_only_owned_children(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    path = create_llmd("minimal-cpu")
+    run(cluster, kube_client, path)
+    deployment = "/apis/apps/v1/namespaces/ml/deployments/smollm2"
+    assert cluster.get(deployment) is not None
+    # A PVC-less resource going KServe: its Deployment and Service are deleted...
+    assert cluster.patch(path, {"spec": {"serving": {"mode": "KServe"}}}).status_code == 200
+    result = run(cluster, kube_client, path)
+    assert result.applied == [
+        "ServingRuntime/smollm2",
+        "InferenceService/smollm2",
+        "Deployment/smollm2",
+        "Service/smollm2",
+    ]
+    assert [e.reason for e in result.events] == ["Created", "Created", "Deleted", "Deleted"]
+    assert cluster.get(deployment) is None
+    assert cluster.get("/api/v1/namespaces/ml/services/smollm2") is None
+    # ...but a same-named object it does not own is never touched.
+    cluster.post(
+        "/apis/apps/v1/namespaces/ml/deployments",
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "smollm2"}},
+    )
+    before = len(cluster.requests())
+    assert run(cluster, kube_client, path).applied == []
+    assert cluster.writes(since=before) == [] and cluster.get(deployment) is not None
