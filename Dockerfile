@@ -79,8 +79,9 @@ COPY --from=runtime-build /opt/venv /opt/venv
 # A link into the venv (copied as a link): the file:// path examples/minimal-cpu.yaml uses.
 COPY --from=runtime-build /models /models
 # HOME and the HF cache on the volumes the operator mounts (/tmp, /cache): the root
-# filesystem is read-only in its pods.
+# filesystem is read-only in its pods. /cache also exists for a plain `docker run`.
 ENV HOME=/tmp HF_HOME=/cache/hf
+RUN mkdir -p /cache && chown 1000:1000 /cache
 USER 1000:1000
 EXPOSE 8000
 ENTRYPOINT ["pinnace"]
