@@ -382,6 +382,45 @@ def kserve_crds() -> dict[str, dict[str, Any]]:
     return crds
 
 
+def _stand_in_crd(kind: str, plural: str, version: str) -> dict[str, Any]:
+    free = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    schema = {"type": "object", "properties": {"spec": free, "status": free}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.serving.kserve.io"},
+        "spec": {
+            "group": "serving.kserve.io",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def kserve_api_crds() -> list[dict[str, Any]]:
+    """CRDs to register KServe's API in the emulator: KServe's own where present, else
+    schema-less stand-ins (for tests about requests, not about KServe's schemas)."""
+    if KSERVE_CRD_DIR.is_dir():
+        return [
+            load_crd(KSERVE_CRD_DIR / f"full_serving.kserve.io_{plural}.yaml")
+            for plural in ("inferenceservices", "servingruntimes")
+        ]
+    return [
+        _stand_in_crd("InferenceService", "inferenceservices", "v1beta1"),
+        _stand_in_crd("ServingRuntime", "servingruntimes", "v1alpha1"),
+    ]
+
+
 @pytest.fixture(scope="session")
 def keda_crd() -> dict[str, Any]:
     return load_crd(KEDA_CRD_PATH)

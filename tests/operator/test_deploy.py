@@ -118,10 +118,10 @@ def test_rbac_is_exactly_what_the_operator_uses(
     cluster: Any,
     create_llmd: Any,
     start_operator: Any,
-    kserve_crds: dict[str, Any],
+    kserve_api_crds: list[dict[str, Any]],
     keda_crd: dict[str, Any],
 ) -> None:
-    for crd in [*kserve_crds.values(), keda_crd]:
+    for crd in [*kserve_api_crds, keda_crd]:
         cluster.apply_crd(crd)
     start_operator()  # after the CRDs: kopf discovers InferenceServices once, at start
     base = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments"
