@@ -8,13 +8,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import CompletionOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pinnace.runtime.llm import LLM
 
-__all__ = ["LLM", "CompletionOutput", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "LoRARequest",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 
 def __getattr__(name: str) -> Any:

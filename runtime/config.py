@@ -31,6 +31,9 @@ class EngineConfig:
     max_logprobs: int = 20
     quantization: str | None = None
     enable_lora: bool = False
+    max_loras: int = 1  # adapters one step may use (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # adapters kept in host memory; None: max_loras
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -53,13 +56,24 @@ class EngineConfig:
             )
         if self.quantization is not None:
             raise ValueError(f"quantization {self.quantization!r} is not supported yet.")
-        if self.enable_lora:
-            raise ValueError("enable_lora is not supported yet.")
+        self._check_lora()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
         if self.chat_template is not None and os.path.isfile(self.chat_template):
             with open(self.chat_template) as f:
                 self.chat_template = f.read()
+
+    def _check_lora(self) -> None:
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        _positive("max_cpu_loras", self.max_cpu_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                f"({self.max_loras})."
+            )
 
     @property
     def resolved_max_num_batched_tokens(self) -> int:

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 
@@ -24,7 +25,8 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (vLLM's names: dtype, max_model_len,
     max_num_seqs, max_num_batched_tokens, block_size, enable_prefix_caching, seed,
-    gpu_memory_utilization, kv_cache_memory, ...).
+    gpu_memory_utilization, kv_cache_memory, enable_lora, max_loras, max_lora_rank,
+    max_cpu_loras, ...).
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
@@ -43,18 +45,26 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Returns one RequestOutput per prompt, in input order."""
+        """Returns one RequestOutput per prompt, in input order.
+
+        `lora_request`: one adapter for every prompt, or one per prompt (None: the base
+        model); the engine needs enable_lora=True.
+        """
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
+        loras = _as_lora_list(lora_request, len(prompt_list))
         # Validate everything first: a bad prompt must not leave half a batch queued.
         resolved = [_unpack(p) for p in prompt_list]
         engine = self.llm_engine
         for prompt, sp in zip(resolved, params, strict=True):
             engine.validate(engine.tokenize(prompt), sp)
+        for adapter in dict.fromkeys(r for r in loras if r is not None):
+            engine.add_lora(adapter)  # reads and checks the adapter once, up front
         ids = [f"gen-{next(self._counter)}" for _ in resolved]
-        for req_id, prompt, sp in zip(ids, resolved, params, strict=True):
-            engine.add_request(req_id, prompt, sp)
+        for req_id, prompt, sp, lora in zip(ids, resolved, params, loras, strict=True):
+            engine.add_request(req_id, prompt, sp, lora_request=lora)
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -64,6 +74,7 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation, then generate."""
         if not messages:
@@ -72,7 +83,7 @@ class LLM:
         prompts: list[Prompt] = [
             self.apply_chat_template(c, chat_template, add_generation_prompt) for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(
         self,
@@ -136,6 +147,17 @@ def _unpack(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt
     raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt)}.")
+
+
+def _as_lora_list(
+    lora: LoRARequest | Sequence[LoRARequest | None] | None, num: int
+) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * num
+    loras = list(lora)
+    if len(loras) != num:
+        raise ValueError(f"got {len(loras)} LoRA requests for {num} prompts.")
+    return loras
 
 
 def _as_params_list(

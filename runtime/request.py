@@ -54,7 +54,8 @@ class Request:
     max_tokens: int = 16  # resolved: never None here
     # Keys the prefix cache so different LoRA adapters (or salts) never share KV blocks.
     cache_salt: str | None = None
-    lora_id: int = 0
+    lora_id: int = 0  # the engine's key of the request's adapter; 0: the base model
+    lora_name: str | None = None  # for stats
     arrival_time: float = field(default_factory=time.monotonic)
 
     status: RequestStatus = RequestStatus.WAITING

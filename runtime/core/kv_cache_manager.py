@@ -37,7 +37,7 @@ class KVCacheManager:
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
             tokens = request.all_token_ids[start : start + size]
-            hashes.append(hash_block(parent, tokens, request.cache_salt))
+            hashes.append(hash_block(parent, tokens, _extra_key(request)))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a new request, as blocks and a token count.
@@ -110,3 +110,11 @@ class KVCacheManager:
         """Release a request's blocks, tail first so its tail is evicted first."""
         table = self._tables.pop(request.req_id, [])
         self.pool.free(list(reversed(table)))
+
+
+def _extra_key(request: Request) -> object:
+    """What besides the tokens decides a block's KV: the cache salt and the LoRA adapter
+    (its engine key is never reused, so no adapter hits another's or the base's blocks)."""
+    if request.lora_id:
+        return (request.cache_salt, request.lora_id)
+    return request.cache_salt

@@ -20,7 +20,7 @@ class ScheduledRequest:
     needs_sample: bool
     # Output tokens so far: sampling penalties and seeded generators need the history.
     num_output_tokens: int = 0
-    lora_id: int = 0
+    lora_id: int = 0  # the engine's key of the adapter (see LoRAManager); 0: base model
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -68,6 +68,9 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    # Adapter name -> requests (vLLM's running/waiting_lora_adapters); empty without LoRA.
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

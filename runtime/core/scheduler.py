@@ -5,11 +5,17 @@ an unfinished prefill), then waiting requests while budget, sequence slots and K
 last. When a running request cannot get a block, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the front of the queue to
 be recomputed later (its prefix blocks often survive in the prefix cache).
+
+LoRA: running requests never use more distinct adapters than `max_loras` (the device
+slots), so neither does any step. A waiting request whose adapter would need one more
+slot is passed over and keeps its place; the requests behind it are still admitted in
+order if they fit (vLLM's rule).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import (
@@ -29,6 +35,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        max_loras: int = 0,  # 0: LoRA off (every request runs the base model)
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1.")
@@ -36,6 +43,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.max_loras = max_loras
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -47,6 +55,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.req_id in self.requests:
             raise ValueError(f"request id {request.req_id!r} is already in use.")
+        if request.lora_id and self.max_loras < 1:
+            raise ValueError("this scheduler runs without LoRA (max_loras=0).")
         self.requests[request.req_id] = request
         self.waiting.append(request)
 
@@ -114,8 +124,13 @@ class Scheduler:
         out.preempted_req_ids.add(request.req_id)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        loras = {r.lora_id for r in self.running if r.lora_id}
+        passed_over: list[Request] = []  # no free adapter slot: they keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.lora_id and request.lora_id not in loras and len(loras) >= self.max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, blocks):
@@ -129,6 +144,9 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+            if request.lora_id:
+                loras.add(request.lora_id)
+        self.waiting.extendleft(reversed(passed_over))
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -197,4 +215,15 @@ class Scheduler:
             prefix_cache_queries=self.kv.pool.num_queries,
             prefix_cache_hits=self.kv.pool.num_hits,
             num_preemptions=self.num_preemptions,
+            running_lora_adapters=_count_adapters(self.running) if self.max_loras else {},
+            waiting_lora_adapters=_count_adapters(self.waiting) if self.max_loras else {},
         )
+
+
+def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:
+    """Adapter name -> requests using it."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_name is not None:
+            counts[request.lora_name] = counts.get(request.lora_name, 0) + 1
+    return counts

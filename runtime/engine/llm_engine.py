@@ -13,6 +13,9 @@ from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.core.scheduler import Scheduler
 from pinnace.runtime.engine.request_state import RequestState
 from pinnace.runtime.engine.setup import EngineParts, build_engine_parts
+from pinnace.runtime.lora.adapter import LoRAAdapter
+from pinnace.runtime.lora.manager import LoRAManager
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.request import Request, RequestStatus
 from pinnace.runtime.sampling_params import SamplingParams
@@ -36,10 +39,23 @@ class LLMEngine:
             config.max_num_seqs,
             config.resolved_max_num_batched_tokens,
             self.max_model_len,
+            max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.runner = parts.runner
         self._states: dict[str, RequestState] = {}  # by user request id
         self._child_to_parent: dict[str, str] = {}
+        self.lora: LoRAManager | None = None
+        self._lora_keys: dict[str, int] = {}  # user request id -> its adapter's key
+        if config.enable_lora:
+            self.lora = LoRAManager(
+                self.runner.model,
+                config.max_loras,
+                config.max_lora_rank,
+                config.max_cpu_loras or config.max_loras,
+                parts.dtype,
+                parts.device,
+            )
+            self.runner.lora = self.lora
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -79,11 +95,17 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
+        """Queue a request; with `lora_request` it runs with that adapter (registered and
+        read from its folder first if the engine does not hold it yet)."""
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use.")
         prompt_ids = self.tokenize(prompt)
         max_tokens = self.validate(prompt_ids, params)
+        lora_key = self._acquire_lora(lora_request)
+        if lora_key:
+            self._lora_keys[request_id] = lora_key
         text = prompt if isinstance(prompt, str) else None
         state = RequestState(request_id, text, prompt_ids, params, self.tokenizer)
         self._states[request_id] = state
@@ -99,6 +121,8 @@ class LLMEngine:
                     eos_token_ids=self.eos_token_ids,
                     max_tokens=max_tokens,
                     cache_salt=cache_salt,
+                    lora_id=lora_key,
+                    lora_name=lora_request.lora_name if lora_request else None,
                     arrival_time=now,
                 )
             )
@@ -111,6 +135,7 @@ class LLMEngine:
             for child_id in state.child_ids:
                 self._child_to_parent.pop(child_id, None)
             self.scheduler.finish_requests(state.child_ids, RequestStatus.FINISHED_ABORTED)
+            self._release_lora(request_id)
 
     # -- the step -------------------------------------------------------------------------
 
@@ -140,10 +165,47 @@ class LLMEngine:
                 del self._states[request_id]
                 for child_id in state.child_ids:
                     self._child_to_parent.pop(child_id, None)
+                self._release_lora(request_id)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    # -- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ------------------------
+
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter folder without registering it; safe from any thread.
+
+        ValueError when it does not fit this model, FileNotFoundError when it is missing.
+        """
+        return self._require_lora().load(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Register an adapter (`adapter`: its `load_lora`, read here when None); False if
+        its id is registered already."""
+        return self._require_lora().add(lora_request, adapter)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unregister an adapter by id: new requests can't use it; running ones finish."""
+        return self._require_lora().remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return {r.lora_int_id for r in self.lora.list_loras()} if self.lora else set()
+
+    def _require_lora(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True.")
+        return self.lora
+
+    def _acquire_lora(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        return self._require_lora().acquire(lora_request)
+
+    def _release_lora(self, request_id: str) -> None:
+        key = self._lora_keys.pop(request_id, None)
+        if key is not None and self.lora is not None:
+            self.lora.release(key)
 
     def num_unfinished_requests(self) -> int:
         return len(self._states)

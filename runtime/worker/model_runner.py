@@ -12,6 +12,8 @@ import torch
 from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
+from pinnace.runtime.lora.context import lora_batch_context
+from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow
 from torch import nn
 
@@ -32,6 +34,7 @@ class ModelRunner:
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        self.lora: LoRAManager | None = None  # set by the engine when LoRA is enabled
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -41,7 +44,8 @@ class ModelRunner:
         input_ids, positions, layout, sample_idx = self._prepare(sched)
         metadata = self.backend.build_metadata(layout)
         ctx = ForwardContext(self.backend, metadata, self.kv_caches)
-        with forward_context(ctx):
+        lora_batch = self.lora.prepare(sched.scheduled) if self.lora is not None else None
+        with forward_context(ctx), lora_batch_context(lora_batch):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         out = ModelRunnerOutput()
         if not sample_idx:

@@ -1,0 +1,99 @@
+"""LoRALinear: a model's projection plus the low-rank deltas of the step's adapters.
+
+Wraps whatever module computes the projection (nn.Linear, a packed bf16 or a quantized
+linear): the base output is computed once for all tokens, then for each adapter slot in
+the step its tokens' rows get `(x @ a.T) @ bt` added (adapter.py has the packed layout).
+No adapter weight is ever merged into the base weights.
+
+Device tensors per wrapped module, one row block per slot:
+
+    lora_a:  [max_loras, max_k, in]    max_k = parts * max_lora_rank
+    lora_bt: [max_loras, max_k, out]   slot s uses rows [0, k_s) of both; k_s = 0: empty
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pinnace.runtime.lora.context import current_lora_batch
+from pinnace.runtime.lora.targets import LoRAModelSpec, TargetModule
+
+
+class LoRALinear(nn.Module):
+    lora_a: torch.Tensor
+    lora_bt: torch.Tensor
+
+    def __init__(
+        self,
+        base: nn.Module,
+        target: TargetModule,
+        max_loras: int,
+        max_lora_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.target = target
+        max_k = len(target.parts) * max_lora_rank
+        shape_a = (max_loras, max_k, target.in_features)
+        shape_bt = (max_loras, max_k, target.out_features)
+        self.register_buffer("lora_a", torch.zeros(shape_a, dtype=dtype, device=device), False)
+        self.register_buffer("lora_bt", torch.zeros(shape_bt, dtype=dtype, device=device), False)
+        self.slot_k = [0] * max_loras  # rows in use per slot (host side: no device sync)
+
+    def set_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Load one adapter's packed (a, bt) into a slot; None: it does not target us."""
+        if weights is None:
+            self.slot_k[slot] = 0
+            return
+        a, bt = weights
+        k = a.shape[0]
+        self.lora_a[slot, :k].copy_(a, non_blocking=True)
+        self.lora_bt[slot, :k].copy_(bt, non_blocking=True)
+        self.slot_k[slot] = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # [T, out]
+        batch = current_lora_batch()
+        if batch is None:
+            return out
+        for slot, rows in batch.groups:
+            k = self.slot_k[slot]
+            if k == 0:
+                continue
+            xs = x if rows is None else x.index_select(0, rows)  # [n, in]
+            delta = F.linear(xs, self.lora_a[slot, :k]) @ self.lora_bt[slot, :k]  # [n, out]
+            if rows is None:
+                out.add_(delta)
+            else:
+                out.index_add_(0, rows, delta)
+        return out
+
+
+def install_lora_layers(
+    model: nn.Module,
+    spec: LoRAModelSpec,
+    max_loras: int,
+    max_lora_rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[tuple[int, str], LoRALinear]:
+    """Wrap every target module of every decoder layer in place (after weight loading, so
+    packing and quantization have already replaced the base linears); returns them by
+    (layer, module path)."""
+    layers = model.model.layers  # type: ignore[union-attr]
+    wrapped: dict[tuple[int, str], LoRALinear] = {}
+    for i, layer in enumerate(layers):  # type: ignore[arg-type]
+        for target in spec.modules:
+            block_name, attr = target.path.split(".")
+            block = getattr(layer, block_name)
+            base = getattr(block, attr)
+            if isinstance(base, LoRALinear):
+                raise RuntimeError("LoRA layers are already installed on this model.")
+            lora = LoRALinear(base, target, max_loras, max_lora_rank, dtype, device)
+            setattr(block, attr, lora)
+            wrapped[(i, target.path)] = lora
+    return wrapped
