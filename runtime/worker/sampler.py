@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from pinnace.runtime.core.outputs import Logprobs
 from pinnace.runtime.sampling_params import SamplingParams
 

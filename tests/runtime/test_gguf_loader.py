@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 from pinnace.runtime.models.gguf_loader import (
     SUPPORTED_TENSOR_TYPES,
     GGUFCheckpoint,
     is_gguf,
     load_gguf,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # ---------------------------------------------------------------------------------------------
 # Tiny checkpoints written with the gguf writer
