@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pinnace.runtime.config import EngineConfig
@@ -73,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_http_flags(p.add_argument_group("HTTP"))
     _add_engine_flags(p.add_argument_group("engine"))
+    _add_lora_flags(p.add_argument_group("LoRA adapters"))
     _add_compat_flags(p.add_argument_group("accepted as in vLLM; unsupported values fail"))
     p.set_defaults(func=run)
 
@@ -167,9 +169,58 @@ def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
     later.add_argument("--quantization", default=None, help="weight quantization method")
     later.add_argument("--kv-cache-dtype", default="auto", help="KV cache element type")
     later.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1")
-    later.add_argument("--enable-lora", action="store_true", help="not supported yet")
-    later.add_argument(
-        "--lora-modules", nargs="+", default=None, metavar="NAME=PATH", help="not supported yet"
+
+
+def _add_lora_flags(lora: argparse._ArgumentGroup) -> None:
+    lora.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve PEFT LoRA adapters (also loaded at run time: POST /v1/load_lora_adapter)",
+    )
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help='adapters served from the start, as name=path or \'{"name": ..., "path": ...}\'',
+    )
+    lora.add_argument(
+        "--max-loras", type=int, default=1, help="adapters one batch may mix (device slots)"
+    )
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank")
+    lora.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in host memory; --max-loras when not given",
+    )
+
+
+def parse_lora_modules(values: list[str] | None) -> dict[str, str]:
+    """`name=path` or vLLM's JSON form `{"name": ..., "path": ...}` -> {name: path}."""
+    modules: dict[str, str] = {}
+    for value in values or []:
+        name, path = _lora_module(value)
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice.")
+        modules[name] = path
+    return modules
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    if value.lstrip().startswith("{"):
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("name") and obj.get("path"):
+            return str(obj["name"]), str(obj["path"])
+    else:
+        name, sep, path = value.partition("=")
+        if sep and name and path:
+            return name, path
+    raise ValueError(
+        f"--lora-modules {value!r} is not NAME=PATH or a JSON object with name and path."
     )
 
 
@@ -188,6 +239,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         )
     if args.lora_modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora.")
+    lora_modules = parse_lora_modules(args.lora_modules)
     template = args.chat_template
     if template is not None and _looks_like_path(template) and not os.path.isfile(template):
         raise FileNotFoundError(f"--chat-template file {template!r} does not exist.")
@@ -211,17 +263,21 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         max_logprobs=args.max_logprobs,
         quantization=args.quantization,
         enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
     settings = ServerSettings(
         served_model_names=args.served_model_name or [default_served_name(model)],
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_waiting_requests=args.max_waiting_requests,
         metrics_prefixes=["pinnace", "vllm"] if args.metrics_prefix_vllm else ["pinnace"],
+        lora_modules=lora_modules,
     )
     return config, settings
 
 
-def _kv_cache_dtype_option(config_class: type, value: str) -> dict[str, str]:
+def _kv_cache_dtype_option(config_class: type, value: str) -> dict[str, Any]:
     """Pass --kv-cache-dtype on where the engine has the option; otherwise only 'auto'."""
     if any(f.name == "kv_cache_dtype" for f in dataclasses.fields(config_class)):
         return {"kv_cache_dtype": value}

@@ -9,6 +9,8 @@ LLMEngine is not thread-safe, so every engine call happens on one dedicated thre
     stream.queue  <-- call_soon_threadsafe(deliver, outputs)
     leaving `async with` unfinished
                -> inbox.put(Abort) ---->  abort_request: KV blocks freed before next step
+    add_lora() reads the folder in a worker thread, then
+               -> inbox.put(Call) ----->  add_lora / remove_lora between two steps
 
 Torch releases the GIL during compute, so the event loop keeps serving while a step runs.
 Tokenizing and validating (`validate`) only read the tokenizer and the config, so the
@@ -25,12 +27,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
 from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 
@@ -93,6 +96,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -100,11 +104,19 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    """Run `fn(engine)` on the engine thread; its result or exception resolves `future`."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any]
+
+
 class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _Stop
+_Command = _Add | _Abort | _Call | _Stop
 
 
 class AsyncLLMEngine:
@@ -192,6 +204,7 @@ class AsyncLLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestStream]:
         """Queue a request and yield its stream; leaving the block unfinished aborts it.
 
@@ -204,7 +217,7 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, len(prompt_token_ids))
         self._streams[request_id] = stream
         self._num_sent_adds += params.n
-        self._inbox.put(_Add(stream, prompt_token_ids, params, cache_salt))
+        self._inbox.put(_Add(stream, prompt_token_ids, params, cache_salt, lora_request))
         try:
             yield stream
         finally:
@@ -215,6 +228,26 @@ class AsyncLLMEngine:
                 if self.observer is not None:
                     self.observer.on_finish(stream, "abort")
             self._streams.pop(request_id, None)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter off the event loop, then register it between two
+        steps; False if its id is registered already. ValueError: it does not fit the
+        model; FileNotFoundError: no adapter at its path."""
+        self.check_health()
+        adapter = await asyncio.to_thread(self.engine.load_lora, lora_request)
+        result: bool = await self._call(lambda engine: engine.add_lora(lora_request, adapter))
+        return result
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Unregister an adapter; requests already running with it finish with it."""
+        self.check_health()
+        result: bool = await self._call(lambda engine: engine.remove_lora(lora_id))
+        return result
+
+    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Call(fn, future))
+        return await future
 
     def check_queue_room(self, num_new: int) -> None:
         """Raises QueueFullError if `num_new` more requests would pass the waiting limit."""
@@ -310,16 +343,31 @@ class AsyncLLMEngine:
                 self.engine.abort_request([command.request_id])
                 active.discard(command.request_id)
                 continue
+            if isinstance(command, _Call):
+                self._run_call(command)
+                continue
             self._add(command, active)
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result = call.fn(self.engine)
+        except Exception as exc:
+            self._call_soon(_resolve, call.future, None, exc)
+        else:
+            self._call_soon(_resolve, call.future, result, None)
 
     def _add(self, command: _Add, active: set[str]) -> None:
         stream = command.stream
         try:
             self.engine.add_request(
-                stream.request_id, command.prompt_token_ids, command.params, command.cache_salt
+                stream.request_id,
+                command.prompt_token_ids,
+                command.params,
+                command.cache_salt,
+                command.lora_request,
             )
             active.add(stream.request_id)
-        except ValueError as exc:
+        except (ValueError, FileNotFoundError) as exc:  # e.g. an adapter folder gone
             self._call_soon(self._fail, [stream.request_id], exc)
         finally:
             self._num_applied_adds += command.params.n
@@ -350,3 +398,12 @@ class AsyncLLMEngine:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(fn, *args)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

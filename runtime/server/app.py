@@ -31,6 +31,8 @@ class ServerSettings:
     max_waiting_requests: int | None = None
     # Metric name prefixes: "pinnace", and "vllm" for dashboards built for vLLM.
     metrics_prefixes: list[str] = field(default_factory=lambda: ["pinnace"])
+    # LoRA adapters served from the start (`--lora-modules`): name -> PEFT folder.
+    lora_modules: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -41,17 +43,28 @@ class ServerSettings:
             raise ValueError(
                 f"max_waiting_requests must be at least 1, got {self.max_waiting_requests}."
             )
+        for name, path in self.lora_modules.items():
+            if not name or not path:
+                raise ValueError(f"a LoRA module needs a name and a path, got {name!r}={path!r}.")
+            if name in self.served_model_names:
+                raise ValueError(f"LoRA module name {name!r} is the base model's served name.")
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     """An ASGI app serving `engine`; its engine thread runs while the app's lifespan does."""
+    config = engine.config
+    if settings.lora_modules and not config.enable_lora:
+        raise ValueError("LoRA modules need an engine started with enable_lora (--enable-lora).")
     metrics = ServingMetrics(
         settings.served_model_names[0],
         lambda: async_engine.stats(),
         settings.metrics_prefixes,
+        max_loras=config.max_loras if config.enable_lora else None,
     )
     async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
-    ctx = ServerContext(async_engine, settings.served_model_names, engine.config.model)
+    ctx = ServerContext(async_engine, settings.served_model_names, config.model, config.enable_lora)
+    for name, path in settings.lora_modules.items():
+        ctx.adapters.add_at_startup(name, path)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

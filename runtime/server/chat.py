@@ -79,7 +79,8 @@ def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatJob:
     ids = ctx.prepare(ids, params, param="messages")
     request_id = ctx.new_id("chatcmpl")
     num_top = (req.top_logprobs or 0) if req.logprobs else None
-    return ChatJob(request_id, model, params, EngineRequest(request_id, ids, params), num_top)
+    request = EngineRequest(request_id, ids, params, ctx.lora_for(model))
+    return ChatJob(request_id, model, params, request, num_top)
 
 
 async def create_chat_completion(

@@ -67,7 +67,7 @@ def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> Completion
     prompts = prompt_list(req.prompt)
     request_id = ctx.new_id("cmpl")
     requests = [
-        EngineRequest(f"{request_id}-{i}", ctx.prepare(p, params), params)
+        EngineRequest(f"{request_id}-{i}", ctx.prepare(p, params), params, ctx.lora_for(model))
         for i, p in enumerate(prompts)
     ]
     echo = None

@@ -39,12 +39,14 @@ class APIError(Exception):
         message: str,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        kind: str | None = None,  # the OpenAI body's `type`; None: the status's usual one
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
+        self.kind = kind
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -61,10 +63,12 @@ def is_kserve_path(path: str) -> bool:
     return path.startswith("/v2") or path.endswith(":predict")
 
 
-def error_body(path: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    path: str, status: int, message: str, param: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
     if is_kserve_path(path):
         return {"error": message}
-    kind = _ERROR_TYPES.get(status, HTTPStatus(status).phrase.replace(" ", ""))
+    kind = kind or _ERROR_TYPES.get(status, HTTPStatus(status).phrase.replace(" ", ""))
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
@@ -74,8 +78,9 @@ def error_response(
     message: str,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
+    kind: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(path, status, message, param), status, headers=headers)
+    return JSONResponse(error_body(path, status, message, param, kind), status, headers=headers)
 
 
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
@@ -111,7 +116,8 @@ def _is_type_tag(loc: str) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.headers)
+        path = request.url.path
+        return error_response(path, exc.status, exc.message, exc.param, exc.headers, exc.kind)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -43,8 +43,14 @@ def parse_options(values: dict[str, Any] | None, where: str = "parameters") -> K
 
 
 def engine_request(
-    ctx: ServerContext, request_id: str, text: str, options: KServeOptions, param: str
+    ctx: ServerContext,
+    request_id: str,
+    text: str,
+    options: KServeOptions,
+    param: str,
+    model: str,
 ) -> EngineRequest:
+    """`model`: a served name, resolved already (an adapter's name runs that adapter)."""
     tokenizer = ctx.engine.tokenizer
     use_template = options.apply_chat_template
     if use_template is None:
@@ -53,4 +59,4 @@ def engine_request(
     if use_template:
         prompt = render_chat(tokenizer, [{"role": "user", "content": text}])
     ids = ctx.prepare(prompt, options.params, param)
-    return EngineRequest(request_id, ids, options.params)
+    return EngineRequest(request_id, ids, options.params, ctx.lora_for(model))

@@ -21,8 +21,8 @@ def build_v1_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/models/{name:path}:predict")
     async def predict(name: str, body: V1PredictRequest, raw: Request) -> Response:
-        if name not in ctx.model_names:
-            raise APIError(404, f"model {name!r} is not served here; it serves {ctx.model_names}.")
+        if name not in ctx.model_names and ctx.lora_for(name) is None:
+            raise APIError(404, f"model {name!r} is not served here; it serves {ctx.served()}.")
         if not body.instances:
             raise APIError(400, "instances must not be empty.", "instances")
         request_id = ctx.new_id("predict")
@@ -31,7 +31,8 @@ def build_v1_router(ctx: ServerContext) -> APIRouter:
             prompt, values = _instance(instance, body.parameters)
             options = parse_options(values, f"instances[{i}]")
             where = f"instances[{i}]"
-            requests.append(engine_request(ctx, f"{request_id}-{i}", prompt, options, where))
+            request = engine_request(ctx, f"{request_id}-{i}", prompt, options, where, name)
+            requests.append(request)
         ctx.check_room(len(requests))
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):

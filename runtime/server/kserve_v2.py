@@ -50,8 +50,9 @@ def _json(model: Any, status: int = 200) -> JSONResponse:
 def resolve(ctx: ServerContext, name: str) -> tuple[str, str | None]:
     """(model name, version or None); 404 if this server does not serve it."""
     model, sep, version = name.partition("/versions/")
-    if model not in ctx.model_names or (sep and version != MODEL_VERSION):
-        raise APIError(404, f"model {name!r} is not served here; it serves {ctx.model_names}.")
+    served = model in ctx.model_names or ctx.lora_for(model) is not None
+    if not served or (sep and version != MODEL_VERSION):
+        raise APIError(404, f"model {name!r} is not served here; it serves {ctx.served()}.")
     return model, version if sep else None
 
 
@@ -148,7 +149,7 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
         model, version = resolve(ctx, name)
         options = parse_options(body.parameters)
         prompts, shape = text_prompts(body)
-        requests = _engine_requests(ctx, "infer", prompts, options)
+        requests = _engine_requests(ctx, "infer", prompts, options, model)
         ctx.check_room(len(requests))
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
@@ -163,7 +164,7 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
         options = parse_options(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], options)
+        requests = _engine_requests(ctx, "generate", [body.text_input], options, model)
         ctx.check_room(1)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
@@ -183,7 +184,7 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     async def generate_stream(name: str, body: V2GenerateRequest) -> Response:
         model, version = resolve(ctx, name)
         options = parse_options(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], options)
+        requests = _engine_requests(ctx, "generate", [body.text_input], options, model)
         ctx.check_room(1)
         events = _stream_events(ctx, requests, model, version, body.id)
         return StreamingResponse(events, media_type="text/event-stream")
@@ -198,11 +199,11 @@ def _ready_response(ctx: ServerContext, body: dict[str, Any]) -> JSONResponse:
 
 
 def _engine_requests(
-    ctx: ServerContext, kind: str, prompts: list[str], options: KServeOptions
+    ctx: ServerContext, kind: str, prompts: list[str], options: KServeOptions, model: str
 ) -> list[EngineRequest]:
     request_id = ctx.new_id(kind)
     return [
-        engine_request(ctx, f"{request_id}-{i}", p, options, TEXT_INPUT)
+        engine_request(ctx, f"{request_id}-{i}", p, options, TEXT_INPUT, model)
         for i, p in enumerate(prompts)
     ]
 

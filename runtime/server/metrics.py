@@ -33,11 +33,16 @@ class _SchedulerCollector(Collector):
     """Gauges and cumulative counters straight from the scheduler's stats."""
 
     def __init__(
-        self, prefixes: Sequence[str], model_name: str, stats: Callable[[], SchedulerStats]
+        self,
+        prefixes: Sequence[str],
+        model_name: str,
+        stats: Callable[[], SchedulerStats],
+        max_loras: int | None = None,
     ) -> None:
         self.prefixes = prefixes
         self.model_name = model_name
         self.stats = stats
+        self.max_loras = max_loras  # None: LoRA off, no lora_requests_info
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
@@ -66,6 +71,20 @@ class _SchedulerCollector(Collector):
             yield self._counter(
                 f"{p}:num_preemptions", "Requests preempted to free KV cache.", s.num_preemptions
             )
+            if self.max_loras is not None:
+                yield self._lora_info(p, s)
+
+    def _lora_info(self, prefix: str, s: SchedulerStats) -> Metric:
+        """vLLM's lora_requests_info: the adapters in use as labels, the time as value."""
+        family = GaugeMetricFamily(
+            f"{prefix}:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+        )
+        waiting = ",".join(sorted(s.waiting_lora_adapters))
+        running = ",".join(sorted(s.running_lora_adapters))
+        family.add_metric([str(self.max_loras), waiting, running], time.time())
+        return family
 
     def _gauge(self, name: str, doc: str, value: float) -> Metric:
         family = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -105,11 +124,12 @@ class ServingMetrics:
         model_name: str,
         stats: Callable[[], SchedulerStats],
         prefixes: Sequence[str] = ("pinnace",),
+        max_loras: int | None = None,
     ) -> None:
         self.model_name = model_name
         self.prefixes = list(prefixes)
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerCollector(prefixes, model_name, stats))
+        self.registry.register(_SchedulerCollector(prefixes, model_name, stats, max_loras))
         self.prompt_tokens = self._counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
         success = [

@@ -111,9 +111,25 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pinnace"
     root: str | None = None
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
     name: str | None = None
     ready: bool | None = None
+
+
+class LoadLoRAAdapterRequest(RequestModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # replace an adapter of that name (else: 400)
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """POST /v1/unload_lora_adapter (vLLM's body; the name decides, the id is ignored)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -17,10 +17,12 @@ from pinnace.runtime.server.openai_protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from pinnace.runtime.server.serving import ServerContext, server_version
 
@@ -33,6 +35,9 @@ def build_openai_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(tags=["openai"])
 
     def card(name: str) -> ModelCard:
+        lora = ctx.lora_for(name)
+        if lora is not None:  # vLLM's adapter card: its folder as root, the base as parent
+            return ModelCard(id=name, root=lora.lora_path, parent=ctx.model_name)
         return ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.engine.max_model_len)
 
     @router.get("/health")
@@ -49,7 +54,7 @@ def build_openai_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> JSONResponse:
-        models = ModelList(data=[card(n) for n in ctx.model_names])
+        models = ModelList(data=[card(n) for n in ctx.served()])
         return JSONResponse(models.model_dump(exclude_none=True))
 
     @router.get("/v1/models/{name:path}")
@@ -58,6 +63,15 @@ def build_openai_router(ctx: ServerContext) -> APIRouter:
         ready = ctx.engine.is_running
         body = card(name).model_copy(update={"name": name, "ready": ready})
         return JSONResponse(body.model_dump(exclude_none=True), 200 if ready else 503)
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        text = await ctx.adapters.load(body.lora_name, body.lora_path, body.load_inplace)
+        return Response(text, 200)  # plain text, as vLLM answers
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        return Response(await ctx.adapters.unload(body.lora_name), 200)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:

@@ -21,8 +21,10 @@ from pinnace.runtime.engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.adapters import ServedAdapters
 from pinnace.runtime.server.errors import APIError, bad_request, error_body
 
 T = TypeVar("T")
@@ -36,29 +38,46 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora_request: LoRARequest | None = None
 
 
 class ServerContext:
-    """The served model and its engine, shared by the OpenAI and KServe routes."""
+    """The served model, its LoRA adapters and its engine, shared by every route."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_names: list[str], model_path: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        model_names: list[str],
+        model_path: str,
+        enable_lora: bool = False,
+    ) -> None:
         if not model_names:
             raise ValueError("at least one served model name is needed.")
         self.engine = engine
         self.model_names = model_names
         self.model_path = model_path
+        self.adapters = ServedAdapters(engine, model_names, enable_lora)
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
 
     def resolve_model(self, name: str | None) -> str:
-        """The name to answer with; 404 for a model this server does not serve."""
+        """The name to answer with (a base model or an adapter name); 404 for a model this
+        server does not serve."""
         if name is None or name == "":
             return self.model_name
-        if name not in self.model_names:
+        if name not in self.model_names and self.adapters.get(name) is None:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
         return name
+
+    def served(self) -> list[str]:
+        """Every name a request may use: the base model's names, then the adapters'."""
+        return [*self.model_names, *self.adapters.by_name]
+
+    def lora_for(self, model: str) -> LoRARequest | None:
+        """The adapter a resolved model name runs with (None: the base model)."""
+        return self.adapters.get(model)
 
     @staticmethod
     def new_id(prefix: str) -> str:
@@ -99,7 +118,12 @@ class ServerContext:
             async with contextlib.AsyncExitStack() as stack:
                 streams = [
                     await stack.enter_async_context(
-                        self.engine.generate(r.request_id, r.prompt_token_ids, r.params)
+                        self.engine.generate(
+                            r.request_id,
+                            r.prompt_token_ids,
+                            r.params,
+                            lora_request=r.lora_request,
+                        )
                     )
                     for r in requests
                 ]
@@ -123,6 +147,8 @@ def engine_errors() -> Iterator[None]:
         raise APIError(500, str(exc)) from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
+    except FileNotFoundError as exc:  # an adapter's folder vanished after it was loaded
+        raise APIError(404, str(exc)) from exc
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:

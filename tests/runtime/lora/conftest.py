@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +107,71 @@ def peft_reference(
         model.set_adapter(name)
         refs[name] = [hf_greedy(model, p, NEW_TOKENS) for p in lora_prompts]
     return refs
+
+
+@pytest.fixture(scope="session")
+def bad_adapter_dirs(lora_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters the engine must refuse, by what is wrong with them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("bad-adapters")
+    out = {
+        "rank": save_peft_adapter(lora_base, root / "rank", 0, r=32, target_modules=["q_proj"]),
+        "embed": save_peft_adapter(
+            lora_base, root / "embed", 0, r=4, target_modules=["embed_tokens", "q_proj"]
+        ),
+        "dora": save_peft_adapter(
+            lora_base, root / "dora", 0, r=4, use_dora=True, target_modules=["q_proj"]
+        ),
+    }
+    # Made for another base model (hidden size 32, not 64).
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1000, num_hidden_layers=2, **small))
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(other, config).save_pretrained(root / "shape")
+    out["shape"] = root / "shape"
+    (root / "empty").mkdir()
+    out["empty"] = root / "empty"
+    return out
+
+
+class ServerThread:
+    """A `build_app` server on an ephemeral 127.0.0.1 port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="session")
+def start_lora_server() -> Callable[..., ServerThread]:
+    """start_lora_server(model, settings, **engine options) -> a started ServerThread."""
+    from pinnace.runtime.config import EngineConfig
+    from pinnace.runtime.engine.llm_engine import LLMEngine
+    from pinnace.runtime.server.app import ServerSettings, build_app
+
+    def start(model: Path, settings: dict[str, Any], **options: Any) -> ServerThread:
+        options = {"dtype": "float32", "kv_cache_memory": 64 * 2**20, **options}
+        engine = LLMEngine(EngineConfig(model=str(model), **options))
+        return ServerThread(build_app(engine, ServerSettings(**settings))).start()
+
+    return start

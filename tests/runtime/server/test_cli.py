@@ -25,7 +25,7 @@ FLAGS = [
     "--no-enable-prefix-caching", "--gpu-memory-utilization", "--kv-cache-memory", "--api-key",
     "--chat-template", "--seed", "--max-waiting-requests", "--metrics-prefix-vllm",
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
-    "--lora-modules",
+    "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
 ]  # fmt: skip
 
 
@@ -66,8 +66,11 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["{model}", "--kv-cache-memory", "0"], "--kv-cache-memory"),
         (["{model}", "--tensor-parallel-size", "2"], "--tensor-parallel-size 2"),
         (["{model}", "--quantization", "bogus"], "quantization 'bogus'"),
-        (["{model}", "--enable-lora"], "enable_lora is not supported"),
         (["{model}", "--lora-modules", "a=/b"], "--enable-lora"),
+        (["{model}", "--enable-lora", "--lora-modules", "a"], "'a' is not NAME=PATH"),
+        (["{model}", "--enable-lora", "--lora-modules", "a=/b", "a=/c"], "names 'a' twice"),
+        (["{model}", "--enable-lora", "--max-loras", "0"], "max_loras"),
+        (["{model}", "--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["{model}", "--kv-cache-dtype", "bogus"], "'bogus'"),
         (["{model}", "--max-num-seqs", "0"], "max_num_seqs"),
         (["{model}", "--gpu-memory-utilization", "2"], "gpu_memory_utilization"),
