@@ -2,6 +2,11 @@
 
 Set by the model runner around one forward (like forward_context), read by every
 LoRALinear; outside it, or for a step without adapters, the layers are the base model.
+The runner orders the step's requests by slot, so each slot's rows are one contiguous
+slice of the flat batch (no gather or scatter):
+
+    rows:   [ base ... | slot 2 ........ | slot 0 ... ]
+    segments:           (2, start, end)   (0, start, end)
 """
 
 from __future__ import annotations
@@ -11,34 +16,12 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass
 class LoRABatch:
-    """Per-token adapter slots of one step, grouped by slot.
+    """`segments`: (slot, start, end) for each slot in use; rows [start, end) use it."""
 
-    `token_slots[t]` is token row t's slot (-1: the base model). `groups` lists each slot
-    in use with its rows as an index tensor, or None when the slot has every row (one
-    adapter for the whole step: no gather / scatter needed).
-    """
-
-    token_slots: list[int]
-    groups: list[tuple[int, torch.Tensor | None]]
-
-    @classmethod
-    def build(cls, token_slots: list[int], device: torch.device) -> LoRABatch | None:
-        rows: dict[int, list[int]] = {}
-        for row, slot in enumerate(token_slots):
-            if slot >= 0:
-                rows.setdefault(slot, []).append(row)
-        if not rows:
-            return None
-        groups: list[tuple[int, torch.Tensor | None]] = [
-            (slot, None if len(r) == len(token_slots) else torch.tensor(r, device=device))
-            for slot, r in rows.items()
-        ]
-        return cls(token_slots, groups)
+    segments: list[tuple[int, int, int]]
 
 
 _BATCH: ContextVar[LoRABatch | None] = ContextVar("pinnace_lora_batch", default=None)

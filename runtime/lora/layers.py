@@ -2,8 +2,8 @@
 
 Wraps whatever module computes the projection (nn.Linear, a packed bf16 or a quantized
 linear): the base output is computed once for all tokens, then for each adapter slot in
-the step its tokens' rows get `(x @ a.T) @ bt` added (adapter.py has the packed layout).
-No adapter weight is ever merged into the base weights.
+the step its rows (one slice, see context.py) get `(x @ a.T) @ bt` added (adapter.py has
+the packed layout). No adapter weight is ever merged into the base weights.
 
 Device tensors per wrapped module, one row block per slot:
 
@@ -60,16 +60,12 @@ class LoRALinear(nn.Module):
         batch = current_lora_batch()
         if batch is None:
             return out
-        for slot, rows in batch.groups:
+        for slot, start, end in batch.segments:
             k = self.slot_k[slot]
             if k == 0:
                 continue
-            xs = x if rows is None else x.index_select(0, rows)  # [n, in]
-            delta = F.linear(xs, self.lora_a[slot, :k]) @ self.lora_bt[slot, :k]  # [n, out]
-            if rows is None:
-                out.add_(delta)
-            else:
-                out.index_add_(0, rows, delta)
+            h = F.linear(x[start:end], self.lora_a[slot, :k])  # [n, k]
+            out[start:end] += h @ self.lora_bt[slot, :k]  # [n, out]
         return out
 
 

@@ -123,9 +123,6 @@ class LoRAManager:
         if self._users[key] == 0 and key in self._retired:
             self._drop(key)
 
-    def name_of(self, key: int) -> str:
-        return self._requests[key].lora_name
-
     def _drop(self, key: int) -> None:
         self._retired.discard(key)
         del self._requests[key], self._users[key]
@@ -134,17 +131,28 @@ class LoRAManager:
 
     # -- the step (engine thread) ----------------------------------------------------------
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> LoRABatch | None:
-        """Make the step's adapters resident; the per-token slots for the forward."""
+    def prepare(
+        self, scheduled: list[ScheduledRequest]
+    ) -> tuple[list[ScheduledRequest], LoRABatch | None]:
+        """Make the step's adapters resident. Returns the requests ordered by slot (base
+        model first; stable, so FCFS within a slot) and each slot's rows in that order."""
         keys = {item.lora_id for item in scheduled if item.lora_id}
         if not keys:
-            return None
+            return scheduled, None
         slot_of = self.slots.activate(keys, self._host_copy)
-        token_slots: list[int] = []
-        for item in scheduled:
-            slot = slot_of[item.lora_id] if item.lora_id else -1
-            token_slots.extend([slot] * item.num_scheduled_tokens)
-        return LoRABatch.build(token_slots, self.device)
+
+        def slot(item: ScheduledRequest) -> int:
+            return slot_of.get(item.lora_id, -1)
+
+        ordered = sorted(scheduled, key=slot)
+        segments = []
+        start = 0
+        for s, group in itertools.groupby(ordered, key=slot):
+            end = start + sum(item.num_scheduled_tokens for item in group)
+            if s >= 0:
+                segments.append((s, start, end))
+            start = end
+        return ordered, LoRABatch(segments)
 
     def _host_copy(self, key: int) -> LoRAAdapter:
         adapter = self._host.get(key)

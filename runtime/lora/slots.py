@@ -27,6 +27,9 @@ class LoRASlots:
         """Adapter keys in a slot, least recently used first."""
         return list(self._slot_of)
 
+    def slot_of(self, key: int) -> int | None:
+        return self._slot_of.get(key)
+
     def activate(self, keys: Iterable[int], fetch: Callable[[int], LoRAAdapter]) -> dict[int, int]:
         """Make every adapter in `keys` resident; returns key -> slot.
 

@@ -8,6 +8,8 @@ the last row of each request that needs a sample goes through the LM head.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
@@ -41,10 +43,14 @@ class ModelRunner:
         self.sampler.drop(sched.finished_req_ids)
         if sched.is_empty:
             return ModelRunnerOutput()
+        lora_batch = None
+        if self.lora is not None:
+            # Requests reordered so each adapter's rows are one slice of the batch.
+            scheduled, lora_batch = self.lora.prepare(sched.scheduled)
+            sched = dataclasses.replace(sched, scheduled=scheduled)
         input_ids, positions, layout, sample_idx = self._prepare(sched)
         metadata = self.backend.build_metadata(layout)
         ctx = ForwardContext(self.backend, metadata, self.kv_caches)
-        lora_batch = self.lora.prepare(sched.scheduled) if self.lora is not None else None
         with forward_context(ctx), lora_batch_context(lora_batch):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         out = ModelRunnerOutput()

@@ -106,11 +106,10 @@ def test_lora_linear_matches_a_per_token_reference(packed: bool) -> None:
     if packed and not can_pack(torch.device("cpu"), dtype):
         pytest.skip("no oneDNN bf16 packing on this CPU")
     torch.manual_seed(0)
-    target = _target()
     linear = nn.Linear(16, 32, bias=True).to(dtype)
     base: nn.Module = PackedLinear(linear) if packed else linear
-    layer = LoRALinear(base, target, max_loras=3, max_lora_rank=4, dtype=dtype, device="cpu")
-    # Slot 0: rank 2 on q and v (k = 4 rows); slot 2: rank 4 on k only; slot 1 empty.
+    layer = LoRALinear(base, _target(), max_loras=3, max_lora_rank=4, dtype=dtype, device="cpu")
+    # Slot 0: rank 2 on q and v (k = 4 rows); slot 2: rank 4 on k only; slot 1: not us.
     weights = {
         0: (torch.randn(4, 16), torch.randn(4, 32)),
         2: (torch.randn(4, 16), torch.randn(4, 32)),
@@ -118,11 +117,9 @@ def test_lora_linear_matches_a_per_token_reference(packed: bool) -> None:
     for slot, (a, bt) in weights.items():
         layer.set_slot(slot, (a.to(dtype), bt.to(dtype)))
     x = torch.randn(7, 16).to(dtype)
-    token_slots = [0, -1, 2, 2, 0, 1, -1]
-    with (
-        torch.inference_mode(),
-        lora_batch_context(LoRABatch.build(token_slots, torch.device("cpu"))),
-    ):
+    token_slots = [-1, 2, 2, 2, 0, 0, 1]  # rows as the runner orders them: by slot
+    batch = LoRABatch([(2, 1, 4), (0, 4, 6), (1, 6, 7)])
+    with torch.inference_mode(), lora_batch_context(batch):
         got = layer(x).float()
     expected = linear(x).float()
     for t, slot in enumerate(token_slots):
@@ -135,7 +132,38 @@ def test_lora_linear_matches_a_per_token_reference(packed: bool) -> None:
         torch.testing.assert_close(layer(x), base(x))
 
 
-def test_one_slot_for_the_whole_step_skips_the_gather() -> None:
-    batch = LoRABatch.build([1, 1, 1], torch.device("cpu"))
-    assert batch is not None and batch.groups == [(1, None)]
-    assert LoRABatch.build([-1, -1], torch.device("cpu")) is None
+def test_the_step_is_ordered_by_adapter_slot(
+    lora_base: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    from pinnace.runtime.core.outputs import ScheduledRequest
+    from pinnace.runtime.sampling_params import SamplingParams
+
+    llm = LLM(str(lora_base), kv_cache_memory=16 * 2**20, enable_lora=True, max_loras=2)
+    manager = llm.llm_engine.lora
+    assert manager is not None
+    sql = manager.acquire(LoRARequest("sql", 11, str(adapter_dirs["sql"])))
+    chat = manager.acquire(LoRARequest("chat", 12, str(adapter_dirs["chat"])))
+    plan = [("a", sql, 3), ("b", 0, 1), ("c", chat, 2), ("d", sql, 1), ("e", 0, 4)]
+    scheduled = [
+        ScheduledRequest(rid, [1] * n, 0, [0], SamplingParams(), True, lora_id=key)
+        for rid, key, n in plan
+    ]
+    ordered, batch = manager.prepare(scheduled)
+    by_slot = sorted(
+        [("sql", manager.slots.slot_of(sql)), ("chat", manager.slots.slot_of(chat))],
+        key=lambda p: p[1] or 0,
+    )
+    groups = {"sql": ["a", "d"], "chat": ["c"]}
+    assert [s.req_id for s in ordered] == ["b", "e"] + [
+        r for name, _ in by_slot for r in groups[name]
+    ]
+    assert batch is not None
+    sizes = {"sql": 4, "chat": 2}
+    start, expected = 5, []
+    for name, slot in by_slot:
+        expected.append((slot, start, start + sizes[name]))
+        start += sizes[name]
+    assert batch.segments == expected
+    for key in (sql, chat):
+        manager.release(key)
+    assert manager.prepare(scheduled[1:2]) == (scheduled[1:2], None)  # base only: no batch
