@@ -1,7 +1,7 @@
 """The few API calls the operator makes, behind a small interface.
 
-`KubeClient` is what reconcile needs: read an object, server-side apply one, delete one
-it no longer renders, and merge-patch a status. `HttpKubeClient` implements it with the
+`KubeClient` is what reconcile needs: read or list objects, server-side apply one, delete
+one it no longer renders, and merge-patch a status. `HttpKubeClient` implements it with the
 official client's authenticated HTTP layer, so every request is visible (and countable)
 on the wire.
 """
@@ -26,6 +26,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     "InferenceService": (f"{names.KSERVE_GROUP}/v1beta1", "inferenceservices"),
     "ServingRuntime": (f"{names.KSERVE_GROUP}/v1alpha1", "servingruntimes"),
+    "Job": ("batch/v1", "jobs"),  # adapter fetches
+    "Pod": ("v1", "pods"),  # read only: runtime pods to hot-load adapters on
+    "Secret": ("v1", "secrets"),  # read only: serving.apiKeySecretRef, to call the pods
     names.KIND: (names.API_VERSION, names.PLURAL),
 }
 
@@ -47,6 +50,9 @@ class ApiError(Exception):
 class KubeClient(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
+
+    def list_objects(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Objects of a kind in a namespace that match an equality label selector."""
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply (create or update the fields we own); returns the live object."""
@@ -86,6 +92,11 @@ class HttpKubeClient:
         if status == 404:
             return None
         return _checked(status, body)
+
+    def list_objects(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector}
+        status, body = self._request("GET", object_path(kind, namespace), query)
+        return [dict(item) for item in _checked(status, body).get("items") or []]
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -1,10 +1,13 @@
 """Thin kopf handlers: every trigger funnels into one `reconcile` pass for one resource.
 
-Triggers: create / update / resume of an `LLMDeployment`, and events of the Deployments,
-Services and InferenceServices it owns: status follows pod (or KServe) readiness, and an
-edited or deleted child is put back (drift). No timer: kopf would need a finalizer on
-every resource to stop timers, and a finalizer makes deletion hang whenever the operator
-is down.
+Triggers: create / update / resume of an `LLMDeployment`; events of the Deployments,
+Services, InferenceServices and adapter fetch Jobs it owns: status follows pod (or KServe)
+readiness, and an edited or deleted child is put back (drift); and events of its runtime
+pods when they serve LoRA adapters: a pod that turns ready, restarts or goes away is what
+changes which adapters are loaded where, so that is when the adapters are re-applied.
+No timer or daemon: kopf would need a finalizer on every resource to stop them, and a
+finalizer makes deletion hang whenever the operator is down. The periodic resync is the
+watches' re-list every 5 minutes, which replays an event for every pod and child.
 
 Error mapping: an invalid spec is a `PermanentError` (status says Degraded; kopf stops
 retrying until the spec changes); API failures are `TemporaryError`s retried with
@@ -16,16 +19,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from pinnace.operator import names
+from pinnace.operator.adapter_sync import AdapterSync
 from pinnace.operator.client import ApiError, HttpKubeClient, KubeClient
 from pinnace.operator.reconcile import reconcile
+from pinnace.operator.runtime_client import HttpRuntimeClient
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
 MANAGED_BY = {names.LABEL_MANAGED_BY: names.FIELD_MANAGER}
+RUNTIME_POD = {**MANAGED_BY, names.LABEL_COMPONENT: names.COMPONENT}
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -62,7 +69,9 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
         configure(settings)
         if getattr(memo, "client", None) is None:
             memo.client = HttpKubeClient.from_environment()
-        memo.locks = {}
+        if getattr(memo, "adapters", None) is None:
+            memo.adapters = AdapterSync(HttpRuntimeClient())
+        memo.gates = {}
         memo.locks_guard = threading.Lock()
 
     @kopf.on.resume(*RESOURCE, registry=registry)
@@ -71,6 +80,7 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
     def changed(name: str, namespace: str | None, memo: Any, retry: int, **_: Any) -> None:
         _reconcile(memo, namespace or "default", name, retry, strict=True)
 
+    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY, registry=registry)
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, registry=registry)
     @kopf.on.event("", "v1", "services", labels=MANAGED_BY, registry=registry)
     # KServe mode: status mirrors the InferenceService's Ready/URL. Without KServe installed
@@ -83,6 +93,13 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
             if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION:
                 _reconcile(memo, body["metadata"]["namespace"], ref["name"], 0, strict=False)
 
+    @kopf.on.event("", "v1", "pods", labels=RUNTIME_POD, when=_serves_lora, registry=registry)
+    def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # Runtime pods belong to a ReplicaSet; the instance label names their resource.
+        instance = body.get("metadata", {}).get("labels", {}).get(names.LABEL_INSTANCE)
+        if instance:
+            _reconcile(memo, body["metadata"]["namespace"], instance, 0, strict=False)
+
     @kopf.on.delete(*RESOURCE, optional=True, registry=registry)
     def deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         # optional=True: no finalizer, so deletion never waits for the operator; the
@@ -92,16 +109,37 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
     return registry
 
 
+@dataclass
+class _Gate:
+    """One resource's passes: one at a time, at most one event-driven pass queued."""
+
+    running: threading.Lock = field(default_factory=threading.Lock)
+    queued: bool = False  # guarded by memo.locks_guard
+
+
 def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict: bool) -> None:
     client: KubeClient = memo.client
-    # Several triggers may fire for one resource at once (its own event, a child's event, the
-    # timer); one pass at a time, each on a fresh read, keeps status and events consistent.
-    with _lock_for(memo, namespace, name):
+    # Several triggers fire for one resource at once (its own change, its children's and
+    # pods' events); one pass at a time, each on a fresh read, keeps status and events
+    # consistent. An event that finds a pass already queued is dropped: that pass has read
+    # nothing yet, so it will see this change too — and a burst of pod events never ties
+    # up kopf's worker threads waiting on one resource. Resource changes (`strict`) always
+    # get a pass of their own, for kopf's retry and PermanentError bookkeeping.
+    gate = _gate_for(memo, namespace, name)
+    if not strict:
+        with memo.locks_guard:
+            if gate.queued:
+                return
+            gate.queued = True
+    with gate.running:
+        if not strict:
+            with memo.locks_guard:
+                gate.queued = False
         try:
             body = client.get(names.KIND, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return  # gone or going: nothing to converge, children follow the owner
-            result = reconcile(client, body)
+            result = reconcile(client, body, adapters=memo.adapters)
         except ApiError as err:
             if err.status == 404:
                 return  # deleted while we worked; its children follow it
@@ -113,10 +151,16 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict
         raise kopf.PermanentError(str(result.error))
 
 
-def _lock_for(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
+def _serves_lora(body: kopf.Body, **_: Any) -> bool:
+    """Only pods started with LoRA: adapters are what pod events are watched for."""
+    containers = body.get("spec", {}).get("containers") or []
+    return any("--enable-lora" in (c.get("args") or []) for c in containers)
+
+
+def _gate_for(memo: kopf.Memo, namespace: str, name: str) -> _Gate:
     with memo.locks_guard:
-        lock: threading.Lock = memo.locks.setdefault((namespace, name), threading.Lock())
-        return lock
+        gate: _Gate = memo.gates.setdefault((namespace, name), _Gate())
+        return gate
 
 
 def _ref(body: Mapping[str, Any]) -> kopf.Body:

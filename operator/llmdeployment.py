@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pinnace.operator import names
-from pinnace.operator.spec import LLMDeploymentSpec, Rule
+from pinnace.operator.spec import Adapter, LLMDeploymentSpec, Rule
 
 # Flags the operator derives from the spec; setting them in extraArgs would silently fight
 # the operator (or break the probes), so they are refused with a pointer to the right field.
@@ -33,8 +33,8 @@ MANAGED_FLAGS: dict[str, str] = {
     "--kv-cache-dtype": "use engine.kvCacheDtype",
     "--tensor-parallel-size": "use engine.tensorParallelSize",
     "--kv-cache-memory": "use engine.kvCacheMemory",
-    "--enable-lora": "use adapters",
-    "--lora-modules": "use adapters",
+    "--enable-lora": "use adapters or engine.enableLora",
+    "--lora-modules": "use adapters (the operator hot-loads them)",
     "--api-key": "use serving.apiKeySecretRef",
 }
 # Environment the operator sets itself (cache location, API key).
@@ -77,6 +77,19 @@ class LLMDeployment:
     @property
     def image(self) -> str:
         return self.spec.image or names.DEFAULT_IMAGE
+
+    @property
+    def lora_enabled(self) -> bool:
+        """The runtime reserves LoRA slots: adapters are declared, or asked for up front."""
+        return bool(self.spec.adapters) or self.spec.engine.enable_lora
+
+    @property
+    def cache_claim(self) -> str | None:
+        """The weights cache PVC every runtime pod mounts, if the spec asks for one."""
+        cache = self.spec.storage.cache
+        if cache is None:
+            return None
+        return cache.claim_name or f"{self.name}-cache"
 
     @property
     def replicas(self) -> int | None:
@@ -149,7 +162,49 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     for var in engine.env:
         if var.name in RESERVED_ENV:
             problems.append(f"engine.env: {var.name} is set by the operator")
-    return problems + _autoscaling_errors(llmd) + _kserve_errors(llmd)
+    return problems + _adapter_errors(llmd) + _autoscaling_errors(llmd) + _kserve_errors(llmd)
+
+
+def is_fetched(llmd: LLMDeployment, adapter: Adapter) -> bool:
+    """Deployment mode: the adapter is copied into the cache by a Job before pods load it.
+
+    Pods load an adapter straight from a path they already have (file://, or pvc:// on a
+    claim every pod mounts anyway); anything else would need a new volume or init
+    container, i.e. a rollout, so it is fetched into the shared cache instead.
+    """
+    scheme, _, rest = adapter.uri.partition("://")
+    if scheme == "file":
+        return False
+    if scheme == "pvc":
+        claim = rest.partition("/")[0]
+        model_claim = _pvc_claim(llmd.spec.model.uri)
+        return claim not in (llmd.cache_claim, model_claim)
+    return True
+
+
+def _pvc_claim(uri: str) -> str | None:
+    return uri.removeprefix("pvc://").partition("/")[0] if uri.startswith("pvc://") else None
+
+
+def _adapter_errors(llmd: LLMDeployment) -> list[str]:
+    if llmd.spec.serving.is_kserve:
+        return []  # KServe's storage initializer fetches adapters with the model
+    fetched = [a for a in llmd.spec.adapters if is_fetched(llmd, a)]
+    cache = llmd.spec.storage.cache
+    if not fetched:
+        return []
+    if cache is None:
+        return [
+            f"adapters: {fetched[0].name} ({fetched[0].uri}) is fetched once into storage.cache, "
+            "where running pods can load it without a restart: set storage.cache (ReadWriteMany "
+            "for more than one replica), or use a file:// path or a pvc:// on the model's claim"
+        ]
+    if cache.access_mode == "ReadWriteOncePod":
+        return [
+            "storage.cache.accessMode ReadWriteOncePod leaves no access for the Job that fetches "
+            f"adapter {fetched[0].name}: use ReadWriteMany (or ReadWriteOnce on a single node)"
+        ]
+    return []
 
 
 def _autoscaling_errors(llmd: LLMDeployment) -> list[str]:

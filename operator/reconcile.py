@@ -1,9 +1,11 @@
-"""One reconcile pass: parse -> render -> apply what changed -> observe -> status.
+"""One reconcile pass: parse -> render -> apply what changed -> observe -> hot-load
+adapters -> status.
 
 Pure planning lives in `render/` and `status.py`; this module only sequences them over a
-`KubeClient`, so it runs the same under kopf and in tests without kopf. A pass with
-nothing changed makes no write: children are applied only when their applied-hash
-annotation or a field we own differs (drift), and status only when it differs.
+`KubeClient` (and, for LoRA adapters, an `AdapterSync` that talks to the pods), so it runs
+the same under kopf and in tests without kopf. A pass with nothing changed makes no write:
+children are applied only when their applied-hash annotation or a field we own differs
+(drift), and status only when it differs.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import kopf
 from kubernetes.utils import parse_quantity
 
 from pinnace.operator import names
+from pinnace.operator.adapter_sync import AdapterSync, sync_adapters
 from pinnace.operator.client import ApiError, KubeClient
 from pinnace.operator.fit import check_fit
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import PRUNABLE, endpoint, render_all
+from pinnace.operator.render.adapters import fetch_job_selector
 from pinnace.operator.render.args import effective
 from pinnace.operator.render.labels import selector_string
 from pinnace.operator.status import (
@@ -31,6 +35,7 @@ from pinnace.operator.status import (
     observe_deployment,
     observe_inference_service,
     transition_events,
+    with_adapters,
 )
 
 
@@ -47,9 +52,14 @@ class ReconcileResult:
 
 
 def reconcile(
-    client: KubeClient, body: Mapping[str, Any], *, now: Callable[[], str] = utc_now
+    client: KubeClient,
+    body: Mapping[str, Any],
+    *,
+    now: Callable[[], str] = utc_now,
+    adapters: AdapterSync | None = None,
 ) -> ReconcileResult:
-    """Bring the children of one `LLMDeployment` body in line with its spec.
+    """Bring the children of one `LLMDeployment` body in line with its spec, and (given an
+    `AdapterSync`) its runtime pods in line with its adapters.
 
     Raises `ApiError` for transient API failures (the caller retries with backoff).
     """
@@ -62,6 +72,8 @@ def reconcile(
         desired = render_all(llmd)
         events, applied, live = _apply_children(client, body, desired)
         events += _prune(client, body, {obj["kind"] for obj in desired}, applied)
+        jobs = {o["metadata"]["name"] for o in desired if o["kind"] == "Job"}
+        events += _prune_jobs(client, body, fetch_job_selector(llmd), jobs, applied)
     except SpecError as err:
         return _degraded(client, body, err, previous, now)
     except ApiError as err:
@@ -72,13 +84,17 @@ def reconcile(
         )
         return _degraded(client, body, rejected, previous, now)
     status = _status(llmd, live, previous, meta.get("generation"), now())
+    if adapters is not None:
+        hot = llmd.lora_enabled and not llmd.spec.serving.is_kserve
+        report = sync_adapters(client, adapters, llmd, live) if hot else None
+        status = with_adapters(status, report, generation=meta.get("generation"), now=now())
     write_status(client, namespace, name, previous, status)
     return ReconcileResult(status, events + transition_events(previous, status), applied)
 
 
 def _status(
     llmd: LLMDeployment,
-    live: Mapping[str, dict[str, Any]],
+    live: Mapping[str, dict[str, Any]],  # "Kind/name" -> the child as applied
     previous: Mapping[str, Any],
     generation: int | None,
     now: str,
@@ -86,14 +102,14 @@ def _status(
     if llmd.spec.serving.is_kserve:
         return kserve_status(
             name=llmd.name,
-            obs=observe_inference_service(live.get("InferenceService")),
+            obs=observe_inference_service(live.get(f"InferenceService/{llmd.name}")),
             previous=previous,
             generation=generation,
             now=now,
             selector=f"{names.LABEL_KSERVE_ISVC}={llmd.name}",
             effective=effective(llmd),
         )
-    obs = observe_deployment(live.get("Deployment"))
+    obs = observe_deployment(live.get(f"Deployment/{llmd.name}"))
     desired = llmd.replicas
     if desired is None:  # autoscaled: the count is whatever the autoscaler set last
         desired = obs.desired if obs.desired is not None else 1
@@ -132,8 +148,9 @@ def _degraded(
 def _apply_children(
     client: KubeClient, owner: Mapping[str, Any], desired: list[dict[str, Any]]
 ) -> tuple[list[Event], list[str], dict[str, dict[str, Any]]]:
-    """Apply what differs; returns events, "Kind/name"s written, and the live children."""
-    events, applied, live_by_kind = [], [], {}
+    """Apply what differs; returns events, "Kind/name"s written, and the live children by
+    "Kind/name"."""
+    events, applied, live_by_name = [], [], {}
     for obj in desired:
         kind, meta = obj["kind"], obj["metadata"]
         live = client.get(kind, meta["namespace"], meta["name"])
@@ -146,8 +163,8 @@ def _apply_children(
             live = client.apply(obj)
             applied.append(f"{kind}/{meta['name']}")
             events.append(Event("Normal", verb, f"{verb} {kind} {meta['name']}"))
-        live_by_kind[kind] = live
-    return events, applied, live_by_kind
+        live_by_name[f"{kind}/{meta['name']}"] = live
+    return events, applied, live_by_name
 
 
 def _prune(
@@ -170,6 +187,29 @@ def _prune(
         client.delete(kind, namespace, name, live["metadata"]["uid"])
         deleted.append(f"{kind}/{name}")
         events.append(Event("Normal", "Deleted", f"Deleted {kind} {name}"))
+    return events
+
+
+def _prune_jobs(
+    client: KubeClient,
+    owner: Mapping[str, Any],
+    selector: str,
+    desired: set[str],
+    deleted: list[str],
+) -> list[Event]:
+    """Delete fetch Jobs this resource owns that it no longer renders (adapter dropped, or
+    its fetch changed and got a Job of a new name). The files stay: the cache is a cache."""
+    meta, events = owner["metadata"], []
+    uid = meta.get("uid")
+    if uid is None:
+        return []
+    for job in client.list_objects("Job", meta.get("namespace", "default"), selector):
+        job_meta = job["metadata"]
+        owned = any(ref.get("uid") == uid for ref in job_meta.get("ownerReferences") or [])
+        if owned and job_meta["name"] not in desired:
+            client.delete("Job", job_meta["namespace"], job_meta["name"], job_meta["uid"])
+            deleted.append(f"Job/{job_meta['name']}")
+            events.append(Event("Normal", "Deleted", f"Deleted Job {job_meta['name']}"))
     return events
 
 

@@ -177,15 +177,28 @@ class Engine(SpecModel):
     kv_cache_memory: Quantity | None = Field(
         default=None, pattern=QUANTITY_PATTERN, description="KV cache budget on CPU (e.g. 2Gi)."
     )
+    enable_lora: bool = Field(
+        default=False,
+        description="Reserve LoRA slots even with no adapters declared, so adding the first "
+        "adapter or removing the last one hot-loads instead of restarting pods.",
+    )
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     extra_args: list[str] = Field(default_factory=list, max_length=64)
 
 
 class Adapter(SpecModel):
-    """A LoRA adapter served next to the base model under its own name."""
+    """A LoRA adapter served next to the base model under its own name (hot-loaded)."""
 
-    name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
-    uri: str = Field(pattern=MODEL_URI_PATTERN, max_length=1024)
+    name: str = Field(
+        pattern=ADAPTER_NAME_PATTERN, max_length=63, description="Model name clients pass."
+    )
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+        description="file:///path (image or cache volume) and pvc:// on the model's or cache "
+        "claim load directly; other pvc://, hf://, s3:// and gs:// are fetched into "
+        "storage.cache by a Job first.",
+    )
 
 
 ServingMode = Literal["Deployment", "KServe"]

@@ -41,6 +41,21 @@ class Effective(StatusModel):
     args: list[str] = Field(default_factory=list)
 
 
+AdapterState = Literal["Fetching", "Pending", "Loaded", "Failed"]
+
+
+class AdapterStatus(StatusModel):
+    """One declared LoRA adapter across the ready replicas (Deployment mode)."""
+
+    name: str
+    state: AdapterState = Field(
+        description="Fetching: its fetch Job runs; Pending: not on every ready replica yet; "
+        "Loaded: on every ready replica; Failed: see lastError."
+    )
+    loaded_replicas: int = Field(default=0, description="Ready replicas serving it.")
+    last_error: str | None = None
+
+
 class LLMDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     phase: Phase | None = None
@@ -52,6 +67,9 @@ class LLMDeploymentStatus(StatusModel):
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
     url: str | None = Field(default=None, description="The InferenceService's URL (KServe mode).")
     effective: Effective | None = None
+    adapters: list[AdapterStatus] | None = Field(
+        default=None, description="LoRA adapters, hot-loaded on the ready replicas."
+    )
 
 
 @dataclass(frozen=True)
@@ -292,6 +310,62 @@ def degraded_status(
     return LLMDeploymentStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
 
 
+ADAPTERS_CONDITION = "AdaptersReady"
+
+
+def with_adapters(
+    status: Mapping[str, Any],
+    adapters: list[AdapterStatus] | None,
+    *,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    """`status` plus `adapters` and the AdaptersReady condition; None (LoRA off) drops both."""
+    out = dict(status)
+    conds = [dict(c) for c in out.get("conditions") or []]
+    if adapters is None:
+        out["conditions"] = [c for c in conds if c["type"] != ADAPTERS_CONDITION]
+        out.pop("adapters", None)
+        return out
+    out["conditions"] = conds
+    by_state: dict[str, list[AdapterStatus]] = {}
+    for adapter in adapters:
+        by_state.setdefault(adapter.state, []).append(adapter)
+
+    def listed(state: str) -> str:
+        return ", ".join(a.name for a in by_state[state])
+
+    if "Failed" in by_state:
+        failed = by_state["Failed"]
+        message = "; ".join(f"{a.name}: {a.last_error}" for a in failed)
+        ok, reason = False, "AdapterFailed"
+    elif "Fetching" in by_state:
+        ok, reason, message = False, "Fetching", f"fetching {listed('Fetching')}"
+    elif "Pending" in by_state:
+        ok, reason = False, "Pending"
+        message = f"not yet loaded on every ready replica: {listed('Pending')}"
+    else:
+        ok, reason = True, "Loaded"
+        message = f"{len(adapters)} adapter(s) loaded on every ready replica"
+    set_condition(conds, ADAPTERS_CONDITION, ok, reason, message, now=now, generation=generation)
+    out["adapters"] = [a.model_dump(by_alias=True, exclude_none=True) for a in adapters]
+    return out
+
+
+def adapter_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
+    """A Warning per adapter that starts failing (or fails differently)."""
+    old = {a["name"]: a for a in (previous or {}).get("adapters") or []}
+    events = []
+    for adapter in new.get("adapters") or []:
+        before = old.get(adapter["name"], {})
+        if adapter["state"] == "Failed" and (
+            before.get("state") != "Failed" or before.get("lastError") != adapter.get("lastError")
+        ):
+            message = f"adapter {adapter['name']}: {adapter.get('lastError', '')}"
+            events.append(Event("Warning", "AdapterFailed", message))
+    return events
+
+
 def transition_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
     """Events for condition flips worth a human's attention."""
 
@@ -313,4 +387,7 @@ def transition_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]
         events.append(Event("Warning", cur["Degraded"][1], by_type["Degraded"]["message"]))
     if old.get("Degraded", ("",))[0] == "True" and cur.get("Degraded", ("",))[0] != "True":
         events.append(Event("Normal", "Recovered", "the resource is valid again"))
-    return events
+    adapters = cur.get(ADAPTERS_CONDITION, ("",))
+    if adapters[0] == "True" and old.get(ADAPTERS_CONDITION, ("",))[0] != "True":
+        events.append(Event("Normal", "AdaptersLoaded", by_type[ADAPTERS_CONDITION]["message"]))
+    return events + adapter_events(previous, new)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.render.adapters import render_fetch_jobs
 from pinnace.operator.render.autoscaling import render_autoscaler
 from pinnace.operator.render.deployment import render_deployment
 from pinnace.operator.render.kserve import render_inference_service, render_serving_runtime
@@ -23,6 +24,7 @@ __all__ = [
     "render_autoscaler",
     "render_cache_pvc",
     "render_deployment",
+    "render_fetch_jobs",
     "render_inference_service",
     "render_service",
     "render_serving_runtime",
@@ -30,7 +32,8 @@ __all__ = [
 
 # Children that go when the spec stops asking for them (switching serving.mode, dropping
 # autoscaling), all named after the resource. Never the cache PVC: it holds downloaded
-# weights, and goes with the resource itself.
+# weights, and goes with the resource itself. (Adapter fetch Jobs have names of their own
+# and are pruned by label: `render.adapters.fetch_job_selector`.)
 PRUNABLE = (
     "InferenceService",
     "ServingRuntime",
@@ -49,6 +52,7 @@ def render_all(llmd: LLMDeployment) -> list[dict[str, Any]]:
     autoscaler = render_autoscaler(llmd)
     return [
         *([pvc] if pvc else []),
+        *render_fetch_jobs(llmd),  # they fill the cache the pods mount
         render_service(llmd),
         render_deployment(llmd),
         *([autoscaler] if autoscaler else []),

@@ -32,33 +32,17 @@ def model_source(llmd: LLMDeployment) -> sources.Source:
     )
 
 
-def adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Source]]:
-    model = llmd.spec.model
-    if llmd.spec.serving.is_kserve:
-        return [
-            (
-                a.name,
-                sources.resolve_kserve(
-                    a.uri, mount_path=f"{names.KSERVE_MODEL_DIR}/adapters/{a.name}"
-                ),
-            )
-            for a in llmd.spec.adapters
-        ]
-    scheme = model.uri.split("://", 1)[0]
+def kserve_adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Source]]:
+    """KServe mode: KServe fetches adapters with the model and pods start with them.
+
+    (Deployment mode hot-loads adapters instead: see `render/adapters.py`.)
+    """
     return [
         (
-            adapter.name,
-            sources.resolve(
-                adapter.uri,
-                slot=f"adapter-{i}",
-                runtime_image=llmd.image,
-                # The model's download credentials serve adapters from the same store only.
-                credentials=model.credentials_secret_ref
-                if adapter.uri.startswith(f"{scheme}://") and scheme in ("hf", "s3", "gs")
-                else None,
-            ),
+            a.name,
+            sources.resolve_kserve(a.uri, mount_path=f"{names.KSERVE_MODEL_DIR}/adapters/{a.name}"),
         )
-        for i, adapter in enumerate(llmd.spec.adapters)
+        for a in llmd.spec.adapters
     ]
 
 
@@ -82,10 +66,13 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     if engine.kv_cache_memory is not None:
         args += ["--kv-cache-memory", str(int(parse_quantity(engine.kv_cache_memory)))]
-    adapters = adapter_sources(llmd)
-    if adapters:
-        args += ["--enable-lora", "--lora-modules"]
-        args += [f"{name}={source.path}" for name, source in adapters]
+    if llmd.lora_enabled:
+        args.append("--enable-lora")
+    if spec.serving.is_kserve and spec.adapters:
+        args.append("--lora-modules")
+        args += [f"{name}={source.path}" for name, source in kserve_adapter_sources(llmd)]
+    # Deployment mode: no --lora-modules. The operator hot-loads adapters over HTTP, so the
+    # list is not part of the pod spec and changing it never rolls pods.
     return args + list(engine.extra_args)
 
 

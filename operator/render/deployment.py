@@ -63,9 +63,9 @@ def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
 
 
 def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
-    model = argmod.model_source(llmd)
-    adapters = [source for _, source in argmod.adapter_sources(llmd)]
-    all_sources = [model, *adapters]
+    # Only the model: adapters are hot-loaded from paths every pod already has (the image,
+    # the cache, the model's claim), so the adapter list never changes this template.
+    all_sources = [argmod.model_source(llmd)]
     volumes = [
         _cache_volume(llmd),
         {"name": sources.TMP_VOLUME, "emptyDir": {}},
@@ -93,10 +93,9 @@ def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
 
 
 def _cache_volume(llmd: LLMDeployment) -> dict[str, Any]:
-    cache = llmd.spec.storage.cache
-    if cache is None:
+    claim = llmd.cache_claim
+    if claim is None:
         return {"name": sources.CACHE_VOLUME, "emptyDir": {}}
-    claim = cache.claim_name or f"{llmd.name}-cache"
     return {"name": sources.CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
 
 

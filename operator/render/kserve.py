@@ -104,7 +104,7 @@ def render_inference_service(llmd: LLMDeployment) -> dict[str, Any]:
 
 
 def _all_sources(llmd: LLMDeployment) -> list[sources.Source]:
-    return [argmod.model_source(llmd), *(s for _, s in argmod.adapter_sources(llmd))]
+    return [argmod.model_source(llmd), *(s for _, s in argmod.kserve_adapter_sources(llmd))]
 
 
 def _pod_fields(llmd: LLMDeployment) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def resolve(
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
         volume = f"{slot}-pvc"
-        mount_dir = f"/mnt/{volume}"
+        mount_dir = pvc_mount_dir(slot)
         return Source(
             path=f"{mount_dir}/{sub}".rstrip("/"),
             volumes=[
@@ -60,8 +60,13 @@ def resolve(
     dest = f"{CACHE_DIR}/{slot}/{scheme}/{rest.strip('/')}"
     if revision:
         dest += f"@{revision}"
-    container, volumes = _downloader(scheme, rest, dest, slot, runtime_image, credentials, revision)
+    container, volumes = downloader(scheme, rest, dest, slot, runtime_image, credentials, revision)
     return Source(path=dest, volumes=volumes, download=container)
+
+
+def pvc_mount_dir(slot: str) -> str:
+    """Where a pvc:// source's whole claim is mounted (read-only)."""
+    return f"/mnt/{slot}-pvc"
 
 
 def resolve_kserve(uri: str, *, mount_path: str, revision: str | None = None) -> Source:
@@ -74,7 +79,7 @@ def resolve_kserve(uri: str, *, mount_path: str, revision: str | None = None) ->
     return Source(path=mount_path, storage_uri=storage_uri)
 
 
-def _downloader(
+def downloader(
     scheme: str,
     rest: str,
     dest: str,
@@ -83,6 +88,7 @@ def _downloader(
     credentials: SecretRef | None,
     revision: str | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A container copying `scheme://rest` to `dest` on the cache volume, and its volumes."""
     env: list[dict[str, Any]] = [{"name": "HOME", "value": TMP_DIR}]
     mounts: list[dict[str, Any]] = [
         {"name": CACHE_VOLUME, "mountPath": CACHE_DIR},

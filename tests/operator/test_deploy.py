@@ -44,11 +44,16 @@ def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
     ]
-    # Never: secrets (downloads read them through the pod's env, not the API), pods.
-    granted = {r for rule in rules() for r in rule["resources"]}
-    assert not granted & {"secrets", "pods", "configmaps"}
+    verbs_of: dict[str, set[str]] = {}
+    for rule in rules():
+        for resource in rule["resources"]:
+            verbs_of.setdefault(resource, set()).update(rule["verbs"])
+    # Pods are only found and watched (to hot-load adapters over HTTP), never written or
+    # exec'd into; a Secret is only read (the runtime's API key); configmaps never.
+    assert verbs_of["pods"] == {"list", "watch"} and verbs_of["secrets"] == {"get"}
+    assert not verbs_of.keys() & {"configmaps", "pods/exec", "pods/status"}
     # Deleting is for stateless children it prunes; never the weights cache or user objects.
-    deletable = {r for rule in rules() if "delete" in rule["verbs"] for r in rule["resources"]}
+    deletable = {r for r, verbs in verbs_of.items() if "delete" in verbs}
     assert deletable == {
         "deployments",
         "services",
@@ -56,6 +61,7 @@ def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
         "scaledobjects",
         "inferenceservices",
         "servingruntimes",
+        "jobs",
     }
 
 
@@ -120,6 +126,7 @@ def test_rbac_is_exactly_what_the_operator_uses(
     start_operator: Any,
     kserve_api_crds: list[dict[str, Any]],
     keda_crd: dict[str, Any],
+    runtime_pods: Any,
 ) -> None:
     for crd in [*kserve_api_crds, keda_crd]:
         cluster.apply_crd(crd)
@@ -130,7 +137,19 @@ def test_rbac_is_exactly_what_the_operator_uses(
     hpa = create_llmd("autoscaling")  # + HorizontalPodAutoscaler
     keda = create_llmd("autoscaling-keda")  # + ScaledObject
     isvc = create_llmd("kserve")  # ServingRuntime + InferenceService
+    # LoRA: fetch Jobs, a runtime pod to hot-load on, the API key Secret to call it with.
+    key = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bot-key"}}
+    cluster.post("/api/v1/namespaces/ml/secrets", {**key, "data": {"api-key": "a2V5"}})
+    lora = create_llmd("adapters", serving={"apiKeySecretRef": {"name": "bot-key"}})
     wait = Waiter(cluster)
+    wait.exists("/apis/apps/v1/namespaces/ml/deployments/support-bot")
+    bot = runtime_pods.start(
+        "/apis/apps/v1/namespaces/ml/deployments/support-bot", "support-bot-0", api_key="key"
+    )
+    wait.until(lambda: bot.calls_to("/v1/models"))
+    cluster.patch(lora, {"spec": {"adapters": [{"name": "tone", "uri": "file:///adapters/t"}]}})
+    wait.until(lambda: cluster.get("/apis/batch/v1/namespaces/ml/jobs")["items"] == [])
+    wait.until(lambda: bot.calls_to("/v1/load_lora_adapter"))
     wait.exists("/apis/apps/v1/namespaces/ml/deployments/qwen-chat")
     wait.exists("/apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/qwen-autoscaled")
     wait.exists("/apis/keda.sh/v1alpha1/namespaces/ml/scaledobjects/smollm2-keda")
@@ -171,7 +190,7 @@ def test_rbac_is_exactly_what_the_operator_uses(
 
 
 class Waiter:
-    def __init__(self, cluster: Any, timeout: float = 20.0) -> None:
+    def __init__(self, cluster: Any, timeout: float = 45.0) -> None:
         self.cluster, self.deadline = cluster, time.monotonic() + timeout
 
     def until(self, predicate: Any) -> None:

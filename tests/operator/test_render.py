@@ -116,25 +116,6 @@ def test_file_and_pvc_models_need_no_download() -> None:
     assert pod["affinity"]["nodeAffinity"] and pod["runtimeClassName"] == "nvidia"
 
 
-def test_adapters_become_lora_modules_from_their_sources() -> None:
-    dep = render_deployment(example("adapters"))
-    args = container(dep)["args"]
-    assert "--enable-lora" in args
-    modules = args[args.index("--lora-modules") + 1 : args.index("--max-num-batched-tokens")]
-    assert modules == [
-        "billing=/cache/adapter-0/s3/models/adapters/billing",
-        "returns=/cache/adapter-1/hf/acme/returns-lora",
-        "tone=/mnt/adapter-2-pvc/tone",
-    ]
-    assert args[-2:] == ["--max-num-batched-tokens", "4096"]  # extraArgs go last
-    inits = {c["name"]: c for c in dep["spec"]["template"]["spec"]["initContainers"]}
-    assert set(inits) == {"download-model", "download-adapter-0", "download-adapter-1"}
-    # s3 credentials go to the s3 downloads only, never to the hf one.
-    assert inits["download-adapter-0"]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
-    assert "envFrom" not in inits["download-adapter-1"]
-    assert not any(e["name"] == "HF_TOKEN" for e in inits["download-adapter-1"]["env"])
-
-
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_pods_are_locked_down(path: Path) -> None:
     dep = render_deployment(parse_llmdeployment(yaml.safe_load(path.read_text())))

@@ -1,0 +1,126 @@
+"""The operator's side of the adapter contract against the real runtime server: a tiny
+random-weight Llama, a real PEFT adapter, `build_app` served by uvicorn on 127.0.0.1.
+
+What the operator relies on: `/v1/models` reports each adapter with the path it was loaded
+from (so a steady pod costs one GET per pass, never a reload), errors come back as
+messages a user can act on, and the API key guards it all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pinnace.operator.adapter_sync import AdapterSync
+from pinnace.operator.runtime_client import (
+    HttpRuntimeClient,
+    PodEndpoint,
+    RuntimeCallError,
+    pod_url,
+)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+KEY = "sk-operator"
+
+
+class Recording(HttpRuntimeClient):
+    """The real client, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def list_adapters(self, pod: PodEndpoint, api_key: str | None) -> dict[str, str | None]:
+        self.calls.append("list")
+        return super().list_adapters(pod, api_key)
+
+    def load_adapter(self, pod: PodEndpoint, api_key: str | None, name: str, path: str) -> None:
+        self.calls.append(f"load {name}")
+        super().load_adapter(pod, api_key, name, path)
+
+    def unload_adapter(self, pod: PodEndpoint, api_key: str | None, name: str) -> None:
+        self.calls.append(f"unload {name}")
+        super().unload_adapter(pod, api_key, name)
+
+
+@pytest.fixture(scope="module")
+def adapter(make_tiny_model: Callable[[str], Path], tmp_path_factory: Any) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model("LlamaForCausalLM"))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("adapter") / "sql"
+    get_peft_model(model, config).save_pretrained(out)
+    return Path(out)
+
+
+@pytest.fixture(scope="module")
+def runtime_pod(make_tiny_model: Callable[[str], Path]) -> Iterator[PodEndpoint]:
+    import uvicorn
+
+    from pinnace.runtime.config import EngineConfig
+    from pinnace.runtime.engine.llm_engine import LLMEngine
+    from pinnace.runtime.server.app import ServerSettings, build_app
+
+    model = make_tiny_model("LlamaForCausalLM")
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(model),
+            dtype="float32",
+            kv_cache_memory=32 * 2**20,
+            max_model_len=128,
+            enable_lora=True,
+            max_lora_rank=8,
+        )
+    )
+    app = build_app(engine, ServerSettings(served_model_names=["base"], api_key=KEY))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "runtime did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield PodEndpoint("runtime-0", "uid-0", pod_url("127.0.0.1", port))
+    server.should_exit = True
+    thread.join(15)
+
+
+def test_sync_against_the_real_runtime_converges_and_stays_quiet(
+    runtime_pod: PodEndpoint, adapter: Path
+) -> None:
+    client = Recording()
+    sync = AdapterSync(client)
+    scope = ("ml", "chat")
+    [first] = sync.sync_pods(scope, [runtime_pod], {"sql": str(adapter)}, KEY)
+    assert first.loaded == {"sql"} and first.errors == {} and first.unreachable is None
+    assert client.list_adapters(runtime_pod, KEY) == {"sql": str(adapter)}  # root = its path
+    client.calls.clear()
+    sync.sync_pods(scope, [runtime_pod], {"sql": str(adapter)}, KEY)
+    assert client.calls == ["list"]  # loaded as declared: nothing to do
+    client.calls.clear()
+    [gone] = sync.sync_pods(scope, [runtime_pod], {}, KEY)
+    assert client.calls == ["list", "unload sql"] and gone.loaded == set()
+
+
+def test_runtime_errors_reach_status_as_the_runtime_words_them(
+    runtime_pod: PodEndpoint, tmp_path: Path
+) -> None:
+    client = HttpRuntimeClient()
+    [outcome] = AdapterSync(client).sync_pods(
+        ("ml", "chat"), [runtime_pod], {"missing": str(tmp_path / "nothing-here")}, KEY
+    )
+    assert outcome.errors["missing"].startswith("POST /v1/load_lora_adapter: HTTP 40")
+    assert "Loading lora missing failed" in outcome.errors["missing"]
+    client.unload_adapter(runtime_pod, KEY, "never-loaded")  # 404: already unloaded
+    with pytest.raises(RuntimeCallError) as caught:
+        client.list_adapters(runtime_pod, "wrong-key")
+    assert caught.value.status == 401
