@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pinnace.runtime.layers.quantization.config import KV_CACHE_DTYPES, METHODS
+
 DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
 
 
@@ -29,7 +31,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     chat_template: str | None = None  # a file path or the template text
     max_logprobs: int = 20
+    # int8 | fp8 (weights quantized at load) | gptq | awq (from config.json, detected when
+    # None) | gguf (a GGUF file's 4-bit blocks kept 4-bit, other quantized types int8)
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 (scaled e4m3, half the bytes)
     enable_lora: bool = False
     max_loras: int = 1  # adapters one step may use (device slots)
     max_lora_rank: int = 16
@@ -54,8 +59,15 @@ class EngineConfig:
             raise ValueError(
                 f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16."
             )
-        if self.quantization is not None:
-            raise ValueError(f"quantization {self.quantization!r} is not supported yet.")
+        if self.quantization is not None and self.quantization not in METHODS:
+            raise ValueError(
+                f"quantization {self.quantization!r} is not one of {', '.join(METHODS)}."
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of "
+                f"{', '.join(KV_CACHE_DTYPES)}."
+            )
         self._check_lora()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")

@@ -1,0 +1,76 @@
+"""Quantize a loaded float model in place: linear layers and embeddings -> int8 / FP8.
+
+Weight-only methods quantize every matmul weight, the LM head and the token embedding
+included (in a small model like SmolLM2-135M the tied embedding is a fifth of the weights).
+A tied head and embedding keep one copy of the codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pinnace.runtime.layers.quantization.embedding import QuantizedEmbedding
+from pinnace.runtime.layers.quantization.fp8 import Fp8Linear, quantize_fp8
+from pinnace.runtime.layers.quantization.int8 import Int8Linear, frozen, quantize_int8
+
+_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
+
+
+def quantize_linears(
+    model: nn.Module,
+    method: str,
+    device: torch.device,
+    only: set[str] | None = None,
+) -> int:
+    """Replace nn.Linear / nn.Embedding modules (those in `only`, or all) by `method`
+    versions on `device`; returns how many modules were replaced."""
+    if method not in _QUANTIZERS:
+        raise ValueError(f"cannot quantize float weights to {method!r}; use int8 or fp8.")
+    quantize = _QUANTIZERS[method]
+    # id(float weight) -> (codes, scale): a tied LM head reuses its embedding's codes.
+    shared: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    count = 0
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.Embedding or (only is not None and path not in only):
+            continue
+        weight = module.weight.detach()
+        codes, scale = quantize(weight.to(device))
+        pair = frozen(codes), frozen(scale.to(weight.dtype) if method == "int8" else scale)
+        shared[id(module.weight)] = pair
+        _replace(model, path, QuantizedEmbedding(pair[0], pair[1], weight.dtype))
+        count += 1
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        tied = shared.get(id(module.weight))
+        if tied is None and only is not None and path not in only:
+            continue
+        _replace(model, path, _quantized_linear(module, method, device, tied))
+        count += 1
+    return count
+
+
+def _quantized_linear(
+    linear: nn.Linear,
+    method: str,
+    device: torch.device,
+    tied: tuple[nn.Parameter, nn.Parameter] | None,
+) -> nn.Module:
+    bias = linear.bias
+    if bias is not None and bias.device != device:
+        bias = nn.Parameter(bias.detach().to(device), requires_grad=False)
+    if method == "int8":
+        if tied is not None:
+            return Int8Linear(tied[0], tied[1], bias, linear.weight.dtype)
+        codes, scale = quantize_int8(linear.weight.detach().to(device))
+        return Int8Linear(codes, scale, bias, linear.weight.dtype)
+    if tied is not None:
+        return Fp8Linear(tied[0], tied[1], bias)
+    codes, scale = quantize_fp8(linear.weight.detach().to(device))
+    return Fp8Linear(codes, scale, bias)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)

@@ -1,0 +1,82 @@
+"""INT8 weight-only linear: symmetric per-output-channel codes, float activations.
+
+    W[n, k] ≈ scale[n] * q[n, k],   q in -127..127,  scale[n] = max_k |W[n, k]| / 127
+
+On CPU with bfloat16 activations and few rows (decode) the matmul is
+`aten._weight_int8pack_mm`, which reads the int8 codes and never a dequantized copy; its
+time grows linearly with the rows, so from KERNEL_MAX_ROWS rows on (prefill, big decode
+batches) casting the codes once and running one bf16 GEMM is faster. That path, also used
+for float32 and CUDA, applies the scale to the output: `(x @ q^T) * scale = x @ (scale q)^T`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pinnace.runtime.layers.quantization.int4 import aligned
+
+# Measured on AVX-512 (hack/bench/quantization.py notes): _weight_int8pack_mm at 16 rows is
+# already slower than cast + GEMM for SmolLM2's layer shapes.
+KERNEL_MAX_ROWS = 16
+
+
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """A Parameter without gradient (kept as is when it already is one, so it can be shared).
+
+    Quantized codes are Parameters rather than buffers so that summing a model's parameters
+    gives its real weight memory, and so that tied layers share them.
+    """
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 codes [N, K], float32 scales [N]), round to nearest."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8Linear(nn.Module):
+    def __init__(
+        self,
+        codes: torch.Tensor,  # a Parameter is kept as is (shared with a tied embedding)
+        scale: torch.Tensor,
+        bias: nn.Parameter | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.weight = frozen(codes)
+        self.weight_scale = frozen(scale.to(dtype))
+        self.bias = bias
+        # The kernel reads 16 values per vector load from 32-byte aligned rows.
+        self.use_kernel = (
+            codes.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and self.in_features % 16 == 0
+            and codes.data_ptr() % 64 == 0
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and x2.dtype == torch.bfloat16 and x2.shape[0] < KERNEL_MAX_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(aligned(x2), self.weight, self.weight_scale)
+        else:
+            out = F.linear(x2, self.weight.to(x2.dtype)) * self.weight_scale.to(x2.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.float()[:, None]
+
+    def extra_repr(self) -> str:
+        kernel = "cpu_int8pack" if self.use_kernel else "dequantize"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
