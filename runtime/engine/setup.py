@@ -6,8 +6,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pinnace.runtime.layers.attention_backend import get_attention_backend
+from pinnace.runtime.layers.quantization.config import resolve_quantization
+from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes
 from pinnace.runtime.worker.model_runner import ModelRunner
@@ -27,6 +30,8 @@ class EngineParts:
     num_blocks: int
     max_model_len: int
     weight_bytes: int
+    quantization: str | None = None  # the method in use (None: float weights)
+    kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,11 +49,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device)
     ckpt = open_checkpoint(config.model, config.chat_template)
     dtype = resolve_dtype(config.dtype, ckpt, device)
+    quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
     max_model_len = config.max_model_len or model_max
-    model = build_model(ckpt, dtype, device, max_positions=max(max_model_len, model_max))
+    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant)
+    # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    num_blocks = _num_kv_blocks(config, ckpt, dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
+    num_blocks = _num_kv_blocks(config, ckpt, kv_dtype, device)
     capacity = num_blocks * config.block_size
     if max_model_len > capacity:
         if config.max_model_len is not None:
@@ -61,32 +69,41 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             "max_model_len lowered from %d to the KV capacity %d", max_model_len, capacity
         )
         max_model_len = capacity
-    kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, dtype, device)
+    kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, kv_dtype, device)
     backend = get_attention_backend(config.attention_backend, device)
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
     runner = ModelRunner(model, kv_caches, config.block_size, backend, sampler, device)
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
+    method = quant.method if quant is not None else None
     logger.info(
-        "Loaded %s (%s, %s) from %s on %s: %.1f MiB of weights, attention backend %s",
-        arch, ckpt.format, str(dtype).removeprefix("torch."), config.model, device,
-        weight_bytes / 2**20, backend.name,
+        "Loaded %s (%s, %s) from %s on %s: %.1f MiB of weights (quantization: %s), "
+        "attention backend %s",
+        arch, ckpt.format, _name(dtype), config.model, device,
+        weight_bytes / 2**20, method or "none", backend.name,
     )  # fmt: skip
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
+        "KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
         "maximum concurrency at full length: %.1fx",
-        num_blocks, config.block_size, capacity,
-        num_blocks * block_bytes(ckpt.config, config.block_size, dtype) / GiB,
+        _name(kv_dtype), num_blocks, config.block_size, capacity,
+        num_blocks * block_bytes(ckpt.config, config.block_size, kv_dtype) / GiB,
         max_model_len, capacity / max_model_len,
     )  # fmt: skip
-    return EngineParts(ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes)
+    return EngineParts(
+        ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes, method, kv_dtype
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _num_kv_blocks(
-    config: EngineConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device
+    config: EngineConfig, ckpt: Checkpoint, kv_dtype: torch.dtype, device: torch.device
 ) -> int:
+    """Blocks the budget holds at `kv_dtype` (an FP8 cache gets twice the blocks)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = block_bytes(ckpt.config, config.block_size, dtype)
+    per_block = block_bytes(ckpt.config, config.block_size, kv_dtype)
     if device.type == "cuda":
         budget = _cuda_kv_budget(config, device)
     else:

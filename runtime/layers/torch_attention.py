@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
+from pinnace.runtime.layers.quantization.kv_cache import read_kv, write_kv
 
 
 @dataclass
@@ -98,10 +99,10 @@ class TorchAttentionBackend(AttentionBackend):
         sliding_window: int | None,
     ) -> torch.Tensor:
         m = metadata
-        kv_cache[0].index_copy_(0, m.slot_mapping, k.to(kv_cache.dtype))
-        kv_cache[1].index_copy_(0, m.slot_mapping, v.to(kv_cache.dtype))
-        k_pad = _gather(kv_cache[0], m).to(q.dtype)  # [B, max_kv, Hkv, D]
-        v_pad = _gather(kv_cache[1], m).to(q.dtype)
+        write_kv(kv_cache[0], m.slot_mapping, k)  # an FP8 cache stores scaled e4m3
+        write_kv(kv_cache[1], m.slot_mapping, v)
+        k_pad = read_kv(_gather(kv_cache[0], m), q.dtype)  # [B, max_kv, Hkv, D]
+        v_pad = read_kv(_gather(kv_cache[1], m), q.dtype)
         mask = m.mask(sliding_window)
         if m.is_decode:
             return _decode_attention(q, k_pad, v_pad, mask, scale)

@@ -19,13 +19,19 @@ one tensor in float32, not the whole model.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
+from gguf import (
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFReader,
+    ReaderTensor,
+    get_tensor_name_map,
+)
 from gguf.quants import dequantize
 from transformers import (
     AutoConfig,
@@ -35,6 +41,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+
+from pinnace.runtime.layers.quantization.config import GGUF_INT4_TYPES
+from pinnace.runtime.layers.quantization.gguf import GGUFBlocks
 
 # HF `model_type` (as transformers derives it from the file) -> the class the engine builds.
 # Keys of `_QK_PERMUTED` / `SUPPORTED_ARCHITECTURES` are GGUF `general.architecture` values.
@@ -77,17 +86,44 @@ class GGUFCheckpoint:
         Each tensor is a fresh CPU tensor the caller owns (never a view of the mapped file).
         `lm_head.weight` appears only when the file has its own output matrix (untied).
         """
-        if not dtype.is_floating_point:
-            raise ValueError(f"GGUF weights dequantize to a floating dtype, not {dtype}.")
+        _check_float(dtype)
         for tensor in self._reader.tensors:
-            # float32 numpy in torch order ([out_features, in_features] for a linear weight)
-            values = dequantize(tensor.data, tensor.tensor_type)
-            # Undo llama.cpp's q/k row interleaving; transformers' own code, so the result is
-            # bit-identical to `from_pretrained(..., gguf_file=)`.
-            values = self._processor.process(weights=values, name=tensor.name).weights
-            # F32 tensors are still read-only views of the mapped file: copy those (only).
-            values = np.require(values, requirements=["C", "W"])
-            yield self._hf_names[tensor.name], torch.from_numpy(values).to(dtype)
+            yield self._hf_names[tensor.name], self._dequantized(tensor, dtype)
+
+    def weights_keeping_4bit(
+        self, dtype: torch.dtype, keep: Collection[str]
+    ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """Like `weights`, but the tensors named in `keep` that are stored as Q4_0, Q4_1 or
+        Q4_K come as their raw blocks (rows in HF order), to be kept 4-bit."""
+        _check_float(dtype)
+        for tensor in self._reader.tensors:
+            name = self._hf_names[tensor.name]
+            if name in keep and tensor.tensor_type.name in GGUF_INT4_TYPES:
+                yield name, self._blocks(tensor)
+            else:
+                yield name, self._dequantized(tensor, dtype)
+
+    def _dequantized(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+        # float32 numpy in torch order ([out_features, in_features] for a linear weight)
+        values = dequantize(tensor.data, tensor.tensor_type)
+        # Undo llama.cpp's q/k row interleaving; transformers' own code, so the result is
+        # bit-identical to `from_pretrained(..., gguf_file=)`.
+        values = self._processor.process(weights=values, name=tensor.name).weights
+        # F32 tensors are still read-only views of the mapped file: copy those (only).
+        values = np.require(values, requirements=["C", "W"])
+        return torch.from_numpy(values).to(dtype)
+
+    def _blocks(self, tensor: ReaderTensor) -> GGUFBlocks:
+        # [rows, bytes per row]: the q/k row interleaving is undone on whole rows of blocks.
+        raw = self._processor.process(weights=np.asarray(tensor.data), name=tensor.name).weights
+        raw = np.require(raw, requirements=["C", "W"])  # a copy, not the mapped file
+        columns = int(tensor.shape[0])  # ggml lists dimensions innermost first
+        return GGUFBlocks(tensor.tensor_type.name, raw, (raw.shape[0], columns))
+
+
+def _check_float(dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point:
+        raise ValueError(f"GGUF weights dequantize to a floating dtype, not {dtype}.")
 
 
 def is_gguf(path: str) -> bool:

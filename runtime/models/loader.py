@@ -6,16 +6,29 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pinnace.runtime.layers.linear import can_pack, pack_linears
-from pinnace.runtime.models.registry import resolve_model_class
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from pinnace.runtime.layers.linear import can_pack, pack_linears
+from pinnace.runtime.layers.quantization.config import (
+    GGUF_FLOAT_TYPES,
+    GGUF_INT4_TYPES,
+    QuantizationConfig,
+)
+from pinnace.runtime.layers.quantization.convert import quantize_linears
+from pinnace.runtime.layers.quantization.loading import QuantizedWeightRouter, install_shells
+from pinnace.runtime.models.llama import PACKED_SHARDS
+from pinnace.runtime.models.registry import resolve_model_class
+
+if TYPE_CHECKING:
+    from pinnace.runtime.models.gguf_loader import GGUFCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +46,7 @@ class Checkpoint:
     weights: Callable[[torch.dtype], WeightIterator]  # HF-named tensors, lazily
     checkpoint_dtype: torch.dtype | None  # as stored (None: quantized / unknown)
     format: str  # "safetensors" or "gguf"
+    gguf: GGUFCheckpoint | None = None  # the opened file, for loading its blocks as they are
 
 
 def open_checkpoint(path: str, chat_template: str | None = None) -> Checkpoint:
@@ -64,6 +78,7 @@ def _open_gguf(path: str) -> Checkpoint:
         weights=gguf.weights,
         checkpoint_dtype=None,
         format="gguf",
+        gguf=gguf,
     )
 
 
@@ -100,11 +115,20 @@ def _safetensors_files(path: str) -> list[str]:
     return files
 
 
+# Quantization metadata keeps its stored precision: scales feed an exact dequantization.
+_KEEP_STORED_DTYPE = (".scales", ".weight_scale", ".weight_scale_inv", ".input_scale")
+
+
 def _iter_safetensors(files: list[str], dtype: torch.dtype) -> WeightIterator:
+    """Float tensors converted to `dtype`; integer codes, FP8 codes and scales as stored."""
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name).to(dtype)
+                tensor = f.get_tensor(name)
+                is_code = not tensor.is_floating_point() or tensor.element_size() == 1
+                if not is_code and not name.endswith(_KEEP_STORED_DTYPE):
+                    tensor = tensor.to(dtype)
+                yield name, tensor
 
 
 def _eos_token_ids(
@@ -147,20 +171,85 @@ def resolve_dtype(dtype: str | torch.dtype, ckpt: Checkpoint, device: torch.devi
 
 
 def build_model(
-    ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: QuantizationConfig | None = None,
 ) -> nn.Module:
-    """Construct on the meta device (no random init), materialise, then stream weights in."""
+    """Construct on the meta device (no random init), materialise, then stream weights in.
+
+    With `quantization`, layers stored quantized load through shells and a router (no float
+    copy of them is ever made), and int8 / fp8 quantize the float weights after loading.
+    A quantized model is assembled on the CPU and moved to `device` last, so a GPU only
+    ever holds the quantized weights.
+    """
     cls = resolve_model_class(getattr(ckpt.config, "architectures", None))
     with torch.device("meta"):
         model = cls(ckpt.config, max_positions)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.rotary.build_tables(device)  # type: ignore[operator, union-attr]
+    quant = quantization
+    shells = install_shells(model) if quant is not None and quant.from_checkpoint else {}
+    load_device = device if quant is None else torch.device("cpu")
+    model = model.to(dtype=dtype).to_empty(device=load_device)
     model.tie_weights()  # type: ignore[operator]
-    weights = tqdm(ckpt.weights(dtype), desc="Loading weights", unit=" tensors", leave=False)
+    weights: Iterable[tuple[str, Any]] = _weight_stream(ckpt, dtype, quant)
+    weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False)
+    router = None
+    if quant is not None and shells:
+        router = QuantizedWeightRouter(model, shells, quant, PACKED_SHARDS, dtype, device)
+        weights = router.route(weights)
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = model.expected_weights() - loaded  # type: ignore[operator]
     if missing:
         raise ValueError(f"checkpoint {ckpt.path!r} lacks weights: {sorted(missing)[:8]}")
+    if router is not None:
+        router.finish()
+    if quant is not None:
+        _quantize_float_layers(model, ckpt, quant, device)
+        model.to(device)
+    model.rotary.build_tables(device)  # type: ignore[operator, union-attr]
     if can_pack(device, dtype):
-        pack_linears(model)
+        pack_linears(model)  # the layers still in bfloat16
     return model.eval()
+
+
+def _weight_stream(
+    ckpt: Checkpoint, dtype: torch.dtype, quant: QuantizationConfig | None
+) -> Iterable[tuple[str, Any]]:
+    if quant is None or quant.method != "gguf" or ckpt.gguf is None:
+        return ckpt.weights(dtype)
+    return ckpt.gguf.weights_keeping_4bit(dtype, _gguf_kept_4bit(ckpt.gguf))
+
+
+def _gguf_kept_4bit(gguf: GGUFCheckpoint) -> set[str]:
+    """Linear weights stored in a 4-bit ggml type (the embedding is looked up, not kept)."""
+    return {
+        name
+        for name, kind in gguf.tensor_types.items()
+        if kind in GGUF_INT4_TYPES and name != "model.embed_tokens.weight"
+    }
+
+
+def _quantize_float_layers(
+    model: nn.Module, ckpt: Checkpoint, quant: QuantizationConfig, device: torch.device
+) -> None:
+    """int8 / fp8: every linear layer and embedding. gguf: the layers stored in a ggml type
+    with no exact 4-bit form (Q8_0, Q5_*, Q6_K), as int8."""
+    if quant.quantizes_at_load:
+        quantize_linears(model, quant.method, device)
+    elif quant.method == "gguf" and ckpt.gguf is not None:
+        kept = _gguf_kept_4bit(ckpt.gguf)
+        only = {
+            _module_path(name)
+            for name, kind in ckpt.gguf.tensor_types.items()
+            if kind not in GGUF_FLOAT_TYPES and name not in kept
+        }
+        quantize_linears(model, "int8", device, only)
+
+
+def _module_path(hf_name: str) -> str:
+    """HF parameter name -> our module path (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    parts = hf_name.split(".")[:-1]
+    if parts and parts[-1] in PACKED_SHARDS:
+        parts[-1] = PACKED_SHARDS[parts[-1]][0]
+    return ".".join(parts)

@@ -15,6 +15,7 @@ def kv_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
 
 
 def block_bytes(config: PretrainedConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block of every layer at cache dtype `dtype` (FP8: 1 B/value)."""
     layers, kv_heads, head_dim = kv_geometry(config)
     return 2 * layers * block_size * kv_heads * head_dim * dtype.itemsize
 
@@ -26,7 +27,11 @@ def allocate_kv_caches(
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """Per layer [2, num_blocks * block_size, Hkv, D]: K and V, addressed by slot."""
+    """Per layer [2, num_blocks * block_size, Hkv, D]: K and V, addressed by slot.
+
+    `dtype` is the cache dtype: the model's, or float8_e4m3fn for an FP8 cache (written and
+    read through layers.quantization.kv_cache, which applies its scale).
+    """
     layers, kv_heads, head_dim = kv_geometry(config)
     shape = (2, num_blocks * block_size, kv_heads, head_dim)
     # zeros, not empty: padded key positions are masked, but 0 * NaN garbage would still
