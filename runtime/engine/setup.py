@@ -12,7 +12,7 @@ from pinnace.runtime.layers.attention_backend import get_attention_backend
 from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
-from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes
+from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes, kv_geometry
 from pinnace.runtime.worker.model_runner import ModelRunner
 from pinnace.runtime.worker.sampler import Sampler
 
@@ -70,7 +70,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         )
         max_model_len = capacity
     kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, kv_dtype, device)
-    backend = get_attention_backend(config.attention_backend, device)
+    backend = get_attention_backend(config.attention_backend, device, kv_geometry(ckpt.config)[1])
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
     runner = ModelRunner(model, kv_caches, config.block_size, backend, sampler, device)
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]

@@ -19,6 +19,9 @@ import torch
 class BatchLayout:
     """Per-step batch description shared by all backends (host-side lists + device tensors).
 
+    How a layer's K/V tensor is laid out inside is the backend's own business; slots and
+    block ids are the shared vocabulary.
+
     Tokens of all requests are flattened: request b owns rows
     query_start_loc[b] : query_start_loc[b + 1] of q/k/v.
     """
@@ -55,11 +58,11 @@ class AttentionBackend(ABC):
         ...
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+def get_attention_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
     """Pick a backend by name. Only the portable torch backend exists so far; "auto" is
     where a FlashInfer backend on CUDA will be preferred once it lands."""
     from pinnace.runtime.layers.torch_attention import TorchAttentionBackend
 
     if name in ("auto", "torch"):
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(num_kv_heads)
     raise ValueError(f"unknown attention backend {name!r}; supported: auto, torch.")

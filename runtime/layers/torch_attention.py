@@ -1,14 +1,17 @@
 """Portable attention backend on plain torch ops (CPU and CUDA).
 
-Per layer, the step's K/V are first written to their cache slots, then each request's
-context is gathered block by block from its block table and padded into one batch:
+The cache tensor of each layer's K (and V) is laid out in head-major blocks, so that one
+gather yields every request's context already in the [B, Hkv, L, D] shape attention
+wants (no transposing copy):
 
-    kv_cache[i]     [num_blocks * bs, Hkv, D]   viewed as [num_blocks, bs * Hkv * D]
-    gather          [B, max_blocks] block ids -> k_pad [B, max_blocks * bs, Hkv, D]
-    mask            [B, 1, max_q, max_kv]  causal (query position = computed + j), within
-                                           seq_len, and within the sliding window if any
+    cache rows      [num_blocks * Hkv, bs * D]   row (block * Hkv + h) = head h of a block
+    write           token at slot (block, off) -> row (block * Hkv + h), offset off
+    gather          idx[b, h, n] = block_tables[b, n] * Hkv + h -> [B, Hkv, n_blk * bs, D]
+    mask            [B, 1, max_q, L]  causal (query position = computed + j), within
+                                      seq_len, and within the sliding window if any
 
-Decode-only steps (every query length 1) take a bmm path with grouped heads; steps with
+Per layer the step's K/V are written first, then read (AttentionBackend's invariant).
+Decode-only steps (every query length 1) use a matmul path with grouped heads; steps with
 prefill chunks use scaled_dot_product_attention on padded queries.
 """
 
@@ -25,16 +28,15 @@ from pinnace.runtime.layers.quantization.kv_cache import read_kv, write_kv
 
 @dataclass
 class TorchAttentionMetadata:
-    slot_mapping: torch.Tensor  # [T]
-    block_tables: torch.Tensor  # [B, max_blocks] (0 where padded: masked out)
-    block_size: int
-    max_kv: int
+    write_rows: torch.Tensor  # [T * Hkv] row of the [num_slots * Hkv, D] view per new k/v
+    gather_rows: torch.Tensor  # [B, Hkv, n_blk] row of the [num_blocks * Hkv, bs * D] view
     q_pos: torch.Tensor  # [B, max_q] absolute position of each padded query
-    kv_pos: torch.Tensor  # [max_kv]
+    kv_pos: torch.Tensor  # [L] with L = n_blk * bs
     q_gather: torch.Tensor | None  # [B * max_q] flat row per padded query; None if decode
     q_scatter: torch.Tensor | None  # [T] padded row per flat token
     max_q: int
-    causal_mask: torch.Tensor  # [B, 1, max_q, max_kv] without sliding window
+    block_size: int
+    causal_mask: torch.Tensor  # [B, 1, max_q, L] without sliding window
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -54,17 +56,26 @@ class TorchAttentionMetadata:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, num_kv_heads: int) -> None:
+        self.num_kv_heads = num_kv_heads
+
     def build_metadata(self, layout: BatchLayout) -> TorchAttentionMetadata:
-        dev = layout.device
+        dev, bs, kv_heads = layout.device, layout.block_size, self.num_kv_heads
         seq_lens = layout.seq_lens
-        max_q, max_kv = max(layout.query_lens), max(seq_lens)
-        bs = layout.block_size
-        max_blocks = -(-max_kv // bs)
-        tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.long)
+        max_q = max(layout.query_lens)
+        num_blk = -(-max(seq_lens) // bs)
+        tables = torch.zeros(len(seq_lens), num_blk, dtype=torch.long)
         for b, table in enumerate(layout.block_tables):
-            n = min(len(table), max_blocks)
+            n = min(len(table), num_blk)
             tables[b, :n] = torch.tensor(table[:n], dtype=torch.long)
-        kv_pos = torch.arange(max_kv)
+        heads = torch.arange(kv_heads)
+        gather_rows = tables[:, None, :] * kv_heads + heads[None, :, None]
+        slots = layout.slot_mapping.cpu()
+        # (block * Hkv + h) * bs + off, with block = slot // bs and off = slot % bs
+        write_rows = ((slots // bs)[:, None] * kv_heads + heads[None, :]) * bs + (slots % bs)[
+            :, None
+        ]
+        kv_pos = torch.arange(num_blk * bs)
         computed = torch.tensor(layout.num_computed_tokens, dtype=torch.long)
         seq_t = torch.tensor(seq_lens, dtype=torch.long)
         q_pos = computed[:, None] + torch.arange(max_q)[None, :]
@@ -76,15 +87,14 @@ class TorchAttentionBackend(AttentionBackend):
             q_gather, q_scatter = _padding_indices(layout.query_lens, max_q)
             q_gather, q_scatter = q_gather.to(dev), q_scatter.to(dev)
         return TorchAttentionMetadata(
-            slot_mapping=layout.slot_mapping,
-            block_tables=tables.to(dev),
-            block_size=bs,
-            max_kv=max_kv,
+            write_rows=write_rows.reshape(-1).to(dev),
+            gather_rows=gather_rows.to(dev),
             q_pos=q_pos.to(dev),
             kv_pos=kv_pos.to(dev),
             q_gather=q_gather,
             q_scatter=q_scatter,
             max_q=max_q,
+            block_size=bs,
             causal_mask=mask[:, None].to(dev),
         )
 
@@ -99,47 +109,49 @@ class TorchAttentionBackend(AttentionBackend):
         sliding_window: int | None,
     ) -> torch.Tensor:
         m = metadata
-        write_kv(kv_cache[0], m.slot_mapping, k)  # an FP8 cache stores scaled e4m3
-        write_kv(kv_cache[1], m.slot_mapping, v)
-        k_pad = read_kv(_gather(kv_cache[0], m), q.dtype)  # [B, max_kv, Hkv, D]
-        v_pad = read_kv(_gather(kv_cache[1], m), q.dtype)
+        head_dim = k.shape[-1]
+        # The layer's tensor is [num_slots, Hkv, D] by allocation; its rows are ours to lay out.
+        write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
+        write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
+        k_ctx = read_kv(_gather(kv_cache[0], m), q.dtype)  # [B, Hkv, L, D]
+        v_ctx = read_kv(_gather(kv_cache[1], m), q.dtype)
         mask = m.mask(sliding_window)
         if m.is_decode:
-            return _decode_attention(q, k_pad, v_pad, mask, scale)
-        num_reqs, num_heads, head_dim = k_pad.shape[0], q.shape[1], q.shape[2]
+            return _decode_attention(q, k_ctx, v_ctx, mask, scale)
+        num_reqs, num_heads = k_ctx.shape[0], q.shape[1]
         q_pad = q[m.q_gather].view(num_reqs, m.max_q, num_heads, head_dim)
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),
-            k_pad.transpose(1, 2),
-            v_pad.transpose(1, 2),
+            k_ctx,
+            v_ctx,
             attn_mask=mask,
             scale=scale,
-            enable_gqa=num_heads != k_pad.shape[2],
+            enable_gqa=num_heads != k_ctx.shape[1],
         )  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(num_reqs * m.max_q, num_heads, head_dim)
         return out[m.q_scatter]
 
 
 def _gather(cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:
-    """[num_slots, Hkv, D] cache -> [B, max_kv, Hkv, D], copying whole blocks at a time."""
-    num_slots, kv_heads, head_dim = cache.shape
-    blocks = cache.view(num_slots // m.block_size, m.block_size * kv_heads * head_dim)
-    out = blocks[m.block_tables]  # [B, max_blocks, bs * Hkv * D]
-    return out.view(out.shape[0], -1, kv_heads, head_dim)[:, : m.max_kv]
+    """A layer's K or V -> [B, Hkv, L, D], one (block, head) row of bs * D values at a time."""
+    head_dim = cache.shape[-1]
+    block_rows = cache.view(-1, m.block_size * head_dim)  # [num_blocks * Hkv, bs * D]
+    out = block_rows[m.gather_rows]  # [B, Hkv, n_blk, bs * D]
+    return out.view(out.shape[0], out.shape[1], -1, head_dim)
 
 
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per request. q: [B, H, D]; k/v: [B, L, Hkv, D]; mask: [B, 1, 1, L]."""
+    """One query per request. q: [B, H, D]; k/v: [B, Hkv, L, D]; mask: [B, 1, 1, L]."""
     num_reqs, num_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     group = num_heads // kv_heads
     qg = q.view(num_reqs, kv_heads, group, head_dim)  # heads h = kv_head * group + g
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G, D]
+    out = torch.matmul(probs, v)  # [B, Hkv, G, D]
     return out.reshape(num_reqs, num_heads, head_dim)
 
 
