@@ -48,6 +48,12 @@ def save_peft_adapter(base: Path, out: Path, seed: int, **lora_config: Any) -> P
 
 
 @pytest.fixture(scope="session")
+def save_adapter() -> Callable[..., Path]:
+    """save_adapter(base, out, seed, **LoraConfig fields) -> a PEFT adapter folder."""
+    return save_peft_adapter
+
+
+@pytest.fixture(scope="session")
 def lora_base(make_tiny_model: Callable[[str], Path]) -> Path:
     return make_tiny_model("LlamaForCausalLM")
 
@@ -69,6 +75,11 @@ def lora_prompts() -> list[list[int]]:
     prompts = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in lengths]
     prompts[3][:20] = prompts[2][:20]
     return prompts
+
+
+@pytest.fixture(scope="session", name="hf_greedy")
+def hf_greedy_fixture() -> Callable[[torch.nn.Module, list[int], int], list[int]]:
+    return hf_greedy
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:

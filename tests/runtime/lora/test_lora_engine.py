@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pinnace.runtime import LLM, LoRARequest, SamplingParams
 
@@ -180,3 +181,26 @@ def test_lora_options_are_validated(lora_base: Path, options: dict, needle: str)
 def test_lora_request_is_validated(bad: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         LoRARequest(**bad)
+
+
+def test_qwen3_all_seven_targets_match_transformers_peft(
+    make_tiny_model: Any, tmp_path: Path, lora_prompts: list, save_adapter: Any, hf_greedy: Any
+) -> None:
+    # Qwen3: head_dim 32 (so q is 128 wide on a 64-wide model) and q/k norms after qkv.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model("Qwen3ForCausalLM")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    path = save_adapter(base, tmp_path / "all", seed=3, r=8, lora_alpha=32,
+                        use_rslora=True, target_modules=targets)  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, path).eval()
+    prompts = lora_prompts[1:3]
+    expected = [hf_greedy(peft_model, p, NEW_TOKENS) for p in prompts]
+    llm = make_llm(base, max_lora_rank=8)
+    outs = llm.generate(
+        prompts, PARAMS, use_tqdm=False, lora_request=LoRARequest("all", 1, str(path))
+    )
+    assert tokens(outs) == expected
+    assert tokens(llm.generate(prompts, PARAMS, use_tqdm=False)) != expected
