@@ -10,6 +10,10 @@ ggml blocks. This module turns it into the pieces the engine's loader consumes:
     for name, tensor in ckpt.weights(torch.bfloat16):  # HF names and layout, one at a time
         ...
 
+With quantization="gguf" the loader asks for `weights_keeping_4bit(dtype, names)` instead:
+Q4_0 / Q4_1 / Q4_K matrices among `names` then come as their raw blocks (GGUFBlocks) and
+are kept 4-bit (layers.quantization.gguf); everything else is dequantized as above.
+
 Config and tokenizer come from transformers' GGUF support, so they match what
 `from_pretrained(..., gguf_file=)` gives. Tensors are read through `gguf.GGUFReader`, which
 memory-maps the file, and dequantized one at a time with `gguf.quants.dequantize`: peak memory is

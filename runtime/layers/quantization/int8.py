@@ -17,8 +17,8 @@ from torch import nn
 
 from pinnace.runtime.layers.quantization.int4 import aligned
 
-# Measured on AVX-512 (hack/bench/quantization.py notes): _weight_int8pack_mm at 16 rows is
-# already slower than cast + GEMM for SmolLM2's layer shapes.
+# _weight_int8pack_mm's time is linear in the rows; measured single-threaded on AVX-512 for
+# SmolLM2's layer shapes it loses to cast + GEMM from about 16 rows on.
 KERNEL_MAX_ROWS = 16
 
 

@@ -241,3 +241,25 @@ def test_fp8_kv_cache_round_trip_and_saturation() -> None:
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype 'int4' is not one of"):
         resolve_kv_cache_dtype("int4", torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): FP8 tensor-core matmul, dequantizing paths of int8 / 4-bit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_int8_int4_layers_match_their_dequantized_weights() -> None:
+    cuda = torch.device("cuda")
+    w = torch.randn(256, 512, device=cuda)
+    x = torch.randn(8, 512, device=cuda, dtype=torch.bfloat16)
+    fp8 = Fp8Linear(*quantize_fp8(w), None)
+    # Activations are quantized per token for the FP8 tensor-core path: a looser bound.
+    assert _rel_err(fp8(x), x.float() @ fp8.dequantized_weight().T) < 0.05
+    int8 = Int8Linear(*quantize_int8(w), None, torch.bfloat16)
+    assert not int8.use_kernel
+    assert _rel_err(int8(x), x.float() @ int8.dequantized_weight().T) < 0.02
+    weight = _int4_weight(256, 512, 128, perm=True)
+    int4 = Int4Linear(weight, None, torch.bfloat16, cuda)
+    assert not int4.use_kernel
+    assert _rel_err(int4(x), x.float() @ weight.dequantize().to(cuda).T) < 0.02
