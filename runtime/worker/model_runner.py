@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
+
 from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow
-from torch import nn
 
 
 class ModelRunner:
