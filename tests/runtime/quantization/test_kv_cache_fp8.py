@@ -47,10 +47,15 @@ def test_fp8_cache_doubles_the_blocks_of_a_budget(make_tiny_model: Callable[[str
 def test_fp8_cache_keeps_greedy_tokens_on_the_real_model(
     reuse_checkpoint: str, smollm2_checkpoint: Any, model_eval: SimpleNamespace
 ) -> None:
-    """Token agreement, teacher-forced: at each position of a greedy continuation, does the
-    model pick the same next token with the other cache? (Free-running sequences diverge for
-    good after the first near-tie flips, so position-by-position comparison of two free runs
-    mostly measures where that happened; it is printed for reference.)"""
+    """Token agreement, teacher-forced: at each position of one run's greedy continuation, does
+    the model pick the same next token with the other cache? Measured both ways.
+
+    Free-running sequences diverge for good after the first near-tie flips, so comparing two
+    free runs position by position mostly measures where that happened (printed only). For
+    scale: recomputing the bf16 run through the prefill path with a bf16 cache agrees on
+    ~97.7 % of tokens (SmolLM2-135M has many near-ties at bf16 logit resolution); the fp8
+    cache measured 95-96 % both ways here, not far above the 95 % bar.
+    """
     tok = smollm2_checkpoint.tokenizer
     prompts = [
         tok.encode(
@@ -85,12 +90,11 @@ def test_fp8_cache_keeps_greedy_tokens_on_the_real_model(
 
     fp8_vs_bf16_run = agreement("bf16", torch.float8_e4m3fn)
     bf16_vs_fp8_run = agreement("fp8", torch.bfloat16)
-    noise_floor = agreement("bf16", torch.bfloat16)  # prefill recomputation of the same run
     pairs = zip(runs["bf16"], runs["fp8"], strict=True)
     free = [a == b for x, y in pairs for a, b in zip(x, y, strict=True)]
     print(
         f"\nteacher-forced greedy agreement: fp8 cache on the bf16 run {fp8_vs_bf16_run:.3f}, "
-        f"bf16 cache on the fp8 run {bf16_vs_fp8_run:.3f} (bf16 recomputed: {noise_floor:.3f}); "
+        f"bf16 cache on the fp8 run {bf16_vs_fp8_run:.3f}; "
         f"free-running position agreement {sum(free) / len(free):.3f}"
     )
     assert min(fp8_vs_bf16_run, bf16_vs_fp8_run) >= 0.95
