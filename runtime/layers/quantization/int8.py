@@ -2,11 +2,14 @@
 
     W[n, k] ≈ scale[n] * q[n, k],   q in -127..127,  scale[n] = max_k |W[n, k]| / 127
 
-On CPU with bfloat16 activations and few rows (decode) the matmul is
-`aten._weight_int8pack_mm`, which reads the int8 codes and never a dequantized copy; its
-time grows linearly with the rows, so from KERNEL_MAX_ROWS rows on (prefill, big decode
-batches) casting the codes once and running one bf16 GEMM is faster. That path, also used
-for float32 and CUDA, applies the scale to the output: `(x @ q^T) * scale = x @ (scale q)^T`.
+On CPU with bfloat16 activations the matmul depends on the rows (tokens) in the step:
+- 1-2 rows (batch-1/2 decode): our AVX-512 VNNI kernel (kernels/int8_gemv.c), which never
+  converts the weights and runs at memory bandwidth — where decode gets faster than bf16;
+- up to KERNEL_MAX_ROWS: `aten._weight_int8pack_mm`, which reads the int8 codes and never
+  a dequantized copy but converts each to float, so its time grows with the rows;
+- more rows (prefill, big decode batches): cast the codes once and run one bf16 GEMM.
+That last path, also used for float32 and CUDA, applies the scale to the output:
+`(x @ q^T) * scale = x @ (scale q)^T`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinnace.runtime.kernels.int8_gemv import MAX_ROWS as NATIVE_MAX_ROWS
+from pinnace.runtime.kernels.int8_gemv import int8_gemv
 from pinnace.runtime.layers.quantization.int4 import aligned
 
 # _weight_int8pack_mm's time is linear in the rows; measured single-threaded on AVX-512 for
@@ -62,11 +67,30 @@ class Int8Linear(nn.Module):
             and self.in_features % 16 == 0
             and codes.data_ptr() % 64 == 0
         )
+        self.native = int8_gemv() if self.use_kernel else None
+        # The native kernel's float32 scales and offset correction (see int8_gemv.c); tiny.
+        self.scale_f32: torch.Tensor | None
+        self.rowsum: torch.Tensor | None
+        self.register_buffer(
+            "scale_f32", None if self.native is None else scale.to(dtype).float(), False
+        )
+        self.register_buffer(
+            "rowsum", None if self.native is None else codes.sum(1, dtype=torch.int32), False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.dtype == torch.bfloat16 and x2.shape[0] < KERNEL_MAX_ROWS:
+        rows = x2.shape[0]
+        if (
+            self.native is not None
+            and self.scale_f32 is not None
+            and self.rowsum is not None
+            and x2.dtype == torch.bfloat16
+            and rows <= NATIVE_MAX_ROWS
+        ):
+            out = self.native(x2, self.weight, self.scale_f32, self.rowsum)
+        elif self.use_kernel and x2.dtype == torch.bfloat16 and rows < KERNEL_MAX_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(aligned(x2), self.weight, self.weight_scale)
         else:
             out = F.linear(x2, self.weight.to(x2.dtype)) * self.weight_scale.to(x2.dtype)
@@ -79,4 +103,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = "cpu_int8pack" if self.use_kernel else "dequantize"
+        if self.native is not None:
+            kernel = f"native_vnni (<= {NATIVE_MAX_ROWS} rows), {kernel}"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
