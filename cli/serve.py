@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pinnace.runtime.config import EngineConfig
@@ -166,8 +165,15 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
 
 
 def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
-    later.add_argument("--quantization", default=None, help="weight quantization method")
-    later.add_argument("--kv-cache-dtype", default="auto", help="KV cache element type")
+    later.add_argument(
+        "--quantization",
+        default=None,
+        help="int8 | fp8 (quantized at load), gguf (keep a GGUF's 4-bit blocks); gptq, awq "
+        "and fp8 checkpoints are detected from config.json",
+    )
+    later.add_argument(
+        "--kv-cache-dtype", default="auto", help="auto | fp8 (scaled e4m3, half the memory)"
+    )
     later.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1")
 
 
@@ -246,7 +252,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}.")
     config = EngineConfig(
-        **_kv_cache_dtype_option(EngineConfig, args.kv_cache_dtype),
+        kv_cache_dtype=args.kv_cache_dtype,
         model=model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -275,15 +281,6 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         lora_modules=lora_modules,
     )
     return config, settings
-
-
-def _kv_cache_dtype_option(config_class: type, value: str) -> dict[str, Any]:
-    """Pass --kv-cache-dtype on where the engine has the option; otherwise only 'auto'."""
-    if any(f.name == "kv_cache_dtype" for f in dataclasses.fields(config_class)):
-        return {"kv_cache_dtype": value}
-    if value != "auto":
-        raise ValueError(f"--kv-cache-dtype {value!r} is not supported yet.")
-    return {}
 
 
 def _looks_like_path(value: str) -> bool:

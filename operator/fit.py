@@ -24,7 +24,8 @@ GIB = 1024**3
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 # Bytes per weight; "auto" is assumed to load as bfloat16.
 _DTYPE_BYTES = {"auto": 2.0, "float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
-_QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "gptq": 0.5, "awq": 0.5}
+# gguf: 4-bit blocks stay 4-bit (Q4_*), other block types become int8; 4.5 bits is Q4_1's.
+_QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "gptq": 0.5, "awq": 0.5, "gguf": 0.5625}
 
 
 @dataclass(frozen=True)

@@ -152,8 +152,6 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
         problems.append(
             "engine.kvCacheMemory is the CPU KV budget; with GPUs use engine.gpuMemoryUtilization"
         )
-    if engine.quantization in ("gptq", "awq") and engine.dtype in ("float32", "bfloat16"):
-        problems.append(f"engine.quantization={engine.quantization} needs dtype float16 or auto")
     for arg in engine.extra_args:
         flag = arg.split("=", 1)[0]
         if flag in MANAGED_FLAGS:

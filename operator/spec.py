@@ -160,7 +160,7 @@ class EnvVar(SpecModel):
 
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["int8", "fp8", "gptq", "awq"]
+Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
 
 
 class Engine(SpecModel):
