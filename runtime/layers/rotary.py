@@ -24,6 +24,7 @@ class RotaryEmbedding(nn.Module):
         self.config, self.head_dim, self.max_positions = config, head_dim, max_positions
         self.cos: torch.Tensor
         self.sin: torch.Tensor
+        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
         self.build_tables()
 
     def build_tables(self, device: torch.device | str | None = None) -> None:
@@ -44,18 +45,36 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self._step = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, H, D], k: [T, Hkv, D]."""
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] -> x rotated by each row's position (any number of heads)."""
+        cos, signed_sin = self._tables(positions, x.dtype)
+        # HF's x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) written as
+        # roll(x) = cat(x2, x1) times the sign folded into sin: negation is exact, so the
+        # products and their rounding are HF's, in two fewer ops.
+        return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos and sign-folded sin rows [T, 1, D] for the step's positions.
+
+        Every layer of a forward passes the same positions tensor, so they are gathered
+        once per step, not once per layer (the kept reference makes the identity check
+        safe: the tensor cannot be freed and its id reused).
+        """
+        step = self._step
+        if step is not None and step[0] is positions and step[1] == dtype:
+            return step[2], step[3]
         # Same rounding as HF: tables cast to the activation dtype before the products.
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        cos = self.cos[positions].to(dtype)[:, None, :]
+        sin = self.sin[positions].to(dtype)[:, None, :]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self._step = (positions, dtype, cos, signed_sin)
+        return cos, signed_sin

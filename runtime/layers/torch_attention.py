@@ -38,6 +38,8 @@ class TorchAttentionMetadata:
     block_size: int
     causal_mask: torch.Tensor  # [B, 1, max_q, L] without sliding window
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _kv_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def is_decode(self) -> bool:
@@ -51,6 +53,22 @@ class TorchAttentionMetadata:
             near = self.kv_pos[None, None, :] > self.q_pos[:, :, None] - sliding_window
             self._window_masks[sliding_window] = self.causal_mask & near[:, None]
         return self._window_masks[sliding_window]
+
+    def hidden(self, sliding_window: int | None) -> torch.Tensor:
+        """~mask, computed once per step rather than in every layer."""
+        if sliding_window not in self._hidden:
+            self._hidden[sliding_window] = ~self.mask(sliding_window)
+        return self._hidden[sliding_window]
+
+    def kv_rows(self, rows_per_cache: int) -> torch.Tensor:
+        """gather_rows of K then of V in a layer's [2 * rows_per_cache, bs * D] view, flat.
+
+        One index_select over flat rows is about 4x faster than advanced indexing on CPU;
+        the index is built once per step (every layer's cache has the same shape)."""
+        if rows_per_cache not in self._kv_rows:
+            flat = self.gather_rows.reshape(-1)
+            self._kv_rows[rows_per_cache] = torch.cat((flat, flat + rows_per_cache))
+        return self._kv_rows[rows_per_cache]
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -113,11 +131,10 @@ class TorchAttentionBackend(AttentionBackend):
         # The layer's tensor is [num_slots, Hkv, D] by allocation; its rows are ours to lay out.
         write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
         write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
-        k_ctx = read_kv(_gather(kv_cache[0], m), q.dtype)  # [B, Hkv, L, D]
-        v_ctx = read_kv(_gather(kv_cache[1], m), q.dtype)
-        mask = m.mask(sliding_window)
+        k_ctx, v_ctx = read_kv(_gather(kv_cache, m), q.dtype).unbind(0)  # [B, Hkv, L, D]
         if m.is_decode:
-            return _decode_attention(q, k_ctx, v_ctx, mask, scale)
+            return _decode_attention(q, k_ctx, v_ctx, m.hidden(sliding_window), scale)
+        mask = m.mask(sliding_window)
         num_reqs, num_heads = k_ctx.shape[0], q.shape[1]
         q_pad = q[m.q_gather].view(num_reqs, m.max_q, num_heads, head_dim)
         out = F.scaled_dot_product_attention(
@@ -132,24 +149,26 @@ class TorchAttentionBackend(AttentionBackend):
         return out[m.q_scatter]
 
 
-def _gather(cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:
-    """A layer's K or V -> [B, Hkv, L, D], one (block, head) row of bs * D values at a time."""
-    head_dim = cache.shape[-1]
-    block_rows = cache.view(-1, m.block_size * head_dim)  # [num_blocks * Hkv, bs * D]
-    out = block_rows[m.gather_rows]  # [B, Hkv, n_blk, bs * D]
-    return out.view(out.shape[0], out.shape[1], -1, head_dim)
+def _gather(kv_cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:
+    """A layer's K and V -> [2, B, Hkv, L, D], (block, head) rows of bs * D values."""
+    head_dim = kv_cache.shape[-1]
+    block_rows = kv_cache.view(-1, m.block_size * head_dim)  # K's rows, then V's
+    out = block_rows.index_select(0, m.kv_rows(block_rows.shape[0] // 2))
+    batch, kv_heads, _ = m.gather_rows.shape
+    return out.view(2, batch, kv_heads, -1, head_dim)
 
 
 def _decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per request. q: [B, H, D]; k/v: [B, Hkv, L, D]; mask: [B, 1, 1, L]."""
+    """One query per request. q: [B, H, D]; k/v: [B, Hkv, L, D]; hidden: [B, 1, 1, L], the
+    keys a query must not see."""
     num_reqs, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     qg = q.view(num_reqs, kv_heads, group, head_dim)  # heads h = kv_head * group + g
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v)  # [B, Hkv, G, D]
     return out.reshape(num_reqs, num_heads, head_dim)

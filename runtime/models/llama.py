@@ -47,14 +47,18 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, heads, kv_heads = hidden.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(hidden)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary[0](positions, q, k)
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+            q = self.q_norm(q.reshape(num_tokens, heads, self.head_dim))  # [T, H, D]
+            k = self.k_norm(k.reshape(num_tokens, kv_heads, self.head_dim))  # [T, Hkv, D]
+            q, k = self.rotary[0](positions, q, k)
+        else:
+            # q and k side by side are [T, H + Hkv, D]: one rotation for both.
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, -1)
+            q, k = self.rotary[0].rotate(positions, qk).split([heads, kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v))
 
 
