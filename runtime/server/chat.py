@@ -115,11 +115,8 @@ async def complete_chat(ctx: ServerContext, job: ChatJob) -> ChatCompletionRespo
         )
         for out in final.outputs
     ]
-    num_prompt = len(job.request.prompt_token_ids)
     num_out = sum(len(out.token_ids) for out in final.outputs)
-    usage = UsageInfo(
-        prompt_tokens=num_prompt, completion_tokens=num_out, total_tokens=num_prompt + num_out
-    )
+    usage = UsageInfo.of(len(job.request.prompt_token_ids), num_out)
     return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
 
@@ -155,12 +152,7 @@ async def stream_chat(
                     )
                     yield chunk([choice])
         if include_usage:
-            num_prompt = len(job.request.prompt_token_ids)
-            usage = UsageInfo(
-                prompt_tokens=num_prompt,
-                completion_tokens=tracker.num_tokens,
-                total_tokens=num_prompt + tracker.num_tokens,
-            )
+            usage = UsageInfo.of(len(job.request.prompt_token_ids), tracker.num_tokens)
             yield chunk([], usage)
     except APIError as exc:
         yield sse_error(path, exc)

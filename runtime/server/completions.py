@@ -97,11 +97,7 @@ async def complete(ctx: ServerContext, job: CompletionJob) -> CompletionResponse
         for c in final.outputs
     ]
     num_out = sum(len(c.token_ids) for f in finals for c in f.outputs)
-    usage = UsageInfo(
-        prompt_tokens=job.num_prompt_tokens,
-        completion_tokens=num_out,
-        total_tokens=job.num_prompt_tokens + num_out,
-    )
+    usage = UsageInfo.of(job.num_prompt_tokens, num_out)
     return CompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
 
@@ -167,12 +163,7 @@ async def stream_completion(
                     )
                     yield chunk([choice])
         if include_usage:
-            usage = UsageInfo(
-                prompt_tokens=job.num_prompt_tokens,
-                completion_tokens=tracker.num_tokens,
-                total_tokens=job.num_prompt_tokens + tracker.num_tokens,
-            )
-            yield chunk([], usage)
+            yield chunk([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
     except APIError as exc:
         yield sse_error(path, exc)
     yield SSE_DONE

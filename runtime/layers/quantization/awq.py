@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 
 from pinnace.runtime.layers.quantization.config import AWQConfig
-from pinnace.runtime.layers.quantization.gptq import unpack_int32_cols
+from pinnace.runtime.layers.quantization.gptq import (
+    check_int32,
+    checked_group_size,
+    unpack_int32_cols,
+)
 from pinnace.runtime.layers.quantization.int4 import Int4Weight
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -39,27 +43,10 @@ def unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:
 def awq_to_int4(tensors: dict[str, torch.Tensor], config: AWQConfig, name: str) -> Int4Weight:
     """One layer's AWQ tensors -> Int4Weight; ValueError naming `name` when inconsistent."""
     qweight, qzeros, scales = (tensors[k] for k in AWQ_TENSORS)
-    for key, tensor in (("qweight", qweight), ("qzeros", qzeros)):
-        if tensor.dtype != torch.int32 or tensor.dim() != 2:
-            raise ValueError(
-                f"{name}.{key} must be a 2-D int32 tensor, got {tensor.dtype} "
-                f"{tuple(tensor.shape)}."
-            )
+    check_int32(name, qweight=qweight, qzeros=qzeros)
     q = unpack_awq_cols(qweight)  # [K, N]
-    num_in, num_out = q.shape
-    group_size = num_in if config.group_size == -1 else config.group_size
-    if num_in % group_size:
-        raise ValueError(
-            f"{name}: {num_in} input columns are not a multiple of group_size {group_size}."
-        )
-    num_groups = num_in // group_size
     zeros = unpack_awq_cols(qzeros).to(torch.float32)
-    if zeros.shape != (num_groups, num_out) or scales.shape != (num_groups, num_out):
-        raise ValueError(
-            f"{name}: qweight {tuple(qweight.shape)} means {num_groups} groups of "
-            f"{num_out} outputs, but qzeros is {tuple(qzeros.shape)} and scales "
-            f"{tuple(scales.shape)}; is group_size {config.group_size} right?"
-        )
+    group_size = checked_group_size(name, config.group_size, q, zeros, scales, qweight, qzeros)
     scale = scales.to(torch.float32)
     return Int4Weight(
         codes=q.T.contiguous(),

@@ -43,24 +43,12 @@ def unpack_int32_cols(packed: torch.Tensor) -> torch.Tensor:
 def gptq_to_int4(tensors: dict[str, torch.Tensor], config: GPTQConfig, name: str) -> Int4Weight:
     """One layer's GPTQ tensors -> Int4Weight; ValueError naming `name` when inconsistent."""
     qweight, qzeros, scales = (tensors[k] for k in GPTQ_REQUIRED)
-    _check_int32(name, qweight=qweight, qzeros=qzeros)
+    check_int32(name, qweight=qweight, qzeros=qzeros)
     q = unpack_int32_rows(qweight)  # [K, N]
-    num_in, num_out = q.shape
-    group_size = num_in if config.group_size == -1 else config.group_size
-    if num_in % group_size:
-        raise ValueError(
-            f"{name}: {num_in} input columns are not a multiple of group_size {group_size}."
-        )
-    num_groups = num_in // group_size
     zeros = unpack_int32_cols(qzeros).to(torch.float32) + config.zero_offset  # [G, N]
-    if zeros.shape != (num_groups, num_out) or scales.shape != (num_groups, num_out):
-        raise ValueError(
-            f"{name}: qweight {tuple(qweight.shape)} means {num_groups} groups of "
-            f"{num_out} outputs, but qzeros is {tuple(qzeros.shape)} and scales "
-            f"{tuple(scales.shape)}; is group_size {config.group_size} right?"
-        )
+    group_size = checked_group_size(name, config.group_size, q, zeros, scales, qweight, qzeros)
     g_idx = tensors.get("g_idx")
-    perm = _act_order_perm(g_idx, group_size, num_in, name)
+    perm = _act_order_perm(g_idx, group_size, q.shape[0], name)
     scale = scales.to(torch.float32)
     codes = q if perm is None else q[perm]
     return Int4Weight(
@@ -93,10 +81,37 @@ def _act_order_perm(
     return perm
 
 
-def _check_int32(name: str, **tensors: torch.Tensor) -> None:
+def check_int32(name: str, **tensors: torch.Tensor) -> None:
     for key, tensor in tensors.items():
         if tensor.dtype != torch.int32 or tensor.dim() != 2:
             raise ValueError(
                 f"{name}.{key} must be a 2-D int32 tensor, got {tensor.dtype} "
                 f"{tuple(tensor.shape)}."
             )
+
+
+def checked_group_size(
+    name: str,
+    configured: int,
+    q: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+) -> int:
+    """config.json's group_size (-1: every input column) once the unpacked codes q [K, N],
+    zeros and scales [K / group_size, N] are checked to agree with it (GPTQ and AWQ)."""
+    num_in, num_out = q.shape
+    group_size = num_in if configured == -1 else configured
+    if num_in % group_size:
+        raise ValueError(
+            f"{name}: {num_in} input columns are not a multiple of group_size {group_size}."
+        )
+    num_groups = num_in // group_size
+    if zeros.shape != (num_groups, num_out) or scales.shape != (num_groups, num_out):
+        raise ValueError(
+            f"{name}: qweight {tuple(qweight.shape)} means {num_groups} groups of "
+            f"{num_out} outputs, but qzeros is {tuple(qzeros.shape)} and scales "
+            f"{tuple(scales.shape)}; is group_size {configured} right?"
+        )
+    return group_size
