@@ -51,6 +51,13 @@ def build_random_model(out_dir: str, dtype: torch.dtype) -> str:
     return out_dir
 
 
+def make_prompts(num_prompts: int, input_len: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt token ids (ids below 100 skipped), the same for every engine benched."""
+    rng = random.Random(seed)
+    vocab = SMOLLM2_SHAPE["vocab_size"]
+    return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
 def run_pinnace(model: str, prompts: list[list[int]], args: argparse.Namespace) -> float:
     from pinnace.runtime import LLM, SamplingParams
 
@@ -101,14 +108,9 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_random_model(tmp, getattr(torch, args.dtype))
-        vocab = SMOLLM2_SHAPE["vocab_size"]
-        prompts = [
-            [rng.randrange(100, vocab) for _ in range(args.input_len)]
-            for _ in range(args.num_prompts)
-        ]
+        prompts = make_prompts(args.num_prompts, args.input_len)
         ours = run_pinnace(model, prompts, args)
         ref = None if args.skip_transformers else run_transformers(model, prompts, args)
     result = {
