@@ -16,8 +16,9 @@ import copy
 import datetime
 import itertools
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,28 @@ class Cluster:
             if r.method in ("POST", "PUT", "PATCH", "DELETE")
             and _header(r, "User-Agent") != TEST_AGENT
         ]
+
+    # -- waiting on the operator: it acts in its own thread, so tests poll what it did --
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+        """Poll until `predicate()` is truthy and return that value (the awaited object)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {predicate}")
+
+    def settle(self, quiet: float = 0.8) -> None:
+        """Wait until nobody has made a request for `quiet` seconds: the operator is idle,
+        so a later "no write happened" check is not just early."""
+        last, since = len(self.requests()), time.monotonic()
+        while time.monotonic() - since < quiet:
+            time.sleep(0.05)
+            now = len(self.requests())
+            if now != last:
+                last, since = now, time.monotonic()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ the Deployment; a restarted pod gets them back; failures land in status, not in 
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 from pinnace.operator import names
@@ -19,16 +18,6 @@ DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/chat"
 JOBS = "/apis/batch/v1/namespaces/ml/jobs"
 API_KEY = "s3cret-key"
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
-
-
-def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 def create_chat(cluster: Any, adapters: list[dict[str, str]], **spec: Any) -> None:
@@ -66,7 +55,7 @@ def wait_condition(cluster: Any, type_: str, status: str) -> dict[str, Any]:
         cond = condition(cluster, type_)
         return cond if cond is not None and cond["status"] == status else None
 
-    return dict(wait_for(found))
+    return dict(cluster.wait_for(found))
 
 
 def wait_states(cluster: Any, **expected: tuple[str, int]) -> dict[str, dict[str, Any]]:
@@ -77,7 +66,7 @@ def wait_states(cluster: Any, **expected: tuple[str, int]) -> dict[str, dict[str
         got = {n: (a["state"], a.get("loadedReplicas", 0)) for n, a in now.items()}
         return now if got == expected else None
 
-    return dict(wait_for(matches))
+    return dict(cluster.wait_for(matches))
 
 
 def pod_hash(cluster: Any) -> str:
@@ -89,9 +78,20 @@ def operator_writes_to(cluster: Any, path: str, since: int) -> list[str]:
     return [w for w in cluster.writes(since=since) if w.split(" ", 1)[1].startswith(path)]
 
 
-def start_two_pods(cluster: Any, runtime_pods: Any) -> list[Any]:
-    wait_for(lambda: cluster.get(DEPLOYMENT))
-    return [runtime_pods.start(DEPLOYMENT, f"chat-{i}", api_key=API_KEY) for i in range(2)]
+def start_chat(
+    cluster: Any,
+    start_operator: Any,
+    runtime_pods: Any,
+    adapters: list[dict[str, str]],
+    **spec: Any,
+) -> tuple[Any, list[Any]]:
+    """The operator, then `chat` with `adapters`, then its two ready pods chat-0 and chat-1."""
+    cluster.apply_crd()  # before the operator starts: kopf resolves its resources once
+    operator = start_operator()
+    create_chat(cluster, adapters, **spec)
+    cluster.wait_for(lambda: cluster.get(DEPLOYMENT))
+    pods = [runtime_pods.start(DEPLOYMENT, f"chat-{i}", api_key=API_KEY) for i in range(2)]
+    return operator, pods
 
 
 def test_adapter_changes_hot_load_on_ready_pods_without_a_rollout(
@@ -99,16 +99,11 @@ def test_adapter_changes_hot_load_on_ready_pods_without_a_rollout(
 ) -> None:
     for name in ("sql", "support", "summarize"):
         runtime_pods.write_adapter(f"/adapters/{name}")
-    cluster.apply_crd()  # before the operator starts: kopf resolves its resources once
-    operator = start_operator()
-    create_chat(
-        cluster,
-        [
-            {"name": "sql", "uri": "file:///adapters/sql"},
-            {"name": "support", "uri": "file:///adapters/support"},
-        ],
-    )
-    pods = start_two_pods(cluster, runtime_pods)
+    adapters = [
+        {"name": "sql", "uri": "file:///adapters/sql"},
+        {"name": "support", "uri": "file:///adapters/support"},
+    ]
+    operator, pods = start_chat(cluster, start_operator, runtime_pods, adapters)
     wait_states(cluster, sql=("Loaded", 2), support=("Loaded", 2))
     for pod in pods:
         assert pod.loaded == {"sql": "/adapters/sql", "support": "/adapters/support"}
@@ -133,7 +128,9 @@ def test_adapter_changes_hot_load_on_ready_pods_without_a_rollout(
 
     # A runtime restart comes back empty; the operator sees the pod turn ready and re-applies.
     fresh = runtime_pods.restart("ml", "chat-0")
-    wait_for(lambda: fresh.loaded == {"sql": "/adapters/sql", "summarize": "/adapters/summarize"})
+    cluster.wait_for(
+        lambda: fresh.loaded == {"sql": "/adapters/sql", "summarize": "/adapters/summarize"}
+    )
     wait_states(cluster, sql=("Loaded", 2), summarize=("Loaded", 2))
     assert len(pods[1].calls_to(LOAD)) == 3  # the other pod was left alone
 
@@ -147,14 +144,12 @@ def test_a_failing_adapter_is_reported_once_per_backoff_not_retried_in_a_storm(
     cluster: Any, start_operator: Any, runtime_pods: Any
 ) -> None:
     runtime_pods.write_adapter("/adapters/sql")
-    cluster.apply_crd()  # before the operator starts: kopf resolves its resources once
-    operator = start_operator()
-    create_chat(cluster, [{"name": "sql", "uri": "file:///adapters/sql"}])
-    pods = start_two_pods(cluster, runtime_pods)
+    sql = {"name": "sql", "uri": "file:///adapters/sql"}
+    operator, pods = start_chat(cluster, start_operator, runtime_pods, [sql])
     wait_states(cluster, sql=("Loaded", 2))
 
     broken = {"name": "broken", "uri": "file:///adapters/missing"}
-    patch = {"spec": {"adapters": [{"name": "sql", "uri": "file:///adapters/sql"}, broken]}}
+    patch = {"spec": {"adapters": [sql, broken]}}
     assert cluster.patch(CR, patch).status_code == 200
     states = wait_states(cluster, sql=("Loaded", 2), broken=("Failed", 0))
     assert states["broken"]["lastError"] == (
@@ -164,7 +159,7 @@ def test_a_failing_adapter_is_reported_once_per_backoff_not_retried_in_a_storm(
     failed = wait_condition(cluster, "AdaptersReady", "False")
     assert failed["reason"] == "AdapterFailed"
     assert failed["message"].startswith("broken: pod chat-0: POST /v1/load_lora_adapter: HTTP 400")
-    warnings = wait_for(
+    warnings = cluster.wait_for(
         lambda: [
             r.data
             for r in cluster.requests()
@@ -180,17 +175,14 @@ def test_a_failing_adapter_is_reported_once_per_backoff_not_retried_in_a_storm(
     for i in range(3):
         label = {"metadata": {"labels": {"poke": str(i)}}}
         assert cluster.patch("/api/v1/namespaces/ml/pods/chat-0", label).status_code == 200
-    wait_for(lambda: len(pods[0].calls_to("/v1/models")) >= listed[0] + 3)
+    cluster.wait_for(lambda: len(pods[0].calls_to("/v1/models")) >= listed[0] + 3)
     for pod in pods:
         assert [b["lora_name"] for b in pod.calls_to(LOAD)] == ["sql", "broken"]
     assert adapters_status(cluster)["broken"]["state"] == "Failed"
 
     # The fix (a path that exists) is tried at once, backoff or not.
     runtime_pods.write_adapter("/adapters/fixed")
-    fixed = [
-        {"name": "sql", "uri": "file:///adapters/sql"},
-        {**broken, "uri": "file:///adapters/fixed"},
-    ]
+    fixed = [sql, {**broken, "uri": "file:///adapters/fixed"}]
     assert cluster.patch(CR, {"spec": {"adapters": fixed}}).status_code == 200
     wait_states(cluster, sql=("Loaded", 2), broken=("Loaded", 2))
     assert "lastError" not in adapters_status(cluster)["broken"]
@@ -202,18 +194,16 @@ def test_remote_adapter_is_fetched_by_a_job_then_hot_loaded(
     cluster: Any, start_operator: Any, runtime_pods: Any
 ) -> None:
     runtime_pods.write_adapter("/adapters/sql")
-    cluster.apply_crd()  # before the operator starts: kopf resolves its resources once
-    operator = start_operator()
     local = {"name": "sql", "uri": "file:///adapters/sql"}
-    create_chat(cluster, [local], storage={"cache": {"claimName": "shared-cache"}})
-    pods = start_two_pods(cluster, runtime_pods)
+    cache = {"cache": {"claimName": "shared-cache"}}
+    operator, pods = start_chat(cluster, start_operator, runtime_pods, [local], storage=cache)
     wait_states(cluster, sql=("Loaded", 2))
     first_hash, since = pod_hash(cluster), len(cluster.requests())
 
     remote = {"name": "returns", "uri": "hf://acme/returns-lora"}
     assert cluster.patch(CR, {"spec": {"adapters": [local, remote]}}).status_code == 200
     wait_states(cluster, sql=("Loaded", 2), returns=("Fetching", 0))
-    [job] = wait_for(lambda: cluster.get(JOBS)["items"])
+    [job] = cluster.wait_for(lambda: cluster.get(JOBS)["items"])
     [fetch] = job["spec"]["template"]["spec"]["containers"]
     assert fetch["command"][:3] == ["hf", "download", "acme/returns-lora"]
     assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {
@@ -233,7 +223,7 @@ def test_remote_adapter_is_fetched_by_a_job_then_hot_loaded(
     # A fetch that fails for good is the adapter's error.
     gone = {"name": "gone", "uri": "hf://acme/deleted-lora"}
     assert cluster.patch(CR, {"spec": {"adapters": [local, remote, gone]}}).status_code == 200
-    [gone_job] = wait_for(
+    [gone_job] = cluster.wait_for(
         lambda: [
             j for j in cluster.get(JOBS)["items"] if "deleted-lora" in str(j["spec"]["template"])
         ]
@@ -259,7 +249,7 @@ def test_remote_adapter_is_fetched_by_a_job_then_hot_loaded(
     # Dropping remote adapters unloads them and deletes their Jobs; the pods never rolled.
     assert cluster.patch(CR, {"spec": {"adapters": [local]}}).status_code == 200
     wait_states(cluster, sql=("Loaded", 2))
-    wait_for(lambda: cluster.get(JOBS)["items"] == [])
+    cluster.wait_for(lambda: cluster.get(JOBS)["items"] == [])
     for pod in pods:
         assert pod.loaded == {"sql": "/adapters/sql"}
     assert pod_hash(cluster) == first_hash

@@ -7,8 +7,6 @@ the API emulator; every request it makes is on record.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +38,6 @@ def server_side_apply(cluster: Any, obj: dict[str, Any]) -> None:
     assert response.status_code in (200, 201), response.text
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def settle(cluster: Any, quiet: float = 0.8) -> None:
-    """Wait until nobody has made a request for `quiet` seconds."""
-    last, since = len(cluster.requests()), time.monotonic()
-    while time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        now = len(cluster.requests())
-        if now != last:
-            last, since = now, time.monotonic()
-
-
 def operator_writes(cluster: Any, since: int) -> list[Any]:
     return [
         r
@@ -79,13 +57,13 @@ def test_applying_the_same_manifest_twice_changes_nothing(
     cluster.apply_crd()
     start_operator()
     server_side_apply(cluster, manifest())
-    wait_for(lambda: all(cluster.get(path) for path in CHILDREN))
-    wait_for(lambda: "status" in cluster.get(CR))
-    settle(cluster)
+    cluster.wait_for(lambda: all(cluster.get(path) for path in CHILDREN))
+    cluster.wait_for(lambda: "status" in cluster.get(CR))
+    cluster.settle()
     before, children = len(cluster.requests()), versions(cluster)
 
     server_side_apply(cluster, manifest())  # the next sync of an unchanged repo
-    settle(cluster)
+    cluster.settle()
 
     assert [f"{r.method} {r.url.path}" for r in operator_writes(cluster, before)] == []
     assert versions(cluster) == children  # no second update to any child
@@ -99,10 +77,10 @@ def test_what_the_autoscaler_does_never_shows_up_as_a_diff(
     cluster.apply_crd()
     start_operator()
     server_side_apply(cluster, manifest())
-    dep = wait_for(lambda: cluster.get(DEPLOYMENT))
+    dep = cluster.wait_for(lambda: cluster.get(DEPLOYMENT))
     assert "replicas" not in dep["spec"]  # the operator leaves the count to the HPA
-    assert wait_for(lambda: cluster.get(HPA))["spec"]["maxReplicas"] == 8
-    settle(cluster)
+    assert cluster.wait_for(lambda: cluster.get(HPA))["spec"]["maxReplicas"] == 8
+    cluster.settle()
     before = len(cluster.requests())
 
     # The HPA scales the Deployment up (through the Deployment, never the LLMDeployment).
@@ -111,8 +89,10 @@ def test_what_the_autoscaler_does_never_shows_up_as_a_diff(
     generation = cluster.get(DEPLOYMENT)["metadata"]["generation"]
     status = {"observedGeneration": generation, "replicas": 5, "readyReplicas": 5}
     assert cluster.patch(DEPLOYMENT + "/status", {"status": {**status, "updatedReplicas": 5}})
-    cr = wait_for(lambda: (c := cluster.get(CR)) and c["status"].get("readyReplicas") == 5 and c)
-    settle(cluster)
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(CR)) and c["status"].get("readyReplicas") == 5 and c
+    )
+    cluster.settle()
 
     assert cr["status"]["phase"] == "Ready" and cr["status"]["replicas"] == 5
     assert cluster.get(DEPLOYMENT)["spec"]["replicas"] == 5  # not put back by the operator
@@ -127,8 +107,10 @@ def test_what_the_autoscaler_does_never_shows_up_as_a_diff(
     assert cluster.patch(DEPLOYMENT, {"spec": {"replicas": 0}}).status_code == 200
     zero = {"replicas": 0, "readyReplicas": 0, "updatedReplicas": 0}
     cluster.patch(DEPLOYMENT + "/status", {"status": zero})
-    cr = wait_for(lambda: (c := cluster.get(CR)) and c["status"]["phase"] == "ScaledToZero" and c)
-    settle(cluster)
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(CR)) and c["status"]["phase"] == "ScaledToZero" and c
+    )
+    cluster.settle()
     writes = {r.url.path for r in operator_writes(cluster, before)}
     assert writes == {CR + "/status", "/api/v1/namespaces/ml/events"}  # a ScaledToZero Event
     ready = next(c for c in cr["status"]["conditions"] if c["type"] == "Ready")
@@ -141,12 +123,14 @@ def test_dropping_autoscaling_deletes_the_hpa_and_fixes_the_count(
     cluster.apply_crd()
     operator = start_operator()
     server_side_apply(cluster, manifest())
-    wait_for(lambda: cluster.get(HPA))
+    cluster.wait_for(lambda: cluster.get(HPA))
     edited = manifest()
     del edited["spec"]["autoscaling"]
     edited["spec"]["replicas"] = 2
     server_side_apply(cluster, edited)  # SSA drops autoscaling: this manager no longer sets it
-    wait_for(lambda: cluster.get(HPA) is None)
-    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"].get("replicas") == 2 and d)
+    cluster.wait_for(lambda: cluster.get(HPA) is None)
+    dep = cluster.wait_for(
+        lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"].get("replicas") == 2 and d
+    )
     assert dep["metadata"]["ownerReferences"][0]["name"] == "qwen-autoscaled"
     assert "autoscaling" not in cluster.get(CR)["spec"] and operator.alive

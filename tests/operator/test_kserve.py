@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,16 +180,6 @@ def test_kserve_mode_refuses_what_kserve_cannot_express() -> None:
 # -- the operator against the emulated API server, with KServe's CRDs registered --
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def condition(cr: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in cr["status"]["conditions"] if c["type"] == type_)
 
@@ -204,8 +192,8 @@ def test_operator_creates_the_inference_service_and_mirrors_its_status(
     operator = start_operator()
     path = create_llmd("kserve")
     cr = cluster.get(path)
-    isvc = wait_for(lambda: cluster.get(ISVC))
-    runtime = wait_for(lambda: cluster.get(RUNTIME))
+    isvc = cluster.wait_for(lambda: cluster.get(ISVC))
+    runtime = cluster.wait_for(lambda: cluster.get(RUNTIME))
     for child in (isvc, runtime):
         [owner] = child["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["uid"]) == ("LLMDeployment", cr["metadata"]["uid"])
@@ -213,7 +201,7 @@ def test_operator_creates_the_inference_service_and_mirrors_its_status(
     assert cluster.get("/apis/apps/v1/namespaces/ml/deployments/qwen-kserve") is None
 
     # No status from KServe yet: Ready is Unknown, and says what it waits for.
-    cr = wait_for(lambda: (c := cluster.get(path)) and "status" in c and c)
+    cr = cluster.wait_for(lambda: (c := cluster.get(path)) and "status" in c and c)
     assert condition(cr, "Ready")["status"] == "Unknown"
     assert (
         condition(cr, "Ready")["reason"] == "AwaitingKServe" and cr["status"]["phase"] == "Pending"
@@ -233,7 +221,7 @@ def test_operator_creates_the_inference_service_and_mirrors_its_status(
         ],
     }
     assert cluster.patch(ISVC + "/status", {"status": failing}).status_code == 200
-    cr = wait_for(
+    cr = cluster.wait_for(
         lambda: (c := cluster.get(path)) and condition(c, "Ready")["status"] == "False" and c
     )
     assert condition(cr, "Ready")["reason"] == "RevisionMissing"
@@ -248,7 +236,9 @@ def test_operator_creates_the_inference_service_and_mirrors_its_status(
         "conditions": [{"type": "Ready", "status": "True"}],
     }
     assert cluster.patch(ISVC + "/status", {"status": ready}).status_code == 200
-    cr = wait_for(lambda: (c := cluster.get(path)) and c["status"].get("phase") == "Ready" and c)
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(path)) and c["status"].get("phase") == "Ready" and c
+    )
     assert condition(cr, "Ready")["status"] == "True"
     assert cr["status"]["url"] == "http://qwen-kserve-ml.example.com"
     assert cr["status"]["endpoint"] == "http://qwen-kserve-predictor.ml.svc.cluster.local/v1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pinnace.operator import names
@@ -11,26 +10,6 @@ from pinnace.operator import names
 BASE = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments"
 DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-chat"
 SERVICE = "/api/v1/namespaces/ml/services/qwen-chat"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {predicate}")
-
-
-def settle(cluster: Any, quiet: float = 0.8) -> None:
-    """Wait until the operator has made no request for `quiet` seconds."""
-    last, since = len(cluster.requests()), time.monotonic()
-    while time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        now = len(cluster.requests())
-        if now != last:
-            last, since = now, time.monotonic()
 
 
 def args_of(deployment: dict[str, Any]) -> list[str]:
@@ -55,8 +34,8 @@ def test_lifecycle_create_update_ready_delete(
     cr = cluster.get(path)
 
     # Create: children with ownerReferences and the flags from the spec.
-    dep = wait_for(lambda: cluster.get(DEPLOYMENT))
-    service = wait_for(lambda: cluster.get(SERVICE))
+    dep = cluster.wait_for(lambda: cluster.get(DEPLOYMENT))
+    service = cluster.wait_for(lambda: cluster.get(SERVICE))
     for child in (dep, service):
         [owner] = child["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["uid"], owner["controller"]) == (
@@ -71,11 +50,13 @@ def test_lifecycle_create_update_ready_delete(
 
     # Scale: the Deployment is patched, the pod template (and its hash) is not.
     assert cluster.patch(path, {"spec": {"replicas": 3}}).status_code == 200
-    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"]["replicas"] == 3 and d)
+    dep = cluster.wait_for(
+        lambda: (d := cluster.get(DEPLOYMENT)) and d["spec"]["replicas"] == 3 and d
+    )
     assert pod_hash(dep) == first_hash
     # An engine change rolls the pods: the hash moves with the new flags.
     assert cluster.patch(path, {"spec": {"engine": {"dtype": "float16"}}}).status_code == 200
-    dep = wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and "float16" in args_of(d) and d)
+    dep = cluster.wait_for(lambda: (d := cluster.get(DEPLOYMENT)) and "float16" in args_of(d) and d)
     assert pod_hash(dep) != first_hash
     assert cluster.get(path)["metadata"]["generation"] == 3
 
@@ -87,7 +68,7 @@ def test_lifecycle_create_update_ready_delete(
         "updatedReplicas": 3,
     }
     assert cluster.patch(DEPLOYMENT + "/status", {"status": ready}).status_code == 200
-    cr = wait_for(
+    cr = cluster.wait_for(
         lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Ready" and c
     )
     assert cr["status"]["endpoint"] == "http://qwen-chat.ml.svc.cluster.local:8000/v1"
@@ -95,7 +76,7 @@ def test_lifecycle_create_update_ready_delete(
     assert condition(cr, "Ready")["status"] == "True"
     assert cr["spec"]["engine"]["dtype"] == "float16"  # the operator never rewrites the spec
     assert "effective" in cr["status"] and "--dtype" in cr["status"]["effective"]["args"]
-    events = wait_for(
+    events = cluster.wait_for(
         lambda: [
             r.data
             for r in cluster.requests()
@@ -108,8 +89,8 @@ def test_lifecycle_create_update_ready_delete(
 
     # Delete: Kubernetes garbage-collects the children; the operator does not bring them back.
     assert cluster.http.delete(path).status_code == 200
-    wait_for(lambda: cluster.get(DEPLOYMENT) is None and cluster.get(SERVICE) is None)
-    settle(cluster)
+    cluster.wait_for(lambda: cluster.get(DEPLOYMENT) is None and cluster.get(SERVICE) is None)
+    cluster.settle()
     assert cluster.get(DEPLOYMENT) is None and cluster.get(path) is None
     assert operator.alive
 
@@ -119,7 +100,7 @@ def test_invalid_resource_is_degraded_and_the_operator_carries_on(
 ) -> None:
     operator = start_operator()
     bad = create_llmd("gpu", adapters=[{"name": "qwen-chat", "uri": "hf://acme/lora"}])
-    cr = wait_for(
+    cr = cluster.wait_for(
         lambda: (c := cluster.get(bad)) and c.get("status", {}).get("phase") == "Degraded" and c
     )
     degraded = condition(cr, "Degraded")
@@ -127,7 +108,7 @@ def test_invalid_resource_is_degraded_and_the_operator_carries_on(
     assert degraded["message"] == "adapters: name 'qwen-chat' clashes with the served model name"
     assert cluster.get(DEPLOYMENT) is None
     # kopf posts events from a queue of its own, after the status write: wait for it.
-    wait_for(
+    cluster.wait_for(
         lambda: any(
             r.data["type"] == "Warning" and r.data["reason"] == "InvalidSpec"
             for r in cluster.requests()
@@ -135,15 +116,15 @@ def test_invalid_resource_is_degraded_and_the_operator_carries_on(
         )
     )
     # PermanentError: no retry storm against a spec only the user can fix.
-    settle(cluster)
+    cluster.settle()
     before = len(cluster.requests())
     time.sleep(1.5)
     assert cluster.writes(since=before) == []
     # Still serving other resources, and the fixed resource recovers.
     create_llmd("minimal-cpu")
-    wait_for(lambda: cluster.get("/apis/apps/v1/namespaces/ml/deployments/smollm2"))
+    cluster.wait_for(lambda: cluster.get("/apis/apps/v1/namespaces/ml/deployments/smollm2"))
     assert cluster.patch(bad, {"spec": {"adapters": None}}).status_code == 200
-    cr = wait_for(
+    cr = cluster.wait_for(
         lambda: (c := cluster.get(bad)) and condition(c, "Degraded")["status"] == "False" and c
     )
     assert cluster.get(DEPLOYMENT) is not None and operator.alive
@@ -154,8 +135,10 @@ def test_second_reconcile_with_no_change_makes_no_write(
 ) -> None:
     operator = start_operator()
     path = create_llmd("gpu")
-    wait_for(lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Pending")
-    settle(cluster)
+    cluster.wait_for(
+        lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Pending"
+    )
+    cluster.settle()
 
     def reconciles() -> int:  # each pass starts by reading the resource fresh
         return sum(
@@ -170,14 +153,14 @@ def test_second_reconcile_with_no_change_makes_no_write(
     before, passes = len(cluster.requests()), reconciles()
     label = {"metadata": {"labels": {"team": "ml"}}}
     assert cluster.patch(DEPLOYMENT, label).status_code == 200
-    wait_for(lambda: reconciles() > passes)
-    settle(cluster)
+    cluster.wait_for(lambda: reconciles() > passes)
+    cluster.settle()
     assert cluster.writes(since=before) == []
 
     # Trigger 2: an operator restart (kopf resumes every resource).
     operator.stop()
     before, passes = len(cluster.requests()), reconciles()
     start_operator()
-    wait_for(lambda: reconciles() > passes)
-    settle(cluster)
+    cluster.wait_for(lambda: reconciles() > passes)
+    cluster.settle()
     assert cluster.writes(since=before) == []
