@@ -27,39 +27,17 @@ def _prompts(vocab: int) -> list[list[int]]:
     return prompts
 
 
-def _hf_greedy(path: Path, prompt: list[int], num_tokens: int) -> list[int]:
-    """Reference: transformers, one prompt at a time (no padding), EOS not special."""
-    model = _hf_model(path)
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    past = None
-    with torch.inference_mode():
-        for _ in range(num_tokens):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-    return out
-
-
-_HF_MODELS: dict[Path, torch.nn.Module] = {}
-
-
-def _hf_model(path: Path) -> torch.nn.Module:
-    if path not in _HF_MODELS:
-        _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return _HF_MODELS[path]
-
-
 @pytest.fixture(scope="module")
-def references(make_tiny_model: Callable[[str], Path]) -> dict[str, tuple[Path, list, list]]:
+def references(
+    make_tiny_model: Callable[[str], Path], hf_greedy: Callable[..., list[int]]
+) -> dict[str, tuple[Path, list, list]]:
+    """arch -> (model folder, prompts, transformers' greedy tokens for each prompt)."""
     refs = {}
     for arch in ARCHS:
         path = make_tiny_model(arch)
-        vocab = _hf_model(path).config.vocab_size
-        prompts = _prompts(vocab)
-        refs[arch] = (path, prompts, [_hf_greedy(path, p, NEW_TOKENS) for p in prompts])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        prompts = _prompts(model.config.vocab_size)
+        refs[arch] = (path, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts])
     return refs
 
 

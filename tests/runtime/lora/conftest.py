@@ -1,9 +1,8 @@
-"""Three random PEFT adapters for the tiny Llama, and transformers + peft as the reference."""
+"""Three random PEFT adapters for the tiny Llama, and transformers + peft as the reference
+(greedy decoding by `hf_greedy`, ../conftest.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,29 +76,12 @@ def lora_prompts() -> list[list[int]]:
     return prompts
 
 
-@pytest.fixture(scope="session", name="hf_greedy")
-def hf_greedy_fixture() -> Callable[[torch.nn.Module, list[int], int], list[int]]:
-    return hf_greedy
-
-
-def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
-    """transformers' greedy continuation, one prompt at a time (no padding)."""
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    past = None
-    with torch.inference_mode():
-        for _ in range(num_tokens):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-    return out
-
-
 @pytest.fixture(scope="session")
 def peft_reference(
-    lora_base: Path, adapter_dirs: dict[str, Path], lora_prompts: list[list[int]]
+    lora_base: Path,
+    adapter_dirs: dict[str, Path],
+    lora_prompts: list[list[int]],
+    hf_greedy: Callable[..., list[int]],
 ) -> dict[str | None, list[list[int]]]:
     """adapter name (None: base) -> transformers + peft greedy tokens for each prompt."""
     from peft import PeftModel
@@ -147,42 +129,17 @@ def bad_adapter_dirs(lora_base: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-class ServerThread:
-    """A `build_app` server on an ephemeral 127.0.0.1 port, in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 @pytest.fixture(scope="session")
-def start_lora_server() -> Callable[..., ServerThread]:
-    """start_lora_server(model, settings, **engine options) -> a started ServerThread."""
+def start_lora_server(serve_app: Callable[..., Any]) -> Callable[..., Any]:
+    """start_lora_server(model, settings, **engine options) -> a started ServerThread
+    (../conftest.py)."""
     from pinnace.runtime.config import EngineConfig
     from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
-    def start(model: Path, settings: dict[str, Any], **options: Any) -> ServerThread:
+    def start(model: Path, settings: dict[str, Any], **options: Any) -> Any:
         options = {"dtype": "float32", "kv_cache_memory": 64 * 2**20, **options}
         engine = LLMEngine(EngineConfig(model=str(model), **options))
-        return ServerThread(build_app(engine, ServerSettings(**settings))).start()
+        return serve_app(build_app(engine, ServerSettings(**settings)))
 
     return start

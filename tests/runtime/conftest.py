@@ -1,0 +1,82 @@
+"""Shared by the runtime tests: a real HTTP server in a thread, and transformers' greedy
+decoding as the reference the engine must match token for token."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import uvicorn
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ServerThread:
+    """A `build_app` server on an ephemeral 127.0.0.1 port; `stop()` shuts the engine down."""
+
+    def __init__(self, app: Any, api_key: str | None = None) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.app = app
+        self.api_key = api_key
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.port = 0
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[..., ServerThread]:
+    """serve_app(app, api_key=None) -> a started ServerThread."""
+    return lambda app, api_key=None: ServerThread(app, api_key).start()
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation, one prompt at a time (no padding), EOS not special."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    past = None
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            res = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.tensor([[token]])
+    return out
+
+
+@pytest.fixture(scope="session", name="hf_greedy")
+def hf_greedy_fixture() -> Callable[[torch.nn.Module, list[int], int], list[int]]:
+    """hf_greedy(model, prompt, num_tokens) -> the reference tokens."""
+    return hf_greedy
