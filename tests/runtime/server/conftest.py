@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 MODEL_NAME = "tiny"
@@ -33,6 +34,29 @@ def start_server(serve_app: Callable[..., Any]) -> Callable[..., Any]:
         return serve_app(app, options.get("api_key"))
 
     return start
+
+
+@pytest.fixture(scope="module")
+def server_options() -> dict[str, Any]:
+    """start_server's arguments for this module's `server`: a test module overrides this
+    fixture (module scope) to size the engine for what it checks."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(
+    start_server: Callable[..., Any], tiny_model: Path, server_options: dict[str, Any]
+) -> Iterator[Any]:
+    """One server on the tiny model for the whole test module."""
+    srv = start_server(tiny_model, **server_options)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server: Any) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
 
 
 def _parse_metrics(text: str) -> dict[str, float]:

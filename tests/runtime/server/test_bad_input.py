@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,16 +18,8 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def server(start_server: Any, tiny_model: Path) -> Iterator[Any]:
-    srv = start_server(tiny_model, max_model_len=MAX_MODEL_LEN)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server: Any) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
+def server_options() -> dict[str, Any]:
+    return {"max_model_len": MAX_MODEL_LEN}
 
 
 def still_serving(http: httpx.Client) -> None:

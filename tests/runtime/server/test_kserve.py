@@ -4,7 +4,6 @@ protocol's own OpenAPI document and against the OpenAI endpoint's text."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,8 @@ V1_RESPONSE = {
 
 
 @pytest.fixture(scope="module")
-def server(start_server: Any, tiny_model: Path) -> Iterator[Any]:
-    srv = start_server(tiny_model, max_model_len=128)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server: Any) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
+def server_options() -> dict[str, Any]:
+    return {"max_model_len": 128}
 
 
 @pytest.fixture(scope="module")

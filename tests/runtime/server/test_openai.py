@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,8 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Hi, who are you?"}]
 
 
 @pytest.fixture(scope="module")
-def server(start_server: Any, tiny_model: Path) -> Iterator[Any]:
-    srv = start_server(tiny_model, max_model_len=256)
-    yield srv
-    srv.stop()
+def server_options() -> dict[str, Any]:
+    return {"max_model_len": 256}
 
 
 @pytest.fixture(scope="module")
