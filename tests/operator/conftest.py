@@ -313,6 +313,16 @@ class Cluster:
             and _header(r, "User-Agent") != TEST_AGENT
         ]
 
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        """The Events anyone has posted with this reason so far, oldest first."""
+        return [
+            r.data
+            for r in self.requests()
+            if r.method == "POST"
+            and r.url.path.endswith("/events")
+            and r.data.get("reason") == reason
+        ]
+
     # -- waiting on the operator: it acts in its own thread, so tests poll what it did --
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:

@@ -159,15 +159,7 @@ def test_a_failing_adapter_is_reported_once_per_backoff_not_retried_in_a_storm(
     failed = wait_condition(cluster, "AdaptersReady", "False")
     assert failed["reason"] == "AdapterFailed"
     assert failed["message"].startswith("broken: pod chat-0: POST /v1/load_lora_adapter: HTTP 400")
-    warnings = cluster.wait_for(
-        lambda: [
-            r.data
-            for r in cluster.requests()
-            if r.method == "POST"
-            and r.url.path.endswith("/events")
-            and r.data.get("reason") == "AdapterFailed"
-        ]
-    )
+    warnings = cluster.wait_for(lambda: cluster.events("AdapterFailed"))
     assert warnings[0]["type"] == "Warning" and "broken" in warnings[0]["message"]
 
     # More passes (pod events) ask each pod what it has, but do not hammer the failing load.

@@ -76,15 +76,7 @@ def test_lifecycle_create_update_ready_delete(
     assert condition(cr, "Ready")["status"] == "True"
     assert cr["spec"]["engine"]["dtype"] == "float16"  # the operator never rewrites the spec
     assert "effective" in cr["status"] and "--dtype" in cr["status"]["effective"]["args"]
-    events = cluster.wait_for(
-        lambda: [
-            r.data
-            for r in cluster.requests()
-            if r.method == "POST"
-            and r.url.path.endswith("/events")
-            and r.data.get("reason") == "Ready"
-        ]
-    )
+    events = cluster.wait_for(lambda: cluster.events("Ready"))
     assert events[0]["involvedObject"]["name"] == "qwen-chat"
 
     # Delete: Kubernetes garbage-collects the children; the operator does not bring them back.
@@ -108,13 +100,7 @@ def test_invalid_resource_is_degraded_and_the_operator_carries_on(
     assert degraded["message"] == "adapters: name 'qwen-chat' clashes with the served model name"
     assert cluster.get(DEPLOYMENT) is None
     # kopf posts events from a queue of its own, after the status write: wait for it.
-    cluster.wait_for(
-        lambda: any(
-            r.data["type"] == "Warning" and r.data["reason"] == "InvalidSpec"
-            for r in cluster.requests()
-            if r.method == "POST" and r.url.path.endswith("/events")
-        )
-    )
+    cluster.wait_for(lambda: any(e["type"] == "Warning" for e in cluster.events("InvalidSpec")))
     # PermanentError: no retry storm against a spec only the user can fix.
     cluster.settle()
     before = len(cluster.requests())
