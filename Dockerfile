@@ -82,7 +82,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
  && PINNACE_KERNEL_CACHE=/opt/pinnace/kernels python3 -c \
-      "from pinnace.runtime.kernels import build; assert build.load('int8_gemv')"
+      "from pinnace.runtime.kernels import build; build.build_all()"
 
 FROM runtime-base AS runtime
 COPY --from=runtime-build /opt/venv /opt/venv

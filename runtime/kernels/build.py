@@ -21,6 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
+KERNELS = ("int8_gemv", "paged_decode_attention")  # the <name>.c files next to this one
 COMPILE_TIMEOUT_S = 120
 
 
@@ -48,6 +49,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def load_for_cpu(name: str, required_flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """load(name) where enabled and the CPU has `required_flags`; otherwise None (logged)."""
+    if not enabled():
+        return None
+    missing = [flag for flag in required_flags if flag not in cpu_flags()]
+    if missing:
+        logger.info("native kernel %s needs CPU flags %s; using PyTorch's path", name, missing)
+        return None
+    return load(name)
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from `<name>.c` next to this file; None if it cannot be built."""
     source = Path(__file__).with_name(f"{name}.c")
@@ -68,6 +80,13 @@ def load(name: str) -> ctypes.CDLL | None:
     except OSError as err:
         logger.warning("native kernel %s not loaded (%s); using PyTorch's path", name, err)
         return None
+
+
+def build_all() -> None:
+    """Build every kernel into the cache (container images do this at build time)."""
+    failed = [name for name in KERNELS if load(name) is None]
+    if failed:
+        raise RuntimeError(f"native kernels not built: {', '.join(failed)} (see the log)")
 
 
 def _compile(compiler: str, source: Path, target: Path) -> None:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
 
 from pinnace.runtime.kernels import build
-
-logger = logging.getLogger(__name__)
 
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 # Each activation row costs a pass of integer dot products over the weights: measured on
@@ -31,13 +28,7 @@ Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.
 
 @functools.cache
 def int8_gemv() -> Gemv | None:
-    if not build.enabled():
-        return None
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in build.cpu_flags()]
-    if missing:
-        logger.info("int8 GEMV kernel needs CPU flags %s; using PyTorch's int8 path", missing)
-        return None
-    lib = build.load("int8_gemv")
+    lib = build.load_for_cpu("int8_gemv", REQUIRED_CPU_FLAGS)
     if lib is None:
         return None
     fn = lib.pinnace_int8_gemv_bf16

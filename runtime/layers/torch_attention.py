@@ -11,8 +11,10 @@ wants (no transposing copy):
                                       seq_len, and within the sliding window if any
 
 Per layer the step's K/V are written first, then read (AttentionBackend's invariant).
-Decode-only steps (every query length 1) use a matmul path with grouped heads; steps with
-prefill chunks use scaled_dot_product_attention on padded queries.
+Decode-only steps (every query length 1) in bfloat16 on an AVX-512 CPU run a native kernel
+that reads the blocks in place (kernels/paged_decode_attention.c); elsewhere they use a
+matmul path with grouped heads. Steps with prefill chunks use scaled_dot_product_attention
+on padded queries.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pinnace.runtime.kernels.paged_attention import paged_decode_attention, supports
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.quantization.kv_cache import read_kv, write_kv
 
@@ -37,6 +40,8 @@ class TorchAttentionMetadata:
     max_q: int
     block_size: int
     causal_mask: torch.Tensor  # [B, 1, max_q, L] without sliding window
+    block_tables: torch.Tensor  # [B, n_blk] int64, for the native decode kernel
+    seq_lens: torch.Tensor  # [B] int64
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _kv_rows: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -76,6 +81,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self, num_kv_heads: int) -> None:
         self.num_kv_heads = num_kv_heads
+        # CPU bfloat16 decode reads the paged cache in place (kernels/paged_attention.py).
+        self.native = paged_decode_attention()
 
     def build_metadata(self, layout: BatchLayout) -> TorchAttentionMetadata:
         dev, bs, kv_heads = layout.device, layout.block_size, self.num_kv_heads
@@ -114,6 +121,8 @@ class TorchAttentionBackend(AttentionBackend):
             max_q=max_q,
             block_size=bs,
             causal_mask=mask[:, None].to(dev),
+            block_tables=tables.to(dev),
+            seq_lens=seq_t.to(dev),
         )
 
     def forward(
@@ -131,6 +140,13 @@ class TorchAttentionBackend(AttentionBackend):
         # The layer's tensor is [num_slots, Hkv, D] by allocation; its rows are ours to lay out.
         write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
         write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
+        if m.is_decode and self._native_decode(q, kv_cache):
+            assert self.native is not None
+            rows = kv_cache.view(2, -1, m.block_size * head_dim)
+            return self.native(
+                q, rows[0], rows[1], m.block_tables, m.seq_lens, k.shape[1], m.block_size,
+                scale, sliding_window,
+            )  # fmt: skip
         k_ctx, v_ctx = read_kv(_gather(kv_cache, m), q.dtype).unbind(0)  # [B, Hkv, L, D]
         if m.is_decode:
             return _decode_attention(q, k_ctx, v_ctx, m.hidden(sliding_window), scale)
@@ -147,6 +163,15 @@ class TorchAttentionBackend(AttentionBackend):
         )  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(num_reqs * m.max_q, num_heads, head_dim)
         return out[m.q_scatter]
+
+    def _native_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return (
+            self.native is not None
+            and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16
+            and kv_cache.dtype == torch.bfloat16
+            and supports(q.shape[1], kv_cache.shape[2], q.shape[2])
+        )
 
 
 def _gather(kv_cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:

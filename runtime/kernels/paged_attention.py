@@ -1,0 +1,90 @@
+"""Python side of paged_decode_attention.c: decode attention read from the paged KV cache.
+
+    attend = paged_decode_attention()   # None when the kernel is unavailable here
+    out = attend(q, k_rows, v_rows, block_tables, seq_lens, num_kv_heads, block_size, scale,
+                 window)
+
+q: bfloat16 [B, H, D] (one query per request); k_rows / v_rows: a layer's K and V as
+[num_blocks * Hkv, block_size * D] head-major rows; block_tables: int64 [B, n_blk];
+seq_lens: int64 [B]. Returns bfloat16 [B, H, D].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+import torch
+
+from pinnace.runtime.kernels import build
+
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+MAX_GROUP = 16  # query heads per KV head (the kernel's limit)
+MAX_HEAD_DIM = 256
+
+Attend = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, float,
+     int | None],
+    torch.Tensor,
+]  # fmt: skip
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    return (
+        num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= MAX_GROUP
+        and head_dim % 16 == 0
+        and head_dim <= MAX_HEAD_DIM
+    )
+
+
+@functools.cache
+def paged_decode_attention() -> Attend | None:
+    lib = build.load_for_cpu("paged_decode_attention", REQUIRED_CPU_FLAGS)
+    if lib is None:
+        return None
+    fn = lib.pinnace_paged_decode_bf16
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64,
+                   ptr, ctypes.c_int]  # fmt: skip
+    fn.restype = ctypes.c_int
+
+    def attend(
+        q: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        num_kv_heads: int,
+        block_size: int,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        q = q.contiguous()
+        batch, heads, head_dim = q.shape
+        out = torch.empty_like(q)
+        status = fn(
+            q.data_ptr(),
+            k_rows.data_ptr(),
+            v_rows.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            seq_lens.data_ptr(),
+            batch,
+            heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            window or 0,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status == -1:
+            raise ValueError(f"paged attention kernel: unsupported shape {tuple(q.shape)}")
+        if status != 0:
+            raise MemoryError("paged attention kernel could not allocate its scratch buffer")
+        return out
+
+    return attend
