@@ -21,7 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
-KERNELS = ("int8_gemv", "paged_decode_attention")  # the <name>.c files next to this one
+KERNELS = ("int8_gemv", "paged_decode_attention", "rms_norm")  # the <name>.c files next to this one
 COMPILE_TIMEOUT_S = 120
 
 
