@@ -1,0 +1,71 @@
+"""What the emulated API server serves, and how it checks what it is sent.
+
+The built-in resources the operator reads and writes are always there. A custom resource is
+served once its CRD is created (as on a real cluster, where discovery lists it from then on),
+and its objects are validated against that CRD's schema: a violation is a 422, as from a real API
+server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import jsonschema
+import kmock
+from kmock._internal import k8s
+
+BUILTINS = {
+    "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
+    "v1/services": dict(kind="Service", namespaced=True, subresources={"status"}),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True),
+    "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status"}),
+    "v1/secrets": dict(kind="Secret", namespaced=True),
+    "batch/v1/jobs": dict(kind="Job", namespaced=True, subresources={"status"}),
+    "v1/events": dict(kind="Event", namespaced=True),
+    "autoscaling/v2/horizontalpodautoscalers": dict(
+        kind="HorizontalPodAutoscaler", namespaced=True, subresources={"status"}
+    ),
+    # Discovery only: kopf waits to see it exists (it never lists it with scanning disabled).
+    "v1/namespaces": dict(kind="Namespace", namespaced=False),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
+        kind="CustomResourceDefinition", namespaced=False
+    ),
+}
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+@attrs.define(kw_only=True)
+class Discovery(k8s.KubernetesEmulator):
+    """kmock's emulator with the built-ins registered and CRDs turned into served resources."""
+
+    _schemas: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in BUILTINS.items():
+            self.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{spec['names']['plural']}"
+            self.resources[key] = kmock.ResourceInfo(
+                kind=spec["names"]["kind"],
+                singular=spec["names"]["singular"],
+                shortnames=set(spec["names"].get("shortNames", [])),
+                namespaced=spec["scope"] == "Namespaced",
+                subresources=set(version.get("subresources", {})),
+                verbs=VERBS,
+            )
+            self._schemas[kmock.resource(key)] = version["schema"]["openAPIV3Schema"]
+
+    def _validate(self, request: kmock.Request, obj: dict[str, Any]) -> None:
+        schema = self._schemas.get(request.resource)
+        if schema is None:
+            return
+        errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(obj), key=str)
+        if errors:
+            path = ".".join(str(p) for p in errors[0].absolute_path)
+            message = f"{path}: {errors[0].message}"
+            raise k8s.KubernetesError(status=422, reason="Invalid", message=message)
