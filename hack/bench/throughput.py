@@ -96,15 +96,20 @@ def run_transformers(model_path: str, prompts: list[list[int]], args: argparse.N
     return generated / (time.perf_counter() - start)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="HF folder or .gguf (default: random SmolLM2-shaped)")
+def add_workload_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The workload flags this bench shares with vllm_cpu.py (same names, same defaults)."""
+    parser.add_argument("--model", help=model_help)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_workload_args(parser, "HF folder or .gguf (default: random SmolLM2-shaped)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -44,14 +44,10 @@ def bind_cpus(threads: int) -> str:
 
 
 def main() -> int:
+    from throughput import add_workload_args, build_random_model, make_prompts
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="HF folder (default: random SmolLM2-shaped)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_workload_args(parser, "HF folder (default: random SmolLM2-shaped)")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--enforce-eager", action="store_true", help="skip vLLM's torch.compile")
     args = parser.parse_args()
@@ -67,7 +63,6 @@ def main() -> int:
 
     import torch
     import vllm
-    from throughput import build_random_model, make_prompts
     from vllm import LLM, SamplingParams, TokensPrompt
 
     torch.set_num_threads(args.threads)
