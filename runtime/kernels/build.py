@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +61,43 @@ def load_for_cpu(name: str, required_flags: tuple[str, ...]) -> ctypes.CDLL | No
     return load(name)
 
 
+def native_function(
+    name: str,
+    required_flags: tuple[str, ...],
+    symbol: str,
+    argtypes: list[type],
+    restype: type | None,
+) -> Any:
+    """The C function `symbol` of kernel `name`, typed for ctypes (a ctypes function
+    pointer); None where unavailable."""
+    lib = load_for_cpu(name, required_flags)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from `<name>.c` next to this file; None if it cannot be built."""
     source = Path(__file__).with_name(f"{name}.c")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        if compiler is None:
-            logger.info("no C compiler found: native kernel %s not built", name)
-            return None
+    if target.exists():
         try:
-            _compile(compiler, source, target)
-        except (OSError, subprocess.SubprocessError) as err:
-            logger.warning("native kernel %s not built (%s); using PyTorch's path", name, err)
-            return None
+            return ctypes.CDLL(str(target))
+        except OSError as err:  # truncated or foreign (an interrupted copy): build it again
+            logger.warning("cached native kernel %s unusable (%s); rebuilding", name, err)
+    if compiler is None:
+        logger.info("no C compiler found: native kernel %s not built", name)
+        return None
     try:
+        _compile(compiler, source, target)
         return ctypes.CDLL(str(target))
-    except OSError as err:
-        logger.warning("native kernel %s not loaded (%s); using PyTorch's path", name, err)
+    except (OSError, subprocess.SubprocessError) as err:
+        logger.warning("native kernel %s not built (%s); using PyTorch's path", name, err)
         return None
 
 

@@ -28,13 +28,13 @@ Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.
 
 @functools.cache
 def int8_gemv() -> Gemv | None:
-    lib = build.load_for_cpu("int8_gemv", REQUIRED_CPU_FLAGS)
-    if lib is None:
-        return None
-    fn = lib.pinnace_int8_gemv_bf16
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    fn = build.native_function(
+        "int8_gemv", REQUIRED_CPU_FLAGS, "pinnace_int8_gemv_bf16",
+        [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int], ctypes.c_int,
+    )  # fmt: skip
+    if fn is None:
+        return None
 
     def gemv(
         x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, rowsum: torch.Tensor

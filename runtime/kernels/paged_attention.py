@@ -41,14 +41,15 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 
 @functools.cache
 def paged_decode_attention() -> Attend | None:
-    lib = build.load_for_cpu("paged_decode_attention", REQUIRED_CPU_FLAGS)
-    if lib is None:
-        return None
-    fn = lib.pinnace_paged_decode_bf16
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64,
-                   ptr, ctypes.c_int]  # fmt: skip
-    fn.restype = ctypes.c_int
+    fn = build.native_function(
+        "paged_decode_attention", REQUIRED_CPU_FLAGS, "pinnace_paged_decode_bf16",
+        [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
+         ctypes.c_int],
+        ctypes.c_int,
+    )  # fmt: skip
+    if fn is None:
+        return None
 
     def attend(
         q: torch.Tensor,

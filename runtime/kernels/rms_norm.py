@@ -21,13 +21,13 @@ Norm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 @functools.cache
 def rms_norm() -> Norm | None:
-    lib = build.load_for_cpu("rms_norm", REQUIRED_CPU_FLAGS)
-    if lib is None:
-        return None
-    fn = lib.pinnace_rms_norm_bf16
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
-    fn.restype = None
+    fn = build.native_function(
+        "rms_norm", REQUIRED_CPU_FLAGS, "pinnace_rms_norm_bf16",
+        [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int], None,
+    )  # fmt: skip
+    if fn is None:
+        return None
 
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         cols = x.shape[-1]

@@ -1,11 +1,12 @@
-"""Shared by the runtime tests: a real HTTP server in a thread, and transformers' greedy
-decoding as the reference the engine must match token for token."""
+"""Shared by the runtime tests: a real HTTP server in a thread, transformers' greedy
+decoding as the reference the engine must match token for token, and the native kernels'
+lookups (fresh per test, or a skip where a kernel cannot run)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -80,3 +81,35 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> lis
 def hf_greedy_fixture() -> Callable[[torch.nn.Module, list[int], int], list[int]]:
     """hf_greedy(model, prompt, num_tokens) -> the reference tokens."""
     return hf_greedy
+
+
+def _kernel_lookups() -> tuple[Any, ...]:
+    from pinnace.runtime.kernels.int8_gemv import int8_gemv
+    from pinnace.runtime.kernels.paged_attention import paged_decode_attention
+    from pinnace.runtime.kernels.rms_norm import rms_norm
+
+    return int8_gemv, paged_decode_attention, rms_norm
+
+
+@pytest.fixture
+def fresh_kernels() -> Iterator[None]:
+    """Kernel lookups are cached per process and read the environment: a test that changes
+    it (or a kernel's module attributes) starts and leaves with the caches empty."""
+    for lookup in _kernel_lookups():
+        lookup.cache_clear()
+    yield
+    for lookup in _kernel_lookups():
+        lookup.cache_clear()
+
+
+@pytest.fixture
+def native_kernel(fresh_kernels: None) -> Callable[[Any, tuple[str, ...]], Any]:
+    """native_kernel(lookup, required_cpu_flags) -> the kernel, or skip the test."""
+
+    def get(lookup: Any, flags: tuple[str, ...]) -> Any:
+        kernel = lookup()
+        if kernel is None:
+            pytest.skip(f"no C compiler or CPU without {', '.join(flags)}")
+        return kernel
+
+    return get

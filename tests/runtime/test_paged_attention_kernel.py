@@ -3,14 +3,11 @@ float64 reference on scattered blocks, and inside the torch backend against its 
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from pinnace.runtime.kernels import build
 from pinnace.runtime.kernels.paged_attention import (
     REQUIRED_CPU_FLAGS,
     Attend,
@@ -19,20 +16,12 @@ from pinnace.runtime.kernels.paged_attention import (
 from pinnace.runtime.layers.attention_backend import BatchLayout
 from pinnace.runtime.layers.torch_attention import TorchAttentionBackend
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernel_lookup() -> Iterator[None]:
-    paged_decode_attention.cache_clear()
-    yield
-    paged_decode_attention.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
 @pytest.fixture
-def attend() -> Attend:
-    kernel = paged_decode_attention()
-    if kernel is None:
-        pytest.skip(f"no C compiler or CPU without {', '.join(REQUIRED_CPU_FLAGS)}")
-    return kernel
+def attend(native_kernel: Callable[..., Attend]) -> Attend:
+    return native_kernel(paged_decode_attention, REQUIRED_CPU_FLAGS)
 
 
 def _paged_problem(
@@ -131,12 +120,3 @@ def test_backend_decode_agrees_with_its_matmul_path(attend: Attend) -> None:
         meta = backend.build_metadata(layout)
         outs.append(backend.forward(q, k_new, v_new, kv_cache, meta, dim**-0.5, None))
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.03, atol=0.02)
-
-
-def test_every_kernel_source_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the CPU image runs at build time: each kernel in build.KERNELS compiles."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setenv("PINNACE_KERNEL_CACHE", str(tmp_path))
-    build.build_all()
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.so")) == sorted(build.KERNELS)

@@ -3,7 +3,7 @@ values as the eight-op torch formula, on every row shape the models use."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,20 +11,12 @@ import torch
 from pinnace.runtime.kernels.rms_norm import REQUIRED_CPU_FLAGS, Norm, rms_norm
 from pinnace.runtime.layers.norm import RMSNorm
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernel_lookup() -> Iterator[None]:
-    rms_norm.cache_clear()
-    yield
-    rms_norm.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
 @pytest.fixture
-def native() -> Norm:
-    kernel = rms_norm()
-    if kernel is None:
-        pytest.skip(f"no C compiler or CPU without {', '.join(REQUIRED_CPU_FLAGS)}")
-    return kernel
+def native(native_kernel: Callable[..., Norm]) -> Norm:
+    return native_kernel(rms_norm, REQUIRED_CPU_FLAGS)
 
 
 def _layer(hidden: int, seed: int) -> RMSNorm:

@@ -4,34 +4,23 @@ the same greedy tokens as PyTorch's int8 kernel on the real model."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from pinnace.runtime import LLM, SamplingParams
-from pinnace.runtime.kernels import build
 from pinnace.runtime.kernels.int8_gemv import REQUIRED_CPU_FLAGS, Gemv, int8_gemv
 from pinnace.runtime.layers.quantization import int8 as int8_module
 from pinnace.runtime.layers.quantization.int8 import Int8Linear, quantize_int8
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernel_lookup() -> Iterator[None]:
-    int8_gemv.cache_clear()
-    yield
-    int8_gemv.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
 @pytest.fixture
-def gemv() -> Gemv:
-    kernel = int8_gemv()
-    if kernel is None:
-        pytest.skip(f"no C compiler or CPU without {', '.join(REQUIRED_CPU_FLAGS)}")
-    return kernel
+def gemv(native_kernel: Callable[..., Gemv]) -> Gemv:
+    return native_kernel(int8_gemv, REQUIRED_CPU_FLAGS)
 
 
 def _problem(rows: int, cols: int, outs: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -108,28 +97,6 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert int8_gemv() is None
     layer = Int8Linear(*quantize_int8(torch.randn(32, 64)), None, torch.bfloat16)
     assert layer.native is None and "native" not in layer.extra_repr()
-
-
-def test_build_cache_serves_a_machine_without_compiler(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    if not set(REQUIRED_CPU_FLAGS) <= build.cpu_flags():
-        pytest.skip("CPU without the kernel's ISA")
-    monkeypatch.setenv("PINNACE_KERNEL_CACHE", str(tmp_path / "kernels"))
-    assert build.load("int8_gemv") is not None or pytest.skip("no C compiler here")
-    built = list((tmp_path / "kernels").glob("int8_gemv-*.so"))
-    assert len(built) == 1
-    # A container image: the build is in the cache, and there is no compiler.
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.delenv("CC", raising=False)
-    assert build.load("int8_gemv") is not None
-    # Empty cache and a compiler that fails: a warning and PyTorch's path, no exception.
-    monkeypatch.setenv("PINNACE_KERNEL_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setenv("CC", "false")
-    with caplog.at_level(logging.WARNING):
-        assert build.load("int8_gemv") is None
-    assert "not built" in caplog.text
-    assert not list((tmp_path / "empty").glob("*.so*"))
 
 
 @pytest.mark.slow
