@@ -1,8 +1,8 @@
 """Autoscaling renders (HPA and KEDA ScaledObject), field by field, for each metric combination.
 
-The HPA is validated by kubernetes-validate (strict). KEDA's CRD is not available offline:
-ScaledObjects are checked against data/keda/scaledobjects.keda.sh.yaml, a hand-written
-subset of KEDA's schema (every field we send must be declared there, with its type).
+The HPA is validated by kubernetes-validate (strict). ScaledObjects are checked against KEDA's
+own CRD from its v2.20.2 release (data/keda/): schema, required fields, CEL rules, and no
+field the API server would prune.
 """
 
 from __future__ import annotations
@@ -123,6 +123,30 @@ def test_scaled_object_for_each_metric_combination(
             "threshold": f"{TARGETS[name]:g}",
         }
     assert len({t.get("name", t["type"]) for t in spec["triggers"]}) == len(metrics)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda s: s.update(pollingIntervall=30), "spec.pollingIntervall: unknown field"),
+        (lambda s: s["scaleTargetRef"].pop("name"), "'name' is a required property"),
+        (lambda s: s.pop("triggers"), "'triggers' is a required property"),
+        (lambda s: s["triggers"][0]["metadata"].update(threshold=2), "2 is not of type 'string'"),
+        (
+            lambda s: s.update(minReplicaCount=6),
+            "spec: minReplicaCount must be less than or equal to maxReplicaCount",  # CEL
+        ),
+    ],
+    ids=["pruned", "no-target-name", "no-triggers", "int-metadata", "min-above-max"],
+)
+def test_kedas_crd_refuses_what_its_api_server_would(
+    change: Any, error: str, keda_crd: dict[str, Any], schema_errors: Any
+) -> None:
+    """The checks are not vacuous: each broken variant of a real render is refused."""
+    obj = render_autoscaler(llmd_with(scaling("keda", ("requestsWaiting",))))
+    assert obj is not None and schema_errors(keda_crd, obj) == []
+    change(obj["spec"])
+    assert any(error in e for e in schema_errors(keda_crd, obj)), schema_errors(keda_crd, obj)
 
 
 def test_keda_scales_to_zero_and_defaults() -> None:

@@ -15,7 +15,6 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) i
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pinnace"
-DATA = Path(__file__).parent / "data"
 K8S_VERSION = kubernetes_validate.latest_version()
 
 VALUES: dict[str, dict[str, Any]] = {
@@ -62,15 +61,15 @@ def test_helm_lint_strict(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(VALUES))
 def test_every_rendered_object_validates(
-    chart: Any, case: str, kserve_crds: dict[str, Any], schema_errors: Any
+    chart: Any,
+    case: str,
+    kserve_crds: dict[str, Any],
+    service_monitor_crd: dict[str, Any],
+    schema_errors: Any,
 ) -> None:
     custom = {
         "ClusterServingRuntime": kserve_crds["ClusterServingRuntime"],
-        "ServiceMonitor": yaml.safe_load(
-            (
-                DATA / "prometheus-operator" / "servicemonitors.monitoring.coreos.com.yaml"
-            ).read_text()
-        ),
+        "ServiceMonitor": service_monitor_crd,
     }
     kopf = {
         crd["spec"]["names"]["kind"]: crd
@@ -196,3 +195,22 @@ def test_service_monitor_scrapes_the_services_the_operator_renders(chart: Any) -
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"]
     assert endpoint["path"] == "/metrics" and monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda e: e.update(intervall="30s"), "spec.endpoints[0].intervall: unknown field"),
+        (lambda e: e.update(interval="often"), "'often' does not match"),
+        (lambda e: e.update(scheme="ftp"), "'ftp' is not one of"),
+    ],
+    ids=["pruned", "bad-interval", "bad-scheme"],
+)
+def test_the_prometheus_operators_crd_refuses_a_broken_service_monitor(
+    chart: Any, change: Any, error: str, service_monitor_crd: dict[str, Any], schema_errors: Any
+) -> None:
+    """The checks are not vacuous: each broken variant of the rendered monitor is refused."""
+    [monitor] = by_kind(render(chart, VALUES["kserve"]))["ServiceMonitor"]
+    change(monitor["spec"]["endpoints"][0])
+    errors = schema_errors(service_monitor_crd, monitor)
+    assert any(error in e for e in errors), errors

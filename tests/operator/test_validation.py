@@ -7,12 +7,9 @@ with jsonschema (Draft 4 = OpenAPI v3's flavour: boolean exclusiveMinimum) and e
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import celpy
-import jsonschema
 import pytest
 import yaml
 
@@ -41,48 +38,12 @@ def schema() -> dict[str, Any]:
     return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
-_CEL = celpy.Environment()
-
-
-def cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    errors = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        program = _CEL.program(_CEL.compile(rule["rule"]))
-        if not program.evaluate({"self": celpy.json_to_cel(value)}):
-            errors.append(f"{path}: {rule['message']}")
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                errors += cel_errors(sub, value[key], f"{path}.{key}".lstrip("."))
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += cel_errors(schema["items"], item, f"{path}.{i}")
-    return errors
-
-
-def crd_errors(schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft4Validator(schema)
-    errors = [
-        f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
-        for e in validator.iter_errors(body)
-    ]
+def crd_errors(checks: Any, schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
+    """Schema then CEL errors (harness/validation.py); pruned fields are not errors here:
+    a "pruned" case is one the API server accepts and silently loses a field of."""
+    errors = checks.schema_errors(schema, body)
     # Like the API server: CEL rules see the object with schema defaults filled in.
-    return errors or cel_errors(schema, apply_defaults(schema, body))
-
-
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """What the API server stores: schema defaults filled in where the parent exists."""
-    if isinstance(value, dict):
-        out = dict(value)
-        for key, sub in schema.get("properties", {}).items():
-            if key not in out and "default" in sub:
-                out[key] = copy.deepcopy(sub["default"])
-            if key in out:
-                out[key] = apply_defaults(sub, out[key])
-        return out
-    if isinstance(value, list) and "items" in schema:
-        return [apply_defaults(schema["items"], item) for item in value]
-    return value
+    return errors or checks.cel_errors(schema, checks.apply_defaults(schema, body))
 
 
 def test_there_are_examples_for_each_use_case() -> None:
@@ -99,23 +60,29 @@ def test_there_are_examples_for_each_use_case() -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
-def test_example_is_valid_for_the_crd_and_the_model(path: Path, schema: dict[str, Any]) -> None:
+def test_example_is_valid_for_the_crd_and_the_model(
+    path: Path, schema: dict[str, Any], crd_validation: Any
+) -> None:
     body = yaml.safe_load(path.read_text())
-    assert crd_errors(schema, body) == []
+    assert crd_validation.object_errors(schema, body) == []  # nothing pruned either
     llmd = parse_llmdeployment(body)
     check_fit(llmd)
     # The API server stores defaulted objects: they must mean the same to the operator.
-    assert parse_llmdeployment(apply_defaults(schema, body)) == llmd
+    assert parse_llmdeployment(crd_validation.apply_defaults(schema, body)) == llmd
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: f"examples/{p.stem}")
-def test_broken_resource_is_rejected_with_its_message(path: Path, schema: dict[str, Any]) -> None:
+def test_broken_resource_is_rejected_with_its_message(
+    path: Path, schema: dict[str, Any], crd_validation: Any
+) -> None:
     meta, body = load_case(path)
-    errors = crd_errors(schema, body)
+    errors = crd_errors(crd_validation, schema, body)
     if meta["layer"] == "schema":  # kubectl apply fails
         assert len(errors) == 1 and errors[0].startswith(meta["expect-crd"]), errors
     else:  # the API server accepts it; the operator (and `pinnace render`) must not
         assert errors == []
+    pruned = crd_validation.pruned_fields(schema, body)
+    assert pruned == ([meta["expect"].split(":")[0]] if meta["layer"] == "pruned" else [])
     with pytest.raises(SpecError) as caught:
         check_fit(parse_llmdeployment(body))
     assert str(caught.value).startswith(meta["expect"])

@@ -7,20 +7,23 @@ into fixtures (its docstring says why). Modules here import each other relativel
 
 from __future__ import annotations
 
+from . import validation
 from .cluster import Cluster
-from .crds import KEDA_CRD_PATH, KSERVE_CRD_DIR, REPO, crd_schema_errors, load_crd, stand_in_crd
+from .crds import KEDA_CRD_PATH, KSERVE_CRD_DIR, REPO, SERVICE_MONITOR_CRD_PATH, load_crd
 from .operator_thread import Operator
 from .runtime_pods import FakeRuntime, RuntimePods
+from .validation import crd_schema_errors
 
 __all__ = [
     "KEDA_CRD_PATH",
     "KSERVE_CRD_DIR",
     "REPO",
+    "SERVICE_MONITOR_CRD_PATH",
     "Cluster",
     "FakeRuntime",
     "Operator",
     "RuntimePods",
     "crd_schema_errors",
     "load_crd",
-    "stand_in_crd",
+    "validation",
 ]

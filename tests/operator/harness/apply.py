@@ -94,10 +94,9 @@ class Patches(ObjectStore):
             patch = {"status": patch.get("status")} if "status" in patch else {}
         elif has_status:
             patch.pop("status", None)  # the main resource ignores status changes
-        new = merge(old, patch)
+        new = self._admit(request, merge(old, patch))
         new.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
         if new.get("spec") != old.get("spec"):
             new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
-        self._validate(request, new)
         # kmock merges the request data into the stored object: send the full difference.
         return attrs.evolve(request, action=enums.action.UPDATE, data=_diff(old, new))

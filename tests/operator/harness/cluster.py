@@ -77,6 +77,15 @@ class Cluster:
             and header(r, "User-Agent") != TEST_AGENT
         ]
 
+    def pruned_writes(self) -> list[str]:
+        """Writes by anyone but the test whose fields the API server dropped (a rendered
+        custom resource with a field its CRD does not have), as 'METHOD path: fields'."""
+        return [
+            f"{r.method} {r.url.path}: {', '.join(fields)}"
+            for r, fields in self.api.pruned
+            if header(r, "User-Agent") != TEST_AGENT
+        ]
+
     def events(self, reason: str) -> list[dict[str, Any]]:
         """The Events anyone has posted with this reason so far, oldest first."""
         return [

@@ -2,8 +2,9 @@
 
 The built-in resources the operator reads and writes are always there. A custom resource is
 served once its CRD is created (as on a real cluster, where discovery lists it from then on),
-and its objects are validated against that CRD's schema: a violation is a 422, as from a real API
-server.
+and its objects are checked as a real API server checks them (validation.py): a schema, list
+type or CEL violation is a 422; a field the schema does not declare is pruned from what is
+stored (a 422 only under `fieldValidation=Strict`), and every pruning is on record.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import jsonschema
 import kmock
 from kmock._internal import k8s
+
+from . import validation
 
 BUILTINS = {
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status"}),
@@ -40,6 +42,8 @@ class Discovery(k8s.KubernetesEmulator):
     """kmock's emulator with the built-ins registered and CRDs turned into served resources."""
 
     _schemas: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    # (request, fields) for each object the server stored without fields it was sent.
+    pruned: list[tuple[kmock.Request, list[str]]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -60,12 +64,19 @@ class Discovery(k8s.KubernetesEmulator):
             )
             self._schemas[kmock.resource(key)] = version["schema"]["openAPIV3Schema"]
 
-    def _validate(self, request: kmock.Request, obj: dict[str, Any]) -> None:
+    def _admit(self, request: kmock.Request, obj: dict[str, Any]) -> dict[str, Any]:
+        """`obj` as the server stores it, or a 422 (k8s.KubernetesError) if it is invalid."""
         schema = self._schemas.get(request.resource)
         if schema is None:
-            return
-        errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(obj), key=str)
+            return obj
+        errors = validation.schema_errors(schema, obj) + validation.list_type_errors(schema, obj)
+        errors = errors or validation.cel_errors(schema, validation.apply_defaults(schema, obj))
+        pruned = validation.pruned_fields(schema, obj)
+        if pruned and request.params.get("fieldValidation") == "Strict":
+            errors += [f'{field}: unknown field "{field}"' for field in pruned]
         if errors:
-            path = ".".join(str(p) for p in errors[0].absolute_path)
-            message = f"{path}: {errors[0].message}"
-            raise k8s.KubernetesError(status=422, reason="Invalid", message=message)
+            raise k8s.KubernetesError(status=422, reason="Invalid", message=errors[0])
+        if pruned:
+            self.pruned.append((request, pruned))
+            obj = validation.prune(schema, obj)
+        return obj

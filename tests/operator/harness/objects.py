@@ -60,8 +60,7 @@ class ObjectStore(Discovery):
         return obj
 
     def _on_create(self, request: kmock.Request, obj: dict[str, Any]) -> kmock.Request:
-        self._validate(request, obj)
-        obj = self._stamp(obj, request)
+        obj = self._stamp(self._admit(request, obj), request)
         if obj.get("kind") == "CustomResourceDefinition":
             self._register_crd(obj)
         return attrs.evolve(request, action=enums.action.CREATE, data=obj)
