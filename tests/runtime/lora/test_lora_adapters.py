@@ -104,7 +104,7 @@ def _target() -> TargetModule:
 def test_lora_linear_matches_a_per_token_reference(packed: bool) -> None:
     dtype = torch.bfloat16 if packed else torch.float32
     if packed and not can_pack(torch.device("cpu"), dtype):
-        pytest.skip("no oneDNN bf16 packing on this CPU")
+        pytest.skip("CPU without oneDNN bfloat16 support (avx512_bf16)")
     torch.manual_seed(0)
     linear = nn.Linear(16, 32, bias=True).to(dtype)
     base: nn.Module = PackedLinear(linear) if packed else linear
