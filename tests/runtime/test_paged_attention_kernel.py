@@ -119,4 +119,14 @@ def test_backend_decode_agrees_with_its_matmul_path(attend: Attend) -> None:
         kv_cache = cache.clone().view(2, -1, kv_heads, dim)  # [2, slots, Hkv, D] storage
         meta = backend.build_metadata(layout)
         outs.append(backend.forward(q, k_new, v_new, kv_cache, meta, dim**-0.5, None))
+        # The new token's K/V land where the kernel (and the float64 reference) read them:
+        # row block * Hkv + h of the head-major cache, at the token's offset in the block.
+        after = kv_cache.view(2, -1, bs, dim)
+        expected = cache.view(2, -1, bs, dim).clone()
+        for b, n in enumerate(seq_lens):
+            block, offset = int(tables[b, (n - 1) // bs]), (n - 1) % bs
+            rows = block * kv_heads + torch.arange(kv_heads)
+            expected[0, rows, offset], expected[1, rows, offset] = k_new[b], v_new[b]
+        assert not torch.equal(expected, cache.view(2, -1, bs, dim))
+        assert torch.equal(after, expected), f"K/V write (native={native})"
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.03, atol=0.02)
