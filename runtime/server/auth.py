@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pinnace.runtime.server.errors import error_response
 
 # Probes and scrapers can't be expected to hold the key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/v2/health/live", "/v2/health/ready"})
+OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class APIKeyMiddleware:

@@ -50,6 +50,9 @@ class V2RequestOutput(RequestModel):
 
 class V2InferRequest(RequestModel):
     id: str | None = None
+    # KServe's SDK repeats the path's model in the body; the path decides which model runs.
+    model_name: str | None = None
+    model_version: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[V2RequestInput]
     outputs: list[V2RequestOutput] | None = None
@@ -59,7 +62,9 @@ class V2ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    # A binary output has no `data`: `parameters.binary_data_size` counts its bytes instead.
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
 
 
 class V2InferResponse(BaseModel):

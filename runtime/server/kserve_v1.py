@@ -1,4 +1,4 @@
-"""KServe V1 prediction: `POST /v1/models/{name}:predict` with prompts as instances.
+"""KServe V1: `GET /` liveness and `POST /v1/models/{name}:predict` with prompts as instances.
 
 `GET /v1/models/{name}` (the V1 readiness check) is served by the OpenAI routes: its body
 is OpenAI's model object plus V1's `name` and `ready`, so both clients can read it.
@@ -18,6 +18,11 @@ from pinnace.runtime.server.serving import ServerContext, cancel_on_disconnect
 
 def build_v1_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(tags=["kserve-v1"])
+
+    @router.get("/")
+    async def live() -> JSONResponse:
+        # KServe's V1 liveness check (its SDK's is_server_live reads `status`).
+        return JSONResponse({"status": "alive"})
 
     @router.post("/v1/models/{name:path}:predict")
     async def predict(name: str, body: V1PredictRequest, raw: Request) -> Response:

@@ -12,10 +12,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from pinnace.runtime.engine.async_engine import EngineDeadError
-from pinnace.runtime.server.errors import APIError, bad_request
+from pinnace.runtime.server.errors import APIError, bad_request, describe_validation_errors
+from pinnace.runtime.server.kserve_binary import (
+    HEADER_LENGTH,
+    attach_binary_inputs,
+    binary_response,
+    encode_bytes_tensor,
+    read_body,
+    split_body,
+    wants_binary_output,
+)
 from pinnace.runtime.server.kserve_inputs import KServeOptions, engine_request, parse_options
 from pinnace.runtime.server.kserve_protocol import (
     TEXT_INPUT,
@@ -56,6 +66,33 @@ def resolve(ctx: ServerContext, name: str) -> tuple[str, str | None]:
     return model, version if sep else None
 
 
+def parse_infer_request(header: Any) -> V2InferRequest:
+    """The JSON header of an infer request, validated; 400 naming the bad field."""
+    if not isinstance(header, dict):
+        raise bad_request("the infer request must be a JSON object.")
+    try:
+        return V2InferRequest.model_validate(header)
+    except ValidationError as exc:
+        message, param = describe_validation_errors(list(exc.errors()))
+        raise bad_request(message, param) from exc
+
+
+def infer_requests(
+    ctx: ServerContext, body: V2InferRequest, model: str
+) -> tuple[list[EngineRequest], list[int], bool]:
+    """(engine requests, output shape, whether text_output is wanted as binary) of a
+    V2 infer request; REST and gRPC share it."""
+    settings = dict(body.parameters or {})
+    requested = body.outputs[0].parameters if body.outputs else None
+    as_binary = wants_binary_output(settings, requested)
+    settings.pop("binary_data_output", None)
+    options = parse_options(settings)
+    prompts, shape = text_prompts(body)
+    requests = _engine_requests(ctx, "infer", prompts, options, model)
+    ctx.check_room(len(requests))
+    return requests, shape, as_binary
+
+
 def text_prompts(req: V2InferRequest) -> tuple[list[str], list[int]]:
     """The prompts of a BYTES `text_input` tensor, and its shape."""
     names = [t.name for t in req.inputs]
@@ -79,6 +116,10 @@ def text_prompts(req: V2InferRequest) -> tuple[list[str], list[int]]:
     for out in req.outputs or []:
         if out.name != TEXT_OUTPUT:
             raise bad_request(f"unknown output {out.name!r}; this model has {TEXT_OUTPUT!r}.")
+        if set(out.parameters or {}) - {"binary_data"}:
+            raise bad_request(f"output parameters {out.parameters} are not supported.")
+    if len(req.outputs or []) > 1:
+        raise bad_request(f"{TEXT_OUTPUT} is asked for more than once.")
     return prompts, tensor.shape
 
 
@@ -145,20 +186,28 @@ def _add_metadata_routes(router: APIRouter, ctx: ServerContext) -> None:
 
 def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.post("/v2/models/{name:path}/infer")
-    async def infer(name: str, body: V2InferRequest, raw: Request) -> Response:
+    async def infer(name: str, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        options = parse_options(body.parameters)
-        prompts, shape = text_prompts(body)
-        requests = _engine_requests(ctx, "infer", prompts, options, model)
-        ctx.check_room(len(requests))
+        # Read by hand rather than as a pydantic body: the binary extension puts raw bytes
+        # after the JSON, and clients send JSON with any content type (Triton's with none).
+        data = await read_body(raw.stream(), raw.headers.get("content-length"))
+        header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
+        attach_binary_inputs(header, binary)
+        body = parse_infer_request(header)
+        requests, shape, as_binary = infer_requests(ctx, body, model)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
             return finals
         texts = [f.outputs[0].text for f in finals]
         output = V2ResponseOutput(name=TEXT_OUTPUT, shape=shape, datatype="BYTES", data=texts)
-        return _json(
-            V2InferResponse(model_name=model, model_version=version, id=body.id, outputs=[output])
+        response = V2InferResponse(
+            model_name=model, model_version=version, id=body.id, outputs=[output]
         )
+        if not as_binary:
+            return _json(response)
+        blob = encode_bytes_tensor(texts)
+        output.data, output.parameters = None, {"binary_data_size": len(blob)}
+        return binary_response(response.model_dump(exclude_none=True), [blob])
 
     @router.post("/v2/models/{name:path}/generate")
     async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
