@@ -13,8 +13,10 @@ from starlette.responses import Response
 
 from pinnace.runtime.engine.async_engine import AsyncLLMEngine
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.server import oip_proto
 from pinnace.runtime.server.auth import APIKeyMiddleware
 from pinnace.runtime.server.errors import install_error_handlers
+from pinnace.runtime.server.kserve_grpc import start_grpc_server
 from pinnace.runtime.server.kserve_v1 import build_v1_router
 from pinnace.runtime.server.kserve_v2 import build_v2_router
 from pinnace.runtime.server.metrics import ServingMetrics
@@ -33,8 +35,15 @@ class ServerSettings:
     metrics_prefixes: list[str] = field(default_factory=lambda: ["pinnace"])
     # LoRA adapters served from the start (`--lora-modules`): name -> PEFT folder.
     lora_modules: dict[str, str] = field(default_factory=dict)
+    # The Open Inference Protocol over gRPC on this port (0: any free one); None: off.
+    grpc_port: int | None = None
+    grpc_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(
+                f"the gRPC port must be in 0..65535 (0: any free port), got {self.grpc_port}."
+            )
         if not self.served_model_names or not all(self.served_model_names):
             raise ValueError("served model names must be non-empty.")
         if self.api_key == "":
@@ -65,14 +74,25 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     ctx = ServerContext(async_engine, settings.served_model_names, config.model, config.enable_lora)
     for name, path in settings.lora_modules.items():
         ctx.adapters.add_at_startup(name, path)
+    if settings.grpc_port is not None:
+        oip_proto.load()  # a missing proto fails here, before the server starts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
         logger.info("engine thread started; serving %s", ", ".join(ctx.model_names))
+        grpc_server = None
+        if settings.grpc_port is not None:
+            # On this event loop: the engine delivers its outputs to the loop it started on.
+            grpc_server, app.state.grpc_port = await start_grpc_server(
+                ctx, settings.grpc_host, settings.grpc_port, settings.api_key
+            )
+            logger.info("gRPC (Open Inference Protocol) on port %d", app.state.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
             async_engine.shutdown()
 
     app = FastAPI(title="Pinnace", version=server_version(), lifespan=lifespan)

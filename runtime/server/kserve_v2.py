@@ -50,6 +50,8 @@ from pinnace.runtime.server.serving import (
 
 MODEL_VERSION = "1"
 PLATFORM = "pinnace"
+# This server's extensions (gRPC reports the same server; generate is on REST only).
+EXTENSIONS = ["binary_tensor_data", "generate"]
 
 
 def _json(model: Any, status: int = 200) -> JSONResponse:
@@ -154,7 +156,7 @@ def _add_metadata_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.get("/v2/", include_in_schema=False)  # the spec's spelling
     async def server_metadata() -> JSONResponse:
         return _json(
-            V2ServerMetadata(name=PLATFORM, version=server_version(), extensions=["generate"])
+            V2ServerMetadata(name=PLATFORM, version=server_version(), extensions=EXTENSIONS)
         )
 
     @router.get("/v2/health/live")
