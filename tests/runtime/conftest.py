@@ -1,12 +1,15 @@
 """Shared by the runtime tests: a real HTTP server in a thread, transformers' greedy
-decoding as the reference the engine must match token for token, and the native kernels'
-lookups (fresh per test, or a skip where a kernel cannot run)."""
+decoding as the reference the engine must match token for token, the native kernels'
+lookups (fresh per test, or a skip where a kernel cannot run), and the real SmolLM2 opened
+once with a full-sequence forward for perplexity and teacher-forced agreement."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -128,3 +131,65 @@ def native_kernel(fresh_kernels: None) -> Callable[[Any, tuple[str, ...]], Any]:
         return kernel
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf: str) -> Any:
+    """The SmolLM2 GGUF opened once (config + tokenizer parsing takes ~10 s)."""
+    from pinnace.runtime.models.loader import open_checkpoint
+
+    return open_checkpoint(smollm2_gguf)
+
+
+def sequence_logits(
+    model: torch.nn.Module, config: Any, token_ids: list[int], kv_dtype: torch.dtype
+) -> torch.Tensor:
+    """Logits [T, vocab] of one prefill over `token_ids` through the paged torch backend,
+    with a KV cache of `kv_dtype` (written, then read back, by every layer)."""
+    import torch
+
+    from pinnace.runtime.layers.attention_backend import BatchLayout, get_attention_backend
+    from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
+    from pinnace.runtime.worker.kv_cache import allocate_kv_caches, kv_geometry
+
+    device = torch.device("cpu")
+    num, block = len(token_ids), 16
+    num_blocks = math.ceil(num / block)
+    caches = allocate_kv_caches(config, num_blocks, block, kv_dtype, device)
+    layout = BatchLayout([num], [0], [list(range(num_blocks))], block, torch.arange(num), device)
+    backend = get_attention_backend("torch", device, kv_geometry(config)[1])
+    ctx = ForwardContext(backend, backend.build_metadata(layout), caches)
+    with torch.inference_mode(), forward_context(ctx):
+        hidden = model(torch.tensor(token_ids), torch.arange(num))
+        return model.compute_logits(hidden)  # type: ignore[operator]
+
+
+def perplexity(
+    model: torch.nn.Module, config: Any, token_ids: list[int], kv_dtype: torch.dtype
+) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    logits = sequence_logits(model, config, token_ids, kv_dtype)
+    return math.exp(F.cross_entropy(logits[:-1].float(), torch.tensor(token_ids[1:])).item())
+
+
+@pytest.fixture(scope="session")
+def model_eval() -> SimpleNamespace:
+    """`.sequence_logits(model, config, ids, kv_dtype)`, `.perplexity(...)` (same arguments)."""
+    return SimpleNamespace(sequence_logits=sequence_logits, perplexity=perplexity)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_bf16(smollm2_gguf: str) -> torch.nn.Module:
+    """transformers' own SmolLM2 from the same GGUF file, dequantized to bfloat16."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf),
+        gguf_file=os.path.basename(smollm2_gguf),
+        dtype=torch.bfloat16,
+    ).eval()

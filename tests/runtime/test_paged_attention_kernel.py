@@ -66,8 +66,9 @@ def _reference(
     return out
 
 
-@pytest.mark.parametrize(
-    ("seq_lens", "heads", "kv_heads", "dim", "window"),
+# (seq_lens, heads, kv_heads, dim, window)
+CASES = pytest.mark.parametrize(
+    "case",
     [
         ([1], 9, 3, 64, None),  # SmolLM2's grouping, first decode token
         ([100, 17, 1, 64], 9, 3, 64, None),
@@ -75,22 +76,35 @@ def _reference(
         ([70, 5], 16, 2, 16, 8),  # group of 8, sliding window shorter than one sequence
     ],
 )
-def test_matches_float64_reference(
-    attend: Attend,
-    seq_lens: list[int],
-    heads: int,
-    kv_heads: int,
-    dim: int,
-    window: int | None,
-) -> None:
+
+
+def _kernel_and_reference(attend: Attend, case: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    seq_lens, heads, kv_heads, dim, window = case
     bs, scale = 16, dim**-0.5
     q, cache, tables = _paged_problem(seq_lens, heads, kv_heads, dim, bs, seed=len(seq_lens))
     lens = torch.tensor(seq_lens)
     out = attend(q, cache[0], cache[1], tables, lens, kv_heads, bs, scale, window)
-    expected = _reference(q, cache, tables, seq_lens, kv_heads, bs, scale, window)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    return out, _reference(q, cache, tables, seq_lens, kv_heads, bs, scale, window)
+
+
+@CASES
+def test_matches_float64_reference(attend: Attend, case: tuple) -> None:
+    assert_rounded_from(*_kernel_and_reference(attend, case))
+
+
+def assert_rounded_from(out: torch.Tensor, expected: torch.Tensor) -> None:
     # Only the final rounding to bf16 separates them (float32 inside).
     torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-6)
+
+
+@CASES
+def test_a_one_ulp_error_fails_the_reference_check(attend: Attend, case: tuple) -> None:
+    """The check above is tight enough to see the kernel off by one ulp in every output."""
+    out, expected = _kernel_and_reference(attend, case)
+    off = (out.view(torch.int16) + 1).view(torch.bfloat16)  # one ulp away from zero
+    with pytest.raises(AssertionError):
+        assert_rounded_from(off, expected)
 
 
 def test_backend_decode_agrees_with_its_matmul_path(attend: Attend) -> None:

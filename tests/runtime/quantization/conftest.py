@@ -1,11 +1,10 @@
 """Quantization test kit: a round-to-nearest 4-bit quantizer, the reference GPTQ / AWQ packings
-(written here from the AutoGPTQ / AutoAWQ packers' definitions), checkpoint writers, and a
-full-sequence forward for perplexity and teacher-forced agreement on the real model."""
+(written here from the AutoGPTQ / AutoAWQ packers' definitions), and checkpoint writers
+(the real model and its full-sequence forward are in tests/runtime/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -159,14 +157,6 @@ def quant_kit() -> SimpleNamespace:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smollm2_checkpoint(smollm2_gguf: str) -> Any:
-    """The SmolLM2 GGUF opened once (config + tokenizer parsing takes ~10 s)."""
-    from pinnace.runtime.models.loader import open_checkpoint
-
-    return open_checkpoint(smollm2_gguf)
-
-
 @pytest.fixture
 def reuse_checkpoint(monkeypatch: pytest.MonkeyPatch, smollm2_checkpoint: Any) -> str:
     """Make LLM(model=<the GGUF>) reuse the opened checkpoint; returns the path to pass."""
@@ -174,38 +164,3 @@ def reuse_checkpoint(monkeypatch: pytest.MonkeyPatch, smollm2_checkpoint: Any) -
 
     monkeypatch.setattr(setup, "open_checkpoint", lambda path, template=None: smollm2_checkpoint)
     return str(smollm2_checkpoint.path)
-
-
-@torch.inference_mode()
-def sequence_logits(
-    model: torch.nn.Module, config: Any, token_ids: list[int], kv_dtype: torch.dtype
-) -> torch.Tensor:
-    """Logits [T, vocab] of one prefill over `token_ids` through the paged torch backend,
-    with a KV cache of `kv_dtype` (written, then read back, by every layer)."""
-    from pinnace.runtime.layers.attention_backend import BatchLayout, get_attention_backend
-    from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
-    from pinnace.runtime.worker.kv_cache import allocate_kv_caches, kv_geometry
-
-    device = torch.device("cpu")
-    num, block = len(token_ids), 16
-    num_blocks = math.ceil(num / block)
-    caches = allocate_kv_caches(config, num_blocks, block, kv_dtype, device)
-    layout = BatchLayout([num], [0], [list(range(num_blocks))], block, torch.arange(num), device)
-    backend = get_attention_backend("torch", device, kv_geometry(config)[1])
-    ctx = ForwardContext(backend, backend.build_metadata(layout), caches)
-    with forward_context(ctx):
-        hidden = model(torch.tensor(token_ids), torch.arange(num))
-    return model.compute_logits(hidden)  # type: ignore[operator]
-
-
-def perplexity(
-    model: torch.nn.Module, config: Any, token_ids: list[int], kv_dtype: torch.dtype
-) -> float:
-    logits = sequence_logits(model, config, token_ids, kv_dtype)
-    return math.exp(F.cross_entropy(logits[:-1].float(), torch.tensor(token_ids[1:])).item())
-
-
-@pytest.fixture(scope="session")
-def model_eval() -> SimpleNamespace:
-    """`.sequence_logits(model, config, ids, kv_dtype)`, `.perplexity(...)` (same arguments)."""
-    return SimpleNamespace(sequence_logits=sequence_logits, perplexity=perplexity)

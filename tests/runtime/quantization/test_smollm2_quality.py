@@ -1,5 +1,7 @@
 """The real SmolLM2-135M (GGUF Q4_1): perplexity on a fixed English text and weight memory in
-bfloat16, int8, FP8, and with the file's 4-bit blocks kept 4-bit (quantization="gguf")."""
+bfloat16, int8, FP8, and with the file's 4-bit blocks kept 4-bit (quantization="gguf"); the
+engine's bf16 perplexity is bounded by transformers' own bf16 value (+1 %), the others by
+the engine's bf16."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _count(model: nn.Module, kind: type) -> int:
 
 
 def test_perplexity_and_weight_memory_by_quantization(
-    smollm2_checkpoint: Any, model_eval: SimpleNamespace
+    smollm2_checkpoint: Any, model_eval: SimpleNamespace, hf_smollm2_bf16: nn.Module
 ) -> None:
     ids = list(smollm2_checkpoint.tokenizer.encode(TEXT))
     assert 250 <= len(ids) <= 400
@@ -72,6 +74,12 @@ def test_perplexity_and_weight_memory_by_quantization(
         results[method or "bf16"] = (ppl, _weight_bytes(model))
         del model
     base_ppl, base_bytes = results["bf16"]
+    # The absolute bound: transformers' own bf16 model of the same file on the same text.
+    with torch.inference_mode():
+        logits = hf_smollm2_bf16(torch.tensor([ids])).logits[0, :-1].float()
+    hf_ppl = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).exp().item()
+    print(f"transformers bf16: perplexity {hf_ppl:.3f}; engine bf16 {base_ppl:.3f}")
+    assert base_ppl <= 1.01 * hf_ppl
     params = sum(p.numel() for p in build_model(ckpt, torch.float32, torch.device("meta"), 16)
                  .parameters())  # fmt: skip
     for name, (ppl, size) in results.items():
