@@ -1,4 +1,4 @@
-"""`pinnace serve [MODEL]`: OpenAI-compatible and KServe V1/V2 HTTP server (vLLM's flags)."""
+"""`pinnace serve [MODEL]`: OpenAI + KServe V1/V2 server over HTTP and gRPC (vLLM's flags)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_http_flags(http: argparse._ArgumentGroup) -> None:
     http.add_argument("--host", default="0.0.0.0", help="address to bind")
     http.add_argument("--port", type=int, default=8000, help="port to bind")
+    http.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve KServe's Open Inference Protocol over gRPC on this port (same "
+        "host, engine and API key); off when not given",
+    )
     http.add_argument(
         "--served-model-name",
         nargs="+",
@@ -251,6 +258,10 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         raise FileNotFoundError(f"--chat-template file {template!r} does not exist.")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}.")
+    if args.grpc_port is not None and not 1 <= args.grpc_port <= 65535:
+        raise ValueError(f"--grpc-port must be in 1..65535, got {args.grpc_port}.")
+    if args.grpc_port == args.port:
+        raise ValueError(f"--grpc-port and --port are both {args.port}; give them two ports.")
     config = EngineConfig(
         kv_cache_dtype=args.kv_cache_dtype,
         model=model,
@@ -279,6 +290,8 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         max_waiting_requests=args.max_waiting_requests,
         metrics_prefixes=["pinnace", "vllm"] if args.metrics_prefix_vllm else ["pinnace"],
         lora_modules=lora_modules,
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
     )
     return config, settings
 
@@ -302,11 +315,14 @@ def run(args: argparse.Namespace) -> int:
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     logger.info(
         "Serving %s at http://%s:%d  (OpenAI /v1, KServe /v1/models/...:predict and /v2, "
-        "metrics /metrics%s)",
+        "metrics /metrics%s%s)",
         ", ".join(settings.served_model_names),
         host,
         args.port,
+        "" if args.grpc_port is None else f"; gRPC V2 at {host}:{args.grpc_port}",
         ", API key required" if settings.api_key else "",
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # grpc.aio shares uvicorn's loop, and it supports asyncio's own loop (not uvloop's).
+    loop = "auto" if args.grpc_port is None else "asyncio"
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, loop=loop)
     return 0

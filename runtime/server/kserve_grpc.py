@@ -119,12 +119,18 @@ class InferenceService:
             )
         inputs = []
         for i, tensor in enumerate(request.inputs):
-            where = f"inputs[{i}]"
+            params = self._parameters(tensor.parameters, f"inputs[{i}].parameters")
+            # KServe's SDK labels raw contents with their size, as on REST: check, drop.
+            size = params.pop("binary_data_size", None)
+            if size is not None and (not raw or size != len(raw[i])):
+                raise bad_request(
+                    f"inputs[{i}]: binary_data_size {size} does not match its raw contents."
+                )
             entry = {
                 "name": tensor.name,
                 "shape": list(tensor.shape),
                 "datatype": tensor.datatype,
-                "parameters": self._parameters(tensor.parameters, f"{where}.parameters") or None,
+                "parameters": params or None,
                 "data": self._tensor_data(tensor, raw[i] if raw else None, i),
             }
             inputs.append(entry)

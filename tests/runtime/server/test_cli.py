@@ -25,7 +25,7 @@ FLAGS = [
     "--no-enable-prefix-caching", "--gpu-memory-utilization", "--kv-cache-memory", "--api-key",
     "--chat-template", "--seed", "--max-waiting-requests", "--metrics-prefix-vllm",
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
-    "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
+    "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--grpc-port",
 ]  # fmt: skip
 
 
@@ -75,6 +75,8 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["{model}", "--max-num-seqs", "0"], "max_num_seqs"),
         (["{model}", "--gpu-memory-utilization", "2"], "gpu_memory_utilization"),
         (["{model}", "--port", "70000"], "--port"),
+        (["{model}", "--grpc-port", "0"], "--grpc-port must be in 1..65535"),
+        (["{model}", "--port", "9000", "--grpc-port", "9000"], "both 9000"),
         (["{model}", "--chat-template", "missing.jinja"], "missing.jinja"),
         (["{model}", "--max-waiting-requests", "0"], "max_waiting_requests"),
     ],
