@@ -81,6 +81,43 @@ ARCH_CONFIGS: dict[str, dict] = {
     "MistralForCausalLM": dict(model_type="mistral", sliding_window=128),
     "Qwen2ForCausalLM": dict(model_type="qwen2", tie_word_embeddings=False),
     "Qwen3ForCausalLM": dict(model_type="qwen3", head_dim=32),
+    # Windows of 32 and a longrope switch at 128 are inside the test prompts' lengths.
+    "Gemma2ForCausalLM": dict(
+        model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=32
+    ),
+    "Gemma3ForCausalLM": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "Phi3ForCausalLM": dict(
+        model_type="phi3",
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.5 * i for i in range(8)],
+            "original_max_position_embeddings": 128,
+        },
+    ),
+    "MixtralForCausalLM": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2MoeForCausalLM": dict(
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],  # one dense layer next to the sparse one
+    ),
+    "Qwen3MoeForCausalLM": dict(
+        model_type="qwen3_moe",
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
 }
 
 
