@@ -14,6 +14,7 @@ from pinnace.runtime.core.scheduler import Scheduler
 from pinnace.runtime.engine.request_state import RequestState
 from pinnace.runtime.engine.setup import EngineParts, build_engine_parts
 from pinnace.runtime.lora.adapter import LoRAAdapter
+from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
@@ -49,8 +50,7 @@ class LLMEngine:
         if config.enable_lora:
             self.lora = LoRAManager(
                 self.runner.model,
-                config.max_loras,
-                config.max_lora_rank,
+                LoRASlotsConfig(config.max_loras, config.max_lora_rank),
                 config.max_cpu_loras or config.max_loras,
                 parts.dtype,
                 parts.device,

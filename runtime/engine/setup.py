@@ -11,6 +11,7 @@ from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pinnace.runtime.layers.attention_backend import get_attention_backend
 from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
+from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes, kv_geometry
 from pinnace.runtime.worker.model_runner import ModelRunner
@@ -52,7 +53,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
     max_model_len = config.max_model_len or model_max
-    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant)
+    lora = LoRASlotsConfig(config.max_loras, config.max_lora_rank) if config.enable_lora else None
+    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora)
     # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)

@@ -54,6 +54,7 @@ class AttentionBackend(ABC):
         metadata: Any,
         scale: float,
         sliding_window: int | None,
+        softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap)
     ) -> torch.Tensor:  # [T, H, D]
         ...
 

@@ -134,13 +134,14 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: TorchAttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         m = metadata
         head_dim = k.shape[-1]
         # The layer's tensor is [num_slots, Hkv, D] by allocation; its rows are ours to lay out.
         write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
         write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
-        if m.is_decode and self._native_decode(q, kv_cache):
+        if m.is_decode and softcap is None and self._native_decode(q, kv_cache):
             assert self.native is not None
             rows = kv_cache.view(2, -1, m.block_size * head_dim)
             return self.native(
@@ -149,18 +150,21 @@ class TorchAttentionBackend(AttentionBackend):
             )  # fmt: skip
         k_ctx, v_ctx = read_kv(_gather(kv_cache, m), q.dtype).unbind(0)  # [B, Hkv, L, D]
         if m.is_decode:
-            return _decode_attention(q, k_ctx, v_ctx, m.hidden(sliding_window), scale)
+            return _decode_attention(q, k_ctx, v_ctx, m.hidden(sliding_window), scale, softcap)
         mask = m.mask(sliding_window)
         num_reqs, num_heads = k_ctx.shape[0], q.shape[1]
-        q_pad = q[m.q_gather].view(num_reqs, m.max_q, num_heads, head_dim)
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2),
-            k_ctx,
-            v_ctx,
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=num_heads != k_ctx.shape[1],
-        )  # [B, H, max_q, D]
+        q_pad = q[m.q_gather].view(num_reqs, m.max_q, num_heads, head_dim).transpose(1, 2)
+        if softcap is not None:
+            out = _capped_attention(q_pad, k_ctx, v_ctx, m.hidden(sliding_window), scale, softcap)
+        else:
+            out = F.scaled_dot_product_attention(
+                q_pad,
+                k_ctx,
+                v_ctx,
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=num_heads != k_ctx.shape[1],
+            )  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(num_reqs * m.max_q, num_heads, head_dim)
         return out[m.q_scatter]
 
@@ -184,7 +188,12 @@ def _gather(kv_cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:
 
 
 def _decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hidden: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query per request. q: [B, H, D]; k/v: [B, Hkv, L, D]; hidden: [B, 1, 1, L], the
     keys a query must not see."""
@@ -192,11 +201,34 @@ def _decode_attention(
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     qg = q.view(num_reqs, kv_heads, group, head_dim)  # heads h = kv_head * group + g
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    scores = _capped(torch.matmul(qg, k.transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G, L]
     scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v)  # [B, Hkv, G, D]
     return out.reshape(num_reqs, num_heads, head_dim)
+
+
+def _capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hidden: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Eager attention with soft-capped scores (Gemma 2), in HF's order of operations.
+    q: [B, H, Q, D]; k/v: [B, Hkv, L, D]; hidden: [B, 1, Q, L] -> [B, H, Q, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = _capped(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap)  # [B, H, Q, L]
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """cap * tanh(scores / cap): scores bounded to (-cap, cap), near-identity when small."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def _padding_indices(query_lens: list[int], max_q: int) -> tuple[torch.Tensor, torch.Tensor]:

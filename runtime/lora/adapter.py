@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pinnace.runtime.lora.request import LoRARequest
-from pinnace.runtime.lora.targets import SUPPORTED_TARGETS, LoRAModelSpec, TargetModule
+from pinnace.runtime.lora.targets import LoRAModelSpec, TargetModule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -96,7 +96,7 @@ def load_adapter(
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No adapter found for {folder}: not a folder.")
     where = f"LoRA adapter {request.lora_name!r} ({folder})"
-    config = read_peft_config(folder, where)
+    config = read_peft_config(folder, where, spec)
     tensors = _read_tensors(folder, where)
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -120,7 +120,7 @@ def load_adapter(
     return LoRAAdapter(request.lora_name, max_rank, weights)
 
 
-def read_peft_config(folder: str, where: str) -> PeftLoRAConfig:
+def read_peft_config(folder: str, where: str, spec: LoRAModelSpec) -> PeftLoRAConfig:
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No adapter found for {folder}: it has no {CONFIG_FILE}.")
@@ -131,7 +131,7 @@ def read_peft_config(folder: str, where: str) -> PeftLoRAConfig:
         raise ValueError(f"{where}: {CONFIG_FILE} is not valid JSON ({exc}).") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: {CONFIG_FILE} must hold a JSON object.")
-    _check_supported_options(raw, where)
+    _check_supported_options(raw, where, spec)
     r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{where}: {CONFIG_FILE} needs a positive integer r, got {r!r}.")
@@ -146,7 +146,7 @@ def read_peft_config(folder: str, where: str) -> PeftLoRAConfig:
     )
 
 
-def _check_supported_options(raw: dict[str, Any], where: str) -> None:
+def _check_supported_options(raw: dict[str, Any], where: str, spec: LoRAModelSpec) -> None:
     """Options that change the math in ways the batched forward does not implement."""
     kind = raw.get("peft_type", "LORA")
     if kind != "LORA":
@@ -167,12 +167,9 @@ def _check_supported_options(raw: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where} trains biases (bias={raw['bias']!r}); only 'none' is supported.")
     targets = raw.get("target_modules")
     if isinstance(targets, list):
-        bad = sorted({str(t).rsplit(".", 1)[-1] for t in targets} - set(SUPPORTED_TARGETS))
+        bad = sorted({str(t).rsplit(".", 1)[-1] for t in targets} - set(spec.supported_targets))
         if bad:
-            raise ValueError(
-                f"{where} targets {', '.join(bad)}; LoRA serving supports only "
-                f"{', '.join(SUPPORTED_TARGETS)}."
-            )
+            raise ValueError(_unsupported(where, ", ".join(bad), spec))
 
 
 def _read_tensors(folder: str, where: str) -> dict[str, torch.Tensor]:
@@ -196,11 +193,8 @@ def _parse_key(key: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str
         raise ValueError(f"{where}: tensor {key!r} is not a LoRA weight.")
     module = match["module"]
     target = module.rsplit(".", 1)[-1]
-    if target not in SUPPORTED_TARGETS:
-        raise ValueError(
-            f"{where} targets {target} ({key!r}); LoRA serving supports only "
-            f"{', '.join(SUPPORTED_TARGETS)}."
-        )
+    if target not in spec.supported_targets:
+        raise ValueError(_unsupported(where, f"{target} ({key!r})", spec))
     if match["kind"] not in ("lora_A", "lora_B"):
         raise ValueError(f"{where}: tensor {key!r} ({match['kind']}) is not supported.")
     layer_match = _LAYER_MODULE.match(module)
@@ -213,6 +207,13 @@ def _parse_key(key: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str
             f"{spec.num_layers} layers."
         )
     return layer, target, match["kind"][-1]
+
+
+def _unsupported(where: str, what: str, spec: LoRAModelSpec) -> str:
+    return (
+        f"{where} targets {what}; LoRA serving supports only "
+        f"{', '.join(spec.supported_targets)} on {spec.architecture}."
+    )
 
 
 def _checked_pair(

@@ -15,6 +15,8 @@ Device tensors per wrapped module, one row block per slot:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.target = target
+        self.in_features, self.out_features = target.in_features, target.out_features
         max_k = len(target.parts) * max_lora_rank
         shape_a = (max_loras, max_k, target.in_features)
         shape_bt = (max_loras, max_k, target.out_features)
@@ -83,17 +86,25 @@ class LoRALinear(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class LoRASlotsConfig:
+    """Room the wrapped layers reserve: adapters per step and their largest rank."""
+
+    max_loras: int
+    max_lora_rank: int
+
+
 def install_lora_layers(
     model: nn.Module,
     spec: LoRAModelSpec,
-    max_loras: int,
-    max_lora_rank: int,
+    slots: LoRASlotsConfig,
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[tuple[int, str], LoRALinear]:
     """Wrap every target module of every decoder layer in place (after weight loading, so
     packing and quantization have already replaced the base linears); returns them by
     (layer, module path)."""
+    max_loras, max_lora_rank = slots.max_loras, slots.max_lora_rank
     layers = model.model.layers  # type: ignore[union-attr]
     wrapped: dict[tuple[int, str], LoRALinear] = {}
     for i, layer in enumerate(layers):  # type: ignore[arg-type]
@@ -107,3 +118,13 @@ def install_lora_layers(
             setattr(block, attr, lora)
             wrapped[(i, target.path)] = lora
     return wrapped
+
+
+def installed_lora_layers(model: nn.Module) -> dict[tuple[int, str], LoRALinear]:
+    """The LoRALinear modules `install_lora_layers` put in, by (layer, module path)."""
+    found: dict[tuple[int, str], LoRALinear] = {}
+    for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr, arg-type]
+        for path, module in layer.named_modules():
+            if isinstance(module, LoRALinear):
+                found[(i, path)] = module
+    return found

@@ -24,7 +24,7 @@ from torch import nn
 from pinnace.runtime.core.outputs import ScheduledRequest
 from pinnace.runtime.lora.adapter import LoRAAdapter, load_adapter
 from pinnace.runtime.lora.context import LoRABatch
-from pinnace.runtime.lora.layers import install_lora_layers
+from pinnace.runtime.lora.layers import LoRASlotsConfig, installed_lora_layers
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.lora.slots import LoRASlots
 from pinnace.runtime.lora.targets import model_spec
@@ -36,19 +36,21 @@ class LoRAManager:
     def __init__(
         self,
         model: nn.Module,
-        max_loras: int,
-        max_lora_rank: int,
+        slots: LoRASlotsConfig,
         max_cpu_loras: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
+        """Serve adapters on a model built with LoRA layers (models.loader.build_model)."""
         self.spec = model_spec(model)
-        self.max_lora_rank = max_lora_rank
+        self.max_lora_rank = slots.max_lora_rank
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
         self.device = device
-        layers = install_lora_layers(model, self.spec, max_loras, max_lora_rank, dtype, device)
-        self.slots = LoRASlots(layers, max_loras)
+        layers = installed_lora_layers(model)
+        if not layers:
+            raise ValueError("the model was built without LoRA layers (enable_lora=False).")
+        self.slots = LoRASlots(layers, slots.max_loras)
         self._next_key = itertools.count(1)
         self._key_of_id: dict[int, int] = {}  # lora_int_id -> key, registered adapters only
         self._requests: dict[int, LoRARequest] = {}  # key -> its request (incl. retired)

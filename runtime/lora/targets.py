@@ -1,7 +1,8 @@
 """The projections an adapter may target, and their shapes in the base model.
 
 PEFT names HF's separate projections; our models pack some of them into one matmul, so a
-target is a *part* of one of our modules (a range of its output rows):
+target is a *part* of one of our modules (a range of its output rows). Which modules, and
+their parts, is what the model class declares (models/base.py); for a Llama-like model:
 
     PEFT / HF module        our module              its output rows
     self_attn.q_proj   ->   self_attn.qkv_proj      [0, q)
@@ -19,9 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-
-# PEFT module names an adapter may target (vLLM's supported set for Llama-like models).
-SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,14 @@ class LoRAModelSpec:
     """Everything adapter loading needs to know about the base model (immutable: safe to
     read from any thread)."""
 
+    architecture: str
     num_layers: int
     modules: tuple[TargetModule, ...]
+
+    @property
+    def supported_targets(self) -> tuple[str, ...]:
+        """PEFT module names an adapter may target on this model."""
+        return tuple(part for module in self.modules for part in module.parts)
 
     def locate(self, peft_module: str) -> tuple[TargetModule, int]:
         """(our module, part index) for a PEFT module name such as "q_proj"."""
@@ -62,20 +66,22 @@ class LoRAModelSpec:
 
 
 def model_spec(model: nn.Module) -> LoRAModelSpec:
-    """The target modules of a Llama-like model built by pinnace.runtime.models."""
+    """The target modules of a model built by pinnace.runtime.models, from the facts its
+    class declares: `lora_target_modules` (where) and `packed_modules_mapping` (what parts)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    paths: tuple[str, ...] = getattr(model, "lora_target_modules", ())
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not paths:
         raise ValueError(f"{type(model).__name__} has no decoder layers LoRA can attach to.")
-    attn: Any = layers[0].self_attn
-    mlp: Any = layers[0].mlp
-    config: Any = model.config
-    hidden = int(config.hidden_size)
-    q, kv, inter = int(attn.q_size), int(attn.kv_size), int(mlp.intermediate_size)
-    modules = (
-        TargetModule("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), hidden, (q, kv, kv)),
-        TargetModule("self_attn.o_proj", ("o_proj",), q, (hidden,)),
-        TargetModule("mlp.gate_up_proj", ("gate_proj", "up_proj"), hidden, (inter, inter)),
-        TargetModule("mlp.down_proj", ("down_proj",), inter, (hidden,)),
-    )
-    return LoRAModelSpec(len(layers), modules)
+    mapping = getattr(model, "packed_modules_mapping", {})
+    modules = []
+    for path in paths:
+        linear: Any = layers[0].get_submodule(path)
+        leaf = path.rpartition(".")[2]
+        if leaf in mapping:
+            sizes = tuple(model.shard_sizes(f"model.layers.0.{path}"))  # type: ignore[operator]
+            parts = tuple(mapping[leaf])
+        else:
+            sizes, parts = (int(linear.out_features),), (leaf,)
+        modules.append(TargetModule(path, parts, int(linear.in_features), sizes))
+    return LoRAModelSpec(type(model).__name__, len(layers), tuple(modules))

@@ -48,18 +48,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, Tenso
 
 from pinnace.runtime.layers.quantization.config import GGUF_INT4_TYPES
 from pinnace.runtime.layers.quantization.gguf import GGUFBlocks
-
-# HF `model_type` (as transformers derives it from the file) -> the class the engine builds.
-# Keys of `_QK_PERMUTED` / `SUPPORTED_ARCHITECTURES` are GGUF `general.architecture` values.
-_HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-# llama.cpp's converter interleaves the rows of q/k for these (its RoPE kernel wants pairs
-# adjacent); Qwen2 is written unpermuted.
-_QK_PERMUTED = frozenset({"llama", "mistral"})
+from pinnace.runtime.models.registry import ModelEntry, entry_for_model_type, gguf_entries
 
 Q = GGMLQuantizationType
 # Q5_0/Q5_1 are here because llama.cpp falls back to them inside K-quant files whenever a row
@@ -146,21 +135,24 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     file = _resolve_file(path)
     reader = _open_reader(file)
     architecture = _read_field(reader, "general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    entries = gguf_entries()
+    if architecture not in entries:
         raise ValueError(
             f"{file}: GGUF architecture {architecture!r} is not supported. "
-            f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"Supported architectures: {', '.join(entries)}."
         )
     _check_loadable(reader, architecture, file)
 
     directory, name = os.path.split(os.path.abspath(file))
     config = AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
     # transformers leaves `architectures` unset for GGUF; the engine picks its class from it.
-    config.architectures = [_HF_ARCHITECTURES[config.model_type]]
+    # Its model type decides the class (a llama-architecture file named "Mistral" is mistral).
+    entry = entry_for_model_type(config.model_type)
+    config.architectures = [entry.architecture]
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
 
-    hf_names = _map_tensor_names(reader, config, architecture, file)
-    processor_cls = LlamaTensorProcessor if architecture in _QK_PERMUTED else TensorProcessor
+    hf_names = _map_tensor_names(reader, config, entry, file)
+    processor_cls = LlamaTensorProcessor if entry.gguf_qk_permuted else TensorProcessor
     processor = processor_cls(config=config.to_dict())
     return GGUFCheckpoint(
         config=config,
@@ -235,7 +227,7 @@ def _check_loadable(reader: GGUFReader, architecture: str, file: str) -> None:
 
 
 def _map_tensor_names(
-    reader: GGUFReader, config: PretrainedConfig, architecture: str, file: str
+    reader: GGUFReader, config: PretrainedConfig, entry: ModelEntry, file: str
 ) -> dict[str, str]:
     """GGUF tensor name -> HF parameter name, checked both ways against the HF model class.
 
@@ -244,9 +236,7 @@ def _map_tensor_names(
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    # Mistral files are written with llama's tensor names.
-    gguf_arch = "llama" if architecture in _QK_PERMUTED else architecture
-    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == entry.gguf_names)
     name_map = get_tensor_name_map(arch_id, config.num_hidden_layers)
     expected: dict[str, str] = {}
     for hf_name in model.state_dict():

@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -17,14 +17,20 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from pinnace.runtime.layers.linear import can_pack, pack_linears
+from pinnace.runtime.layers.packed import to_our_module
 from pinnace.runtime.layers.quantization.config import (
     GGUF_FLOAT_TYPES,
     GGUF_INT4_TYPES,
     QuantizationConfig,
 )
 from pinnace.runtime.layers.quantization.convert import quantize_linears
-from pinnace.runtime.layers.quantization.loading import QuantizedWeightRouter, install_shells
-from pinnace.runtime.models.llama import PACKED_SHARDS
+from pinnace.runtime.layers.quantization.loading import (
+    LinearShell,
+    QuantizedWeightRouter,
+    install_shells,
+)
+from pinnace.runtime.lora.layers import LoRASlotsConfig, install_lora_layers
+from pinnace.runtime.lora.targets import model_spec
 from pinnace.runtime.models.registry import resolve_model_class
 
 if TYPE_CHECKING:
@@ -176,41 +182,60 @@ def build_model(
     device: torch.device,
     max_positions: int,
     quantization: QuantizationConfig | None = None,
+    lora: LoRASlotsConfig | None = None,
 ) -> nn.Module:
-    """Construct on the meta device (no random init), materialise, then stream weights in.
+    """The one place a model is constructed, in this order:
 
-    With `quantization`, layers stored quantized load through shells and a router (no float
-    copy of them is ever made), and int8 / fp8 quantize the float weights after loading.
-    A quantized model is assembled on the CPU and moved to `device` last, so a GPU only
-    ever holds the quantized weights.
+        1. shells    the architecture on the meta device (no random init); layers the
+                     checkpoint stores quantized become shells that own only their bias
+        2. load      materialise, stream the weights in; a router keeps quantized parts
+        3. quantize  int8 / fp8 at load, or gguf's types with no exact 4-bit form
+        4. pack      bfloat16 linears pre-packed for oneDNN (CPU)
+        5. LoRA      adapter slots wrap the final base layers of the declared targets
+
+    A quantized model is assembled on the CPU and moved to `device` after step 3, so a GPU
+    only ever holds the quantized weights.
     """
     cls = resolve_model_class(getattr(ckpt.config, "architectures", None))
     with torch.device("meta"):
-        model = cls(ckpt.config, max_positions)
+        model: Any = cls(ckpt.config, max_positions)
     quant = quantization
     shells = install_shells(model) if quant is not None and quant.from_checkpoint else {}
     load_device = device if quant is None else torch.device("cpu")
     model = model.to(dtype=dtype).to_empty(device=load_device)
-    model.tie_weights()  # type: ignore[operator]
+    model.tie_weights()
+    _load(model, ckpt, dtype, device, quant, shells)
+    if quant is not None:
+        _quantize_float_layers(model, ckpt, quant, device)
+        model.to(device)
+    model.prepare(device)
+    if can_pack(device, dtype):
+        pack_linears(model)  # the layers still in bfloat16
+    if lora is not None:
+        install_lora_layers(model, model_spec(model), lora, dtype, device)
+    return cast(nn.Module, model.eval())
+
+
+def _load(
+    model: Any,
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: QuantizationConfig | None,
+    shells: dict[str, LinearShell],
+) -> None:
     weights: Iterable[tuple[str, Any]] = _weight_stream(ckpt, dtype, quant)
     weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False)
     router = None
     if quant is not None and shells:
-        router = QuantizedWeightRouter(model, shells, quant, PACKED_SHARDS, dtype, device)
+        router = QuantizedWeightRouter(model, shells, quant, dtype, device)
         weights = router.route(weights)
-    loaded = model.load_weights(weights)  # type: ignore[operator]
-    missing = model.expected_weights() - loaded  # type: ignore[operator]
+    loaded = model.load_weights(weights)
+    missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {ckpt.path!r} lacks weights: {sorted(missing)[:8]}")
     if router is not None:
         router.finish()
-    if quant is not None:
-        _quantize_float_layers(model, ckpt, quant, device)
-        model.to(device)
-    model.rotary.build_tables(device)  # type: ignore[operator, union-attr]
-    if can_pack(device, dtype):
-        pack_linears(model)  # the layers still in bfloat16
-    return model.eval()
 
 
 def _weight_stream(
@@ -239,17 +264,10 @@ def _quantize_float_layers(
         quantize_linears(model, quant.method, device)
     elif quant.method == "gguf" and ckpt.gguf is not None:
         kept = _gguf_kept_4bit(ckpt.gguf)
+        mapping = type(model).packed_modules_mapping  # type: ignore[attr-defined]
         only = {
-            _module_path(name)
+            to_our_module(mapping, name.rpartition(".")[0])[0]
             for name, kind in ckpt.gguf.tensor_types.items()
             if kind not in GGUF_FLOAT_TYPES and name not in kept
         }
         quantize_linears(model, "int8", device, only)
-
-
-def _module_path(hf_name: str) -> str:
-    """HF parameter name -> our module path (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
-    parts = hf_name.split(".")[:-1]
-    if parts and parts[-1] in PACKED_SHARDS:
-        parts[-1] = PACKED_SHARDS[parts[-1]][0]
-    return ".".join(parts)

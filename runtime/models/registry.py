@@ -1,31 +1,74 @@
-"""Architectures by HF `architectures[0]`, imported lazily."""
+"""Architectures by HF `architectures[0]`, imported lazily, with their GGUF facts.
+
+An entry says where the class lives and how llama.cpp writes the architecture: its GGUF
+`general.architecture`, the gguf name table its tensors are named by, and whether the
+converter interleaved the rows of q/k (llama.cpp's RoPE kernel wants rotated pairs
+adjacent; transformers' LlamaTensorProcessor undoes it).
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from torch import nn
 
-_MODELS = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
-    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
-}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    architecture: str  # HF class name, config.architectures[0]
+    module: str  # pinnace.runtime.models.<module>
+    model_type: str  # HF config.model_type (what transformers makes of a GGUF file)
+    gguf_architecture: str | None = None  # GGUF general.architecture; None: not from GGUF
+    gguf_name_table: str | None = None  # gguf's tensor-name table, if not gguf_architecture's
+    gguf_qk_permuted: bool = False  # q/k rows interleaved by llama.cpp's converter
+
+    @property
+    def gguf_names(self) -> str | None:
+        return self.gguf_name_table or self.gguf_architecture
+
+
+_ENTRIES = (
+    ModelEntry("LlamaForCausalLM", "llama", "llama", "llama", gguf_qk_permuted=True),
+    # Mistral files are written with llama's tensor names and llama's q/k interleaving.
+    ModelEntry(
+        "MistralForCausalLM", "mistral", "mistral", "mistral", "llama", gguf_qk_permuted=True
+    ),
+    ModelEntry("Qwen2ForCausalLM", "qwen2", "qwen2", "qwen2"),
+    ModelEntry("Qwen3ForCausalLM", "qwen3", "qwen3", "qwen3"),
+)
+_MODELS = {e.architecture: e for e in _ENTRIES}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    """In registry order: the Llama family first."""
+    return list(_MODELS)
+
+
+def entry_for(architecture: str) -> ModelEntry:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
+    return _MODELS[architecture]
+
+
+def gguf_entries() -> dict[str, ModelEntry]:
+    """GGUF general.architecture -> entry, for the architectures loadable from GGUF."""
+    return {e.gguf_architecture: e for e in _ENTRIES if e.gguf_architecture is not None}
+
+
+def entry_for_model_type(model_type: str) -> ModelEntry:
+    """The entry for an HF model_type (a llama-architecture GGUF named "Mistral" is one)."""
+    found = [e for e in _ENTRIES if e.model_type == model_type]
+    if not found:
+        raise ValueError(f"model type {model_type!r} is not supported.")
+    return found[0]
 
 
 def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
-    arch = (architectures or ["<none>"])[0]
-    if arch not in _MODELS:
-        raise ValueError(
-            f"architecture {arch!r} is not supported; supported: "
-            f"{', '.join(supported_architectures())}"
-        )
-    module_name, class_name = _MODELS[arch]
-    module = importlib.import_module(f"pinnace.runtime.models.{module_name}")
-    cls: type[nn.Module] = getattr(module, class_name)
+    entry = entry_for((architectures or ["<none>"])[0])
+    module = importlib.import_module(f"pinnace.runtime.models.{entry.module}")
+    cls: type[nn.Module] = getattr(module, entry.architecture)
     return cls

@@ -1,14 +1,15 @@
 """Load checkpoints whose linear weights are stored quantized (GPTQ, AWQ, FP8, GGUF blocks).
 
     shells = install_shells(model)            # on the meta device, before materialising
-    router = QuantizedWeightRouter(model, shells, quant, PACKED_SHARDS, dtype, device)
+    router = QuantizedWeightRouter(model, shells, quant, dtype, device)
     model.load_weights(router.route(weights)) # quantized parts stop here, the rest flows on
     router.finish()                           # quantized layers replace the shells
 
 A shell stands in for an nn.Linear and owns only its bias, so materialising the model
 allocates no float weight the checkpoint does not have. The router gathers each layer's
 tensors (qweight/qzeros/scales/g_idx, weight/weight_scale, ...) per shard — HF's q/k/v are
-shards 0/1/2 of our packed qkv_proj — and builds the layer once all shards are in.
+shards 0/1/2 of our packed qkv_proj, as the model class's `packed_modules_mapping` says —
+and builds the layer once all shards are in.
 A shell whose checkpoint tensors turn out to be plain floats becomes an nn.Linear.
 """
 
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from pinnace.runtime.layers.packed import PackedMapping, to_our_module
 from pinnace.runtime.layers.quantization.config import Fp8CheckpointConfig, QuantizationConfig
 from pinnace.runtime.layers.quantization.parts import WeightPart, build_linear, part_from_tensors
 
@@ -64,16 +66,13 @@ class QuantizedWeightRouter:
         model: nn.Module,
         shells: dict[str, LinearShell],
         quant: QuantizationConfig,
-        packed_shards: Mapping[str, tuple[str, int]],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.model, self.shells, self.quant = model, shells, quant
-        self.packed_shards = packed_shards
+        # Read from the model class: HF module leaf -> (our packed leaf, shard index).
+        self.mapping: PackedMapping = getattr(type(model), "packed_modules_mapping", {})
         self.dtype, self.device = dtype, device
-        self._num_shards: dict[str, int] = defaultdict(int)
-        for packed, _ in packed_shards.values():
-            self._num_shards[packed] += 1
         self._pending: dict[tuple[str, int], dict[str, Any]] = defaultdict(dict)
         self._parts: dict[str, dict[int, WeightPart]] = defaultdict(dict)
         self._built: dict[str, nn.Module] = {}
@@ -102,11 +101,8 @@ class QuantizedWeightRouter:
 
     def _target(self, module: str) -> tuple[str, int]:
         """HF module path -> (our module path, shard index)."""
-        prefix, _, leaf = module.rpartition(".")
-        if leaf in self.packed_shards:
-            packed, shard = self.packed_shards[leaf]
-            return f"{prefix}.{packed}" if prefix else packed, shard
-        return module, 0
+        target, shard = to_our_module(self.mapping, module)
+        return target, shard or 0
 
     def _try_complete(self, target: str, shard: int, final: bool) -> None:
         pending = self._pending[(target, shard)]
@@ -117,7 +113,7 @@ class QuantizedWeightRouter:
         parts = self._parts[target]
         parts[shard] = part
         leaf = target.rpartition(".")[2]
-        if len(parts) == max(self._num_shards.get(leaf, 1), 1):
+        if len(parts) == len(self.mapping.get(leaf, (leaf,))):
             self._build(target)
 
     def _build(self, target: str) -> None:
