@@ -97,7 +97,7 @@ class FakeRuntime:
     def load_adapter(self, pod: PodEndpoint, api_key: str | None, name: str, path: str) -> None:
         self.calls.append(("load", pod.name, name))
         if path in self.bad_paths:
-            raise RuntimeCallError(f"HTTP 400: no adapter at {path}", 400)
+            raise RuntimeCallError(f"HTTP 404: no adapter at {path}", 404)
         self.loaded[pod.name][name] = path
 
     def unload_adapter(self, pod: PodEndpoint, api_key: str | None, name: str) -> None:
@@ -119,7 +119,7 @@ def test_sync_loads_unloads_and_reports_per_pod() -> None:
     out = sync.sync_pods(SCOPE, pods("p0", "p1", "p2"), {"a": "/a", "bad": "/bad"}, None)
     assert [o.pod for o in out] == ["p0", "p1", "p2"]
     assert out[0].loaded == out[1].loaded == {"a"}
-    assert out[0].errors == {"bad": "HTTP 400: no adapter at /bad"}
+    assert out[0].errors == {"bad": "HTTP 404: no adapter at /bad"}
     assert out[2].unreachable == "GET /v1/models: ConnectError: connection refused"
     assert runtime.loaded["p0"] == {"a": "/a"}  # "old" was undeclared
 
@@ -127,7 +127,7 @@ def test_sync_loads_unloads_and_reports_per_pod() -> None:
     runtime.calls.clear()
     out = sync.sync_pods(SCOPE, pods("p0", "p1", "p2"), {"a": "/a", "bad": "/bad"}, None)
     assert [c for c in runtime.calls if c[0] == "load"] == []
-    assert out[1].errors == {"bad": "HTTP 400: no adapter at /bad"}
+    assert out[1].errors == {"bad": "HTTP 404: no adapter at /bad"}
     # A fixed path is a new attempt at once.
     runtime.calls.clear()
     sync.sync_pods(SCOPE, pods("p0", "p1"), {"a": "/a", "bad": "/good"}, None)

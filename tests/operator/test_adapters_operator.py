@@ -153,12 +153,12 @@ def test_a_failing_adapter_is_reported_once_per_backoff_not_retried_in_a_storm(
     assert cluster.patch(CR, patch).status_code == 200
     states = wait_states(cluster, sql=("Loaded", 2), broken=("Failed", 0))
     assert states["broken"]["lastError"] == (
-        "pod chat-0: POST /v1/load_lora_adapter: HTTP 400: "
-        "Loading lora broken failed: No adapter found for /adapters/missing"
+        "pod chat-0: POST /v1/load_lora_adapter: HTTP 404: "
+        "Loading lora broken failed: No adapter found for /adapters/missing: not a folder."
     )
     failed = wait_condition(cluster, "AdaptersReady", "False")
     assert failed["reason"] == "AdapterFailed"
-    assert failed["message"].startswith("broken: pod chat-0: POST /v1/load_lora_adapter: HTTP 400")
+    assert failed["message"].startswith("broken: pod chat-0: POST /v1/load_lora_adapter: HTTP 404")
     warnings = cluster.wait_for(lambda: cluster.events("AdapterFailed"))
     assert warnings[0]["type"] == "Warning" and "broken" in warnings[0]["message"]
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pinnace.operator.adapter_sync import AdapterSync
@@ -23,9 +24,6 @@ from pinnace.operator.runtime_client import (
     RuntimeCallError,
     pod_url,
 )
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
 
 KEY = "sk-operator"
 
@@ -118,9 +116,45 @@ def test_runtime_errors_reach_status_as_the_runtime_words_them(
     [outcome] = AdapterSync(client).sync_pods(
         ("ml", "chat"), [runtime_pod], {"missing": str(tmp_path / "nothing-here")}, KEY
     )
-    assert outcome.errors["missing"].startswith("POST /v1/load_lora_adapter: HTTP 40")
-    assert "Loading lora missing failed" in outcome.errors["missing"]
+    assert outcome.errors["missing"] == (
+        "POST /v1/load_lora_adapter: HTTP 404: Loading lora missing failed: "
+        f"No adapter found for {tmp_path / 'nothing-here'}: not a folder."
+    )
     client.unload_adapter(runtime_pod, KEY, "never-loaded")  # 404: already unloaded
     with pytest.raises(RuntimeCallError) as caught:
         client.list_adapters(runtime_pod, "wrong-key")
     assert caught.value.status == 401
+
+
+def test_the_harness_fake_runtime_answers_as_the_real_one(
+    runtime_pod: PodEndpoint, runtime_servers: Any, adapter: Path, tmp_path: Path
+) -> None:
+    """The operator tests run against harness/runtime_pods.py's FakeRuntime: the same calls
+    to it and to the real server get the same status, body (error bodies as JSON, success
+    texts verbatim) and WWW-Authenticate header."""
+    fake = runtime_servers.serve(api_key=KEY)
+    runtime_servers.write_adapter(str(adapter))  # the fake only looks for the config file
+    (tmp_path / "empty").mkdir()
+    (runtime_servers.root / str(tmp_path / "empty").lstrip("/")).mkdir(parents=True)
+    load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+    calls = [
+        (load, {"lora_name": "c", "lora_path": str(tmp_path / "absent")}, KEY),  # 404
+        (load, {"lora_name": "c", "lora_path": str(tmp_path / "empty")}, KEY),  # 404
+        (load, {"lora_name": "c", "lora_path": str(adapter)}, KEY),  # loaded
+        (load, {"lora_name": "c", "lora_path": str(adapter)}, KEY),  # 400: already
+        (unload, {"lora_name": "c"}, KEY),
+        (unload, {"lora_name": "c"}, KEY),  # 404
+        (load, {"lora_name": "c", "lora_path": str(adapter)}, "wrong"),  # 401
+        (load, {"lora_name": "c", "lora_path": str(adapter)}, None),  # 401, no key
+    ]
+    answers: dict[str, list[tuple[Any, ...]]] = {}
+    for url, who in ((runtime_pod.url, "real"), (f"http://127.0.0.1:{fake.port}", "fake")):
+        with httpx.Client(base_url=url, timeout=10) as http:
+            answers[who] = []
+            for path, body, key in calls:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                r = http.post(path, json=body, headers=headers)
+                content = r.json() if r.status_code >= 400 else r.text  # errors: JSON
+                answers[who].append((r.status_code, content, r.headers.get("WWW-Authenticate")))
+    assert [a[0] for a in answers["real"]] == [404, 404, 200, 400, 200, 404, 401, 401]
+    assert answers["fake"] == answers["real"]

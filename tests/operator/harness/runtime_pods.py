@@ -14,7 +14,9 @@ from .cluster import Cluster
 
 
 class FakeRuntime:
-    """One runtime pod's adapter API (vLLM's contract) on 127.0.0.1, every call recorded.
+    """One runtime pod's adapter API on 127.0.0.1, every call recorded. It answers as
+    runtime/server does (statuses, error bodies, messages; test_runtime_contract.py compares
+    the two call by call): a missing adapter is a 404, a name already loaded a 400.
 
     `root` is the pod's filesystem: a `lora_path` loads when `root/<path>/adapter_config.json`
     exists. A restarted runtime is a new FakeRuntime on the same port, with nothing loaded.
@@ -49,6 +51,8 @@ class FakeRuntime:
         if self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}":
             return None
         self.unauthorized += 1
+        if "Authorization" not in request.headers:
+            return _error(401, "Missing API key: send the header 'Authorization: Bearer <key>'.")
         return _error(401, "Incorrect API key provided.")
 
     async def _models(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
@@ -69,9 +73,16 @@ class FakeRuntime:
         self.calls.append(("/v1/load_lora_adapter", body))
         name, path = body["lora_name"], body["lora_path"]
         if name in self.loaded:
-            return _error(400, f"The lora adapter '{name}' has already been loaded.")
-        if not (self.root / path.lstrip("/") / "adapter_config.json").is_file():
-            return _error(400, f"Loading lora {name} failed: No adapter found for {path}")
+            message = f"The lora adapter '{name}' has already been loaded."
+            return _error(400, message, kind="InvalidUserInput")
+        folder = self.root / path.lstrip("/")
+        if not folder.is_dir():
+            return _error(
+                404, f"Loading lora {name} failed: No adapter found for {path}: not a folder."
+            )
+        if not (folder / "adapter_config.json").is_file():
+            missing = f"No adapter found for {path}: it has no adapter_config.json."
+            return _error(404, f"Loading lora {name} failed: {missing}")
         self.loaded[name] = path
         return aiohttp.web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -80,15 +91,18 @@ class FakeRuntime:
             return denied
         body = await request.json()
         self.calls.append(("/v1/unload_lora_adapter", body))
-        if self.loaded.pop(body["lora_name"], None) is None:
-            return _error(404, f"The lora adapter '{body['lora_name']}' cannot be found.")
-        return aiohttp.web.Response(text="Success")
+        name = body["lora_name"]
+        if self.loaded.pop(name, None) is None:
+            return _error(404, f"The lora adapter '{name}' cannot be found.")
+        return aiohttp.web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def _error(status: int, message: str) -> aiohttp.web.Response:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}[status]
+def _error(status: int, message: str, kind: str | None = None) -> aiohttp.web.Response:
+    """runtime/server/errors.py's OpenAI-shaped error body."""
+    kind = kind or {401: "AuthenticationError", 404: "NotFoundError"}[status]
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return aiohttp.web.json_response(body, status=status)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return aiohttp.web.json_response(body, status=status, headers=headers)
 
 
 class RuntimePods:
