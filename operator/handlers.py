@@ -11,7 +11,11 @@ watches' re-list every 5 minutes, which replays an event for every pod and child
 
 Error mapping: an invalid spec is a `PermanentError` (status says Degraded; kopf stops
 retrying until the spec changes); API failures are `TemporaryError`s retried with
-exponential backoff.
+exponential backoff (`RetryPolicy`, 1 s doubling to 60 s unless the memo carries another).
+
+Each pass logs "reconcile started" and "reconcile finished" at debug level, with the
+resource as `llmdeployment="namespace/name"` on the record: what the operator did in
+between is everything that pass did (tests wait on these instead of on silence).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pinnace.operator.adapter_sync import AdapterSync
 from pinnace.operator.client import ApiError, HttpKubeClient, KubeClient
 from pinnace.operator.reconcile import reconcile
 from pinnace.operator.runtime_client import HttpRuntimeClient
+
+logger = logging.getLogger(__name__)
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
 MANAGED_BY = {names.LABEL_MANAGED_BY: names.FIELD_MANAGER}
@@ -71,6 +77,8 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
             memo.client = HttpKubeClient.from_environment()
         if getattr(memo, "adapters", None) is None:
             memo.adapters = AdapterSync(HttpRuntimeClient())
+        if getattr(memo, "retry", None) is None:
+            memo.retry = RetryPolicy()
         memo.gates = {}
         memo.locks_guard = threading.Lock()
 
@@ -109,6 +117,17 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
     return registry
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delays before retrying a pass the API failed: `first`, doubling up to `cap` seconds."""
+
+    first: float = 1.0
+    cap: float = 60.0
+
+    def delay(self, retry: int) -> float:
+        return min(self.cap, self.first * 2**retry)
+
+
 @dataclass
 class _Gate:
     """One resource's passes: one at a time, at most one event-driven pass queued."""
@@ -135,6 +154,8 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict
         if not strict:
             with memo.locks_guard:
                 gate.queued = False
+        which = {"llmdeployment": f"{namespace}/{name}"}
+        logger.debug("reconcile started", extra=which)
         try:
             body = client.get(names.KIND, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
@@ -143,10 +164,13 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict
         except ApiError as err:
             if err.status == 404:
                 return  # deleted while we worked; its children follow it
-            delay = min(60, 2**retry)  # exponential backoff, capped
+            delay = memo.retry.delay(retry)
             raise kopf.TemporaryError(f"Kubernetes API error: {err}", delay=delay) from err
-        for event in result.events:
-            kopf.event(_ref(body), type=event.type, reason=event.reason, message=event.message)
+        else:
+            for event in result.events:
+                kopf.event(_ref(body), type=event.type, reason=event.reason, message=event.message)
+        finally:
+            logger.debug("reconcile finished", extra=which)
     if result.error is not None and strict:
         raise kopf.PermanentError(str(result.error))
 

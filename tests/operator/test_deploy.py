@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pinnace.cli.main import build_parser
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
@@ -24,12 +26,30 @@ def rules() -> list[dict[str, Any]]:
     return list(role["rules"])
 
 
-@pytest.mark.parametrize("name", ["rbac.yaml", "operator.yaml", "peering.yaml"])
+@pytest.mark.parametrize("name", ["rbac.yaml", "operator.yaml"])
 def test_manifests_are_valid_kubernetes(name: str) -> None:
     for doc in docs(name):
-        if doc["apiVersion"].startswith("kopf.dev/"):
-            continue  # a custom resource of kopf's own CRD (validated by the API server)
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_peering_object_is_the_one_the_deployed_operator_elects_its_leader_through(
+    schema_errors: Any,
+) -> None:
+    """deploy/operator.yaml's command, read by the real CLI parser, names the peering object
+    kopf will look for; deploy/peering.yaml must be that object, of the scope that command
+    serves, and valid for kopf's CRD (crds/): else the replicas would not elect a leader."""
+    [dep] = [d for d in docs("operator.yaml") if d["kind"] == "Deployment"]
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.all_namespaces and not args.standalone  # cluster-wide, with leader election
+    [peering] = docs("peering.yaml")
+    assert (peering["kind"], peering["metadata"]["name"]) == ("ClusterKopfPeering", args.peering)
+    assert "namespace" not in peering["metadata"]  # cluster-scoped, like its CRD
+    crds = yaml.safe_load_all((REPO / "crds" / "kopf.dev_peerings.yaml").read_text())
+    [crd] = [c for c in crds if c["spec"]["names"]["kind"] == peering["kind"]]
+    assert crd["spec"]["scope"] == "Cluster"
+    assert schema_errors(crd, peering) == []
+    assert dep["spec"]["replicas"] > 1  # what the election is for
 
 
 def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
@@ -174,8 +194,9 @@ def test_rbac_is_exactly_what_the_operator_uses(
     wait.gone("/apis/apps/v1/namespaces/ml/deployments/smollm2-keda")
     cluster.patch(isvc, {"spec": {"serving": {"mode": "Deployment", "kserve": None}}})
     wait.gone(isvc_path)
+    deleted = cluster.seq()
     cluster.http.delete(f"{base}/qwen-chat")
-    time.sleep(0.5)
+    cluster.reconciled("ml/qwen-chat", after=deleted)  # what it does about a deletion
 
     used = used_permissions(cluster)
     granted = {

@@ -80,9 +80,11 @@ def test_lifecycle_create_update_ready_delete(
     assert events[0]["involvedObject"]["name"] == "qwen-chat"
 
     # Delete: Kubernetes garbage-collects the children; the operator does not bring them back.
+    deleted = cluster.seq()
     assert cluster.http.delete(path).status_code == 200
     cluster.wait_for(lambda: cluster.get(DEPLOYMENT) is None and cluster.get(SERVICE) is None)
-    cluster.settle()
+    cluster.reconciled("ml/qwen-chat", after=deleted)  # the children's deletion: a pass
+    assert cluster.pass_writes("ml/qwen-chat", after=deleted) == []
     assert cluster.get(DEPLOYMENT) is None and cluster.get(path) is None
     assert operator.alive
 
@@ -99,13 +101,14 @@ def test_invalid_resource_is_degraded_and_the_operator_carries_on(
     assert degraded["reason"] == "InvalidSpec"
     assert degraded["message"] == "adapters: name 'qwen-chat' clashes with the served model name"
     assert cluster.get(DEPLOYMENT) is None
-    # kopf posts events from a queue of its own, after the status write: wait for it.
+    # kopf posts events from a queue of its own, after the handler: wait for it.
     cluster.wait_for(lambda: any(e["type"] == "Warning" for e in cluster.events("InvalidSpec")))
-    # PermanentError: no retry storm against a spec only the user can fix.
-    cluster.settle()
-    before = len(cluster.requests())
-    time.sleep(1.5)
-    assert cluster.writes(since=before) == []
+    # PermanentError: no retry against a spec only the user can fix. The test operator
+    # retries failures after 0.2 s, doubling (kopf's backoff for a crash: 0.2 s flat), so a
+    # TemporaryError here would retry 3 times in these 2 s, a crash about 10 times.
+    handled = cluster.seq()
+    time.sleep(2.0)
+    assert cluster.passes_started("ml/qwen-chat", after=handled) == 0
     # Still serving other resources, and the fixed resource recovers.
     create_llmd("minimal-cpu")
     cluster.wait_for(lambda: cluster.get("/apis/apps/v1/namespaces/ml/deployments/smollm2"))
@@ -124,29 +127,46 @@ def test_second_reconcile_with_no_change_makes_no_write(
     cluster.wait_for(
         lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Pending"
     )
-    cluster.settle()
 
-    def reconciles() -> int:  # each pass starts by reading the resource fresh
-        return sum(
-            1
-            for r in cluster.requests()
-            if r.method == "GET"
-            and r.url.path == path
-            and r.headers.get("User-Agent", "").startswith("OpenAPI")
-        )
-
-    # Trigger 1: an event on the owned Deployment (a label someone else added).
-    before, passes = len(cluster.requests()), reconciles()
+    # Trigger 1: an event on the owned Deployment (a label someone else added): the pass
+    # it causes reads everything afresh and finds nothing to change.
     label = {"metadata": {"labels": {"team": "ml"}}}
+    labelled = cluster.seq()
     assert cluster.patch(DEPLOYMENT, label).status_code == 200
-    cluster.wait_for(lambda: reconciles() > passes)
-    cluster.settle()
-    assert cluster.writes(since=before) == []
+    cluster.reconciled("ml/qwen-chat", after=labelled)
+    assert cluster.pass_writes("ml/qwen-chat", after=labelled) == []
 
-    # Trigger 2: an operator restart (kopf resumes every resource).
+    # Trigger 2: an operator restart (kopf resumes every resource): nothing is written,
+    # by our passes or by kopf's bookkeeping, up to the end of kopf's resume cycle.
     operator.stop()
-    before, passes = len(cluster.requests()), reconciles()
+    restarted = cluster.seq()
     start_operator()
-    cluster.wait_for(lambda: reconciles() > passes)
-    cluster.settle()
-    assert cluster.writes(since=before) == []
+    cluster.reconciled("ml/qwen-chat", after=restarted)
+    cluster.kopf_finished("LLMDeployment/ml/qwen-chat", after=restarted)
+    assert cluster.writes(since=restarted) == []
+
+
+def test_an_api_failure_is_retried_with_backoff_neither_dropped_nor_in_a_storm(
+    cluster: Any, create_llmd: Any, start_operator: Any
+) -> None:
+    # The API server refuses the Deployment (503) for a while: each pass fails there and
+    # kopf retries it after the operator's backoff, 0.2 s doubling in the test operator.
+    cluster.api.unavailable.add(DEPLOYMENT)
+    operator = start_operator()
+    created = cluster.seq()
+    create_llmd("gpu")
+
+    def attempts() -> int:
+        return cluster.writes(since=created).count(f"PATCH {DEPLOYMENT}")
+
+    cluster.wait_for(lambda: attempts() >= 1)
+    time.sleep(2.0)
+    # First try, then retries at about +0.2, +0.6, +1.4 s (+3.0 is past the window): a
+    # lost retry would show 0, a fixed 0.2 s backoff about 9, no backoff hundreds.
+    retries = attempts() - 1
+    assert 1 <= retries <= 5, retries
+
+    # The API server recovers: the next retry goes through.
+    cluster.api.unavailable.clear()
+    cluster.wait_for(lambda: cluster.get(DEPLOYMENT))
+    assert operator.alive

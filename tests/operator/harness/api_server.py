@@ -21,11 +21,20 @@ from .apply import Patches
 @attrs.define(kw_only=True)
 class ApiServer(Patches):
     """Every request through the layers: creates are stamped (201), patches rewritten, and
-    garbage is collected after each create and delete."""
+    garbage is collected after each create and delete.
+
+    `unavailable` lists object paths whose writes fail with a 503, as when etcd or an
+    admission webhook is down: a test's way to make the operator's pass fail and retry.
+    """
+
+    unavailable: set[str] = attrs.field(factory=set)
 
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
+        if request.method != "GET" and request.url.path in self.unavailable:
+            down = k8s.KubernetesError(status=503, reason="ServiceUnavailable", message="etcd")
+            return await self._render_error(down)
         original = request
         try:
             if request.action == enums.action.CREATE:

@@ -3,7 +3,8 @@
 JSON patch (RFC 6902) is what kopf uses for finalizers; a failed "test" op is a 409. Server-side
 apply creates the object if it is absent, and removes the fields its manager applied before
 and no longer applies. The status subresource alone changes status, the main resource never
-does. Generation is bumped on spec changes only.
+does. Generation is bumped on spec changes only. A write that changes nothing is a no-op, as
+on a real API server: same resourceVersion, no watch event.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Patches(ObjectStore):
         elif has_status:
             patch.pop("status", None)  # the main resource ignores status changes
         new = self._admit(request, merge(old, patch))
+        if new == old:  # a no-op: nothing stored, no new resourceVersion, no watch event
+            return attrs.evolve(request, action=enums.action.FETCH)
         new.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
         if new.get("spec") != old.get("spec"):
             new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1

@@ -10,7 +10,10 @@ import kopf
 import kubernetes
 
 from pinnace.operator.client import HttpKubeClient
-from pinnace.operator.handlers import build_registry
+from pinnace.operator.handlers import RetryPolicy, build_registry
+
+# The test operator retries a failed pass after 0.2 s, 0.4 s, ... capped at 1.6 s.
+RETRY = RetryPolicy(first=0.2, cap=1.6)
 
 
 class Operator:
@@ -28,9 +31,13 @@ class Operator:
             # kmock cannot parse /api/v1/namespaces (it reads "namespaces" as a namespace
             # segment), so kopf takes the namespaces as given instead of listing them.
             settings.scanning.disabled = True
+            # Short backoffs, so a retry storm or a missing retry shows within a test's
+            # window: kopf's for unexpected errors (60 s by default) and ours (RETRY).
+            settings.execution.default_backoff = RETRY.first
 
         config = kubernetes.client.Configuration(host=url)
-        self.memo = kopf.Memo(client=HttpKubeClient(kubernetes.client.ApiClient(config)))
+        client = HttpKubeClient(kubernetes.client.ApiClient(config))
+        self.memo = kopf.Memo(client=client, retry=RETRY)
         self.stop_flag, self.ready_flag = threading.Event(), threading.Event()
         self.error: BaseException | None = None
         kwargs = dict(

@@ -129,13 +129,20 @@ def _program(rule: str) -> Any:
     return _CEL.program(_CEL.compile(rule))
 
 
+@functools.lru_cache(maxsize=4096)
+def _holds(rule: str, value: str) -> bool:
+    # Keyed by the value's JSON: a status write leaves the spec's rules a cache hit
+    # (cel-python takes milliseconds per rule, and the emulator checks every write).
+    return bool(_program(rule).evaluate({"self": celpy.json_to_cel(json.loads(value))}))
+
+
 def cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """Each failing `x-kubernetes-validations` rule as 'path: message'."""
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"]:
             continue  # a transition rule: there is no old object on create
-        if not _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)}):
+        if not _holds(rule["rule"], json.dumps(value, sort_keys=True)):
             errors.append(f"{path}: {rule.get('message', rule['rule'])}")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
