@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pinnace"
