@@ -36,6 +36,7 @@ MANAGED_FLAGS: dict[str, str] = {
     "--enable-lora": "use adapters or engine.enableLora",
     "--lora-modules": "use adapters (the operator hot-loads them)",
     "--api-key": "use serving.apiKeySecretRef",
+    "--grpc-port": f"gRPC is served on port {names.GRPC_PORT}",
 }
 # Environment the operator sets itself (cache location, API key).
 RESERVED_ENV = frozenset({"PINNACE_API_KEY", "HF_HOME", "HOME", "TMPDIR", "PYTHONUNBUFFERED"})
@@ -140,6 +141,8 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     """Checks that need more than one field, defaults, or operator knowledge."""
     spec, problems = llmd.spec, []
     engine, gpus = spec.engine, spec.resources.gpu_count
+    if spec.serving.port == names.GRPC_PORT and not spec.serving.is_serverless:
+        problems.append(f"serving.port {names.GRPC_PORT} is the runtime's gRPC port; pick another")
     clash = [a.name for a in spec.adapters if a.name == llmd.served_name]
     if clash:
         problems.append(f"adapters: name {clash[0]!r} clashes with the served model name")

@@ -32,6 +32,12 @@ ANNOTATION_SKIP_FIT_CHECK = f"{GROUP}/skip-fit-check"
 
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
+# The Open Inference Protocol over gRPC (`serve --grpc-port`): KServe's runtimes' port.
+GRPC_PORT = 8081
+GRPC_PORT_NAME = "grpc"  # Istio reads the protocol off a `grpc` name prefix
+# The Service port's appProtocol (Kubernetes' standard name for HTTP/2 without TLS, which
+# Gateway API implementations read to speak HTTP/2 to the backend).
+GRPC_APP_PROTOCOL = "kubernetes.io/h2c"
 
 # KServe (serving.mode: KServe): its API group and the names it insists on.
 KSERVE_GROUP = "serving.kserve.io"

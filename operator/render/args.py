@@ -46,11 +46,18 @@ def kserve_adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Sourc
     ]
 
 
+def serves_grpc(llmd: LLMDeployment) -> bool:
+    """gRPC beside HTTP, except under Knative (KServe Serverless), which routes one port."""
+    return not llmd.spec.serving.is_serverless
+
+
 def serve_args(llmd: LLMDeployment) -> list[str]:
     """Everything after `pinnace`: `serve MODEL_PATH --flag value ...`."""
     spec, engine = llmd.spec, llmd.spec.engine
     args = ["serve", model_source(llmd).path]
     args += ["--host", "0.0.0.0", "--port", str(spec.serving.port)]
+    if serves_grpc(llmd):
+        args += ["--grpc-port", str(names.GRPC_PORT)]
     args += ["--served-model-name", llmd.served_name, "--dtype", engine.dtype]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]

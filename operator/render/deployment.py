@@ -113,7 +113,7 @@ def runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) 
         "image": llmd.image,
         "command": ["pinnace"],
         "args": argmod.serve_args(llmd),
-        "ports": [{"name": names.PORT_NAME, "containerPort": spec.serving.port, "protocol": "TCP"}],
+        "ports": container_ports(llmd, names.PORT_NAME),
         "env": _env(llmd),
         "resources": resources(llmd),
         "volumeMounts": mounts,
@@ -122,6 +122,16 @@ def runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) 
         **_probes(llmd),
     }
     return container
+
+
+def container_ports(llmd: LLMDeployment, http_name: str) -> list[dict[str, Any]]:
+    """HTTP first (probes, metrics and the tests' fake pods use ports[0]), then gRPC."""
+    ports = [{"name": http_name, "containerPort": llmd.spec.serving.port, "protocol": "TCP"}]
+    if argmod.serves_grpc(llmd):
+        ports.append(
+            {"name": names.GRPC_PORT_NAME, "containerPort": names.GRPC_PORT, "protocol": "TCP"}
+        )
+    return ports
 
 
 def _env(llmd: LLMDeployment) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from pinnace.operator.render import autoscaling, labels, sources
 from pinnace.operator.render.deployment import (
     POD_SECURITY,
     TERMINATION_GRACE_SECONDS,
+    container_ports,
     resources,
     runtime_container,
     scheduling,
@@ -33,7 +34,10 @@ from pinnace.operator.spec import Autoscaling
 
 ISVC_API_VERSION = f"{names.KSERVE_GROUP}/v1beta1"
 RUNTIME_API_VERSION = f"{names.KSERVE_GROUP}/v1alpha1"
-PROTOCOL_VERSIONS = ["v1", "v2"]  # plus the OpenAI API under /v1, which KServe passes through
+# Plus the OpenAI API under /v1, which KServe passes through. grpc-v2 where the pod serves
+# it (KServe's RawDeployment adds the container's second port to its Service).
+PROTOCOL_VERSIONS = ["v1", "v2"]
+GRPC_PROTOCOL_VERSION = "grpc-v2"
 
 
 def supported_model_formats(*, auto_select: bool) -> list[dict[str, Any]]:
@@ -47,9 +51,7 @@ def render_serving_runtime(llmd: LLMDeployment) -> dict[str, Any]:
     container = runtime_container(llmd, [m for s in _all_sources(llmd) for m in s.mounts])
     port = llmd.spec.serving.port
     container["name"] = names.KSERVE_CONTAINER_NAME
-    container["ports"] = [
-        {"name": names.KSERVE_PORT_NAME, "containerPort": port, "protocol": "TCP"}
-    ]
+    container["ports"] = container_ports(llmd, names.KSERVE_PORT_NAME)
     container.pop("resources")  # the InferenceService sets them (KServe merges the two)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         container[probe]["httpGet"]["port"] = port  # Knative wants the number, not a name
@@ -64,7 +66,8 @@ def render_serving_runtime(llmd: LLMDeployment) -> dict[str, Any]:
         "metadata": labels.metadata(llmd, llmd.name),
         "spec": {
             "supportedModelFormats": supported_model_formats(auto_select=False),
-            "protocolVersions": list(PROTOCOL_VERSIONS),
+            "protocolVersions": PROTOCOL_VERSIONS
+            + ([GRPC_PROTOCOL_VERSION] if argmod.serves_grpc(llmd) else []),
             "multiModel": False,
             # KServe's metrics aggregation / Prometheus scraping reads these.
             "annotations": {

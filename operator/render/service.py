@@ -1,4 +1,5 @@
-"""The ClusterIP Service in front of the runtime pods (port named `http`)."""
+"""The ClusterIP Service in front of the runtime pods (ports `http`, and `grpc` for the
+Open Inference Protocol's gRPC API)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ def render_service(llmd: LLMDeployment) -> dict[str, Any]:
                     "port": port,
                     "targetPort": names.PORT_NAME,
                     "protocol": "TCP",
-                }
+                },
+                {
+                    "name": names.GRPC_PORT_NAME,
+                    "port": names.GRPC_PORT,
+                    "targetPort": names.GRPC_PORT_NAME,
+                    "protocol": "TCP",
+                    "appProtocol": names.GRPC_APP_PROTOCOL,
+                },
             ],
         },
     }

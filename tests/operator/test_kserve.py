@@ -103,7 +103,7 @@ def test_inference_service_carries_storage_resources_scheduling_and_keda() -> No
 def test_serving_runtime_runs_pinnace_serve_with_both_protocols() -> None:
     runtime, _ = rendered(parse_llmdeployment(body("kserve")))
     spec = runtime["spec"]
-    assert spec["protocolVersions"] == ["v1", "v2"]
+    assert spec["protocolVersions"] == ["v1", "v2", "grpc-v2"]
     formats = {f["name"]: f for f in spec["supportedModelFormats"]}
     assert set(formats) == {"pinnace", "huggingface"}
     # This runtime carries one model's flags: no other InferenceService may pick it.
@@ -113,7 +113,11 @@ def test_serving_runtime_runs_pinnace_serve_with_both_protocols() -> None:
     assert container["command"] == ["pinnace"] and container["args"][:2] == ["serve", "/mnt/models"]
     args = container["args"]
     assert flag(args, "--served-model-name") == "qwen" and flag(args, "--port") == "8000"
-    assert container["ports"] == [{"name": "http1", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http1", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 8081, "protocol": "TCP"},
+    ]
+    assert flag(args, "--grpc-port") == "8081"
     assert "resources" not in container  # set on the InferenceService, merged by KServe
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -149,7 +149,10 @@ def test_probes_and_draining() -> None:
         runtime = container(dep)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert runtime[probe]["httpGet"] == {"path": "/health", "port": "http"}
-        assert runtime["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+        assert runtime["ports"] == [
+            {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": 8081, "protocol": "TCP"},
+        ]
         assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
         assert runtime["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
 
@@ -173,7 +176,14 @@ def test_labels_selector_and_service() -> None:
     assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["selector"] == selector
     assert svc["spec"]["ports"] == [
-        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"},
+        {
+            "name": "grpc",
+            "port": 8081,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "kubernetes.io/h2c",
+        },
     ]
     for obj in objects.values():
         labels = obj["metadata"]["labels"]
