@@ -1,9 +1,13 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (hack/kind-e2e.sh builds both):
 #
-#   docker build --target runtime  -t ghcr.io/pinnace/runtime:0.1.0 .                       # CPU
-#   docker build --target runtime  --build-arg VARIANT=cuda -t ghcr.io/pinnace/runtime:0.1.0-cuda .
+#   docker build --target runtime  $OIP -t ghcr.io/pinnace/runtime:0.1.0 .                  # CPU
+#   docker build --target runtime  $OIP --build-arg VARIANT=cuda -t ghcr.io/pinnace/runtime:0.1.0-cuda .
 #   docker build --target operator -t ghcr.io/pinnace/operator:0.1.0 .
+#
+# with OIP="--build-context oip-proto=../shared/data/kserve-v0.20.0/predict-api-v2": the
+# folder holding KServe's grpc_predict_v2.proto (its docs/predict-api/v2), which the gRPC
+# server is built from. No package ships it and this repository does not copy it.
 #
 # runtime:  `pinnace serve` (torch + the engine). The CPU variant bakes the default model
 #           (SmolLM2-135M-Instruct, GGUF) at /models, so it serves with no network; the
@@ -47,6 +51,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # ---- runtime ----------------------------------------------------------------------------
 
+# Stands in for `--build-context oip-proto=<folder with grpc_predict_v2.proto>`, which
+# replaces this stage; without it the runtime build stops here and says what to pass.
+FROM base-cpu AS oip-proto
+RUN echo "pass --build-context oip-proto=<folder with KServe's grpc_predict_v2.proto>" >&2 \
+ && exit 1
+
 FROM runtime-base AS runtime-build
 ARG VARIANT
 ARG TORCH_VERSION
@@ -83,15 +93,24 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && PINNACE_KERNEL_CACHE=/opt/pinnace/kernels python3 -c \
       "from pinnace.runtime.kernels import build; build.build_all()"
+# The gRPC protocol's messages, compiled from the proto now (runtime/server/oip_proto.py)
+# into a cache the runtime only reads.
+COPY --from=oip-proto grpc_predict_v2.proto /opt/pinnace/proto/
+RUN PINNACE_OIP_PROTO=/opt/pinnace/proto/grpc_predict_v2.proto PINNACE_GRPC_CACHE=/opt/pinnace/grpc \
+      python3 -c "from pinnace.runtime.server import oip_proto; oip_proto.load()" \
+ && test -n "$(ls /opt/pinnace/grpc)"
 
 FROM runtime-base AS runtime
 COPY --from=runtime-build /opt/venv /opt/venv
 # A link into the venv (copied as a link): the file:// path examples/minimal-cpu.yaml uses.
 COPY --from=runtime-build /models /models
 COPY --from=runtime-build /opt/pinnace/kernels /opt/pinnace/kernels
+COPY --from=runtime-build /opt/pinnace/proto /opt/pinnace/proto
+COPY --from=runtime-build /opt/pinnace/grpc /opt/pinnace/grpc
 # HOME and the HF cache on the volumes the operator mounts (/tmp, /cache): the root
 # filesystem is read-only in its pods. /cache also exists for a plain `docker run`.
-ENV HOME=/tmp HF_HOME=/cache/hf PINNACE_KERNEL_CACHE=/opt/pinnace/kernels
+ENV HOME=/tmp HF_HOME=/cache/hf PINNACE_KERNEL_CACHE=/opt/pinnace/kernels \
+    PINNACE_OIP_PROTO=/opt/pinnace/proto/grpc_predict_v2.proto PINNACE_GRPC_CACHE=/opt/pinnace/grpc
 RUN mkdir -p /cache && chown 1000:1000 /cache
 USER 1000:1000
 EXPOSE 8000

@@ -58,7 +58,9 @@ cleanup() {
 trap cleanup EXIT
 
 run kind create cluster --name "$CLUSTER" --wait 120s
-run docker build --target runtime -t "$RUNTIME_IMAGE" .
+# The gRPC server's proto: KServe's, from the shared data beside this repository.
+run docker build --target runtime --build-context oip-proto=../shared/data/kserve-v0.20.0/predict-api-v2 \
+  -t "$RUNTIME_IMAGE" .
 run docker build --target operator -t "$OPERATOR_IMAGE" .
 run kind load docker-image --name "$CLUSTER" "$RUNTIME_IMAGE" "$OPERATOR_IMAGE"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,17 @@ def test_messages_live_in_a_private_pool() -> None:
     # Same wire format: Triton's message parses as ours.
     theirs = triton_pb2.ModelInferRequest(model_name="m", raw_input_contents=[b"x"])
     assert ours.FromString(theirs.SerializeToString()).model_name == "m"
+
+
+def test_the_image_build_gets_the_proto_the_server_reads() -> None:
+    """The runtime image copies the proto from the `oip-proto` build context, which
+    hack/kind-e2e.sh points at the shared data, to where PINNACE_OIP_PROTO says."""
+    repo = Path(__file__).resolve().parents[3]
+    dockerfile = (repo / "Dockerfile").read_text()
+    script = (repo / "hack" / "kind-e2e.sh").read_text()
+    [context] = re.findall(r"--build-context oip-proto=(\S+)", script)
+    assert (repo / context / oip_proto.PROTO_NAME).resolve() == oip_proto.SHARED_PROTO
+    copy = re.search(r"COPY --from=oip-proto (\S+) (\S+)", dockerfile)
+    assert copy is not None and copy.group(1) == oip_proto.PROTO_NAME
+    env = re.search(rf"{oip_proto.PROTO_ENV}=(\S+)", dockerfile.split("AS runtime\n")[1])
+    assert env is not None and env.group(1) == copy.group(2) + oip_proto.PROTO_NAME
