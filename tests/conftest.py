@@ -82,8 +82,15 @@ ARCH_CONFIGS: dict[str, dict] = {
     "Qwen2ForCausalLM": dict(model_type="qwen2", tie_word_embeddings=False),
     "Qwen3ForCausalLM": dict(model_type="qwen3", head_dim=32),
     # Windows of 32 and a longrope switch at 128 are inside the test prompts' lengths.
+    # Caps low enough to bend these small scores and logits.
     "Gemma2ForCausalLM": dict(
-        model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=32
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        tie_word_embeddings=False,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
     ),
     "Gemma3ForCausalLM": dict(
         model_type="gemma3_text",
@@ -91,6 +98,7 @@ ARCH_CONFIGS: dict[str, dict] = {
         query_pre_attn_scalar=16,
         sliding_window=32,
         layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=False,  # tied, the scaled embedding drowns the layers: x x x x
     ),
     "Phi3ForCausalLM": dict(
         model_type="phi3",
