@@ -3,7 +3,7 @@ V2 (binary tensors in and out) and gRPC, each live, ready and infer."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import signal
 import socket
@@ -16,16 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from kserve import (
-    InferenceGRPCClient,
-    InferenceRESTClient,
-    InferInput,
-    InferRequest,
-    RESTConfig,
-)
-from kserve.protocol.infer_type import RequestedOutput
 
 PINNACE = str(Path(sys.executable).with_name("pinnace"))
 MODEL = "tiny"
@@ -87,64 +78,82 @@ def expected(served: Served) -> list[str]:
     return texts
 
 
-def _texts(values: Any) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).ravel()]
+# KServe's SDK runs in a process of its own: its generated gRPC module and Triton's (which
+# other test modules import) both register `inference.*` in protobuf's global pool, and
+# the second to load fails. The script prints what each client call returned, as JSON.
+CLIENT_SCRIPT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve.protocol.infer_type import RequestedOutput
 
+url, grpc_address, model = sys.argv[1:4]
+prompts, params = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 
-def _request(binary: bool) -> InferRequest:
-    tensor = InferInput("text_input", [len(PROMPTS)], "BYTES")
-    tensor.set_data_from_numpy(np.array(PROMPTS, dtype=np.object_), binary_data=binary)
+def request(binary):
+    tensor = InferInput("text_input", [len(prompts)], "BYTES")
+    tensor.set_data_from_numpy(np.array(prompts, dtype=np.object_), binary_data=binary)
     output = RequestedOutput("text_output", {"binary_data": binary})
-    return InferRequest(
-        model_name=MODEL,
-        infer_inputs=[tensor],
-        parameters=dict(GREEDY),
-        request_outputs=[output],
+    return InferRequest(model_name=model, infer_inputs=[tensor], parameters=dict(params),
+                        request_outputs=[output])
+
+def texts(response):
+    [output] = response.outputs
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in output.as_numpy().ravel()]
+
+async def main():
+    out = {}
+    async with InferenceRESTClient(RESTConfig(protocol="v1")) as client:
+        out["v1"] = {
+            "live": await client.is_server_live(url),
+            "ready": await client.is_model_ready(url, model),
+            "texts": (await client.infer(url, {"instances": prompts, "parameters": params},
+                                         model_name=model))["predictions"],
+        }
+    async with InferenceRESTClient(RESTConfig(protocol="v2")) as client:
+        for binary in (True, False):
+            out[f"v2-binary={binary}"] = {
+                "live": await client.is_server_live(url),
+                "ready": await client.is_server_ready(url)
+                and await client.is_model_ready(url, model),
+                "texts": texts(await client.infer(url, request(binary), model_name=model)),
+            }
+    client = InferenceGRPCClient(grpc_address, timeout=60)
+    try:
+        for binary in (True, False):
+            out[f"grpc-binary={binary}"] = {
+                "live": await client.is_server_live(),
+                "ready": await client.is_server_ready() and await client.is_model_ready(model),
+                "texts": texts(await client.infer(request(binary))),
+            }
+    finally:
+        await client.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def answers(served: Served) -> dict[str, Any]:
+    args = [served.url, served.grpc_address, MODEL, json.dumps(PROMPTS), json.dumps(GREEDY)]
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", CLIENT_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
-def test_rest_v1_live_ready_predict(served: Served, expected: list[str]) -> None:
-    async def run() -> tuple[bool, bool, Any]:
-        async with InferenceRESTClient(RESTConfig(protocol="v1")) as client:
-            live = await client.is_server_live(served.url)
-            ready = await client.is_model_ready(served.url, MODEL)
-            body = {"instances": PROMPTS, "parameters": GREEDY}
-            return live, ready, await client.infer(served.url, body, model_name=MODEL)
-
-    live, ready, result = asyncio.run(run())
-    assert live is True and ready is True
-    assert result["predictions"] == expected
-
-
-@pytest.mark.parametrize("binary", [True, False])
-def test_rest_v2_live_ready_infer(served: Served, expected: list[str], binary: bool) -> None:
-    async def run() -> tuple[bool, bool, bool, Any]:
-        async with InferenceRESTClient(RESTConfig(protocol="v2")) as client:
-            live = await client.is_server_live(served.url)
-            ready = await client.is_server_ready(served.url)
-            model_ready = await client.is_model_ready(served.url, MODEL)
-            result = await client.infer(served.url, _request(binary), model_name=MODEL)
-            return live, ready, model_ready, result
-
-    live, ready, model_ready, result = asyncio.run(run())
-    assert live and ready and model_ready
-    (output,) = result.outputs
-    assert output.name == "text_output" and _texts(output.as_numpy()) == expected
-
-
-@pytest.mark.parametrize("binary", [True, False])
-def test_grpc_live_ready_infer(served: Served, expected: list[str], binary: bool) -> None:
-    async def run() -> tuple[bool, bool, bool, Any]:
-        client = InferenceGRPCClient(served.grpc_address, timeout=60)
-        try:
-            live = await client.is_server_live()
-            ready = await client.is_server_ready()
-            model_ready = await client.is_model_ready(MODEL)
-            return live, ready, model_ready, await client.infer(_request(binary))
-        finally:
-            await client.close()
-
-    live, ready, model_ready, result = asyncio.run(run())
-    assert live and ready and model_ready
-    (output,) = result.outputs
-    assert _texts(output.as_numpy()) == expected
+@pytest.mark.parametrize(
+    "client",
+    ["v1", "v2-binary=True", "v2-binary=False", "grpc-binary=True", "grpc-binary=False"],
+)
+def test_kserve_client_live_ready_infer(
+    answers: dict[str, Any], expected: list[str], client: str
+) -> None:
+    answer = answers[client]
+    assert answer["live"] is True and answer["ready"] is True
+    assert answer["texts"] == expected
