@@ -1,9 +1,11 @@
 """Fixtures: a Kubernetes API emulator (kmock on 127.0.0.1) and the real kopf operator.
 
 The code behind them lives in harness/, one file per concern: the emulated API server in
-layers (discovery.py, objects.py, apply.py, api_server.py), the test's `Cluster` handle
-(cluster.py), the operator in a thread (operator_thread.py), fake runtime pods
-(runtime_pods.py) and CRD helpers (crds.py). This file only turns it into fixtures.
+layers (discovery.py, objects.py, apply.py, api_server.py), what an API server says about a
+custom resource (validation.py), the test's `Cluster` handle (cluster.py) and the operator's
+log stamped with request sequence numbers (operator_log.py), the operator in a thread
+(operator_thread.py), fake runtime pods (runtime_pods.py) and where the CRDs come from
+(crds.py). This file only turns it into fixtures.
 
 Why harness/ is loaded by path, below: tests run with `--import-mode=importlib` (pyproject),
 under which pytest puts no test folder on `sys.path`, and its docs say helper modules in test
