@@ -18,6 +18,7 @@ from starlette.responses import Response
 from pinnace.runtime.engine.async_engine import EngineDeadError
 from pinnace.runtime.server.errors import APIError, bad_request, describe_validation_errors
 from pinnace.runtime.server.kserve_binary import (
+    BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
     attach_binary_inputs,
     binary_response,
@@ -187,7 +188,7 @@ def _add_metadata_routes(router: APIRouter, ctx: ServerContext) -> None:
 
 
 def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
-    @router.post("/v2/models/{name:path}/infer")
+    @router.post("/v2/models/{name:path}/infer", openapi_extra=_infer_body_doc())
     async def infer(name: str, raw: Request) -> Response:
         model, version = resolve(ctx, name)
         # Read by hand rather than as a pydantic body: the binary extension puts raw bytes
@@ -239,6 +240,26 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
         ctx.check_room(1)
         events = _stream_events(ctx, requests, model, version, body.id)
         return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _infer_body_doc() -> dict[str, Any]:
+    """The infer route's body in the OpenAPI document (the route reads it by hand)."""
+    schema = V2InferRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # `#/$defs/X` refs point nowhere inside the document
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    binary = {"type": "string", "format": "binary"}  # JSON header, then tensor bytes
+    content = {
+        "application/json": {"schema": inline(schema)},
+        BINARY_CONTENT_TYPE: {"schema": binary},
+    }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _ready_response(ctx: ServerContext, body: dict[str, Any]) -> JSONResponse:
