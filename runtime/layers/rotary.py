@@ -8,8 +8,10 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
-def _rope_parameters(config: PretrainedConfig) -> dict:
+def _rope_parameters(config: PretrainedConfig, layer_type: str | None) -> dict:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if layer_type is not None:  # Gemma 3: one set per kind of layer
+        params = (params or {})[layer_type]
     params = dict(params or {})
     params.setdefault("rope_type", params.get("type", "default"))
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -17,11 +19,25 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once; applied in the "rotate half" layout."""
+    """cos/sin tables for every position, computed once; applied in the "rotate half" layout.
 
-    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int) -> None:
+    `layer_type` picks one of per-layer-kind parameter sets (Gemma 3's local and global
+    layers rotate with different bases). LongRoPE (Phi-3) rotates positions below
+    `original_max_position_embeddings` with its short factors and the rest with its long
+    ones; HF switches a whole forward to the long factors once the sequence is longer,
+    so the two agree except inside a prefill that crosses that length.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        head_dim: int,
+        max_positions: int,
+        layer_type: str | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.head_dim, self.max_positions = config, head_dim, max_positions
+        self.layer_type = layer_type
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
@@ -29,19 +45,31 @@ class RotaryEmbedding(nn.Module):
 
     def build_tables(self, device: torch.device | str | None = None) -> None:
         """(Re)compute cos/sin in float32, e.g. after the model was built on the meta device."""
-        config, head_dim = self.config, self.head_dim
-        params = _rope_parameters(config)
+        config, head_dim, layer_type = self.config, self.head_dim, self.layer_type
+        params = _rope_parameters(config, layer_type)
         rope_type = params["rope_type"]
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                "partial rotary embeddings (partial_rotary_factor < 1) are not supported."
+            )
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
         if rope_type == "default":
             exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
             inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponent), 1.0
         elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
         else:
             supported = sorted(k for k in ROPE_INIT_FUNCTIONS if k != "dynamic")
             raise ValueError(f"rope type {rope_type!r} is not supported; supported: {supported}")
         positions = torch.arange(self.max_positions, dtype=torch.float, device=device)
         freqs = positions[:, None] * inv_freq.to(device=device, dtype=torch.float)[None, :]
+        if rope_type == "longrope":
+            original = params["original_max_position_embeddings"]
+            long_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
+                config, None, seq_len=original + 1, **kwargs
+            )
+            long = positions[original:, None] * long_freq.to(device=device, dtype=torch.float)
+            freqs[original:] = long
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)

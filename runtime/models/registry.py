@@ -36,6 +36,12 @@ _ENTRIES = (
     ),
     ModelEntry("Qwen2ForCausalLM", "qwen2", "qwen2", "qwen2"),
     ModelEntry("Qwen3ForCausalLM", "qwen3", "qwen3", "qwen3"),
+    ModelEntry("Gemma2ForCausalLM", "gemma2", "gemma2"),
+    ModelEntry("Gemma3ForCausalLM", "gemma3", "gemma3_text"),
+    ModelEntry("Phi3ForCausalLM", "phi3", "phi3"),
+    ModelEntry("MixtralForCausalLM", "mixtral", "mixtral"),
+    ModelEntry("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2_moe"),
+    ModelEntry("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe"),
 )
 _MODELS = {e.architecture: e for e in _ENTRIES}
 

@@ -1,0 +1,45 @@
+"""Routed experts with int8 weights: codes [E, out, in] with a scale per (expert, output
+row), as Int8Linear has per row. A step dequantizes each expert it routes tokens to once,
+for that expert's group of rows (a loop over experts hit, never over tokens)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pinnace.runtime.layers.moe import ExpertGroups, FusedExperts
+from pinnace.runtime.layers.quantization.int8 import frozen, quantize_int8
+
+
+def _quantized(weight: torch.Tensor, device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+    experts, rows, cols = weight.shape
+    codes, scale = quantize_int8(weight.detach().to(device).reshape(-1, cols))
+    return frozen(codes.view(experts, rows, cols)), frozen(scale.view(experts, rows))
+
+
+class Int8FusedExperts(nn.Module):
+    def __init__(self, experts: FusedExperts, device: torch.device) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = experts.num_experts, experts.intermediate
+        self.dtype = experts.gate_up_proj.dtype
+        self.gate_up_codes, self.gate_up_scale = _quantized(experts.gate_up_proj, device)
+        self.down_codes, self.down_scale = _quantized(experts.down_proj, device)
+        self.act = experts.act
+
+    def _weight(self, codes: torch.Tensor, scale: torch.Tensor, e: int) -> torch.Tensor:
+        return (codes[e].float() * scale[e, :, None]).to(self.dtype)  # [out, in]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        groups = ExpertGroups.of(ids, self.num_experts)
+        rows = x[groups.tokens]  # [T*k, hidden], grouped by expert
+        out = torch.empty_like(rows)
+        start = 0
+        for e, end in enumerate(groups.offs.tolist()):
+            if end == start:
+                continue
+            gate_up = rows[start:end] @ self._weight(self.gate_up_codes, self.gate_up_scale, e).T
+            gate, up = gate_up.chunk(2, dim=-1)
+            down = self._weight(self.down_codes, self.down_scale, e)
+            out[start:end] = (self.act(gate) * up) @ down.T
+            start = end
+        return groups.combine(x, out, weights)
