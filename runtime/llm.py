@@ -60,6 +60,11 @@ class LLM:
         engine = self.llm_engine
         for prompt, sp in zip(resolved, params, strict=True):
             engine.validate(engine.tokenize(prompt), sp)
+            if sp.structured_outputs is not None:
+                try:
+                    engine.grammar.compile(sp.structured_outputs)  # cached for the sampler
+                except ValueError as exc:
+                    raise ValueError(f"structured_outputs: {exc}") from exc
         for adapter in dict.fromkeys(r for r in loras if r is not None):
             engine.add_lora(adapter)  # reads and checks the adapter once, up front
         ids = [f"gen-{next(self._counter)}" for _ in resolved]

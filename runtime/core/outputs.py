@@ -20,6 +20,9 @@ class ScheduledRequest:
     needs_sample: bool
     # Output tokens so far: sampling penalties and seeded generators need the history.
     num_output_tokens: int = 0
+    # The request's own lists, shared (not copied): read-only for penalties and bad words.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
     lora_id: int = 0  # the engine's key of the adapter (see LoRAManager); 0: base model
 
     @property

@@ -158,6 +158,8 @@ class Scheduler:
             sampling_params=request.sampling_params,
             needs_sample=start + num_new == request.num_tokens,
             num_output_tokens=request.num_output_tokens,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
             lora_id=request.lora_id,
         )
 

@@ -213,10 +213,10 @@ class AsyncLLMEngine:
         self.check_health()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        self.check_queue_room(params.n)
+        self.check_queue_room(params.num_samples)
         stream = RequestStream(request_id, len(prompt_token_ids))
         self._streams[request_id] = stream
-        self._num_sent_adds += params.n
+        self._num_sent_adds += params.num_samples
         self._inbox.put(_Add(stream, prompt_token_ids, params, cache_salt, lora_request))
         try:
             yield stream
@@ -370,7 +370,7 @@ class AsyncLLMEngine:
         except (ValueError, FileNotFoundError) as exc:  # e.g. an adapter folder gone
             self._call_soon(self._fail, [stream.request_id], exc)
         finally:
-            self._num_applied_adds += command.params.n
+            self._num_applied_adds += command.params.num_samples
 
     def _step(self, active: set[str]) -> None:
         start = time.monotonic()

@@ -11,6 +11,7 @@ from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.core.scheduler import Scheduler
+from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.engine.request_state import RequestState
 from pinnace.runtime.engine.setup import EngineParts, build_engine_parts
 from pinnace.runtime.lora.adapter import LoRAAdapter
@@ -20,6 +21,7 @@ from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.request import Request, RequestStatus
 from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.worker.grammar_mask import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ class LLMEngine:
             max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.runner = parts.runner
+        # Structured outputs: grammars compiled (and cached) off the engine thread, masks
+        # applied by the sampler.
+        self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        self.runner.sampler.grammar = GrammarMasks(self.grammar)
         self._states: dict[str, RequestState] = {}  # by user request id
         self._child_to_parent: dict[str, str] = {}
         self.lora: LoRAManager | None = None
@@ -87,6 +93,7 @@ class LLMEngine:
             raise ValueError(
                 f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}."
             )
+        params.update_from_tokenizer(self.tokenizer, self.vocab_size)
         return params.max_tokens if params.max_tokens is not None else room
 
     def add_request(
@@ -112,7 +119,7 @@ class LLMEngine:
         now = time.monotonic()
         for i, child_id in enumerate(state.child_ids):
             self._child_to_parent[child_id] = request_id
-            child_params = params if params.n == 1 else params.for_sample(i)
+            child_params = params if params.num_samples == 1 else params.for_sample(i)
             self.scheduler.add_request(
                 Request(
                     req_id=child_id,

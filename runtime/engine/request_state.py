@@ -72,9 +72,9 @@ class RequestState:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.num_cached_tokens = 0
-        self.child_ids = (
-            [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        )
+        self.params = params
+        num = params.num_samples
+        self.child_ids = [request_id] if num == 1 else [f"{request_id}#{i}" for i in range(num)]
         self.samples = {
             child: SampleState(
                 i,
@@ -98,7 +98,23 @@ class RequestState:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.output() for s in self.samples.values()],
+            outputs=self._outputs(),
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
         )
+
+    def _outputs(self) -> list[CompletionOutput]:
+        """Every sample; with best_of > n, once finished, the n of highest cumulative
+        logprob (re-indexed 0..n-1, logprobs dropped unless asked for)."""
+        outs = [s.output() for s in self.samples.values()]
+        params = self.params
+        if params.num_samples == params.n:
+            return outs
+        if not self.finished:
+            return []
+        best = sorted(outs, key=lambda o: o.cumulative_logprob or 0.0, reverse=True)[: params.n]
+        for i, out in enumerate(best):
+            out.index = i
+            if params.logprobs is None:
+                out.logprobs = None
+        return best

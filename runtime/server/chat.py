@@ -17,7 +17,7 @@ from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import chat_logprobs
-from pinnace.runtime.server.openai_params import chat_params, message_dicts
+from pinnace.runtime.server.openai_params import chat_params, constraint_param, message_dicts
 from pinnace.runtime.server.openai_protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -87,6 +87,7 @@ async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
     job = prepare_chat(ctx, req)
+    await ctx.compile_grammar(job.params, constraint_param(req))
     ctx.check_room(job.params.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -15,7 +15,7 @@ from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import completion_logprobs
-from pinnace.runtime.server.openai_params import completion_params
+from pinnace.runtime.server.openai_params import completion_params, constraint_param
 from pinnace.runtime.server.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -81,7 +81,8 @@ async def create_completion(
     ctx: ServerContext, req: CompletionRequest, raw: Request
 ) -> CompletionResponse | Response:
     job = prepare_completion(ctx, req)
-    ctx.check_room(len(job.requests) * job.params.n)
+    await ctx.compile_grammar(job.params, constraint_param(req))
+    ctx.check_room(len(job.requests) * job.params.num_samples)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = stream_completion(ctx, job, include_usage, raw.url.path)

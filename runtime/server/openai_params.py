@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import SamplingParams, StructuredOutputsParams
 from pinnace.runtime.server.errors import bad_request, unsupported
 from pinnace.runtime.server.openai_protocol import (
     ChatCompletionRequest,
@@ -13,24 +13,19 @@ from pinnace.runtime.server.openai_protocol import (
 
 
 def check_common(req: SamplingFields) -> None:
-    if req.presence_penalty:
-        raise unsupported("presence_penalty", "only 0 is accepted")
-    if req.frequency_penalty:
-        raise unsupported("frequency_penalty", "only 0 is accepted")
-    if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
-        raise unsupported("repetition_penalty", "only 1 is accepted")
-    if req.min_p:
-        raise unsupported("min_p", "only 0 is accepted")
-    if req.logit_bias:
-        raise unsupported("logit_bias")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+    fmt = req.response_format
+    if req.structured_outputs is not None and fmt is not None and fmt.type != "text":
+        raise bad_request(
+            "give either structured_outputs or response_format, not both.", "response_format"
+        )
 
 
 def check_completion(req: CompletionRequest) -> None:
     check_common(req)
-    if req.best_of is not None and req.best_of != req.n:
-        raise unsupported("best_of", "only best_of equal to n is accepted")
+    if req.best_of is not None and req.best_of > req.n and req.stream:
+        raise bad_request("best_of greater than n cannot be streamed.", "best_of")
     if req.suffix:
         raise unsupported("suffix")
     if req.echo and req.logprobs is not None:
@@ -49,25 +44,77 @@ def check_chat(req: ChatCompletionRequest) -> None:
         raise unsupported("function_call")
     if req.parallel_tool_calls:
         raise unsupported("parallel_tool_calls")
-    if req.response_format is not None:
-        kind = req.response_format.get("type")
-        if kind != "text":
-            raise unsupported("response_format", f"type {kind!r}; only 'text' is accepted")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
     if not req.messages:
         raise bad_request("messages must not be empty.", "messages")
 
 
+def structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint (structured_outputs or response_format)."""
+    try:
+        if req.structured_outputs is not None:
+            so = req.structured_outputs
+            spec = StructuredOutputsParams(
+                json=so.json_,
+                regex=so.regex,
+                choice=so.choice,
+                grammar=so.grammar,
+                json_object=so.json_object,
+            )
+            return spec
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request(
+                "response_format of type json_schema needs json_schema.schema.", "response_format"
+            )
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    except ValueError as exc:
+        raise bad_request(str(exc), constraint_param(req)) from exc
+
+
+def constraint_param(req: SamplingFields) -> str:
+    """The parameter a compile error is reported against."""
+    return "structured_outputs" if req.structured_outputs is not None else "response_format"
+
+
+def _logit_bias(req: SamplingFields) -> dict[int, float] | None:
+    if req.logit_bias is None:
+        return None
+    try:
+        return {int(k): v for k, v in req.logit_bias.items()}
+    except ValueError as exc:
+        raise bad_request("logit_bias keys must be token ids (integers).", "logit_bias") from exc
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, logprobs: int | None
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    best_of: int | None = None,
 ) -> SamplingParams:
+    """SamplingParams of a request; its structured output is checked by name but compiled
+    later (ServerContext.compile_grammar, off the event loop)."""
+    spec = structured_outputs(req)
     try:
         return SamplingParams(
             n=req.n,
+            best_of=best_of,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k is None else req.top_k,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=_logit_bias(req),
+            bad_words=req.bad_words,
+            allowed_token_ids=req.allowed_token_ids,
+            structured_outputs=spec,
             seed=req.seed,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -85,7 +132,7 @@ def sampling_params(
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
     check_completion(req)
-    return sampling_params(req, req.max_tokens, req.logprobs)
+    return sampling_params(req, req.max_tokens, req.logprobs, req.best_of)
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:

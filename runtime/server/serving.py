@@ -94,6 +94,17 @@ class ServerContext:
             raise bad_request(str(exc), _param_of(str(exc), param)) from exc
         return ids
 
+    async def compile_grammar(self, params: SamplingParams, param: str) -> None:
+        """Compile (or find cached) the request's output constraint in a worker thread, so
+        neither the event loop nor the engine thread waits on it; 400 if it won't compile."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.engine.grammar.compile, spec)
+        except ValueError as exc:
+            raise bad_request(f"{param}: {exc}", param) from exc
+
     def check_room(self, num_requests: int) -> None:
         with engine_errors():
             self.engine.check_queue_room(num_requests)
@@ -185,7 +196,10 @@ async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, Requ
 def _param_of(message: str, default: str) -> str:
     """The parameter an engine validation message is about (they start with its name)."""
     head = message.replace("=", " ").split(" ", 1)[0]
-    if head in ("max_tokens", "logprobs", "n", "temperature", "top_p", "top_k", "min_tokens"):
+    if head in (
+        *("max_tokens", "logprobs", "n", "temperature", "top_p", "top_k", "min_tokens"),
+        *("logit_bias", "allowed_token_ids"),
+    ):
         return head
     return default
 

@@ -60,7 +60,16 @@ class ModelRunner:
         rows_idx = torch.tensor(sample_idx, device=self.device)
         logits = self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
         items = [s for s in sched.scheduled if s.needs_sample]
-        rows = [SamplingRow(s.req_id, s.sampling_params, s.num_output_tokens) for s in items]
+        rows = [
+            SamplingRow(
+                s.req_id,
+                s.sampling_params,
+                s.num_output_tokens,
+                s.prompt_token_ids,
+                s.output_token_ids,
+            )
+            for s in items
+        ]
         tokens, logprobs = self.sampler(logits, rows)
         for item, token, lp in zip(items, tokens, logprobs, strict=True):
             out.sampled_token_ids[item.req_id] = token

@@ -1,4 +1,5 @@
-"""Logits -> next tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Logits -> next tokens: the logits processors, then greedy or temperature / min_p /
+top-k / top-p sampling with per-request seeds, and logprobs of the raw distribution.
 
 Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws exactly one
 noise vector per request per step. A seeded request draws from its own generator, so its
@@ -7,19 +8,18 @@ tokens do not depend on which other requests share the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pinnace.runtime.core.outputs import Logprobs
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.worker import logits_processors as lp
+from pinnace.runtime.worker.logits_processors import SamplingRow
 
+if TYPE_CHECKING:
+    from pinnace.runtime.worker.grammar_mask import GrammarMasks
 
-@dataclass
-class SamplingRow:
-    req_id: str
-    params: SamplingParams
-    num_output_tokens: int
+__all__ = ["Sampler", "SamplingRow"]
 
 
 class Sampler:
@@ -29,10 +29,14 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self._request_generators: dict[str, torch.Generator] = {}
+        # Set by the engine: structured-output matchers (None: no request may use them).
+        self.grammar: GrammarMasks | None = None
 
     def drop(self, req_ids: set[str]) -> None:
         for req_id in req_ids:
             self._request_generators.pop(req_id, None)
+        if self.grammar is not None:
+            self.grammar.drop(req_ids)
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
@@ -41,25 +45,26 @@ class Sampler:
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_min_tokens(logits, rows)
+        logits = self.process(logits, rows)
         if all(r.params.is_greedy for r in rows):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, rows)
         token_list = tokens.tolist()
+        if self.grammar is not None:
+            self.grammar.accept(rows, token_list)
         return token_list, self._logprobs(raw_logprobs, token_list, rows)
 
-    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        banned = [
-            (i, self.eos_token_ids + list(r.params.stop_token_ids or []))
-            for i, r in enumerate(rows)
-            if r.num_output_tokens < r.params.min_tokens
-        ]
-        if not banned:
-            return logits
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The logits processors that act before temperature (a copy when any applies)."""
         logits = logits.clone()
-        for i, ids in banned:
-            logits[i, ids] = float("-inf")
+        lp.apply_allowed_token_ids(logits, rows)
+        lp.apply_bad_words(logits, rows)
+        if self.grammar is not None:
+            self.grammar.apply(logits, rows)
+        lp.apply_min_tokens(logits, rows, self.eos_token_ids)
+        lp.apply_logit_bias(logits, rows)
+        lp.apply_penalties(logits, rows)
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -68,10 +73,12 @@ class Sampler:
         temps = torch.tensor(
             [1.0 if r.params.is_greedy else r.params.temperature for r in rows], device=dev
         )
+        scaled = logits / temps[:, None]
+        below_min_p = lp.apply_min_p(torch.softmax(scaled, dim=-1), [r.params.min_p for r in rows])
+        if below_min_p is not None:
+            scaled = scaled.masked_fill(below_min_p, lp.NEG_INF)
         scaled = _top_k_top_p(
-            logits / temps[:, None],
-            [r.params.top_k for r in rows],
-            [r.params.top_p for r in rows],
+            scaled, [r.params.top_k for r in rows], [r.params.top_p for r in rows]
         )
         probs = torch.softmax(scaled, dim=-1)
         noise = self._noise(probs, rows)

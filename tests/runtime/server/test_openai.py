@@ -208,10 +208,12 @@ def test_echo_and_max_completion_tokens(client: openai.OpenAI) -> None:
         ({"temperature": -1}, "temperature"),
         ({"n": 0}, "n"),
         ({"max_tokens": 10_000}, "max_tokens"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1.0}, "frequency_penalty"),
-        ({"logit_bias": {"42": 1.0}}, "logit_bias"),
-        ({"best_of": 3}, "best_of"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"logit_bias": {"forty-two": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1.0}}, "logit_bias"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
         ({"suffix": "tail"}, "suffix"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
     ],
@@ -227,7 +229,21 @@ def test_completion_bad_parameters(client: openai.OpenAI, kwargs: Any, param: st
     ("kwargs", "param"),
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nope"}},
+                }
+            },
+            "response_format",
+        ),
+        ({"extra_body": {"structured_outputs": {"regex": "[a-"}}}, "structured_outputs"),
+        (
+            {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}},
+            "structured_outputs",
+        ),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 50}, "logprobs"),
     ],
