@@ -262,6 +262,10 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         raise ValueError(f"--grpc-port must be in 1..65535, got {args.grpc_port}.")
     if args.grpc_port == args.port:
         raise ValueError(f"--grpc-port and --port are both {args.port}; give them two ports.")
+    if args.grpc_port is not None:
+        from pinnace.runtime.server import oip_proto
+
+        oip_proto.proto_path()  # a missing proto fails now, not after the model loads
     config = EngineConfig(
         kv_cache_dtype=args.kv_cache_dtype,
         model=model,

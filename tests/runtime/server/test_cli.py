@@ -91,6 +91,16 @@ def test_bad_flags_give_one_line_and_exit_2(
     assert needle in err
 
 
+def test_grpc_without_its_proto_says_where_to_point(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PINNACE_OIP_PROTO", str(tmp_path / "missing.proto"))
+    assert main(["serve", str(tmp_path), "--grpc-port", "8081"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pinnace serve: error:") and "\n" not in err
+    assert "PINNACE_OIP_PROTO" in err and "grpc_predict_v2.proto" in err
+
+
 def test_bad_flag_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     out = subprocess.run(
         [PINNACE, "serve", str(tmp_path), "--tensor-parallel-size", "4"],

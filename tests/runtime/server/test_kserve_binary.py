@@ -204,3 +204,26 @@ def test_body_over_the_limit_is_refused_before_reading() -> None:
     with pytest.raises(APIError) as exc:
         asyncio.run(read_body(chunks(), str(TWO_GB)))
     assert exc.value.status == 413 and str(MAX_BODY_BYTES) in exc.value.message
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a Content-Length (chunked), the body is refused as soon as it passes the cap."""
+    from pinnace.runtime.server import kserve_binary
+
+    monkeypatch.setattr(kserve_binary, "MAX_BODY_BYTES", 10)
+    read: list[int] = []
+
+    async def chunks() -> Any:
+        for _ in range(100):
+            read.append(4)
+            yield b"abcd"
+
+    with pytest.raises(APIError) as exc:
+        asyncio.run(read_body(chunks(), None))
+    assert exc.value.status == 413 and sum(read) == 12  # stopped at the third chunk
+
+    async def small() -> Any:
+        yield b"abcd"
+        yield b"efgh"
+
+    assert asyncio.run(read_body(small(), None)) == b"abcdefgh"  # under the cap: all of it
