@@ -53,7 +53,7 @@ class StructuredOutputsParams:
             if value is None or value is False:
                 continue
             if kind == "json" and not isinstance(value, str):
-                return kind, json.dumps(value, sort_keys=True)
+                return kind, json.dumps(value)  # key order kept: it orders the output
             if kind == "choice":
                 return kind, json.dumps(value)
             return kind, "" if kind == "json_object" else str(value)
