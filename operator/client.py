@@ -16,21 +16,10 @@ from urllib.parse import urlencode
 import kubernetes
 
 from pinnace.operator import names
+from pinnace.operator.children import KINDS
 
-# kind -> (apiVersion, plural); the operator only ever touches these.
-RESOURCES: dict[str, tuple[str, str]] = {
-    "Deployment": ("apps/v1", "deployments"),
-    "Service": ("v1", "services"),
-    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
-    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
-    "InferenceService": (f"{names.KSERVE_GROUP}/v1beta1", "inferenceservices"),
-    "ServingRuntime": (f"{names.KSERVE_GROUP}/v1alpha1", "servingruntimes"),
-    "Job": ("batch/v1", "jobs"),  # adapter fetches
-    "Pod": ("v1", "pods"),  # read only: runtime pods to hot-load adapters on
-    "Secret": ("v1", "secrets"),  # read only: serving.apiKeySecretRef, to call the pods
-    names.KIND: (names.API_VERSION, names.PLURAL),
-}
+# kind -> (apiVersion, plural); the operator only ever touches these (children.py's table).
+RESOURCES: dict[str, tuple[str, str]] = {k.kind: (k.api_version, k.plural) for k in KINDS}
 
 
 class ApiError(Exception):

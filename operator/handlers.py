@@ -28,7 +28,7 @@ from typing import Any
 
 import kopf
 
-from pinnace.operator import names
+from pinnace.operator import children, names
 from pinnace.operator.adapter_sync import AdapterSync
 from pinnace.operator.client import ApiError, HttpKubeClient, KubeClient
 from pinnace.operator.reconcile import reconcile
@@ -88,18 +88,18 @@ def build_registry(*, login: bool = True) -> kopf.OperatorRegistry:
     def changed(name: str, namespace: str | None, memo: Any, retry: int, **_: Any) -> None:
         _reconcile(memo, namespace or "default", name, retry, strict=True)
 
-    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY, registry=registry)
-    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, registry=registry)
-    @kopf.on.event("", "v1", "services", labels=MANAGED_BY, registry=registry)
-    # KServe mode: status mirrors the InferenceService's Ready/URL. Without KServe installed
-    # kopf finds no such resource and this handler simply never fires.
-    @kopf.on.event(
-        names.KSERVE_GROUP, "v1beta1", "inferenceservices", labels=MANAGED_BY, registry=registry
-    )
     def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         for ref in body.get("metadata", {}).get("ownerReferences", []):
             if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION:
                 _reconcile(memo, body["metadata"]["namespace"], ref["name"], 0, strict=False)
+
+    # Every watched child kind of children.py: status follows pod (or KServe) readiness, and
+    # an edited or deleted child is put back. A kind whose API is not installed (KServe's
+    # InferenceService) is simply never found by kopf, and its handler never fires.
+    for kind in children.WATCHED:
+        kopf.on.event(kind.group, kind.version, kind.plural, labels=MANAGED_BY, registry=registry)(
+            child_event
+        )
 
     @kopf.on.event("", "v1", "pods", labels=RUNTIME_POD, when=_serves_lora, registry=registry)
     def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -93,6 +93,17 @@ class LLMDeployment:
         return cache.claim_name or f"{self.name}-cache"
 
     @property
+    def max_replicas(self) -> int:
+        """The most replicas that may run at once (fixed count or autoscaling bound)."""
+        scaling = self.spec.autoscaling
+        return scaling.max_replicas if scaling is not None else self.replicas or 0
+
+    @property
+    def wants_disruption_budget(self) -> bool:
+        enabled = self.spec.disruption_budget.enabled
+        return self.max_replicas > 1 if enabled is None else enabled
+
+    @property
     def replicas(self) -> int | None:
         """The fixed replica count, or None when an autoscaler owns it."""
         if self.spec.autoscaling is not None:
@@ -239,6 +250,13 @@ def _kserve_errors(llmd: LLMDeployment) -> list[str]:
         )
     if spec.storage.cache is not None:
         problems.append("storage.cache does not apply in KServe mode (KServe downloads per pod)")
+    for field_, set_ in (
+        ("rollout", spec.rollout != spec.rollout.__class__()),
+        ("disruptionBudget", spec.disruption_budget.enabled is not None),
+        ("networkPolicy", spec.network_policy is not None),
+    ):
+        if set_:
+            problems.append(f"{field_} applies only in Deployment mode (KServe runs the pods)")
     if llmd.replicas == 0:
         problems.append("replicas 0 is not supported in KServe mode; delete the resource instead")
     scaling = spec.autoscaling

@@ -25,9 +25,10 @@ from pinnace.operator.fit import check_fit
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import PRUNABLE, endpoint, render_all
 from pinnace.operator.render.adapters import fetch_job_selector
-from pinnace.operator.render.args import effective
+from pinnace.operator.render.args import model_source, serve_args
 from pinnace.operator.render.labels import selector_string
 from pinnace.operator.status import (
+    Effective,
     Event,
     degraded_status,
     healthy_status,
@@ -123,6 +124,16 @@ def _status(
         selector=selector_string(llmd),
         effective=effective(llmd),
         autoscaled=llmd.replicas is None,
+    )
+
+
+def effective(llmd: LLMDeployment) -> Effective:
+    """What status reports the operator runs (defaults applied)."""
+    return Effective(
+        image=llmd.image,
+        model_path=model_source(llmd).path,
+        served_model_name=llmd.served_name,
+        args=serve_args(llmd),
     )
 
 

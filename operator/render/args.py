@@ -7,7 +7,6 @@ from kubernetes.utils import parse_quantity
 from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment
 from pinnace.operator.render import sources
-from pinnace.operator.status import Effective
 
 
 def uses_storage_uris(llmd: LLMDeployment) -> bool:
@@ -81,12 +80,3 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     # Deployment mode: no --lora-modules. The operator hot-loads adapters over HTTP, so the
     # list is not part of the pod spec and changing it never rolls pods.
     return args + list(engine.extra_args)
-
-
-def effective(llmd: LLMDeployment) -> Effective:
-    return Effective(
-        image=llmd.image,
-        model_path=model_source(llmd).path,
-        served_model_name=llmd.served_name,
-        args=serve_args(llmd),
-    )

@@ -42,11 +42,7 @@ def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
     template["metadata"]["annotations"] = {names.ANNOTATION_POD_SPEC_HASH: pod_hash}
     spec: dict[str, Any] = {
         "selector": {"matchLabels": labels.selector_labels(llmd)},
-        # Keep serving capacity during a rollout: bring a new pod up before one goes.
-        "strategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-        },
+        "strategy": strategy(llmd),
         "template": template,
     }
     if llmd.replicas is not None:
@@ -60,6 +56,16 @@ def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
         "spec": spec,
     }
     return labels.stamp_applied_hash(deployment)
+
+
+def strategy(llmd: LLMDeployment) -> dict[str, Any]:
+    """spec.rollout; by default a new pod comes up before an old one goes (no capacity
+    lost, one extra replica's GPUs needed): see `spec.Rollout` for scarce GPUs."""
+    rollout = llmd.spec.rollout
+    if rollout.strategy == "Recreate":
+        return {"type": "Recreate"}
+    surge = {"maxSurge": rollout.surge, "maxUnavailable": rollout.unavailable}
+    return {"type": "RollingUpdate", "rollingUpdate": surge}
 
 
 def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:

@@ -176,6 +176,7 @@ def test_autoscaled_deployment_leaves_replicas_to_the_autoscaler() -> None:
         "PersistentVolumeClaim",
         "Service",
         "Deployment",
+        "PodDisruptionBudget",  # maxReplicas > 1
         "HorizontalPodAutoscaler",
     ]
     assert "replicas" not in render_deployment(scaled)["spec"]

@@ -81,6 +81,8 @@ def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
         "scaledobjects",
         "inferenceservices",
         "servingruntimes",
+        "poddisruptionbudgets",
+        "networkpolicies",
         "jobs",
     }
 
@@ -152,7 +154,8 @@ def test_rbac_is_exactly_what_the_operator_uses(
         cluster.apply_crd(crd)
     start_operator()  # after the CRDs: kopf discovers InferenceServices once, at start
     base = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments"
-    gpu = create_llmd("gpu")  # PVC + Service + Deployment
+    # PVC + Service + Deployment + PodDisruptionBudget (2 replicas) + NetworkPolicy
+    gpu = create_llmd("gpu", networkPolicy={"allowFrom": [{"podLabels": {"app": "gateway"}}]})
     bad = create_llmd("minimal-cpu", engine={"extraArgs": ["--port", "1"]})  # Degraded
     hpa = create_llmd("autoscaling")  # + HorizontalPodAutoscaler
     keda = create_llmd("autoscaling-keda")  # + ScaledObject
@@ -171,14 +174,17 @@ def test_rbac_is_exactly_what_the_operator_uses(
     wait.until(lambda: cluster.get("/apis/batch/v1/namespaces/ml/jobs")["items"] == [])
     wait.until(lambda: bot.calls_to("/v1/load_lora_adapter"))
     wait.exists("/apis/apps/v1/namespaces/ml/deployments/qwen-chat")
+    wait.exists("/apis/policy/v1/namespaces/ml/poddisruptionbudgets/qwen-chat")
     wait.exists("/apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/qwen-autoscaled")
     wait.exists("/apis/keda.sh/v1alpha1/namespaces/ml/scaledobjects/smollm2-keda")
     isvc_path = "/apis/serving.kserve.io/v1beta1/namespaces/ml/inferenceservices/qwen-kserve"
     wait.exists(isvc_path)
     wait.until(lambda: "status" in (cluster.get(bad) or {}))
 
-    # Updates patch children; dropping autoscaling deletes the autoscalers.
-    cluster.patch(gpu, {"spec": {"replicas": 2, "engine": {"dtype": "float16"}}})
+    # Updates patch children; dropping autoscaling deletes the autoscalers, turning off the
+    # PDB and the NetworkPolicy deletes them.
+    off = {"networkPolicy": None, "disruptionBudget": {"enabled": False}}
+    cluster.patch(gpu, {"spec": {"replicas": 2, "engine": {"dtype": "float16"}, **off}})
     cluster.patch(hpa, {"spec": {"autoscaling": {"maxReplicas": 6}}})
     cluster.patch(isvc, {"spec": {"autoscaling": {"maxReplicas": 6}, "engine": {"maxNumSeqs": 8}}})
     wait.until(lambda: cluster.get(isvc_path)["spec"]["predictor"]["maxReplicas"] == 6)
@@ -186,6 +192,8 @@ def test_rbac_is_exactly_what_the_operator_uses(
     cluster.patch(keda, {"spec": {"autoscaling": None}})
     wait.gone("/apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/qwen-autoscaled")
     wait.gone("/apis/keda.sh/v1alpha1/namespaces/ml/scaledobjects/smollm2-keda")
+    wait.gone("/apis/policy/v1/namespaces/ml/poddisruptionbudgets/qwen-chat")
+    wait.gone("/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/qwen-chat")
     # KServe reports ready (a watched event); switching modes deletes the other mode's children.
     ready = {"conditions": [{"type": "Ready", "status": "True"}], "url": "http://qwen.ml"}
     cluster.patch(isvc_path + "/status", {"status": ready})

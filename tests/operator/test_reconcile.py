@@ -12,6 +12,7 @@ from pinnace.operator.render import render_all
 DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-chat"
 SERVICE = "/api/v1/namespaces/ml/services/qwen-chat"
 PVC = "/api/v1/namespaces/ml/persistentvolumeclaims/qwen-chat-cache"
+PDB = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/qwen-chat"
 
 
 def run(cluster: Any, client: HttpKubeClient, path: str) -> Any:
@@ -29,9 +30,10 @@ def test_first_pass_creates_owned_children_and_status(
         "PersistentVolumeClaim/qwen-chat-cache",
         "Service/qwen-chat",
         "Deployment/qwen-chat",
+        "PodDisruptionBudget/qwen-chat",  # two replicas: drains take one at a time
     ]
     cr = cluster.get(path)
-    for child in (DEPLOYMENT, SERVICE, PVC):
+    for child in (DEPLOYMENT, SERVICE, PVC, PDB):
         obj = cluster.get(child)
         assert obj is not None, child
         [owner] = obj["metadata"]["ownerReferences"]
@@ -46,7 +48,9 @@ def test_first_pass_creates_owned_children_and_status(
     # What was applied is exactly what `pinnace render` prints, plus the ownerReference.
     for rendered in render_all(parse_llmdeployment(cr)):
         live = cluster.get(
-            {"Deployment": DEPLOYMENT, "Service": SERVICE}.get(rendered["kind"], PVC)
+            {"Deployment": DEPLOYMENT, "Service": SERVICE, "PodDisruptionBudget": PDB}.get(
+                rendered["kind"], PVC
+            )
         )
         live["metadata"].pop("ownerReferences")
         for server_field in ("uid", "resourceVersion", "generation", "creationTimestamp"):
@@ -62,7 +66,7 @@ def test_first_pass_creates_owned_children_and_status(
     assert (
         status["selector"] == "app.kubernetes.io/instance=qwen-chat,app.kubernetes.io/name=pinnace"
     )
-    assert [e.reason for e in result.events] == ["Created", "Created", "Created"]
+    assert [e.reason for e in result.events] == ["Created"] * 4
 
 
 def test_second_pass_with_nothing_changed_writes_nothing(

@@ -25,6 +25,10 @@ BUILTINS = {
     "v1/secrets": dict(kind="Secret", namespaced=True),
     "batch/v1/jobs": dict(kind="Job", namespaced=True, subresources={"status"}),
     "v1/events": dict(kind="Event", namespaced=True),
+    "policy/v1/poddisruptionbudgets": dict(
+        kind="PodDisruptionBudget", namespaced=True, subresources={"status"}
+    ),
+    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
     "autoscaling/v2/horizontalpodautoscalers": dict(
         kind="HorizontalPodAutoscaler", namespaced=True, subresources={"status"}
     ),
