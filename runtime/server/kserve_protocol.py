@@ -31,6 +31,14 @@ class KServeParameters(RequestModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The sampler's processors (issue 12), with SamplingParams' names.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
     # None: wrap the text as a user message when the model has a chat template.
     apply_chat_template: bool | None = None
 

@@ -1,0 +1,68 @@
+"""The sampler's processors reach it from every API: OpenAI completions and chat, and KServe
+V2 `parameters` (tiny model, real server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+MODEL = "tiny"
+PROMPT = "The capital of France is"
+
+
+def token_id(http: httpx.Client, text: str) -> int:
+    (tid,) = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    return int(tid)
+
+
+def detokenize(http: httpx.Client, ids: list[int]) -> str:
+    return str(http.post("/detokenize", json={"tokens": ids}).json()["prompt"])
+
+
+def completion(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    resp = http.post("/v1/completions", json={**base, **body})
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def test_openai_logit_bias_allowed_tokens_and_bad_words(http: httpx.Client) -> None:
+    yes = token_id(http, " yes")
+    assert completion(http, logit_bias={str(yes): 100})["choices"][0]["text"] == detokenize(
+        http, [yes] * 4
+    )
+    only = completion(http, allowed_token_ids=[yes])["choices"][0]["text"]
+    assert only == detokenize(http, [yes] * 4)
+    greedy = completion(http, logprobs=0)["choices"][0]
+    first = greedy["logprobs"]["tokens"][0]
+    banned = completion(http, bad_words=[first], logprobs=0)["choices"][0]
+    assert banned["logprobs"]["tokens"][0] != first
+    # Between two allowed tokens greedy repeats one; penalties make it alternate.
+    no = token_id(http, " no")
+    two = {"max_tokens": 8, "allowed_token_ids": [yes, no], "logprobs": 0}
+    plain = completion(http, **two)["choices"][0]["logprobs"]["tokens"]
+    assert len(set(plain)) == 1
+    penalized = completion(http, presence_penalty=2.0, frequency_penalty=2.0, **two)
+    assert set(penalized["choices"][0]["logprobs"]["tokens"]) == {" yes", " no"}
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+              "temperature": 0, "ignore_eos": True, "logit_bias": {str(yes): 100}},
+    )  # fmt: skip
+    assert chat.json()["choices"][0]["message"]["content"] == detokenize(http, [yes] * 3)
+
+
+def test_kserve_v2_parameters_reach_the_sampler(http: httpx.Client) -> None:
+    yes = token_id(http, " yes")
+    tensor = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}
+    params = {"temperature": 0, "max_tokens": 3, "ignore_eos": True, "allowed_token_ids": [yes],
+              "apply_chat_template": False}  # fmt: skip
+    resp = http.post(f"/v2/models/{MODEL}/infer", json={"inputs": [tensor], "parameters": params})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["outputs"][0]["data"][0] == detokenize(http, [yes] * 3)
+    params = {"max_tokens": 3, "logit_bias": {"99999999": 1.0}}
+    resp = http.post(f"/v2/models/{MODEL}/infer", json={"inputs": [tensor], "parameters": params})
+    assert resp.status_code == 400 and "logit_bias" in resp.text
