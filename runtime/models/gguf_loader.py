@@ -44,7 +44,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    LlamaTensorProcessor,
+    TensorProcessor,
+)
 
 from pinnace.runtime.layers.quantization.config import GGUF_INT4_TYPES
 from pinnace.runtime.layers.quantization.gguf import GGUFBlocks
@@ -152,7 +156,10 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
 
     hf_names = _map_tensor_names(reader, config, entry, file)
-    processor_cls = LlamaTensorProcessor if entry.gguf_qk_permuted else TensorProcessor
+    # transformers' own per-architecture fix-ups (Gemma's norms are stored plus one).
+    processor_cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    if entry.gguf_qk_permuted:
+        processor_cls = LlamaTensorProcessor
     processor = processor_cls(config=config.to_dict())
     return GGUFCheckpoint(
         config=config,

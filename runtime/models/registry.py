@@ -37,7 +37,7 @@ _ENTRIES = (
     ModelEntry("Qwen2ForCausalLM", "qwen2", "qwen2", "qwen2"),
     ModelEntry("Qwen3ForCausalLM", "qwen3", "qwen3", "qwen3"),
     ModelEntry("Gemma2ForCausalLM", "gemma2", "gemma2"),
-    ModelEntry("Gemma3ForCausalLM", "gemma3", "gemma3_text"),
+    ModelEntry("Gemma3ForCausalLM", "gemma3", "gemma3_text", "gemma3"),
     ModelEntry("Phi3ForCausalLM", "phi3", "phi3"),
     ModelEntry("MixtralForCausalLM", "mixtral", "mixtral"),
     ModelEntry("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2_moe"),
