@@ -36,7 +36,9 @@ class LLMEngine:
         self.max_model_len = parts.max_model_len
         self.eos_token_ids = frozenset(parts.checkpoint.eos_token_ids)
         self.vocab_size = int(self.model_config.vocab_size)
-        kv = KVCacheManager(parts.num_blocks, config.block_size, config.enable_prefix_caching)
+        kv = KVCacheManager(
+            parts.num_blocks, config.block_size, config.enable_prefix_caching, parts.sliding_window
+        )
         self.scheduler = Scheduler(
             kv,
             config.max_num_seqs,

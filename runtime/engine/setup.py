@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pinnace.runtime.layers.attention import Attention
 from pinnace.runtime.layers.attention_backend import get_attention_backend
 from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
@@ -33,6 +34,7 @@ class EngineParts:
     weight_bytes: int
     quantization: str | None = None  # the method in use (None: float weights)
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
+    sliding_window: int | None = None  # the window when every layer has one (KV released)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,9 +92,27 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         num_blocks * block_bytes(ckpt.config, config.block_size, kv_dtype) / GiB,
         max_model_len, capacity / max_model_len,
     )  # fmt: skip
+    window = _common_sliding_window(model)
+    if window is not None:
+        per_request = -(-(window + config.resolved_max_num_batched_tokens) // config.block_size)
+        logger.info(
+            "Sliding window of %d tokens on every layer: KV blocks outside it are released, "
+            "so a request holds at most ~%d blocks (%d at max_model_len without release)",
+            window, per_request + 1, -(-max_model_len // config.block_size),
+        )  # fmt: skip
     return EngineParts(
-        ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes, method, kv_dtype
-    )
+        ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes, method, kv_dtype,
+        sliding_window=window,
+    )  # fmt: skip
+
+
+def _common_sliding_window(model: torch.nn.Module) -> int | None:
+    """The widest window when every attention layer has one; None when any layer is global
+    (then every block stays readable)."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
 
 
 def _name(dtype: torch.dtype) -> str:
