@@ -14,7 +14,7 @@ from starlette.responses import Response
 from transformers import PreTrainedTokenizerBase
 
 from pinnace.runtime.sampling_params import SamplingParams
-from pinnace.runtime.server.deltas import DeltaTracker
+from pinnace.runtime.server.deltas import Delta, DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import chat_logprobs
 from pinnace.runtime.server.openai_params import chat_params, constraint_param, message_dicts
@@ -26,7 +26,11 @@ from pinnace.runtime.server.openai_protocol import (
     ChatCompletionResponse,
     ChatResponseMessage,
     ChatStreamChoice,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     UsageInfo,
 )
 from pinnace.runtime.server.serving import (
@@ -37,12 +41,15 @@ from pinnace.runtime.server.serving import (
     sse,
     sse_error,
 )
+from pinnace.runtime.server.tool_parsers import ParsedToolCall
+from pinnace.runtime.server.tools import ToolPlan, new_tool_call_id, plan_tools
 
 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
+    tools: list[dict[Any, Any]] | None = None,
 ) -> list[int]:
     """Token ids of a conversation, exactly as `LLM.apply_chat_template` builds them."""
     if not messages:
@@ -54,7 +61,10 @@ def render_chat(
         )
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from exc
@@ -69,25 +79,41 @@ class ChatJob:
     params: SamplingParams
     request: EngineRequest
     num_top_logprobs: int | None  # None: no logprobs
+    tools: ToolPlan
+    constraint_param: str  # the parameter a grammar compile error is reported against
 
 
 def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest) -> ChatJob:
     model = ctx.resolve_model(req.model)
     params = chat_params(req)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_settings)
+    param = constraint_param(req)
+    if plan.constraint is not None:
+        if params.structured_outputs is not None:
+            raise bad_request(
+                f"tool_choice {plan.mode!r} cannot be combined with {param}.", "tool_choice"
+            )
+        params.structured_outputs, param = plan.constraint, "tools"
     messages = message_dicts(req.messages)
-    ids = render_chat(ctx.engine.tokenizer, messages, req.add_generation_prompt)
+    # Before templating: the contents alone may already be too long to ever fit.
+    num_chars = sum(len(str(m.get("content") or "")) for m in messages)
+    ctx.check_prompt_chars(num_chars, "messages")
+    ids = render_chat(
+        ctx.engine.tokenizer, messages, req.add_generation_prompt, plan.template_tools
+    )
     ids = ctx.prepare(ids, params, param="messages")
     request_id = ctx.new_id("chatcmpl")
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     request = EngineRequest(request_id, ids, params, ctx.lora_for(model))
-    return ChatJob(request_id, model, params, request, num_top)
+    return ChatJob(request_id, model, params, request, num_top, plan, param)
 
 
 async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
+    # Templating and tokenizing a long conversation must not stall the event loop.
     job = prepare_chat(ctx, req)
-    await ctx.compile_grammar(job.params, constraint_param(req))
+    await ctx.compile_grammar(job.params, job.constraint_param)
     ctx.check_room(job.params.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -106,19 +132,68 @@ def _logprobs(
 
 async def complete_chat(ctx: ServerContext, job: ChatJob) -> ChatCompletionResponse:
     (final,) = await ctx.collect([job.request])
-    choices = [
-        ChatChoice(
-            index=out.index,
-            message=ChatResponseMessage(content=out.text),
-            logprobs=_logprobs(ctx, job, out.token_ids, out.logprobs),
-            finish_reason=out.finish_reason,
-            stop_reason=out.stop_reason,
+    choices = []
+    for out in final.outputs:
+        content, calls = job.tools.extract(out.text)
+        message = ChatResponseMessage(content=content, tool_calls=_tool_calls(calls))
+        choices.append(
+            ChatChoice(
+                index=out.index,
+                message=message,
+                logprobs=_logprobs(ctx, job, out.token_ids, out.logprobs),
+                finish_reason=_finish_reason(job, out.finish_reason, calls),
+                stop_reason=out.stop_reason,
+            )
         )
-        for out in final.outputs
-    ]
     num_out = sum(len(out.token_ids) for out in final.outputs)
     usage = UsageInfo.of(len(job.request.prompt_token_ids), num_out)
     return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+
+
+def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
+    return [
+        ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+
+
+def _finish_reason(job: ChatJob, reason: str | None, calls: list[ParsedToolCall]) -> str | None:
+    # OpenAI: "tool_calls" when the model chose to call (auto, required); a forced named
+    # call finishes with "stop".
+    if calls and reason == "stop" and job.tools.mode in ("auto", "required"):
+        return "tool_calls"
+    return reason
+
+
+def _stream_delta(job: ChatJob, delta: Delta, text_so_far: str, first: bool) -> DeltaMessage | None:
+    """The message delta of one engine delta. A named call streams its arguments as they
+    come; auto and required replies are read whole, so they are sent when finished."""
+    mode = job.tools.mode
+    if mode == "none":
+        return DeltaMessage(content=delta.text)
+    if mode == "named" and job.tools.named is not None:
+        fn = DeltaFunctionCall(arguments=delta.text)
+        call = DeltaToolCall(index=0, function=fn)
+        if first:
+            call.id, call.type, fn.name = new_tool_call_id(), "function", job.tools.named
+        return DeltaMessage(tool_calls=[call])
+    if delta.finish_reason is None:
+        return None
+    content, calls = job.tools.extract(text_so_far)
+    if not calls:
+        return DeltaMessage(content=content)
+    return DeltaMessage(
+        content=content,
+        tool_calls=[
+            DeltaToolCall(
+                index=i,
+                id=new_tool_call_id(),
+                type="function",
+                function=DeltaFunctionCall(name=c.name, arguments=c.arguments),
+            )
+            for i, c in enumerate(calls)
+        ],
+    )
 
 
 async def stream_chat(
@@ -134,6 +209,7 @@ async def stream_chat(
         return sse(body.model_dump_json(exclude_none=True))
 
     tracker = DeltaTracker()
+    started: set[int] = set()
     try:
         for i in range(job.params.n):
             first = DeltaMessage(role="assistant", content="")
@@ -144,11 +220,18 @@ async def stream_chat(
                     delta = tracker.delta(out.index, out)
                     if delta is None:
                         continue
+                    message = _stream_delta(job, delta, out.text, out.index not in started)
+                    if message is None:
+                        continue
+                    started.add(out.index)
+                    finish = delta.finish_reason
+                    if finish is not None and job.tools.mode in ("auto", "required"):
+                        finish = _finish_reason(job, finish, job.tools.extract(out.text)[1])
                     choice = ChatStreamChoice(
                         index=out.index,
-                        delta=DeltaMessage(content=delta.text),
+                        delta=message,
                         logprobs=_logprobs(ctx, job, delta.token_ids, delta.logprobs),
-                        finish_reason=delta.finish_reason,
+                        finish_reason=finish,
                         stop_reason=delta.stop_reason,
                     )
                     yield chunk([choice])

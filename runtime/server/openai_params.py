@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pinnace.runtime.sampling_params import SamplingParams, StructuredOutputsParams
 from pinnace.runtime.server.errors import bad_request, unsupported
 from pinnace.runtime.server.openai_protocol import (
@@ -34,16 +37,10 @@ def check_completion(req: CompletionRequest) -> None:
 
 def check_chat(req: ChatCompletionRequest) -> None:
     check_common(req)
-    if req.tools:
-        raise unsupported("tools")
-    if req.tool_choice not in (None, "none"):
-        raise unsupported("tool_choice")
     if req.functions:
         raise unsupported("functions")
     if req.function_call not in (None, "none"):
         raise unsupported("function_call")
-    if req.parallel_tool_calls:
-        raise unsupported("parallel_tool_calls")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
     if not req.messages:
@@ -144,18 +141,38 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
     return sampling_params(req, max_tokens, logprobs)
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as chat templates expect them: text content only."""
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: text content, tool calls with their
+    arguments as objects (templates write them with `tojson`), tool results' call ids."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
         if isinstance(content, list):
             content = _join_text_parts(content, i)
-        entry = {"role": message.role, "content": content or ""}
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = [_template_call(c, i) for c in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         out.append(entry)
     return out
+
+
+def _template_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request(f"messages[{index}].tool_calls: each needs function.name.", "messages")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as exc:
+            raise bad_request(
+                f"messages[{index}].tool_calls: arguments must be a JSON object.", "messages"
+            ) from exc
+    return {**call, "function": {"name": fn["name"], "arguments": args}}
 
 
 def _join_text_parts(parts: list[dict[str, object]], index: int) -> str:

@@ -26,6 +26,7 @@ from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.adapters import ServedAdapters
 from pinnace.runtime.server.errors import APIError, bad_request, error_body
+from pinnace.runtime.server.tools import ToolSettings
 
 T = TypeVar("T")
 
@@ -50,6 +51,7 @@ class ServerContext:
         model_names: list[str],
         model_path: str,
         enable_lora: bool = False,
+        tool_settings: ToolSettings | None = None,
     ) -> None:
         if not model_names:
             raise ValueError("at least one served model name is needed.")
@@ -57,6 +59,7 @@ class ServerContext:
         self.model_names = model_names
         self.model_path = model_path
         self.adapters = ServedAdapters(engine, model_names, enable_lora)
+        self.tool_settings = tool_settings or ToolSettings()
 
     @property
     def model_name(self) -> str:

@@ -228,7 +228,8 @@ def test_completion_bad_parameters(client: openai.OpenAI, kwargs: Any, param: st
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        # Without --enable-auto-tool-choice, tools default to tool_choice "auto": refused.
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "enable-auto-tool-choice"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         (
             {
