@@ -106,6 +106,20 @@ def _add_http_flags(http: argparse._ArgumentGroup) -> None:
         help="answer 503 with Retry-After once this many requests wait",
     )
     http.add_argument(
+        "--max-request-body-bytes",
+        type=parse_bytes,
+        default=None,
+        help="answer 413 to larger request bodies before reading them (e.g. 32Mi); "
+        "default: 64 bytes per token of --max-model-len, at least 16 MiB",
+    )
+    http.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: stop being ready, refuse new requests, and give requests in "
+        "flight this many seconds to finish (default 30)",
+    )
+    http.add_argument(
         "--metrics-prefix-vllm",
         action="store_true",
         help="also expose every metric under its vllm: name",
@@ -296,6 +310,8 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         lora_modules=lora_modules,
         grpc_port=args.grpc_port,
         grpc_host=args.host,
+        max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return config, settings
 
@@ -309,10 +325,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import uvicorn
-
     from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import build_app
+    from pinnace.runtime.server.lifecycle import run_server
 
     engine = LLMEngine(config)
     app = build_app(engine, settings)
@@ -328,5 +343,13 @@ def run(args: argparse.Namespace) -> int:
     )
     # grpc.aio shares uvicorn's loop, and it supports asyncio's own loop (not uvloop's).
     loop = "auto" if args.grpc_port is None else "asyncio"
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, loop=loop)
-    return 0
+    # Drains on SIGTERM (--shutdown-timeout); 1 if the engine died.
+    return run_server(
+        app,
+        app.state.lifecycle,
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        log_level=args.log_level,
+        loop=loop,
+    )

@@ -37,6 +37,7 @@ MANAGED_FLAGS: dict[str, str] = {
     "--lora-modules": "use adapters (the operator hot-loads them)",
     "--api-key": "use serving.apiKeySecretRef",
     "--grpc-port": f"gRPC is served on port {names.GRPC_PORT}",
+    "--shutdown-timeout": "it is set to fit the pod's termination grace period",
 }
 # Environment the operator sets itself (cache location, API key).
 RESERVED_ENV = frozenset({"PINNACE_API_KEY", "HF_HOME", "HOME", "TMPDIR", "PYTHONUNBUFFERED"})

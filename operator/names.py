@@ -30,6 +30,13 @@ ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
 # Escape hatch for the GPU memory fit check (the estimate is deliberately rough).
 ANNOTATION_SKIP_FIT_CHECK = f"{GROUP}/skip-fit-check"
 
+# Pod termination, in order: preStop sleeps (endpoints drop the pod), SIGTERM, the runtime
+# drains requests in flight for up to the shutdown timeout, then exits; the rest of the
+# grace period is margin for closing connections and freeing the GPU before SIGKILL.
+TERMINATION_GRACE_SECONDS = 120
+PRESTOP_SLEEP_SECONDS = 5
+SHUTDOWN_TIMEOUT_SECONDS = TERMINATION_GRACE_SECONDS - PRESTOP_SLEEP_SECONDS - 15
+
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
 # The Open Inference Protocol over gRPC (`serve --grpc-port`): KServe's runtimes' port.

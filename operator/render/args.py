@@ -58,6 +58,8 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     if serves_grpc(llmd):
         args += ["--grpc-port", str(names.GRPC_PORT)]
     args += ["--served-model-name", llmd.served_name, "--dtype", engine.dtype]
+    # Drain in flight requests on SIGTERM within the pod's grace period (after preStop).
+    args += ["--shutdown-timeout", str(names.SHUTDOWN_TIMEOUT_SECONDS)]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
     if engine.max_num_seqs is not None:

@@ -13,9 +13,10 @@ from pinnace.operator.render import args as argmod
 from pinnace.operator.render import labels, sources
 
 RUNTIME_UID = 1000
-# Long enough to finish streaming responses after the pod leaves the Service endpoints.
-TERMINATION_GRACE_SECONDS = 120
-PRESTOP_SLEEP_SECONDS = 5  # let kube-proxy/ingress drop the endpoint before we stop
+# Long enough to finish streaming responses after the pod leaves the Service endpoints
+# (names.py: preStop sleep, then `serve --shutdown-timeout`, then margin).
+TERMINATION_GRACE_SECONDS = names.TERMINATION_GRACE_SECONDS
+PRESTOP_SLEEP_SECONDS = names.PRESTOP_SLEEP_SECONDS  # let kube-proxy/ingress drop the endpoint
 PROBE_PERIOD_SECONDS = 10
 
 CONTAINER_SECURITY = {

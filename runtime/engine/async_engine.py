@@ -44,6 +44,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed and cannot serve any more requests."""
 
 
+class EngineFailedError(EngineDeadError):
+    """The engine thread died of an error (not a shutdown): the server must be restarted."""
+
+
 class EngineStepError(RuntimeError):
     """A step failed; the requests in it were aborted, the engine goes on serving."""
 
@@ -139,6 +143,9 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stats = engine.stats()
         self._dead: BaseException | None = None
+        # Called on the event loop with the error when the engine thread dies (the server
+        # stops and exits non-zero: lifecycle.py).
+        self.on_failure: Callable[[str], None] | None = None
         # Each counter is written by one thread only; their difference is the adds in flight.
         self._num_sent_adds = 0
         self._num_applied_adds = 0
@@ -174,7 +181,7 @@ class AsyncLLMEngine:
 
     def check_health(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine failed: {self._dead!r}")
+            raise EngineFailedError(f"the engine failed: {self._dead!r}")
         if not self.is_running:
             raise EngineDeadError("the engine is not running.")
 
@@ -324,10 +331,13 @@ class AsyncLLMEngine:
                 else:
                     active.clear()
                 self._stats = self.engine.stats()
-        except BaseException as exc:  # pragma: no cover - a bug in the engine itself
+        except BaseException as exc:  # a bug in the engine itself (tests inject one)
             logger.exception("engine thread died")
             self._dead = exc
-            self._call_soon(self._fail, None, EngineDeadError(f"the engine failed: {exc!r}"))
+            failed = EngineFailedError(f"the engine failed and the server is restarting: {exc!r}")
+            self._call_soon(self._fail, None, failed)
+            if self.on_failure is not None:
+                self._call_soon(self.on_failure, repr(exc))
 
     def _apply_commands(self, active: set[str], block: bool) -> bool:
         """Drain the inbox (waiting for one command if idle); False on stop."""

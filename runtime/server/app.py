@@ -19,8 +19,10 @@ from pinnace.runtime.server.errors import install_error_handlers
 from pinnace.runtime.server.kserve_grpc import start_grpc_server
 from pinnace.runtime.server.kserve_v1 import build_v1_router
 from pinnace.runtime.server.kserve_v2 import build_v2_router
+from pinnace.runtime.server.lifecycle import Lifecycle
 from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.server.openai_routes import build_openai_router
+from pinnace.runtime.server.request_guard import RequestGuard, default_max_body_bytes
 from pinnace.runtime.server.serving import ServerContext, server_version
 
 logger = logging.getLogger("pinnace.server")
@@ -38,8 +40,19 @@ class ServerSettings:
     # The Open Inference Protocol over gRPC on this port (0: any free one); None: off.
     grpc_port: int | None = None
     grpc_host: str = "0.0.0.0"
+    # Bodies over this are a 413 before they are read; None: sized from max_model_len
+    # (request_guard.default_max_body_bytes).
+    max_request_body_bytes: int | None = None
+    # After SIGTERM: how long requests in flight may take to finish (lifecycle.py).
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
+            raise ValueError(
+                f"max_request_body_bytes must be at least 1, got {self.max_request_body_bytes}."
+            )
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}.")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ValueError(
                 f"the gRPC port must be in 0..65535 (0: any free port), got {self.grpc_port}."
@@ -71,6 +84,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         max_loras=config.max_loras if config.enable_lora else None,
     )
     async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
+    lifecycle = Lifecycle()
+    async_engine.on_failure = lifecycle.engine_failed
     ctx = ServerContext(async_engine, settings.served_model_names, config.model, config.enable_lora)
     for name, path in settings.lora_modules.items():
         ctx.adapters.add_at_startup(name, path)
@@ -98,6 +113,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="Pinnace", version=server_version(), lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(build_openai_router(ctx))
     app.include_router(build_v1_router(ctx))
@@ -109,4 +125,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    # Outermost: size, Unicode and drain checks come before anything reads the body.
+    max_body = settings.max_request_body_bytes or default_max_body_bytes(engine.max_model_len)
+    app.add_middleware(RequestGuard, lifecycle=lifecycle, max_body_bytes=max_body)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
     # Templating and tokenizing a long conversation must not stall the event loop.
-    job = prepare_chat(ctx, req)
+    # Templating and tokenizing a long conversation must not stall the event loop.
+    job = await asyncio.to_thread(prepare_chat, ctx, req)
     await ctx.compile_grammar(job.params, job.constraint_param)
     ctx.check_room(job.params.n)
     if req.stream:

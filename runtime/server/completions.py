@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> Completion
 async def create_completion(
     ctx: ServerContext, req: CompletionRequest, raw: Request
 ) -> CompletionResponse | Response:
-    job = prepare_completion(ctx, req)
+    # Tokenizing long prompts must not stall the event loop (probes, other streams).
+    job = await asyncio.to_thread(prepare_completion, ctx, req)
     await ctx.compile_grammar(job.params, constraint_param(req))
     ctx.check_room(len(job.requests) * job.params.num_samples)
     if req.stream:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -88,9 +91,13 @@ def build_openai_router(ctx: ServerContext) -> APIRouter:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages.", "prompt")
         if body.messages is not None:
-            ids = render_chat(tokenizer, message_dicts(body.messages), body.add_generation_prompt)
+            messages = message_dicts(body.messages)
+            work = functools.partial(render_chat, tokenizer, messages, body.add_generation_prompt)
         else:
-            ids = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ctx.check_prompt_chars(len(body.prompt or ""), "prompt")
+            add = body.add_special_tokens
+            work = functools.partial(tokenizer.encode, body.prompt, add_special_tokens=add)
+        ids = list(await asyncio.to_thread(work))  # off the event loop: it may be long
         return JSONResponse(
             TokenizeResponse(
                 count=len(ids), max_model_len=ctx.engine.max_model_len, tokens=ids

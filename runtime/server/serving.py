@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import uuid
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from pinnace.runtime.engine.async_engine import (
     AsyncLLMEngine,
     EngineDeadError,
+    EngineFailedError,
     EngineStepError,
     QueueFullError,
     RequestStream,
@@ -89,7 +91,10 @@ class ServerContext:
     def prepare(
         self, prompt: str | list[int], params: SamplingParams, param: str = "prompt"
     ) -> list[int]:
-        """Tokenize and check one prompt against the context length; 400 if it can't run."""
+        """Tokenize and check one prompt against the context length; 400 if it can't run.
+        Blocking (the tokenizer): routes call it from a worker thread."""
+        if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), param)
         ids = self.engine.tokenize(prompt)
         try:
             self.engine.validate(ids, params)
@@ -107,6 +112,23 @@ class ServerContext:
             await asyncio.to_thread(self.engine.engine.grammar.compile, spec)
         except ValueError as exc:
             raise bad_request(f"{param}: {exc}", param) from exc
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """No prompt longer than this can fit max_model_len: no token is longer than the
+        vocabulary's longest (byte-level and SentencePiece pieces are at least as long as
+        the text they decode to)."""
+        longest = max((len(t) for t in self.engine.tokenizer.get_vocab()), default=1)
+        return self.engine.max_model_len * max(1, longest)
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """A 400 for text too long to fit, before spending time tokenizing it."""
+        if num_chars > self.max_prompt_chars:
+            raise bad_request(
+                f"the prompt has {num_chars} characters, more than the "
+                f"{self.engine.max_model_len}-token context can hold; shorten it.",
+                param,
+            )
 
     def check_room(self, num_requests: int) -> None:
         with engine_errors():
@@ -155,6 +177,8 @@ def engine_errors() -> Iterator[None]:
         yield
     except QueueFullError as exc:
         raise APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+    except EngineFailedError as exc:  # a crash, not a shutdown: loud, and the pod restarts
+        raise APIError(500, str(exc)) from exc
     except EngineDeadError as exc:
         raise APIError(503, str(exc)) from exc
     except EngineStepError as exc:

@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pinnace.cli.main import build_parser
 from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment, parse_llmdeployment
 from pinnace.operator.render import render_all, render_deployment
@@ -153,8 +154,13 @@ def test_probes_and_draining() -> None:
             {"name": "http", "containerPort": 8000, "protocol": "TCP"},
             {"name": "grpc", "containerPort": 8081, "protocol": "TCP"},
         ]
-        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
-        assert runtime["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+        grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        pre_stop = runtime["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert grace >= 60 and pre_stop > 0
+        # The runtime's drain (read by the real CLI parser) fits in the grace period after
+        # the preStop sleep, with margin to close connections before SIGKILL.
+        drain = build_parser().parse_args(runtime["args"]).shutdown_timeout
+        assert drain >= 30 and pre_stop + drain + 10 <= grace
 
     def budget(dep: dict[str, Any]) -> int:
         probe = container(dep)["startupProbe"]
