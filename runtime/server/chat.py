@@ -113,7 +113,6 @@ async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
     # Templating and tokenizing a long conversation must not stall the event loop.
-    # Templating and tokenizing a long conversation must not stall the event loop.
     job = await asyncio.to_thread(prepare_chat, ctx, req)
     await ctx.compile_grammar(job.params, job.constraint_param)
     ctx.check_room(job.params.n)
