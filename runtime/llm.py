@@ -13,8 +13,9 @@ from transformers import PreTrainedTokenizerBase
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.lora.request import LoRARequest
-from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.worker.pooler import PoolingConfig
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -39,6 +40,25 @@ class LLM:
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.llm_engine.tokenizer
+
+    def embed(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        pooling: str | None = None,
+        normalize: bool | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt: the final hidden states pooled ("last", "mean" or
+        "cls"; by default the folder's sentence-transformers config, else last-token) and
+        L2-normalised unless `normalize=False`."""
+        default = self.llm_engine.pooling
+        config = PoolingConfig(
+            pooling or default.method, default.normalize if normalize is None else normalize
+        )
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        batch = [prompts] if single else list(prompts)
+        return self.llm_engine.embed(batch, config)  # type: ignore[arg-type]
 
     def generate(
         self,

@@ -29,3 +29,16 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One prompt's pooled embedding (vLLM's `LLM.embed` result shape)."""
+
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -18,10 +19,11 @@ from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.lora.request import LoRARequest
-from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.request import Request, RequestStatus
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.worker.grammar_mask import GrammarMasks
+from pinnace.runtime.worker.pooler import PoolingConfig, pooling_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class LLMEngine:
             max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.runner = parts.runner
+        # How embeddings are pooled by default: a sentence-transformers folder says so.
+        is_folder = os.path.isdir(config.model)
+        self.pooling = pooling_from_folder(config.model) if is_folder else PoolingConfig()
         # Structured outputs: grammars compiled (and cached) off the engine thread, masks
         # applied by the sampler.
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
@@ -176,6 +181,19 @@ class LLMEngine:
                     self._child_to_parent.pop(child_id, None)
                 self._release_lora(request_id)
         return outputs
+
+    def embed(
+        self, prompts: list[str | list[int]], pooling: PoolingConfig | None = None
+    ) -> list[EmbeddingRequestOutput]:
+        """Pooled embeddings of whole prompts, in one forward outside the scheduler."""
+        ids = [self.tokenize(p) for p in prompts]
+        for prompt_ids in ids:
+            self.validate(prompt_ids, SamplingParams(max_tokens=1))
+        pooling = pooling or self.pooling
+        vectors = self.runner.embed(ids, pooling).cpu().tolist()
+        return [
+            EmbeddingRequestOutput(p, EmbeddingOutput(v)) for p, v in zip(ids, vectors, strict=True)
+        ]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

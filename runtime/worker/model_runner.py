@@ -18,6 +18,8 @@ from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayo
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
+from pinnace.runtime.worker.kv_cache import allocate_kv_caches
+from pinnace.runtime.worker.pooler import PoolingConfig, pool
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow
 
 
@@ -76,6 +78,41 @@ class ModelRunner:
             if lp is not None:
                 out.logprobs[item.req_id] = lp
         return out
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], pooling: PoolingConfig) -> torch.Tensor:
+        """Pooled final hidden states [B, H] (float32) of whole prompts in one forward.
+
+        Runs outside the scheduler: the prompts' K/V go to a scratch cache of their own
+        (never the engine's blocks), consecutive blocks per prompt.
+        """
+        bs = self.block_size
+        # Prompt j owns blocks first_j .. first_j + ceil(len_j / bs) - 1, so its token p is
+        # at slot first_j * bs + p.
+        tables: list[list[int]] = []
+        slots: list[int] = []
+        num_blocks = 0
+        for ids in prompts:
+            first, num_blocks = num_blocks, num_blocks + -(-len(ids) // bs)
+            tables.append(list(range(first, num_blocks)))
+            slots.extend(range(first * bs, first * bs + len(ids)))
+        config = self.model.config
+        kv_dtype = self.kv_caches[0].dtype
+        scratch = allocate_kv_caches(config, num_blocks, bs, kv_dtype, self.device)  # type: ignore[arg-type]
+        layout = BatchLayout(
+            query_lens=[len(p) for p in prompts],
+            num_computed_tokens=[0] * len(prompts),
+            block_tables=tables,
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            device=self.device,
+        )
+        input_ids = torch.tensor([t for p in prompts for t in p], device=self.device)
+        positions = torch.tensor([i for p in prompts for i in range(len(p))], device=self.device)
+        ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        return pool(hidden, layout.query_lens, pooling)
 
     def _prepare(
         self, sched: SchedulerOutput

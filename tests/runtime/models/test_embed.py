@@ -1,0 +1,70 @@
+"""LLM.embed: pooled final hidden states of a decoder equal transformers' (cosine >=
+0.9999) for last-token and mean pooling, for a batch of prompts of different lengths; a
+sentence-transformers folder's pooling and normalisation are the default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from pinnace.runtime import LLM
+
+PROMPTS = [[5, 17, 300, 4000, 9], list(range(100, 140)), [7]]
+
+
+def _reference(path: Path, pooling: str) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            hidden = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+            rows.append(hidden[-1] if pooling == "last" else hidden.mean(dim=0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embeddings_match_transformers(
+    pooling: str, make_tiny_model: Callable[[str], Path]
+) -> None:
+    path = make_tiny_model("Qwen2ForCausalLM")
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=2**24)
+    outs = llm.embed(PROMPTS, pooling=pooling, normalize=False)
+    got = torch.tensor([o.outputs.embedding for o in outs])
+    want = _reference(path, pooling)
+    assert got.shape == want.shape == (3, 64)
+    assert F.cosine_similarity(got, want).min() >= 0.9999
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [o.prompt_token_ids for o in outs] == PROMPTS
+    normalized = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS, pooling)])
+    torch.testing.assert_close(normalized.norm(dim=-1), torch.ones(3))
+
+
+def test_sentence_transformers_pooling_is_the_default(
+    make_tiny_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "st"
+    shutil.copytree(make_tiny_model("Qwen2ForCausalLM"), folder)
+    kinds = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    modules = [
+        {"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+        for i, (p, kind) in enumerate(kinds)
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True})
+    )
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory=2**24)
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
+    want = F.normalize(_reference(folder, "mean"), dim=-1)
+    assert F.cosine_similarity(got, want).min() >= 0.9999
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
+    single = llm.embed("hello there")  # one prompt, as text
+    assert len(single) == 1 and len(single[0].outputs.embedding) == 64
