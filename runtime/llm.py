@@ -10,6 +10,12 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from pinnace.runtime.beam_search import (
+    BeamSearchInstance,
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+)
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.lora.request import LoRARequest
@@ -91,6 +97,38 @@ class LLM:
         for req_id, prompt, sp, lora in zip(ids, resolved, params, loras, strict=True):
             engine.add_request(req_id, prompt, sp, lora_request=lora)
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams
+    ) -> list[BeamSearchOutput]:
+        """Beam search per prompt (runtime/beam_search.py); sequences best first, each
+        with its text and cumulative logprob."""
+        engine = self.llm_engine
+        tokenized = [engine.tokenize(_unpack(p)) for p in _as_prompt_list(prompts)]
+        instances = [BeamSearchInstance([BeamSearchSequence(t, len(t))]) for t in tokenized]
+        # One token per beam with the 2 * beam_width best alternatives (vLLM's recipe).
+        step = SamplingParams(
+            temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width
+        )
+        for _ in range(params.max_tokens):
+            live = [(inst, b) for inst in instances for b in inst.beams]
+            if not live:
+                break
+            outs = self.generate([{"prompt_token_ids": b.tokens} for _, b in live], step, False)
+            for inst in instances:
+                tops = [
+                    (out.outputs[0].logprobs or [{}])[0]
+                    for (owner, _), out in zip(live, outs, strict=True)
+                    if owner is inst
+                ]
+                if tops:
+                    inst.step(tops, params, engine.eos_token_ids)
+        results = [inst.result(params) for inst in instances]
+        tokenizer = self.get_tokenizer()
+        for result in results:
+            for seq in result.sequences:
+                seq.text = str(tokenizer.decode(seq.output_tokens, skip_special_tokens=True))
+        return results
 
     def chat(
         self,
