@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.lora.request import LoRARequest
-from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,14 @@ class AsyncLLMEngine:
                 if self.observer is not None:
                     self.observer.on_finish(stream, "abort")
             self._streams.pop(request_id, None)
+
+    async def embed(self, prompts: list[list[int]]) -> list[EmbeddingRequestOutput]:
+        """Pooled embeddings (the engine's default pooling), computed between two steps."""
+        self.check_health()
+        result: list[EmbeddingRequestOutput] = await self._call(
+            lambda engine: engine.embed(list(prompts))
+        )
+        return result
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         """Read and check an adapter off the event loop, then register it between two

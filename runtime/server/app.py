@@ -15,6 +15,7 @@ from pinnace.runtime.engine.async_engine import AsyncLLMEngine
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.server import oip_proto
 from pinnace.runtime.server.auth import APIKeyMiddleware
+from pinnace.runtime.server.embeddings import build_embeddings_router
 from pinnace.runtime.server.errors import install_error_handlers
 from pinnace.runtime.server.kserve_grpc import start_grpc_server
 from pinnace.runtime.server.kserve_v1 import build_v1_router
@@ -24,6 +25,7 @@ from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.server.openai_routes import build_openai_router
 from pinnace.runtime.server.request_guard import RequestGuard, default_max_body_bytes
 from pinnace.runtime.server.serving import ServerContext, server_version
+from pinnace.runtime.server.tools import ToolSettings
 
 logger = logging.getLogger("pinnace.server")
 
@@ -45,6 +47,8 @@ class ServerSettings:
     max_request_body_bytes: int | None = None
     # After SIGTERM: how long requests in flight may take to finish (lifecycle.py).
     shutdown_timeout: float = 30.0
+    # Tool calling (vLLM's --enable-auto-tool-choice / --tool-call-parser).
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
@@ -86,7 +90,13 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
     lifecycle = Lifecycle()
     async_engine.on_failure = lifecycle.engine_failed
-    ctx = ServerContext(async_engine, settings.served_model_names, config.model, config.enable_lora)
+    ctx = ServerContext(
+        async_engine,
+        settings.served_model_names,
+        config.model,
+        config.enable_lora,
+        settings.tools,
+    )
     for name, path in settings.lora_modules.items():
         ctx.adapters.add_at_startup(name, path)
     if settings.grpc_port is not None:
@@ -116,6 +126,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(build_openai_router(ctx))
+    app.include_router(build_embeddings_router(ctx))
     app.include_router(build_v1_router(ctx))
     app.include_router(build_v2_router(ctx))
 
