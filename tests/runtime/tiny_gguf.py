@@ -74,6 +74,10 @@ def tiny_layout(spec: Tiny) -> list[tuple[str, str, tuple[int, ...]]]:
         if spec.arch == "qwen2":
             for proj, rows in (("q", n_q), ("k", n_kv), ("v", n_kv)):
                 out.append((hf + f"self_attn.{proj}_proj.bias", gg + f"attn_{proj}.bias", (rows,)))
+        if spec.arch == "qwen3":  # RMSNorm over each head of q and k
+            for proj in ("q", "k"):
+                hf_norm = hf + f"self_attn.{proj}_norm.weight"
+                out.append((hf_norm, gg + f"attn_{proj}_norm.weight", (spec.head_dim,)))
     return out
 
 
