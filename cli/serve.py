@@ -10,6 +10,8 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+from pinnace.runtime.server.tool_parsers import TOOL_PARSERS  # plain Python: cheap to import
+
 if TYPE_CHECKING:
     from pinnace.runtime.config import EngineConfig
     from pinnace.runtime.server.app import ServerSettings
@@ -80,6 +82,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_http_flags(http: argparse._ArgumentGroup) -> None:
     http.add_argument("--host", default="0.0.0.0", help="address to bind")
+    http.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let tool_choice "auto" (the default with tools) read calls from the reply',
+    )
+    http.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help="the reply format of the model's tool calls (with --enable-auto-tool-choice)",
+    )
     http.add_argument("--port", type=int, default=8000, help="port to bind")
     http.add_argument(
         "--grpc-port",
@@ -255,6 +268,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
     """EngineConfig and ServerSettings from the flags; ValueError for anything unusable."""
     from pinnace.runtime.config import EngineConfig
     from pinnace.runtime.server.app import ServerSettings
+    from pinnace.runtime.server.tools import ToolSettings
 
     model = args.model or default_model_path()
     if not os.path.exists(model):
@@ -312,6 +326,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         grpc_host=args.host,
         max_request_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        tools=ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser),
     )
     return config, settings
 

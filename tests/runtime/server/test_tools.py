@@ -212,3 +212,19 @@ def test_mistral_parser() -> None:
         None, [ParsedToolCall("a", '{"q": "x"}'), ParsedToolCall("b", "{}")]
     )  # fmt: skip
     assert TOOL_PARSERS["mistral"]("[TOOL_CALLS] nonsense") == ("[TOOL_CALLS] nonsense", [])
+
+
+def test_serve_flags_set_the_tool_settings(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pinnace.cli.main import build_parser, main
+    from pinnace.cli.serve import build_config
+
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    args = build_parser().parse_args(["serve", str(tmp_path), *flags])
+    _, settings = build_config(args)
+    assert settings.tools == ToolSettings(True, "llama3_json")
+    _, plain = build_config(build_parser().parse_args(["serve", str(tmp_path)]))
+    assert plain.tools == ToolSettings()
+    assert main(["serve", str(tmp_path), "--enable-auto-tool-choice"]) == 2
+    assert "--tool-call-parser" in capsys.readouterr().err
