@@ -15,6 +15,7 @@ from pinnace.runtime.engine.async_engine import AsyncLLMEngine
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.server import oip_proto
 from pinnace.runtime.server.auth import APIKeyMiddleware
+from pinnace.runtime.server.embeddings import build_embeddings_router
 from pinnace.runtime.server.errors import install_error_handlers
 from pinnace.runtime.server.kserve_grpc import start_grpc_server
 from pinnace.runtime.server.kserve_v1 import build_v1_router
@@ -125,6 +126,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(build_openai_router(ctx))
+    app.include_router(build_embeddings_router(ctx))
     app.include_router(build_v1_router(ctx))
     app.include_router(build_v2_router(ctx))
 
