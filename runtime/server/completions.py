@@ -11,8 +11,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
+from pinnace.runtime.beam_search import BeamSearchParams
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.beam import beam_search
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import completion_logprobs
@@ -85,11 +87,35 @@ async def create_completion(
     job = await asyncio.to_thread(prepare_completion, ctx, req)
     await ctx.compile_grammar(job.params, constraint_param(req))
     ctx.check_room(len(job.requests) * job.params.num_samples)
+    if req.use_beam_search:
+        beams = BeamSearchParams(
+            job.params.n, job.params.max_tokens or 16, job.params.ignore_eos, req.length_penalty
+        )
+        return await cancel_on_disconnect(raw, complete_beams(ctx, job, beams))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = stream_completion(ctx, job, include_usage, raw.url.path)
         return StreamingResponse(events, media_type="text/event-stream")
     return await cancel_on_disconnect(raw, complete(ctx, job))
+
+
+async def complete_beams(
+    ctx: ServerContext, job: CompletionJob, params: BeamSearchParams
+) -> CompletionResponse:
+    """Each prompt's n beams as its n choices, best first."""
+    results = await asyncio.gather(*(beam_search(ctx, r, params) for r in job.requests))
+    choices = [
+        CompletionChoice(
+            index=job.choice_index(i, k),
+            text=(job.echo_texts[i] if job.echo_texts else "") + (seq.text or ""),
+            finish_reason="stop" if seq.is_finished else "length",
+        )
+        for i, result in enumerate(results)
+        for k, seq in enumerate(result.sequences)
+    ]
+    num_out = sum(len(s.output_tokens) for r in results for s in r.sequences)
+    usage = UsageInfo.of(job.num_prompt_tokens, num_out)
+    return CompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
 
 
 async def complete(ctx: ServerContext, job: CompletionJob) -> CompletionResponse:

@@ -29,6 +29,14 @@ def check_completion(req: CompletionRequest) -> None:
     check_common(req)
     if req.best_of is not None and req.best_of > req.n and req.stream:
         raise bad_request("best_of greater than n cannot be streamed.", "best_of")
+    if req.use_beam_search:
+        if req.stream:
+            raise bad_request("beam search results cannot be streamed.", "use_beam_search")
+        if req.best_of is not None or req.structured_outputs or req.response_format:
+            raise bad_request(
+                "use_beam_search cannot be combined with best_of or structured outputs.",
+                "use_beam_search",
+            )
     if req.suffix:
         raise unsupported("suffix")
     if req.echo and req.logprobs is not None:

@@ -85,6 +85,9 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's beam search: n beams, ranked by cumulative logprob / length**length_penalty.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class ChatMessage(RequestModel):

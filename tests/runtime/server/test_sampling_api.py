@@ -66,3 +66,20 @@ def test_kserve_v2_parameters_reach_the_sampler(http: httpx.Client) -> None:
     params = {"max_tokens": 3, "logit_bias": {"99999999": 1.0}}
     resp = http.post(f"/v2/models/{MODEL}/infer", json={"inputs": [tensor], "parameters": params})
     assert resp.status_code == 400 and "logit_bias" in resp.text
+
+
+def test_use_beam_search_equals_llm_beam_search(http: httpx.Client, tiny_model: Any) -> None:
+    from pinnace.runtime import LLM
+    from pinnace.runtime.beam_search import BeamSearchParams
+
+    body = {"n": 3, "max_tokens": 5, "use_beam_search": True, "length_penalty": 0.5}
+    resp = completion(http, **body)
+    llm = LLM(str(tiny_model), kv_cache_memory=16 * 2**20)
+    params = BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True, length_penalty=0.5)
+    (expected,) = llm.beam_search([PROMPT], params)
+    assert [c["text"] for c in resp["choices"]] == [s.text for s in expected.sequences]
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2]
+    assert resp["usage"]["completion_tokens"] == 15
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True,
+                                                 "use_beam_search": True})  # fmt: skip
+    assert refused.status_code == 400 and "use_beam_search" in refused.text
