@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from pinnace.runtime.engine.stop_strings import StopMatcher
+
 _CONTEXT_TOKENS = 5  # prompt tokens decoded ahead of the output, for spacing
 
 
@@ -25,6 +27,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop or []
+        self._stops = StopMatcher(self.stop)
         self.include_stop = include_stop_str_in_output
         self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -48,15 +51,11 @@ class IncrementalDetokenizer:
         return self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> str | None:
-        best: tuple[int, str] | None = None
-        for stop in self.stop:
-            # A match may straddle the old/new boundary: start the search just before it.
-            idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
-            if idx >= 0 and (best is None or idx < best[0]):
-                best = (idx, stop)
-        if best is None:
+        # A match may straddle the old/new boundary: the matcher looks just before it.
+        found = self._stops.find(self.text, old_len)
+        if found is None:
             return None
-        idx, stop = best
+        idx, stop = found
         self.text = self.text[: idx + len(stop)] if self.include_stop else self.text[:idx]
         self.stop_reason = stop
         return stop
@@ -65,5 +64,5 @@ class IncrementalDetokenizer:
         """Text safe to show now: while running, hold back what could begin a stop string."""
         if finished or not self.stop or self.include_stop:
             return self.text
-        hold = max(len(s) for s in self.stop) - 1
+        hold = self._stops.longest - 1
         return self.text[: max(0, len(self.text) - hold)]

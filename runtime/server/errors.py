@@ -131,6 +131,12 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route for {request.method} {request.url.path}."
         return error_response(request.url.path, exc.status_code, message, headers=exc.headers)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # Only input reaches this deep: a JSON body nested beyond what a decoder will walk.
+        message = "the request is nested too deeply to decode (thousands of levels)."
+        return error_response(request.url.path, 400, message)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -15,11 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -97,7 +100,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(
-    app: object,
+    app: Callable[..., Any],
     lifecycle: Lifecycle,
     *,
     host: str,
@@ -113,12 +116,11 @@ def run_server(
         host=host,
         port=port,
         log_level=log_level,
-        loop=loop,  # type: ignore[arg-type]
+        loop=loop,
         # The drain above already waited; this only bounds closing idle connections.
         timeout_graceful_shutdown=5,
     )
-    try:
+    # uvicorn re-raises the SIGINT it caught once a Ctrl-C drain is over: that is a clean exit.
+    with contextlib.suppress(KeyboardInterrupt):
         DrainingServer(config, lifecycle, shutdown_timeout).run()
-    except KeyboardInterrupt:  # the SIGINT uvicorn re-raises after a Ctrl-C drain
-        pass
     return lifecycle.exit_code

@@ -25,8 +25,9 @@ from pinnace.runtime.server.lifecycle import Lifecycle
 READINESS_PATHS = frozenset({"/health", "/v2/health/ready"})
 # Answered even while draining: liveness and metrics scrapes are not "new work".
 ALWAYS_OPEN = frozenset({"/", "/metrics", "/v2/health/live"})
-# Any escaped surrogate, high or low: only then is the body decoded and walked.
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# Any surrogate, high or low, escaped ("\ud800") or as UTF-8 bytes (ED A0..BF xx, which
+# json.loads decodes with "surrogatepass"): only then is the body decoded and walked.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
 
 MIB = 2**20
 MIN_BODY_LIMIT = 16 * MIB
@@ -142,7 +143,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def lone_surrogate(body: bytes) -> str | None:
     """Where a JSON body holds a string with a lone surrogate ("messages[0].content"), or
     None. Bodies that are not JSON are left to their route."""
-    if not _ESCAPED_SURROGATE.search(body):
+    if not _SURROGATE.search(body):
         return None
     try:
         doc = json.loads(body)

@@ -28,6 +28,7 @@ from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.adapters import ServedAdapters
 from pinnace.runtime.server.errors import APIError, bad_request, error_body
+from pinnace.runtime.server.request_limits import check_request_cost
 from pinnace.runtime.server.tools import ToolSettings
 
 T = TypeVar("T")
@@ -97,9 +98,10 @@ class ServerContext:
             self.check_prompt_chars(len(prompt), param)
         ids = self.engine.tokenize(prompt)
         try:
-            self.engine.validate(ids, params)
+            max_tokens = self.engine.validate(ids, params)
         except ValueError as exc:
             raise bad_request(str(exc), _param_of(str(exc), param)) from exc
+        check_request_cost(params, max_tokens, self.engine.max_model_len)
         return ids
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:

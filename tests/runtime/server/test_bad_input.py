@@ -204,3 +204,76 @@ def test_fuzz_raw_bytes_never_5xx(http: httpx.Client, operations: list[Any]) -> 
 
     run()
     still_serving(http)
+
+
+# Unicode edge cases: lone surrogates (both halves), a valid pair, NUL, BOM, right-to-left
+# override, the last code point, 4-byte characters, a very long string; any character.
+EDGE_STRINGS = st.sampled_from(
+    [
+        "\ud800",
+        "x\udfffy",
+        "a\ud83d",
+        "\ud83d\ude00",
+        "\x00",
+        "nul\x00inside",
+        "\ufeff",
+        "\u202eevil",
+        "\U0010ffff",
+        "😀🧑‍🚀𝔘",
+        "x" * 100_000,
+    ]
+) | st.text(st.characters(exclude_categories=()), max_size=8)
+
+
+def with_edge_strings(value: Any, draw: Any) -> Any:
+    """`value` with some of its strings (and keys) swapped for Unicode edge cases."""
+    if isinstance(value, str):
+        return draw(EDGE_STRINGS) if draw(st.booleans()) else value
+    if isinstance(value, list):
+        return [with_edge_strings(v, draw) for v in value]
+    if isinstance(value, dict):
+        return {with_edge_strings(k, draw): with_edge_strings(v, draw) for k, v in value.items()}
+    return value
+
+
+def test_fuzz_unicode_edge_cases_never_5xx(http: httpx.Client, operations: list[Any]) -> None:
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.sampled_from(operations), st.data())
+    def run(op: tuple[str, dict[str, Any], dict[str, Any]], data: st.DataObject) -> None:
+        path, schema, defs = op
+        body = with_edge_strings(data.draw(from_schema(schema, defs)), data.draw)
+        # ensure_ascii: lone surrogates travel as \u escapes, as JSON clients send them.
+        raw = json.dumps(body).encode()
+        resp = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+        check_answer(resp, body)
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+
+    statuses: dict[int, int] = {}
+    run()
+    assert statuses.get(200, 0) >= 5 and statuses.get(400, 0) >= 20, statuses
+    still_serving(http)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"model": "tiny", "prompt": "x", "a": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_001,
+        b'{"prompt": "\xed\xa0\x80"}',  # a surrogate encoded as UTF-8 bytes: not UTF-8
+        b'{"prompt": "\xff\xfe"}',
+    ],
+    ids=["nested-lists", "nested-prompt", "nested-objects", "utf8-surrogate", "bad-utf8"],
+)
+def test_deep_nesting_and_bad_utf8_are_400s(http: httpx.Client, raw: bytes) -> None:
+    for path in (COMPLETIONS, CHAT, f"/v2/models/{MODEL}/infer", f"/v1/models/{MODEL}:predict"):
+        resp = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text[:300])
+        assert "error" in resp.json()
+    still_serving(http)

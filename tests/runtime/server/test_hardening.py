@@ -158,6 +158,37 @@ def test_valid_pairs_nul_and_astral_characters_pass(http: httpx.Client) -> None:
 def test_lone_surrogate_finder() -> None:
     assert lone_surrogate(b'{"a": ["ok", {"b": "\\ud800"}]}') == "a[1].b"
     assert lone_surrogate(b'{"a": "\\ud83d\\ude00"}') is None  # a pair: one character
+    assert lone_surrogate(b'{"a": "\xed\xa0\x80"}') == "a"  # as UTF-8 bytes
     assert lone_surrogate(b'{"a": "\\\\ud800"}') is None  # an escaped backslash, then text
     assert lone_surrogate(b"\\ud800 not json") is None  # left to the route
     assert lone_surrogate(b"[" * 100_000 + b"]" * 100_000 + b'"\\ud800"') is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"stop": [f"s{i}" for i in range(1025)]}, "stop", "at most 1024 stop strings"),
+        ({"stop": ["x" * 257]}, "stop", "at most 256 characters"),
+        ({"stop": [f"{i:03d}" + "y" * 250 for i in range(300)]}, "stop", "in all"),
+        ({"n": 129, "max_tokens": 1}, "n", "128"),
+        ({"n": 20, "max_tokens": 250}, "max_tokens", "lower n or max_tokens"),
+    ],
+)
+def test_per_request_cost_is_bounded(
+    http: httpx.Client, body: dict[str, Any], param: str, needle: str
+) -> None:
+    resp = http.post("/v1/completions", json={"prompt": "Hi", **body})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and needle in error["message"], error
+
+
+def test_a_thousand_stop_strings_work(http: httpx.Client) -> None:
+    free = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "seed": 1})
+    text = free.json()["choices"][0]["text"]
+    assert len(text) > 2
+    stops = [f"never{i}" for i in range(999)] + [text[1:3]]
+    body = {"prompt": "Hi", "max_tokens": 8, "seed": 1, "stop": stops}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == text[1:3]
+    assert text.startswith(choice["text"]) and len(choice["text"]) <= 1
