@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import posixpath
 import threading
 import time
@@ -199,16 +200,64 @@ def sync_adapters(
             fetch_errors[source.name] = error
         elif not done:
             fetching.add(source.name)
-    pods = ready_pods(client.list_objects("Pod", llmd.namespace, selector_string(llmd)))
+    listed = client.list_objects("Pod", llmd.namespace, selector_string(llmd))
+    pods = ready_pods(listed)
     api_key, key_error = _api_key(client, llmd) if pods else (None, None)
     if key_error is not None:
         outcomes = [PodOutcome(p.name, unreachable=key_error) for p in pods]
     else:
         outcomes = syncer.sync_pods((llmd.namespace, llmd.name), pods, desired, api_key)
+    for pod_name, condition in gate_changes(listed, outcomes, desired):
+        client.patch_pod_condition(llmd.namespace, pod_name, condition)
     return [
         _adapter_status(s.name, outcomes, fetch_errors.get(s.name), s.name in fetching)
         for s in sources
     ]
+
+
+def gate_changes(
+    pods: Sequence[Mapping[str, Any]],
+    outcomes: Sequence[PodOutcome],
+    desired: Mapping[str, str | None],
+) -> list[tuple[str, dict[str, Any]]]:
+    """The adapter readiness gate conditions to write: (pod name, condition).
+
+    True once a pod's runtime has every declared adapter whose files are in place (one
+    still being fetched does not hold pods back); granted per runtime start, so a runtime
+    that restarts (empty) is un-Ready until a pass has loaded them again. An adapter added
+    later never takes a serving pod out: its status shows it Pending instead.
+    """
+    done = {
+        o.pod
+        for o in outcomes
+        if o.unreachable is None and all(n in o.loaded for n, p in desired.items() if p)
+    }
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    changes = []
+    for pod in pods:
+        meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
+        gates = [g.get("conditionType") for g in spec.get("readinessGates") or []]
+        if names.ADAPTERS_GATE not in gates or meta.get("deletionTimestamp"):
+            continue
+        state = _named(status.get("containerStatuses"), names.CONTAINER_NAME) or {}
+        loaded_message = f"declared adapters loaded (runtime start {state.get('restartCount', 0)})"
+        old = _named_condition(status.get("conditions"), names.ADAPTERS_GATE)
+        if meta["name"] in done:
+            want = ("True", "AdaptersLoaded", loaded_message)
+        elif old.get("status") == "True" and old.get("message") != loaded_message:
+            want = ("False", "RuntimeRestarted", "the runtime restarted; reloading adapters")
+        else:
+            continue
+        if (old.get("status"), old.get("reason"), old.get("message")) != want:
+            status_, reason, message = want
+            condition = {"type": names.ADAPTERS_GATE, "status": status_, "reason": reason}
+            condition.update(message=message, lastTransitionTime=now)
+            changes.append((str(meta["name"]), condition))
+    return changes
+
+
+def _named_condition(conditions: Any, type_: str) -> dict[str, Any]:
+    return next((dict(c) for c in conditions or [] if c.get("type") == type_), {})
 
 
 def _adapter_status(

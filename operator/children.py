@@ -93,8 +93,15 @@ KINDS: tuple[Kind, ...] = (
     Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", _verbs(*_APPLIED)),
     # Adapter fetches: names of their own, pruned by label (`render.adapters`).
     Kind("Job", "batch/v1", "jobs", _verbs(*_WATCHED), watch=True),
-    # Runtime pods: found by label and watched (handlers.pod_event), never written.
-    Kind("Pod", "v1", "pods", _verbs("list", "watch")),
+    # Runtime pods: found by label and watched (handlers.pod_event); only the adapter
+    # readiness gate's condition in their status is ever written.
+    Kind(
+        "Pod",
+        "v1",
+        "pods",
+        _verbs("list", "watch"),
+        subresources=(("status", _verbs("patch")),),
+    ),
     Kind("Secret", "v1", "secrets", _verbs("get")),  # serving.apiKeySecretRef
     Kind(
         names.KIND,

@@ -52,6 +52,9 @@ class KubeClient(Protocol):
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete the object if it is still the one with this uid (gone already is fine)."""
 
+    def patch_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> None:
+        """Set one condition in a pod's status (merged by type: the kubelet's stay)."""
+
 
 def object_path(kind: str, namespace: str, name: str | None = None) -> str:
     api_version, plural = RESOURCES[kind]
@@ -102,6 +105,16 @@ class HttpKubeClient:
             "PATCH", path, None, {"status": status}, content_type="application/merge-patch+json"
         )
         _checked(code, body)
+
+    def patch_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> None:
+        # A strategic merge patch: pods merge status.conditions by type, so the kubelet's
+        # own conditions are kept (a JSON merge patch would replace the whole list).
+        path = object_path("Pod", namespace, name) + "/status"
+        body = {"status": {"conditions": [dict(condition)]}}
+        content_type = "application/strategic-merge-patch+json"
+        code, answer = self._request("PATCH", path, None, body, content_type=content_type)
+        if code != 404:  # the pod went away meanwhile
+            _checked(code, answer)
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         # The uid precondition: never delete a same-named object created since we looked.

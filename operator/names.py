@@ -37,6 +37,11 @@ TERMINATION_GRACE_SECONDS = 120
 PRESTOP_SLEEP_SECONDS = 5
 SHUTDOWN_TIMEOUT_SECONDS = TERMINATION_GRACE_SECONDS - PRESTOP_SLEEP_SECONDS - 15
 
+# The runtime pods' readiness gate in Deployment mode with LoRA: the operator sets this pod
+# condition once the pod's runtime has loaded the declared adapters, so no pod takes traffic
+# (and 404s an adapter the resource declares) before that.
+ADAPTERS_GATE = f"{GROUP}/adapters-loaded"
+
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
 # The Open Inference Protocol over gRPC (`serve --grpc-port`): KServe's runtimes' port.

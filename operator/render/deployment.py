@@ -95,6 +95,8 @@ def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
     }
     if init_containers:
         pod["initContainers"] = init_containers
+    if llmd.lora_enabled:  # Ready only once the operator has loaded the adapters into it
+        pod["readinessGates"] = [{"conditionType": names.ADAPTERS_GATE}]
     pod.update(scheduling(llmd))
     return {"metadata": {"labels": labels.common_labels(llmd)}, "spec": pod}
 

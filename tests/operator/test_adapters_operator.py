@@ -247,3 +247,76 @@ def test_remote_adapter_is_fetched_by_a_job_then_hot_loaded(
     assert pod_hash(cluster) == first_hash
     assert operator_writes_to(cluster, DEPLOYMENT, since) == []
     assert operator.alive
+
+
+def pod_ready(cluster: Any, name: str) -> bool:
+    """The kubelet's rule: every container ready and every readiness gate's condition True."""
+    pod = cluster.get(f"/api/v1/namespaces/ml/pods/{name}")
+    status = pod.get("status") or {}
+    containers = [c.get("ready") for c in status.get("containerStatuses") or []]
+    conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+    gates = [g["conditionType"] for g in pod["spec"].get("readinessGates") or []]
+    return bool(containers) and all(containers) and all(conditions.get(g) == "True" for g in gates)
+
+
+def gate_condition(cluster: Any, name: str) -> dict[str, Any]:
+    pod = cluster.get(f"/api/v1/namespaces/ml/pods/{name}")
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == names.ADAPTERS_GATE), {})
+
+
+def test_readiness_gate_holds_pods_until_their_adapters_load(
+    cluster: Any, start_operator: Any, runtime_pods: Any
+) -> None:
+    """A pod whose container is ready is still not Ready (no Service traffic, so no 404 for
+    an adapter the resource declares) until the operator has loaded its adapters."""
+    not_yet = {"name": "sql", "uri": "file:///adapters/sql-v1"}  # no files there
+    operator, pods = start_chat(cluster, start_operator, runtime_pods, [not_yet])
+    template = cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]
+    assert template["readinessGates"] == [{"conditionType": names.ADAPTERS_GATE}]
+    wait_states(cluster, sql=("Failed", 0))
+    for i in range(2):
+        assert not pod_ready(cluster, f"chat-{i}")  # containers ready, the gate closed
+        assert gate_condition(cluster, f"chat-{i}").get("status") != "True"
+
+    runtime_pods.write_adapter("/adapters/sql-v2")
+    fixed = {"spec": {"adapters": [{"name": "sql", "uri": "file:///adapters/sql-v2"}]}}
+    assert cluster.patch(CR, fixed).status_code == 200
+    cluster.wait_for(lambda: all(pod_ready(cluster, f"chat-{i}") for i in range(2)))
+    for pod in pods:  # loaded before the gate opened
+        assert pod.loaded == {"sql": "/adapters/sql-v2"}
+    assert gate_condition(cluster, "chat-0")["reason"] == "AdaptersLoaded"
+
+    # A runtime restart comes back empty: the gate is granted again for the new start.
+    fresh = runtime_pods.restart("ml", "chat-0")
+    cluster.wait_for(lambda: "runtime start 1" in gate_condition(cluster, "chat-0")["message"])
+    assert fresh.loaded == {"sql": "/adapters/sql-v2"} and pod_ready(cluster, "chat-0")
+    # Quiet once converged: another pass writes nothing to the pods.
+    since = cluster.seq()
+    assert cluster.patch(CR, {"metadata": {"labels": {"touch": "1"}}}).status_code == 200
+    cluster.reconciled("ml/chat", after=since)
+    assert [w for w in cluster.pass_writes("ml/chat", after=since) if "/pods/" in w] == []
+    assert operator.alive
+
+
+def test_gate_closes_for_a_restarted_runtime_until_a_pass_reloads_it() -> None:
+    from pinnace.operator.adapter_sync import PodOutcome, gate_changes
+
+    def pod(restarts: int, message: str) -> dict[str, Any]:
+        gate = {"type": names.ADAPTERS_GATE, "status": "True", "message": message}
+        container = {"name": "runtime", "ready": False, "restartCount": restarts}
+        return {
+            "metadata": {"name": "p"},
+            "spec": {"readinessGates": [{"conditionType": names.ADAPTERS_GATE}]},
+            "status": {"containerStatuses": [container], "conditions": [gate]},
+        }
+
+    granted = "declared adapters loaded (runtime start 0)"
+    # Same runtime start, adapter added later: the serving pod stays Ready.
+    assert gate_changes([pod(0, granted)], [], {"new": "/a"}) == []
+    # Restarted (empty): closed until reloaded.
+    [(name, closed)] = gate_changes([pod(1, granted)], [], {"sql": "/a"})
+    assert (name, closed["status"], closed["reason"]) == ("p", "False", "RuntimeRestarted")
+    reloaded = PodOutcome("p", loaded={"sql"})
+    [(_, opened)] = gate_changes([pod(1, granted)], [reloaded], {"sql": "/a", "fetching": None})
+    assert opened["status"] == "True" and "runtime start 1" in opened["message"]

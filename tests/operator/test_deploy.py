@@ -69,9 +69,11 @@ def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
         for resource in rule["resources"]:
             verbs_of.setdefault(resource, set()).update(rule["verbs"])
     # Pods are only found and watched (to hot-load adapters over HTTP), never written or
-    # exec'd into; a Secret is only read (the runtime's API key); configmaps never.
+    # exec'd into, except their adapter readiness gate's condition; a Secret is only read
+    # (the runtime's API key); configmaps never.
     assert verbs_of["pods"] == {"list", "watch"} and verbs_of["secrets"] == {"get"}
-    assert not verbs_of.keys() & {"configmaps", "pods/exec", "pods/status"}
+    assert verbs_of["pods/status"] == {"patch"}
+    assert not verbs_of.keys() & {"configmaps", "pods/exec"}
     # Deleting is for stateless children it prunes; never the weights cache or user objects.
     deletable = {r for r, verbs in verbs_of.items() if "delete" in verbs}
     assert deletable == {

@@ -1,6 +1,7 @@
 """PATCH as a real API server applies it: merge patch, JSON patch and server-side apply.
 
-JSON patch (RFC 6902) is what kopf uses for finalizers; a failed "test" op is a 409. Server-side
+JSON patch (RFC 6902) is what kopf uses for finalizers; a failed "test" op is a 409. A
+strategic merge patch is a merge patch whose status.conditions merge by type. Server-side
 apply creates the object if it is absent, and removes the fields its manager applied before
 and no longer applies. The status subresource alone changes status, the main resource never
 does. Generation is bumped on spec changes only. A write that changes nothing is a no-op, as
@@ -58,6 +59,22 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _conditions_by_type(old: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A strategic merge patch's one list merge the operator relies on: a pod's
+    status.conditions are merged by `type` (its patchMergeKey), not replaced."""
+    new_conditions = (patch.get("status") or {}).get("conditions")
+    if not isinstance(new_conditions, list):
+        return patch
+    merged = [dict(c) for c in (old.get("status") or {}).get("conditions") or []]
+    for condition in new_conditions:
+        same = next((c for c in merged if c.get("type") == condition.get("type")), None)
+        if same is None:
+            merged.append(dict(condition))
+        else:
+            same.update(condition)
+    return {**patch, "status": {**patch["status"], "conditions": merged}}
+
+
 def header(request: kmock.Request, name: str) -> str:
     """A request header by name, matched case-insensitively as HTTP says."""
     return next((v for k, v in request.headers.items() if k.lower() == name.lower()), "")
@@ -95,6 +112,8 @@ class Patches(ObjectStore):
             patch = {"status": patch.get("status")} if "status" in patch else {}
         elif has_status:
             patch.pop("status", None)  # the main resource ignores status changes
+        if "strategic-merge-patch" in content_type:
+            patch = _conditions_by_type(old, patch)
         new = self._admit(request, merge(old, patch))
         if new == old:  # a no-op: nothing stored, no new resourceVersion, no watch event
             return attrs.evolve(request, action=enums.action.FETCH)
