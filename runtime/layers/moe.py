@@ -1,8 +1,8 @@
 """Mixture of experts: top-k routing and the experts as grouped matmuls.
 
 Every token picks its top-k experts; its k (token, expert) assignments are sorted by
-expert, so each expert's rows are one contiguous group and all experts run as one grouped
-matmul per projection (no Python loop over tokens or experts):
+expert, so each expert's rows are one contiguous group and each projection is a grouped
+matmul: one matmul per expert over all its rows (never a loop over tokens):
 
     ids     [T, k]  -> flat [T*k] -> order (stable argsort by expert)
     rows    x[order // k]                       [T*k, hidden], expert 0's rows first
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -34,15 +35,14 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of group e (ending at offs[e]) times weight[e].T: x [N, in], weight [E, out, in]
-    -> [N, out]. torch's grouped GEMM where it runs (CPU; CUDA in bfloat16), else one
-    matmul per non-empty group."""
-    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    -> [N, out], as one F.linear per non-empty group. On CPU this beats torch._grouped_mm,
+    a slow fallback there (98 ms vs 28 ms for 8 experts x 4 rows, 512 -> 2048, bf16, 2
+    threads); a fused CUDA grouped GEMM is for when it can be tested on a GPU."""
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = x[start:end] @ weight[e].T
+            out[start:end] = F.linear(x[start:end], weight[e])
         start = end
     return out
 
