@@ -281,15 +281,41 @@ def _adapter_status(
     return AdapterStatus(name=name, state=state, loaded_replicas=loaded, last_error=error)
 
 
-def ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[PodEndpoint]:
+def observe_kserve_adapters(
+    client: KubeClient, syncer: AdapterSync, llmd: LLMDeployment
+) -> list[AdapterStatus]:
+    """KServe mode: pods start with the adapters (`--lora-modules`), nothing is hot-loaded;
+    each ready predictor pod is asked what it serves (`GET /v1/models`), read only."""
+    selector = f"{names.LABEL_KSERVE_ISVC}={llmd.name}"
+    listed = client.list_objects("Pod", llmd.namespace, selector)
+    pods = ready_pods(listed, names.KSERVE_CONTAINER_NAME, names.KSERVE_PORT_NAME)
+    api_key, key_error = _api_key(client, llmd) if pods else (None, None)
+    outcomes = []
+    for pod in pods:
+        outcome = PodOutcome(pod.name)
+        try:
+            if key_error is not None:
+                raise RuntimeCallError(key_error)
+            outcome.loaded = set(syncer.runtime.list_adapters(pod, api_key))
+        except RuntimeCallError as err:
+            outcome.unreachable = str(err)
+        outcomes.append(outcome)
+    return [_adapter_status(a.name, outcomes, None, False) for a in llmd.spec.adapters]
+
+
+def ready_pods(
+    pods: Sequence[Mapping[str, Any]],
+    container_name: str = names.CONTAINER_NAME,
+    port_name: str = names.PORT_NAME,
+) -> list[PodEndpoint]:
     """Running pods whose runtime container is ready and was started with LoRA enabled."""
     out = []
     for pod in sorted(pods, key=lambda p: str(p["metadata"]["name"])):
         meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
         if meta.get("deletionTimestamp") or status.get("phase") != "Running":
             continue
-        container = _named(spec.get("containers"), names.CONTAINER_NAME)
-        state = _named(status.get("containerStatuses"), names.CONTAINER_NAME)
+        container = _named(spec.get("containers"), container_name)
+        state = _named(status.get("containerStatuses"), container_name)
         if not (container and state and state.get("ready") and status.get("podIP")):
             continue
         if "--enable-lora" not in (container.get("args") or []):
@@ -298,7 +324,7 @@ def ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[PodEndpoint]:
             (
                 p["containerPort"]
                 for p in container.get("ports") or []
-                if p.get("name") == names.PORT_NAME
+                if p.get("name") == port_name
             ),
             None,
         )

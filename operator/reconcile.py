@@ -19,7 +19,7 @@ import kopf
 from kubernetes.utils import parse_quantity
 
 from pinnace.operator import names
-from pinnace.operator.adapter_sync import AdapterSync, sync_adapters
+from pinnace.operator.adapter_sync import AdapterSync, observe_kserve_adapters, sync_adapters
 from pinnace.operator.client import ApiError, KubeClient
 from pinnace.operator.fit import check_fit
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
@@ -86,8 +86,11 @@ def reconcile(
         return _degraded(client, body, rejected, previous, now)
     status = _status(llmd, live, previous, meta.get("generation"), now())
     if adapters is not None:
-        hot = llmd.lora_enabled and not llmd.spec.serving.is_kserve
-        report = sync_adapters(client, adapters, llmd, live) if hot else None
+        report = None
+        if llmd.spec.serving.is_kserve and llmd.spec.adapters:
+            report = observe_kserve_adapters(client, adapters, llmd)
+        elif llmd.lora_enabled and not llmd.spec.serving.is_kserve:
+            report = sync_adapters(client, adapters, llmd, live)
         status = with_adapters(status, report, generation=meta.get("generation"), now=now())
     write_status(client, namespace, name, previous, status)
     return ReconcileResult(status, events + transition_events(previous, status), applied)

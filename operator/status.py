@@ -45,7 +45,8 @@ AdapterState = Literal["Fetching", "Pending", "Loaded", "Failed"]
 
 
 class AdapterStatus(StatusModel):
-    """One declared LoRA adapter across the ready replicas (Deployment mode)."""
+    """One declared LoRA adapter across the ready replicas (in KServe mode, as the ready
+    predictor pods report it: they start with their adapters)."""
 
     name: str
     state: AdapterState = Field(
