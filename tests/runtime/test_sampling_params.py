@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @pytest.mark.parametrize(
@@ -71,3 +72,55 @@ def test_for_sample_gives_each_of_n_samples_its_own_seed():
     assert all(c.n == 1 and c.temperature == 0.7 and c.stop_strings == ["x"] for c in children)
     assert params.n == 3 and params.seed == 10  # the parent is unchanged
     assert SamplingParams(n=2).for_sample(1).seed is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"bad_words": [" "]}, "bad_words"),
+    ],
+)
+def test_processor_settings_are_validated(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_is_clamped_and_token_ids_checked_against_the_vocabulary():
+    params = SamplingParams(logit_bias={"5": 250.0, 7: -300})  # type: ignore[dict-item]
+    assert params.logit_bias == {5: 100.0, 7: -100.0}
+
+    class Tok:
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return [len(w) for w in text.split(" ")]
+
+    params.update_from_tokenizer(Tok(), vocab_size=10)
+    with pytest.raises(ValueError, match="allowed_token_ids has token id 10"):
+        SamplingParams(allowed_token_ids=[1, 10]).update_from_tokenizer(Tok(), 10)
+    words = SamplingParams(bad_words=["abc de"])
+    words.update_from_tokenizer(Tok(), 10)
+    assert words.bad_words_token_ids == [[3, 2], [0, 3, 2]]  # as is, and after a space
+
+
+def test_best_of_children_carry_logprobs_for_ranking():
+    params = SamplingParams(n=2, best_of=4, seed=1)
+    assert params.num_samples == 4
+    child = params.for_sample(3)
+    assert (child.n, child.best_of, child.seed, child.logprobs) == (1, None, 4, 0)
+
+
+def test_structured_outputs_need_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        StructuredOutputsParams(choice=["a", ""])
+    schema = {"type": "object", "properties": {"b": {}, "a": {}}}
+    assert StructuredOutputsParams(json=schema).key == ("json", json.dumps(schema))
+    assert StructuredOutputsParams(json_object=True).key == ("json_object", "")
