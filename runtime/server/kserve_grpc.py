@@ -11,6 +11,7 @@ metadata `authorization: Bearer <key>`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -87,7 +88,7 @@ class InferenceService:
     async def ModelInfer(self, request: Any) -> Any:
         model, version = self._resolve(request.model_name, request.model_version)
         body = parse_infer_request(self._rest_body(request))
-        requests, shape, _ = infer_requests(self.ctx, body, model)
+        requests, shape, _ = await asyncio.to_thread(infer_requests, self.ctx, body, model)
         finals = await self.ctx.collect(requests)
         texts = [f.outputs[0].text for f in finals]
         response = self.proto.message("ModelInferResponse")(

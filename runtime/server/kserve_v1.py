@@ -7,6 +7,8 @@ is OpenAI's model object plus V1's `name` and `ready`, so both clients can read 
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -36,7 +38,9 @@ def build_v1_router(ctx: ServerContext) -> APIRouter:
             prompt, values = _instance(instance, body.parameters)
             options = parse_options(values, f"instances[{i}]")
             where = f"instances[{i}]"
-            request = engine_request(ctx, f"{request_id}-{i}", prompt, options, where, name)
+            request = await asyncio.to_thread(  # tokenizing: off the event loop
+                engine_request, ctx, f"{request_id}-{i}", prompt, options, where, name
+            )
             requests.append(request)
         ctx.check_room(len(requests))
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))

@@ -6,6 +6,7 @@ version served is "1". Errors answer `{"error": "..."}` (see errors.py).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -197,7 +198,8 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
         header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
         attach_binary_inputs(header, binary)
         body = parse_infer_request(header)
-        requests, shape, as_binary = infer_requests(ctx, body, model)
+        # Tokenizing (and templating) off the event loop: probes and streams go on.
+        requests, shape, as_binary = await asyncio.to_thread(infer_requests, ctx, body, model)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
             return finals
@@ -216,7 +218,10 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
         options = parse_options(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], options, model)
+        prompts = [body.text_input]
+        requests = await asyncio.to_thread(
+            _engine_requests, ctx, "generate", prompts, options, model
+        )
         ctx.check_room(1)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))
         if isinstance(finals, Response):
@@ -236,7 +241,10 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     async def generate_stream(name: str, body: V2GenerateRequest) -> Response:
         model, version = resolve(ctx, name)
         options = parse_options(body.sampling_values())
-        requests = _engine_requests(ctx, "generate", [body.text_input], options, model)
+        prompts = [body.text_input]
+        requests = await asyncio.to_thread(
+            _engine_requests, ctx, "generate", prompts, options, model
+        )
         ctx.check_room(1)
         events = _stream_events(ctx, requests, model, version, body.id)
         return StreamingResponse(events, media_type="text/event-stream")
