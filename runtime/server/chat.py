@@ -166,25 +166,38 @@ def _finish_reason(job: ChatJob, reason: str | None, calls: list[ParsedToolCall]
     return reason
 
 
-def _stream_delta(job: ChatJob, delta: Delta, text_so_far: str, first: bool) -> DeltaMessage | None:
-    """The message delta of one engine delta. A named call streams its arguments as they
-    come; auto and required replies are read whole, so they are sent when finished."""
+def _stream_delta(
+    job: ChatJob, delta: Delta, text: str, index: int, sent: dict[int, int]
+) -> DeltaMessage | None:
+    """The message delta of one engine delta (`text`: the choice's reply so far; `sent`:
+    content characters already streamed per choice). A named call streams its arguments
+    as they come; an auto reply streams as content up to where a call could begin, and
+    its calls when it finishes; a required reply (a JSON list of calls) when it finishes."""
     mode = job.tools.mode
+    first = index not in sent
     if mode == "none":
         return DeltaMessage(content=delta.text)
     if mode == "named" and job.tools.named is not None:
+        sent[index] = 0
         fn = DeltaFunctionCall(arguments=delta.text)
         call = DeltaToolCall(index=0, function=fn)
         if first:
             call.id, call.type, fn.name = new_tool_call_id(), "function", job.tools.named
         return DeltaMessage(tool_calls=[call])
+    done = sent.get(index, 0)
     if delta.finish_reason is None:
-        return None
-    content, calls = job.tools.extract(text_so_far)
+        safe = job.tools.content_prefix(text) if mode == "auto" else 0
+        if safe <= done:
+            return None
+        sent[index] = safe
+        return DeltaMessage(content=text[done:safe])
+    content, calls = job.tools.extract(text)
+    rest = content[done:] if content is not None and len(content) > done else None
+    sent[index] = done + len(rest or "")
     if not calls:
-        return DeltaMessage(content=content)
+        return DeltaMessage(content=rest or "")
     return DeltaMessage(
-        content=content,
+        content=rest,
         tool_calls=[
             DeltaToolCall(
                 index=i,
@@ -210,7 +223,7 @@ async def stream_chat(
         return sse(body.model_dump_json(exclude_none=True))
 
     tracker = DeltaTracker()
-    started: set[int] = set()
+    sent: dict[int, int] = {}  # content characters streamed, per choice
     try:
         for i in range(job.params.n):
             first = DeltaMessage(role="assistant", content="")
@@ -221,10 +234,9 @@ async def stream_chat(
                     delta = tracker.delta(out.index, out)
                     if delta is None:
                         continue
-                    message = _stream_delta(job, delta, out.text, out.index not in started)
+                    message = _stream_delta(job, delta, out.text, out.index, sent)
                     if message is None:
                         continue
-                    started.add(out.index)
                     finish = delta.finish_reason
                     if finish is not None and job.tools.mode in ("auto", "required"):
                         finish = _finish_reason(job, finish, job.tools.extract(out.text)[1])

@@ -22,6 +22,9 @@ from pinnace.runtime.server.errors import bad_request
 from pinnace.runtime.server.tool_parsers import TOOL_PARSERS, ParsedToolCall, Parser
 
 EMPTY_OBJECT: dict[str, Any] = {"type": "object", "properties": {}}
+# Where each parser's calls begin: a streamed auto reply is sent as content up to these.
+CALL_MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+PYTHON_TAG = "<|python_tag|>"  # llama3_json: a call is the whole reply, JSON or this tag
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ToolPlan:
     template_tools: list[dict[str, Any]] | None = None  # what the chat template is given
     constraint: StructuredOutputsParams | None = None
     parser: Parser | None = None
+    parser_name: str | None = None
     named: str | None = None
     parallel: bool = True
     schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -54,6 +58,24 @@ class ToolPlan:
     @property
     def uses_tools(self) -> bool:
         return self.mode != "none"
+
+    def content_prefix(self, text: str) -> int:
+        """How much of a running auto reply is content for sure: no call can start in it,
+        so it may be streamed before the reply is finished."""
+        marker = CALL_MARKERS.get(self.parser_name or "")
+        if marker is None:  # llama3_json: the reply is a call or it is not
+            head = text.lstrip()
+            if not head or head.startswith("{") or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)]):
+                return 0
+            return len(text)
+        found = text.find(marker)
+        if found >= 0:
+            return found
+        # Hold back an ending that may grow into the marker.
+        for k in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:k]):
+                return len(text) - k
+        return len(text)
 
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         """(content, calls) of a finished reply."""
@@ -123,7 +145,10 @@ def plan_tools(
                 "tool_choice",
             )
         parser = TOOL_PARSERS[settings.tool_call_parser]
-        return ToolPlan("auto", tools, parser=parser, parallel=parallel, schemas=schemas)
+        return ToolPlan(
+            "auto", tools, parser=parser, parser_name=settings.tool_call_parser,
+            parallel=parallel, schemas=schemas,
+        )  # fmt: skip
     if choice == "required":
         return ToolPlan(
             "required", tools, _required_constraint(schemas, parallel), parallel=parallel,

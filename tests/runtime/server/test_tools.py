@@ -228,3 +228,31 @@ def test_serve_flags_set_the_tool_settings(
     assert plain.tools == ToolSettings()
     assert main(["serve", str(tmp_path), "--enable-auto-tool-choice"]) == 2
     assert "--tool-call-parser" in capsys.readouterr().err
+
+
+def test_auto_streams_prose_as_it_comes_and_calls_when_done(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=12
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **kwargs)
+        if c.choices
+    ]
+    assert whole and "".join(pieces) == whole and sum(1 for p in pieces if p) > 3
+    form = r'<tool_call>\{"name": "get_time", "arguments": \{"tz": "CET"\}\}</tool_call>'
+    forced = {**kwargs, "max_tokens": 60, "extra_body": {"structured_outputs": {"regex": form}}}
+    assert stream_calls(client, **forced) == [("get_time", '{"tz": "CET"}')]
+
+
+def test_content_prefix_stops_where_a_call_could_begin() -> None:
+    hermes = plan_tools(TOOLS, "auto", None, ToolSettings(True, "hermes"))
+    assert hermes.content_prefix("Sure, let me") == len("Sure, let me")
+    assert hermes.content_prefix("Sure <tool") == len("Sure ")  # may grow into the marker
+    assert hermes.content_prefix('Ok <tool_call>{"na') == len("Ok ")
+    llama = plan_tools(TOOLS, "auto", None, ToolSettings(True, "llama3_json"))
+    assert llama.content_prefix('  {"name"') == 0 and llama.content_prefix("<|py") == 0
+    assert llama.content_prefix("The answer") == len("The answer")
+    mistral = plan_tools(TOOLS, "auto", None, ToolSettings(True, "mistral"))
+    assert mistral.content_prefix("Hi [TOOL_") == len("Hi ")
