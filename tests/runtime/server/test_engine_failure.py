@@ -40,7 +40,7 @@ def test_engine_death_is_loud_and_exits_non_zero(tiny_model: Path) -> None:
     assert client.get("/health").status_code == 200
 
     # Two requests in flight: one streamed, one whole, both long enough to be cut off.
-    body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True}
+    body = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True}
     whole: list[httpx.Response] = []
     waiter = threading.Thread(
         target=lambda: whole.append(client.post("/v1/completions", json=body))
@@ -50,7 +50,8 @@ def test_engine_death_is_loud_and_exits_non_zero(tiny_model: Path) -> None:
         first = next(line for line in lines if line.startswith("data: "))
         assert '"text"' in first  # generating
         waiter.start()
-        time.sleep(0.2)
+        wait(lambda: app.state.lifecycle.in_flight == 2, 10)  # both are in
+        time.sleep(0.1)
 
         def boom() -> bool:
             raise RuntimeError(FAULT)
