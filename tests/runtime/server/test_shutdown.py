@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 NUM_STREAMS = 16
-MAX_TOKENS = 160
+MAX_TOKENS = 400  # long enough to be mid-stream at SIGTERM on a fast machine
 SHUTDOWN_TIMEOUT = 60
 
 
@@ -43,6 +43,7 @@ def stream_one(url: str, started: threading.Event, results: list[dict[str, objec
                 for choice in event["choices"]:
                     finish = choice.get("finish_reason") or finish
                 started.set()
+    started.set()  # also when refused: the result below says so, without a 60 s wait
     n = usage["completion_tokens"] if usage else None
     results.append({"status": resp.status_code, "done": done, "finish": finish, "n": n})
 
@@ -52,7 +53,7 @@ def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     pinnace = Path(sys.executable).parent / "pinnace"
     args = [str(pinnace), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--served-model-name", "tiny", "--max-model-len", "256"]
+    args += ["--served-model-name", "tiny", "--max-model-len", "512"]
     args += ["--kv-cache-memory", "64MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -77,7 +78,7 @@ def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
         health = _status(url, "GET", "/health")
         new = _status(url, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         assert health in (503, None) and new in (503, None), (health, new)
-        assert time.monotonic() - sent < 1.0
+        assert time.monotonic() - sent < 2.0  # at once (a loaded CI machine may be slow)
         for t in threads:
             t.join(SHUTDOWN_TIMEOUT)
         code = proc.wait(SHUTDOWN_TIMEOUT)
