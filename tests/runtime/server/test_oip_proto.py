@@ -66,7 +66,7 @@ def test_the_image_build_gets_the_proto_the_server_reads() -> None:
     dockerfile = (repo / "Dockerfile").read_text()
     script = (repo / "hack" / "kind-e2e.sh").read_text()
     [context] = re.findall(r"--build-context oip-proto=(\S+)", script)
-    assert (repo / context / oip_proto.PROTO_NAME).resolve() == oip_proto.SHARED_PROTO
+    assert (repo / context / oip_proto.PROTO_NAME).resolve() == oip_proto.SHARED_PROTO.resolve()
     copy = re.search(r"COPY --from=oip-proto (\S+) (\S+)", dockerfile)
     assert copy is not None and copy.group(1) == oip_proto.PROTO_NAME
     env = re.search(rf"{oip_proto.PROTO_ENV}=(\S+)", dockerfile.split("AS runtime\n")[1])
