@@ -29,6 +29,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt
+    # token {token_id: logprob} holding that token and the top-k.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass

@@ -66,6 +66,8 @@ class Request:
     stop_reason: int | str | None = None
     # Chained hashes of this request's full blocks, filled lazily by the KV cache manager.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Filled chunk by chunk: entry j scores prompt token j + 1 (prompt_logprobs requests).
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
@@ -81,6 +83,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asks prompt logprobs and does not hold them all yet."""
+        wanted = self.sampling_params.prompt_logprobs is not None
+        return wanted and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:

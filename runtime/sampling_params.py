@@ -85,6 +85,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs per output token
+    # Top logprobs per prompt token (0: only the prompt token's own); the prompt then
+    # skips the prefix cache, so every position is computed.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     stop_strings: list[str] = field(init=False, default_factory=list)
@@ -115,8 +117,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet.")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop]
         elif self.stop is None:
@@ -170,7 +172,11 @@ class SamplingParams:
         logprobs = self.logprobs
         if self.num_samples > self.n and logprobs is None:
             logprobs = 0
-        child = replace(self, n=1, best_of=None, seed=seed, logprobs=logprobs)
+        # Prompt logprobs are the same for every sample: the first computes them.
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None
+        child = replace(
+            self, n=1, best_of=None, seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+        )
         child.bad_words_token_ids = self.bad_words_token_ids
         return child
 

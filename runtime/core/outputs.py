@@ -24,6 +24,8 @@ class ScheduledRequest:
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     lora_id: int = 0  # the engine's key of the adapter (see LoRAManager); 0: base model
+    # Top-k of the prompt logprobs this chunk's prompt rows owe (None: none owed).
+    num_prompt_logprobs: int | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -61,6 +63,9 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # Per request asking prompt logprobs: one {token_id: logprob} per prompt row of this
+    # chunk that predicts a prompt token (row at position p scores prompt token p + 1).
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,4 +90,7 @@ class RequestUpdate:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: Logprobs | None = None
+    # With the first sampled token of a request asking them: prompt logprobs, one per
+    # prompt token after the first.
+    prompt_logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0  # prefix-cache hit length when the request was admitted

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from pinnace.runtime.core.block_pool import KVBlock
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import (
     ModelRunnerOutput,
@@ -131,7 +132,12 @@ class Scheduler:
             if request.lora_id and request.lora_id not in loras and len(loras) >= self.max_loras:
                 passed_over.append(self.waiting.popleft())
                 continue
-            blocks, num_hit = self.kv.get_computed_blocks(request)
+            # Prompt logprobs need logits at every prompt position: no prefix-cache hit
+            # (vLLM does the same); the request's blocks are still cached for others.
+            blocks: list[KVBlock] = []
+            num_hit = 0
+            if not request.needs_prompt_logprobs:
+                blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, blocks):
                 break  # FCFS: nobody overtakes the head of the queue
@@ -161,6 +167,11 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             lora_id=request.lora_id,
+            num_prompt_logprobs=(
+                request.sampling_params.prompt_logprobs
+                if request.needs_prompt_logprobs and start < request.num_prompt_tokens - 1
+                else None
+            ),
         )
 
     # -- after the forward pass ---------------------------------------------------------
@@ -174,6 +185,12 @@ class Scheduler:
             request = self.requests.get(item.req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            chunk = result.prompt_logprobs.get(item.req_id)
+            if chunk is not None:
+                # Entry j scores prompt token j + 1; a recompute after preemption rewrites
+                # the same entries, so the list never holds one twice.
+                start = item.num_computed_tokens
+                request.prompt_logprobs[start : start + len(chunk)] = chunk
             request.num_computed_tokens += item.num_scheduled_tokens
             token_id = result.sampled_token_ids.get(item.req_id)
             if token_id is None:
@@ -186,6 +203,11 @@ class Scheduler:
                 logprobs=result.logprobs.get(item.req_id),
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
+            if (
+                request.num_output_tokens == 1
+                and request.sampling_params.prompt_logprobs is not None
+            ):
+                update.prompt_logprobs = list(request.prompt_logprobs)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)

@@ -100,6 +100,11 @@ class LLMEngine:
             raise ValueError(
                 f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}."
             )
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
+            raise ValueError(
+                f"prompt_logprobs={params.prompt_logprobs} exceeds "
+                f"max_logprobs={self.config.max_logprobs}."
+            )
         params.update_from_tokenizer(self.tokenizer, self.vocab_size)
         return params.max_tokens if params.max_tokens is not None else room
 
@@ -171,6 +176,8 @@ class LLMEngine:
                 )
             if sample.index == 0:
                 state.num_cached_tokens = update.num_cached_tokens
+                if update.prompt_logprobs is not None:
+                    state.prompt_logprobs = [None, *update.prompt_logprobs]
             touched[parent] = state
         outputs = []
         for request_id, state in touched.items():

@@ -72,6 +72,8 @@ class RequestState:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.num_cached_tokens = 0
+        # vLLM's shape: None for the first prompt token, then {token_id: logprob} each.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.params = params
         num = params.num_samples
         self.child_ids = [request_id] if num == 1 else [f"{request_id}#{i}" for i in range(num)]
@@ -101,6 +103,7 @@ class RequestState:
             outputs=self._outputs(),
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def _outputs(self) -> list[CompletionOutput]:

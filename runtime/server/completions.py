@@ -17,12 +17,13 @@ from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.beam import beam_search
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
-from pinnace.runtime.server.logprobs import completion_logprobs
+from pinnace.runtime.server.logprobs import completion_logprobs, prompt_logprobs
 from pinnace.runtime.server.openai_params import completion_params, constraint_param
 from pinnace.runtime.server.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     UsageInfo,
 )
 from pinnace.runtime.server.serving import (
@@ -144,9 +145,19 @@ def _choice(
         index=job.choice_index(prompt_index, out.index),
         text=prefix + out.text,
         logprobs=logprobs,
+        prompt_logprobs=_prompt_logprobs(ctx, job, final),
         finish_reason=out.finish_reason,
         stop_reason=out.stop_reason,
     )
+
+
+def _prompt_logprobs(
+    ctx: ServerContext, job: CompletionJob, output: RequestOutput
+) -> list[dict[int, PromptLogprob] | None] | None:
+    num_top = job.params.prompt_logprobs
+    if num_top is None or output.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(ctx.engine.tokenizer, output.prompt_logprobs, num_top)
 
 
 async def stream_completion(
@@ -162,6 +173,7 @@ async def stream_completion(
 
     tracker = DeltaTracker()
     offsets: dict[int, int] = {}  # text sent per choice, for logprobs' text_offset
+    sent_prompt: set[int] = set()  # choices whose prompt logprobs went out
     try:
         for i, text in enumerate(job.echo_texts or []):
             for s in range(job.params.n):
@@ -183,10 +195,14 @@ async def stream_completion(
                             offsets.get(index, 0),
                         )
                     offsets[index] = offsets.get(index, 0) + len(delta.text)
+                    # As vLLM: a choice's prompt logprobs travel in its first chunk.
+                    first = index not in sent_prompt
+                    sent_prompt.add(index)
                     choice = CompletionChoice(
                         index=index,
                         text=delta.text,
                         logprobs=logprobs,
+                        prompt_logprobs=_prompt_logprobs(ctx, job, output) if first else None,
                         finish_reason=delta.finish_reason,
                         stop_reason=delta.stop_reason,
                     )

@@ -10,6 +10,7 @@ from pinnace.runtime.server.openai_protocol import (
     ChatChoiceLogprobs,
     ChatLogprob,
     CompletionLogprobs,
+    PromptLogprob,
     TopLogprob,
 )
 
@@ -77,3 +78,27 @@ def chat_logprobs(
 def _top_logprob(tokenizer: PreTrainedTokenizerBase, token_id: int, logprob: float) -> TopLogprob:
     token = _decode(tokenizer, token_id)
     return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(token.encode()))
+
+
+def prompt_logprobs(
+    tokenizer: PreTrainedTokenizerBase, entries: list[dict[int, float] | None], num_top: int
+) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `choices[i].prompt_logprobs`: None for the first prompt token, then per
+    token {token_id: {logprob, rank, decoded_token}}. Ranks are known for the top-k; a
+    prompt token outside them (the extra, least likely entry) gets rank None."""
+    out: list[dict[int, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        out.append(
+            {
+                token_id: PromptLogprob(
+                    logprob=_finite(lp),
+                    rank=rank + 1 if rank < num_top else None,
+                    decoded_token=_decode(tokenizer, token_id),
+                )
+                for rank, (token_id, lp) in enumerate(_top(entry, len(entry)))
+            }
+        )
+    return out

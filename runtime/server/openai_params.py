@@ -101,6 +101,7 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     best_of: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams of a request; its structured output is checked by name but compiled
     later (ServerContext.compile_grammar, off the event loop)."""
@@ -128,6 +129,7 @@ def sampling_params(
             ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as exc:
@@ -137,7 +139,7 @@ def sampling_params(
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
     check_completion(req)
-    return sampling_params(req, req.max_tokens, req.logprobs, req.best_of)
+    return sampling_params(req, req.max_tokens, req.logprobs, req.best_of, req.prompt_logprobs)
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:

@@ -83,6 +83,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM: top logprobs per prompt token
     best_of: int | None = None
     suffix: str | None = None
     # vLLM's beam search: n beams, ranked by cumulative logprob / length**length_penalty.
@@ -184,10 +185,20 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one prompt position's entry for one token."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    # vLLM's shape: None for the first prompt token, then {token_id: Logprob} per token.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

@@ -226,7 +226,16 @@ def _param_of(message: str, default: str) -> str:
     """The parameter an engine validation message is about (they start with its name)."""
     head = message.replace("=", " ").split(" ", 1)[0]
     if head in (
-        *("max_tokens", "logprobs", "n", "temperature", "top_p", "top_k", "min_tokens"),
+        *(
+            "max_tokens",
+            "logprobs",
+            "prompt_logprobs",
+            "n",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_tokens",
+        ),
         *("logit_bias", "allowed_token_ids"),
     ):
         return head

@@ -3,7 +3,8 @@
     execute(SchedulerOutput) -> ModelRunnerOutput
 
 Token rows of all scheduled requests are concatenated ([T] ids/positions/slots); only
-the last row of each request that needs a sample goes through the LM head.
+the last row of each request that needs a sample goes through the LM head, plus the
+prompt rows of requests asking prompt logprobs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 from pinnace.runtime.worker.pooler import PoolingConfig, pool
-from pinnace.runtime.worker.sampler import Sampler, SamplingRow
+from pinnace.runtime.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 
 
 class ModelRunner:
@@ -57,6 +58,7 @@ class ModelRunner:
         with forward_context(ctx), lora_batch_context(lora_batch):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         out = ModelRunnerOutput()
+        self._prompt_logprobs(sched, hidden, out)
         if not sample_idx:
             return out
         rows_idx = torch.tensor(sample_idx, device=self.device)
@@ -78,6 +80,39 @@ class ModelRunner:
             if lp is not None:
                 out.logprobs[item.req_id] = lp
         return out
+
+    def _prompt_logprobs(
+        self, sched: SchedulerOutput, hidden: torch.Tensor, out: ModelRunnerOutput
+    ) -> None:
+        """Logprobs of the prompt tokens this step's chunks predict, per asking request.
+
+        A chunk covers positions start .. start + n - 1; the row at position p scores
+        prompt token p + 1, so rows up to the prompt's second-to-last position count (the
+        last prompt row predicts the first output token and is sampled as usual).
+        """
+        rows: list[int] = []
+        spans: list[tuple[str, int, int]] = []  # req_id, first row in `rows`, row count
+        targets: list[int] = []
+        num_top: list[int] = []
+        base = 0
+        for item in sched.scheduled:
+            k = item.num_prompt_logprobs
+            if k is not None:
+                start = item.num_computed_tokens
+                end = min(start + item.num_scheduled_tokens, len(item.prompt_token_ids) - 1)
+                if end > start:
+                    spans.append((item.req_id, len(rows), end - start))
+                    rows.extend(range(base, base + end - start))
+                    targets.extend(item.prompt_token_ids[start + 1 : end + 1])
+                    num_top.extend([k] * (end - start))
+            base += item.num_scheduled_tokens
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=self.device)
+        logits = self.model.compute_logits(hidden[idx])  # type: ignore[operator]
+        entries = prompt_logprobs(logits, targets, num_top)
+        for req_id, first, count in spans:
+            out.prompt_logprobs[req_id] = entries[first : first + count]
 
     @torch.inference_mode()
     def embed(self, prompts: list[list[int]], pooling: PoolingConfig) -> torch.Tensor:

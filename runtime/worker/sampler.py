@@ -19,7 +19,7 @@ from pinnace.runtime.worker.logits_processors import SamplingRow
 if TYPE_CHECKING:
     from pinnace.runtime.worker.grammar_mask import GrammarMasks
 
-__all__ = ["Sampler", "SamplingRow"]
+__all__ = ["Sampler", "SamplingRow", "prompt_logprobs"]
 
 
 class Sampler:
@@ -114,6 +114,25 @@ class Sampler:
                 top = dict(zip(ids.tolist(), values.tolist(), strict=True))
             out.append(Logprobs(token_logprob=float(raw[i, tokens[i]]), top=top))
         return out
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, target_ids: list[int], num_top: list[int]
+) -> list[dict[int, float]]:
+    """logits: [R, V], row i scoring token target_ids[i]. Per row {token_id: logprob} of
+    the raw distribution, holding the target and the row's top num_top[i] tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    targets = torch.tensor(target_ids, device=logits.device)
+    target_lp = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    top_lp, top_ids = logprobs.topk(max(num_top), dim=-1)  # k = 0: empty [R, 0]
+    top_lp_rows, top_id_rows = top_lp.tolist(), top_ids.tolist()
+    out = []
+    for i, target in enumerate(target_ids):
+        n = num_top[i]
+        entry = dict(zip(top_id_rows[i][:n], top_lp_rows[i][:n], strict=True))
+        entry[target] = target_lp[i]
+        out.append(entry)
+    return out
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -3,6 +3,7 @@ V2 `parameters` (tiny model, real server)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -83,3 +84,50 @@ def test_use_beam_search_equals_llm_beam_search(http: httpx.Client, tiny_model: 
     refused = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True,
                                                  "use_beam_search": True})  # fmt: skip
     assert refused.status_code == 400 and "use_beam_search" in refused.text
+
+
+def test_openai_prompt_logprobs_match_transformers(http: httpx.Client, tiny_model: Any) -> None:
+    """vLLM's `choices[i].prompt_logprobs`: None, then {token_id: Logprob} per prompt token,
+    equal to a transformers forward over the prompt; in the first chunk when streamed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    body = completion(http, prompt=ids, prompt_logprobs=2, n=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for choice in body["choices"]:
+        entries = choice["prompt_logprobs"]
+        assert len(entries) == len(ids) and entries[0] is None
+        for pos, entry in enumerate(entries[1:]):
+            top = ref[pos].topk(2).indices.tolist()
+            assert {int(t) for t in entry} == {ids[pos + 1], *top}
+            for tid, item in entry.items():
+                assert abs(item["logprob"] - float(ref[pos, int(tid)])) < 1e-4
+                assert item["decoded_token"] == detokenize(http, [int(tid)])
+            assert [entry[str(t)]["rank"] for t in top] == [1, 2]
+    assert completion(http)["choices"][0]["prompt_logprobs"] is None
+    stream = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ids, "max_tokens": 3, "stream": True, "prompt_logprobs": 0},
+    )
+    chunks = [
+        json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")
+    ]
+    firsts = [c["choices"][0].get("prompt_logprobs") for c in chunks]
+    assert firsts[0][0] is None and len(firsts[0]) == len(ids)
+    for pos, entry in enumerate(firsts[0][1:]):  # k = 0: only the prompt token itself
+        assert list(entry) == [str(ids[pos + 1])]
+        assert abs(entry[str(ids[pos + 1])]["logprob"] - float(ref[pos, ids[pos + 1]])) < 1e-4
+    assert all(f is None for f in firsts[1:])
+
+
+def test_openai_prompt_logprobs_above_max_logprobs_is_a_400(http: httpx.Client) -> None:
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    resp = http.post("/v1/completions", json={**base, "prompt_logprobs": 21})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "prompt_logprobs" and "max_logprobs" in error["message"]
+    resp = http.post("/v1/completions", json={**base, "prompt_logprobs": -1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
