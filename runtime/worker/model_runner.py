@@ -23,6 +23,9 @@ from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 from pinnace.runtime.worker.pooler import PoolingConfig, pool
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow, prompt_logprobs
 
+# Prompt rows sent through the LM head at once for prompt logprobs ([rows, V] float32).
+_PROMPT_ROWS_PER_SLICE = 256
+
 
 class ModelRunner:
     def __init__(
@@ -108,9 +111,13 @@ class ModelRunner:
             base += item.num_scheduled_tokens
         if not rows:
             return
-        idx = torch.tensor(rows, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])  # type: ignore[operator]
-        entries = prompt_logprobs(logits, targets, num_top)
+        # In slices: a 2k-token chunk's logits over a 49k vocabulary would be 400 MB at once.
+        entries: list[dict[int, float]] = []
+        for lo in range(0, len(rows), _PROMPT_ROWS_PER_SLICE):
+            hi = lo + _PROMPT_ROWS_PER_SLICE
+            idx = torch.tensor(rows[lo:hi], device=self.device)
+            logits = self.model.compute_logits(hidden[idx])  # type: ignore[operator]
+            entries += prompt_logprobs(logits, targets[lo:hi], num_top[lo:hi])
         for req_id, first, count in spans:
             out.prompt_logprobs[req_id] = entries[first : first + count]
 

@@ -51,8 +51,12 @@ def check(entries: list[dict[int, float] | None] | None, ids: list[int], ref: to
 
 @pytest.mark.parametrize("max_num_batched_tokens", [None, 7])
 @pytest.mark.parametrize("k", [0, 3])
-def test_prompt_logprobs_match_transformers(llama, reference, max_num_batched_tokens, k):
-    """7-token budget: the 40-token prompt is prefilled in 6 chunks."""
+def test_prompt_logprobs_match_transformers(
+    llama, reference, max_num_batched_tokens, k, monkeypatch
+):
+    """7-token budget: the 40-token prompt is prefilled in 6 chunks; whole, its 39 prompt
+    rows go through the LM head in slices of 16."""
+    monkeypatch.setattr("pinnace.runtime.worker.model_runner._PROMPT_ROWS_PER_SLICE", 16)
     llm = LLM(
         str(llama),
         dtype="float32",
