@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.deltas import Delta, DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
-from pinnace.runtime.server.logprobs import chat_logprobs
+from pinnace.runtime.server.logprobs import chat_logprobs, prompt_logprobs_of
 from pinnace.runtime.server.openai_params import chat_params, constraint_param, message_dicts
 from pinnace.runtime.server.openai_protocol import (
     ChatChoice,
@@ -148,7 +148,13 @@ async def complete_chat(ctx: ServerContext, job: ChatJob) -> ChatCompletionRespo
         )
     num_out = sum(len(out.token_ids) for out in final.outputs)
     usage = UsageInfo.of(len(job.request.prompt_token_ids), num_out)
-    return ChatCompletionResponse(id=job.request_id, model=job.model, choices=choices, usage=usage)
+    return ChatCompletionResponse(
+        id=job.request_id,
+        model=job.model,
+        choices=choices,
+        usage=usage,
+        prompt_logprobs=prompt_logprobs_of(ctx.engine.tokenizer, job.params, final),
+    )
 
 
 def _tool_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:

@@ -17,7 +17,7 @@ from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.beam import beam_search
 from pinnace.runtime.server.deltas import DeltaTracker
 from pinnace.runtime.server.errors import APIError, bad_request
-from pinnace.runtime.server.logprobs import completion_logprobs, prompt_logprobs
+from pinnace.runtime.server.logprobs import completion_logprobs, prompt_logprobs_of
 from pinnace.runtime.server.openai_params import completion_params, constraint_param
 from pinnace.runtime.server.openai_protocol import (
     CompletionChoice,
@@ -154,10 +154,7 @@ def _choice(
 def _prompt_logprobs(
     ctx: ServerContext, job: CompletionJob, output: RequestOutput
 ) -> list[dict[int, PromptLogprob] | None] | None:
-    num_top = job.params.prompt_logprobs
-    if num_top is None or output.prompt_logprobs is None:
-        return None
-    return prompt_logprobs(ctx.engine.tokenizer, output.prompt_logprobs, num_top)
+    return prompt_logprobs_of(ctx.engine.tokenizer, job.params, output)
 
 
 async def stream_completion(

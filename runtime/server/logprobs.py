@@ -6,6 +6,8 @@ import math
 
 from transformers import PreTrainedTokenizerBase
 
+from pinnace.runtime.outputs import RequestOutput
+from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.openai_protocol import (
     ChatChoiceLogprobs,
     ChatLogprob,
@@ -102,3 +104,12 @@ def prompt_logprobs(
             }
         )
     return out
+
+
+def prompt_logprobs_of(
+    tokenizer: PreTrainedTokenizerBase, params: SamplingParams, output: RequestOutput
+) -> list[dict[int, PromptLogprob] | None] | None:
+    """The response's prompt_logprobs when the request asked for them (completions and chat)."""
+    if params.prompt_logprobs is None or output.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(tokenizer, output.prompt_logprobs, params.prompt_logprobs)

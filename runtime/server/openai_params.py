@@ -53,6 +53,12 @@ def check_chat(req: ChatCompletionRequest) -> None:
         raise bad_request("top_logprobs needs logprobs set to true.", "top_logprobs")
     if not req.messages:
         raise bad_request("messages must not be empty.", "messages")
+    if req.prompt_logprobs is not None and req.stream:
+        # vLLM returns them on whole chat responses only (there is no chunk field for them).
+        raise bad_request(
+            "prompt_logprobs is not supported with stream on chat completions.",
+            "prompt_logprobs",
+        )
 
 
 def structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
@@ -148,7 +154,7 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
     if max_tokens is None:
         max_tokens = req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return sampling_params(req, max_tokens, logprobs)
+    return sampling_params(req, max_tokens, logprobs, prompt_logprobs=req.prompt_logprobs)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -101,6 +101,7 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
+    prompt_logprobs: int | None = None  # vLLM: top logprobs per prompt token
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -270,6 +271,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    # vLLM's chat response carries the prompt's logprobs once, beside the choices.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -131,3 +131,24 @@ def test_openai_prompt_logprobs_above_max_logprobs_is_a_400(http: httpx.Client) 
     assert error["param"] == "prompt_logprobs" and "max_logprobs" in error["message"]
     resp = http.post("/v1/completions", json={**base, "prompt_logprobs": -1})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_chat_prompt_logprobs_cover_the_templated_prompt(http: httpx.Client) -> None:
+    """vLLM's chat response carries prompt_logprobs beside the choices: one entry per token
+    of the templated prompt, each holding that token and as many others as asked for."""
+    messages = [{"role": "user", "content": "Name a color."}]
+    base = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    body = http.post("/v1/chat/completions", json={**base, "prompt_logprobs": 1}).json()
+    entries = body["prompt_logprobs"]
+    assert len(entries) == body["usage"]["prompt_tokens"] and entries[0] is None
+    assert all(1 <= len(entry) <= 2 for entry in entries[1:])
+    assert all(e["logprob"] <= 0 for entry in entries[1:] for e in entry.values())
+    ranked = [e for entry in entries[1:] for e in entry.values() if e["rank"] == 1]
+    assert len(ranked) == len(entries) - 1  # each position names its top token
+    plain = http.post("/v1/chat/completions", json=base).json()
+    assert plain.get("prompt_logprobs") is None
+    streamed = http.post(
+        "/v1/chat/completions", json={**base, "stream": True, "prompt_logprobs": 1}
+    )
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
