@@ -118,28 +118,39 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """vLLM's penalties: repetition over prompt and output tokens (divide a positive logit,
     multiply a negative one), then frequency (per occurrence) and presence (once) over
-    output tokens only."""
+    output tokens only.
+
+    Only the (row, token) pairs a request has seen are touched, as flat indices into the
+    logits (row * V + token): a few thousand entries instead of several dense [rows, V]
+    passes, which cost a quarter of a batch-32 step on a 49k vocabulary."""
     idx = [i for i, r in enumerate(rows) if r.params.has_penalties]
     if not idx:
         return
-    dev, vocab = logits.device, logits.shape[-1]
+    dev, (num_rows, vocab) = logits.device, logits.shape
     picked = [rows[i] for i in idx]
-    sub = logits[torch.tensor(idx, device=dev)]  # [P, V]
+    row_ids = torch.tensor(idx, device=dev)
+    flat = logits.view(-1)  # [N * V], the caller's tensor (contiguous logits rows)
+
+    def per_row(values: list[float], default: float) -> torch.Tensor:
+        """A value per logits row (default for rows without penalties)."""
+        full = torch.full((num_rows,), default, dtype=logits.dtype, device=dev)
+        full[row_ids] = torch.tensor(values, dtype=logits.dtype, device=dev)
+        return full
+
     out_rows, out_tokens = _flat_index([r.output_token_ids for r in picked], dev)
-    counts = torch.zeros_like(sub)
-    counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=sub.dtype), True)
-    seen = counts > 0
-    rep = torch.tensor([r.params.repetition_penalty for r in picked], device=dev)[:, None]
-    if (rep != 1.0).any():
+    out_keys, counts = torch.unique(row_ids[out_rows] * vocab + out_tokens, return_counts=True)
+    rep = [r.params.repetition_penalty for r in picked]
+    if any(r != 1.0 for r in rep):
         prompt_rows, prompt_tokens = _flat_index([r.prompt_token_ids for r in picked], dev)
-        in_prompt = torch.zeros(len(idx), vocab, dtype=torch.bool, device=dev)
-        in_prompt[prompt_rows, prompt_tokens] = True
-        penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen | in_prompt, penalized, sub)
-    freq = torch.tensor([r.params.frequency_penalty for r in picked], device=dev)[:, None]
-    presence = torch.tensor([r.params.presence_penalty for r in picked], device=dev)[:, None]
-    sub = sub - freq * counts - presence * seen.to(sub.dtype)
-    logits[torch.tensor(idx, device=dev)] = sub
+        prompt_keys = row_ids[prompt_rows] * vocab + prompt_tokens
+        keys = torch.unique(torch.cat((prompt_keys, out_keys)))
+        factor = per_row(rep, 1.0)[keys // vocab]
+        values = flat[keys]
+        flat[keys] = torch.where(values > 0, values / factor, values * factor)
+    owners = out_keys // vocab
+    freq = per_row([r.params.frequency_penalty for r in picked], 0.0)[owners]
+    presence = per_row([r.params.presence_penalty for r in picked], 0.0)[owners]
+    flat[out_keys] -= freq * counts.to(logits.dtype) + presence
 
 
 def apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor | None:
