@@ -24,7 +24,9 @@ QWEN_EXPERTS: ExpertMapping = {
 }
 
 
-class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
+class QwenMoeBlock(SparseMoeBlock):
+    """The routed experts as Qwen-MoE configs size them (Qwen3-MoE's whole block)."""
+
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(
             config.hidden_size,
@@ -34,6 +36,11 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
             config.hidden_act,
             config.norm_topk_prob,
         )
+
+
+class Qwen2MoeSparseMoeBlock(QwenMoeBlock):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
         self.shared_expert = LlamaMLP(config, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
