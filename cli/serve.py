@@ -192,6 +192,26 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
         default=None,
         help="chat template file or text; the tokenizer's when not given",
     )
+    engine.add_argument(
+        "--runner",
+        default="auto",
+        choices=["auto", "generate", "pooling"],
+        help="generate: completions, chat and KServe inference; pooling: /v1/embeddings; "
+        "auto: pooling for embedding checkpoints (sentence-transformers folders, *Model "
+        "architectures), else generate",
+    )
+    engine.add_argument(
+        "--convert",
+        default="auto",
+        choices=["auto", "embed"],
+        help="embed: serve a causal LM as an embedding model (pooled hidden states)",
+    )
+    engine.add_argument(
+        "--task",
+        default=None,
+        choices=["generate", "embed", "embedding"],
+        help="older vLLM spelling: generate is --runner generate, embed --runner pooling",
+    )
     engine.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     engine.add_argument(
         "--max-logprobs", type=int, default=20, help="max logprobs a request may ask for"
@@ -290,6 +310,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         raise ValueError(f"--grpc-port must be in 1..65535, got {args.grpc_port}.")
     if args.grpc_port == args.port:
         raise ValueError(f"--grpc-port and --port are both {args.port}; give them two ports.")
+    runner = _runner(args)
     if args.grpc_port is not None:
         from pinnace.runtime.server import oip_proto
 
@@ -315,6 +336,8 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        runner=runner,
+        convert=args.convert,
     )
     settings = ServerSettings(
         served_model_names=args.served_model_name or [default_served_name(model)],
@@ -329,6 +352,16 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         tools=ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser),
     )
     return config, settings
+
+
+def _runner(args: argparse.Namespace) -> str:
+    """--runner, or the runner the older --task names (not both, unless they agree)."""
+    if args.task is None:
+        return str(args.runner)
+    implied = "generate" if args.task == "generate" else "pooling"
+    if args.runner not in ("auto", implied):
+        raise ValueError(f"--task {args.task} contradicts --runner {args.runner}.")
+    return implied
 
 
 def _looks_like_path(value: str) -> bool:

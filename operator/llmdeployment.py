@@ -31,6 +31,9 @@ MANAGED_FLAGS: dict[str, str] = {
     "--no-enable-prefix-caching": "use engine.enablePrefixCaching",
     "--quantization": "use engine.quantization",
     "--kv-cache-dtype": "use engine.kvCacheDtype",
+    "--runner": "use engine.runner",
+    "--task": "use engine.runner",
+    "--convert": "use engine.runner",
     "--tensor-parallel-size": "use engine.tensorParallelSize",
     "--kv-cache-memory": "use engine.kvCacheMemory",
     "--enable-lora": "use adapters or engine.enableLora",
@@ -166,6 +169,11 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     if engine.kv_cache_memory is not None and gpus > 0:
         problems.append(
             "engine.kvCacheMemory is the CPU KV budget; with GPUs use engine.gpuMemoryUtilization"
+        )
+    if engine.runner == "pooling" and spec.adapters:
+        problems.append(
+            "adapters: LoRA adapters generate text; engine.runner pooling serves embeddings "
+            "of the base model only"
         )
     for arg in engine.extra_args:
         flag = arg.split("=", 1)[0]

@@ -161,6 +161,7 @@ class EnvVar(SpecModel):
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
+Runner = Literal["auto", "generate", "pooling"]
 
 
 class Engine(SpecModel):
@@ -171,6 +172,12 @@ class Engine(SpecModel):
     dtype: DType = "auto"
     quantization: Quantization | None = None
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    runner: Runner = Field(
+        default="auto",
+        description="What the model serves (vLLM's --runner): generate (completions, chat, "
+        "KServe inference) or pooling (/v1/embeddings); auto decides from the checkpoint "
+        "(sentence-transformers folders and *Model architectures pool).",
+    )
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(default=1, ge=1, le=16)

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from pinnace.runtime.layers.quantization.config import KV_CACHE_DTYPES, METHODS
 
 DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
+# vLLM's --runner and --convert: what the engine serves. "auto" decides from the checkpoint
+# (models/registry.resolve_runner); convert "embed" pools a causal LM's hidden states.
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "embed")
 
 
 @dataclass
@@ -39,6 +43,8 @@ class EngineConfig:
     max_loras: int = 1  # adapters one step may use (device slots)
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # adapters kept in host memory; None: max_loras
+    runner: str = "auto"  # generate (completions, chat) | pooling (embeddings) | auto
+    convert: str = "auto"  # embed: serve a causal LM as an embedding model (runner pooling)
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -69,6 +75,7 @@ class EngineConfig:
                 f"{', '.join(KV_CACHE_DTYPES)}."
             )
         self._check_lora()
+        self._check_runner()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
         if self.chat_template is not None and os.path.isfile(self.chat_template):
@@ -86,6 +93,14 @@ class EngineConfig:
                 f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
                 f"({self.max_loras})."
             )
+
+    def _check_runner(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner {self.runner!r} is not one of {', '.join(RUNNERS)}.")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"convert {self.convert!r} is not one of {', '.join(CONVERTS)}.")
+        if self.convert == "embed" and self.runner == "generate":
+            raise ValueError("convert 'embed' makes an embedding model: it needs runner pooling.")
 
     @property
     def resolved_max_num_batched_tokens(self) -> int:

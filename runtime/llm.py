@@ -33,7 +33,9 @@ class LLM:
     Keyword arguments are EngineConfig fields (vLLM's names: dtype, max_model_len,
     max_num_seqs, max_num_batched_tokens, block_size, enable_prefix_caching, seed,
     gpu_memory_utilization, kv_cache_memory, enable_lora, max_loras, max_lora_rank,
-    max_cpu_loras, ...).
+    max_cpu_loras, runner, convert, ...). runner="pooling" (or a checkpoint that
+    `runner="auto"` recognises as an embedding model) serves `embed` only; "generate"
+    serves `generate`, `chat` and `beam_search` only.
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
@@ -78,6 +80,7 @@ class LLM:
         `lora_request`: one adapter for every prompt, or one per prompt (None: the base
         model); the engine needs enable_lora=True.
         """
+        self.llm_engine.require_runner("generate")
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         loras = _as_lora_list(lora_request, len(prompt_list))
@@ -104,6 +107,7 @@ class LLM:
         """Beam search per prompt (runtime/beam_search.py); sequences best first, each
         with its text and cumulative logprob."""
         engine = self.llm_engine
+        engine.require_runner("generate")
         tokenized = [engine.tokenize(_unpack(p)) for p in _as_prompt_list(prompts)]
         instances = [BeamSearchInstance([BeamSearchSequence(t, len(t))]) for t in tokenized]
         # One token per beam with the 2 * beam_width best alternatives (vLLM's recipe).

@@ -69,6 +69,8 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     if engine.quantization is not None:
         args += ["--quantization", engine.quantization]
     args += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    if engine.runner != "auto":  # auto is the runtime's default: pods need not roll
+        args += ["--runner", engine.runner]
     if spec.resources.gpu_count > 0:
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]

@@ -19,11 +19,12 @@ from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.lora.request import LoRARequest
+from pinnace.runtime.models.registry import resolve_runner
 from pinnace.runtime.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.request import Request, RequestStatus
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.worker.grammar_mask import GrammarMasks
-from pinnace.runtime.worker.pooler import PoolingConfig, pooling_from_folder
+from pinnace.runtime.worker.pooler import PoolingConfig, has_pooling_config, pooling_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,14 @@ class LLMEngine:
         # How embeddings are pooled by default: a sentence-transformers folder says so.
         is_folder = os.path.isdir(config.model)
         self.pooling = pooling_from_folder(config.model) if is_folder else PoolingConfig()
+        # What this engine serves: "generate" (requests) or "pooling" (embed) -- never both,
+        # as in vLLM, so a deployment's endpoints say what the model is for.
+        self.runner_type = resolve_runner(
+            config.runner,
+            config.convert,
+            getattr(self.model_config, "architectures", None),
+            is_folder and has_pooling_config(config.model),
+        )
         # Structured outputs: grammars compiled (and cached) off the engine thread, masks
         # applied by the sampler.
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
@@ -120,6 +129,7 @@ class LLMEngine:
         read from its folder first if the engine does not hold it yet)."""
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use.")
+        self.require_runner("generate")
         prompt_ids = self.tokenize(prompt)
         max_tokens = self.validate(prompt_ids, params)
         lora_key = self._acquire_lora(lora_request)
@@ -193,6 +203,7 @@ class LLMEngine:
         self, prompts: list[str | list[int]], pooling: PoolingConfig | None = None
     ) -> list[EmbeddingRequestOutput]:
         """Pooled embeddings of whole prompts, in one forward outside the scheduler."""
+        self.require_runner("pooling")
         ids = [self.tokenize(p) for p in prompts]
         for prompt_ids in ids:
             self.validate(prompt_ids, SamplingParams(max_tokens=1))
@@ -201,6 +212,15 @@ class LLMEngine:
         return [
             EmbeddingRequestOutput(p, EmbeddingOutput(v)) for p, v in zip(ids, vectors, strict=True)
         ]
+
+    def require_runner(self, needed: str) -> None:
+        """ValueError unless this engine runs the `needed` runner ("generate"/"pooling")."""
+        if self.runner_type != needed:
+            what = "generation" if needed == "generate" else "embeddings"
+            raise ValueError(
+                f"this model runs with runner {self.runner_type!r}, which does not serve "
+                f"{what}; start it with runner {needed!r} (--runner {needed})."
+            )
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -78,3 +78,23 @@ def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
     module = importlib.import_module(f"pinnace.runtime.models.{entry.module}")
     cls: type[nn.Module] = getattr(module, entry.architecture)
     return cls
+
+
+# vLLM's rule for `--runner auto`: these architecture names are embedding models.
+POOLING_SUFFIXES = ("ForTextEncoding", "EmbeddingModel", "RewardModel", "Model")
+
+
+def resolve_runner(
+    runner: str, convert: str, architectures: list[str] | None, has_pooling_config: bool
+) -> str:
+    """ "generate" or "pooling" for EngineConfig's runner/convert and the checkpoint.
+
+    auto: pooling when asked to convert to an embedding model, when the architecture is
+    named as one (vLLM's suffixes), or when the folder is a sentence-transformers model
+    (its modules.json names a pooling); generate otherwise.
+    """
+    if runner != "auto":
+        return runner
+    architecture = (architectures or [""])[0]
+    named_pooling = architecture.endswith(POOLING_SUFFIXES)
+    return "pooling" if convert == "embed" or named_pooling or has_pooling_config else "generate"

@@ -24,6 +24,7 @@ from pinnace.runtime.server.lifecycle import Lifecycle
 from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.server.openai_routes import build_openai_router
 from pinnace.runtime.server.request_guard import RequestGuard, default_max_body_bytes
+from pinnace.runtime.server.runner_guard import build_runner_guard_router
 from pinnace.runtime.server.serving import ServerContext, server_version
 from pinnace.runtime.server.tools import ToolSettings
 
@@ -125,6 +126,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
+    app.include_router(build_runner_guard_router(engine.runner_type))  # first: it wins
     app.include_router(build_openai_router(ctx))
     app.include_router(build_embeddings_router(ctx))
     app.include_router(build_v1_router(ctx))

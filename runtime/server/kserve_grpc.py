@@ -37,6 +37,7 @@ from pinnace.runtime.server.kserve_v2 import (
     parse_infer_request,
     resolve,
 )
+from pinnace.runtime.server.runner_guard import wrong_runner
 from pinnace.runtime.server.serving import ServerContext, server_version
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class InferenceService:
 
     async def ModelInfer(self, request: Any) -> Any:
         model, version = self._resolve(request.model_name, request.model_version)
+        runner = self.ctx.engine.engine.runner_type
+        if runner != "generate":
+            raise wrong_runner(runner, "generate")
         body = parse_infer_request(self._rest_body(request))
         requests, shape, _ = await asyncio.to_thread(infer_requests, self.ctx, body, model)
         finals = await self.ctx.collect(requests)

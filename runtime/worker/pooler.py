@@ -37,6 +37,16 @@ class PoolingConfig:
             raise ValueError(f"pooling {self.method!r} is not one of {', '.join(POOLING_METHODS)}.")
 
 
+def has_pooling_config(path: str) -> bool:
+    """True for a sentence-transformers folder: modules.json lists a Pooling module."""
+    modules_file = os.path.join(path, "modules.json")
+    if not os.path.isfile(modules_file):
+        return False
+    with open(modules_file) as f:
+        modules = json.load(f)
+    return any(str(m.get("type", "")).endswith("Pooling") for m in modules)
+
+
 def pooling_from_folder(path: str) -> PoolingConfig:
     """The model folder's sentence-transformers pooling, else last-token + normalise."""
     modules_file = os.path.join(path, "modules.json")

@@ -100,6 +100,7 @@ def test_every_model_field_is_in_the_crd_and_nothing_else() -> None:
         ".spec.model.credentialsSecretRef",
         ".spec.engine.quantization",
         ".spec.engine.kvCacheDtype",
+        ".spec.engine.runner",
         ".spec.engine.maxNumSeqs",
         ".spec.engine.tensorParallelSize",
         ".spec.engine.env",

@@ -121,6 +121,13 @@ def test_file_and_pvc_models_need_no_download() -> None:
     assert pod["affinity"]["nodeAffinity"] and pod["runtimeClassName"] == "nvidia"
 
 
+def test_runner_flag_only_when_chosen() -> None:
+    args = container(render_deployment(example("embeddings")))["args"]
+    assert flag(args, "--runner") == "pooling"
+    # auto is the runtime's own default: not rendered, so existing pods do not roll
+    assert "--runner" not in container(render_deployment(example("minimal-cpu")))["args"]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_pods_are_locked_down(path: Path) -> None:
     dep = render_deployment(parse_llmdeployment(yaml.safe_load(path.read_text())))

@@ -1,6 +1,7 @@
 """LLM.embed: pooled final hidden states of a decoder equal transformers' (cosine >=
 0.9999) for last-token and mean pooling, for a batch of prompts of different lengths; a
-sentence-transformers folder's pooling and normalisation are the default."""
+sentence-transformers folder's pooling and normalisation are the default (and its runner,
+auto, is pooling). One runner per engine: generate and embed each refuse the other."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from pinnace.runtime import LLM
+from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.models.registry import resolve_runner
 
 PROMPTS = [[5, 17, 300, 4000, 9], list(range(100, 140)), [7]]
 
@@ -34,7 +36,7 @@ def test_embeddings_match_transformers(
     pooling: str, make_tiny_model: Callable[[str], Path]
 ) -> None:
     path = make_tiny_model("Qwen2ForCausalLM")
-    llm = LLM(str(path), dtype="float32", kv_cache_memory=2**24)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=2**24, runner="pooling")
     outs = llm.embed(PROMPTS, pooling=pooling, normalize=False)
     got = torch.tensor([o.outputs.embedding for o in outs])
     want = _reference(path, pooling)
@@ -61,10 +63,42 @@ def test_sentence_transformers_pooling_is_the_default(
     (folder / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True})
     )
-    llm = LLM(str(folder), dtype="float32", kv_cache_memory=2**24)
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory=2**24)  # runner auto
+    assert llm.llm_engine.runner_type == "pooling"  # picked from modules.json
     got = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
     want = F.normalize(_reference(folder, "mean"), dim=-1)
     assert F.cosine_similarity(got, want).min() >= 0.9999
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
     single = llm.embed("hello there")  # one prompt, as text
     assert len(single) == 1 and len(single[0].outputs.embedding) == 64
+
+
+def test_one_runner_per_engine(make_tiny_model: Callable[[str], Path]) -> None:
+    path = str(make_tiny_model("Qwen2ForCausalLM"))
+    params = SamplingParams(max_tokens=2)
+    generating = LLM(path, dtype="float32", kv_cache_memory=2**24)  # auto: a causal LM
+    assert generating.llm_engine.runner_type == "generate"
+    with pytest.raises(ValueError, match=r"runner .generate..*--runner pooling"):
+        generating.embed("hello")
+    pooling = LLM(path, dtype="float32", kv_cache_memory=2**24, convert="embed")
+    assert pooling.llm_engine.runner_type == "pooling"
+    with pytest.raises(ValueError, match=r"runner .pooling..*--runner generate"):
+        pooling.generate("hello", params, use_tqdm=False)
+    with pytest.raises(ValueError, match="runner 'pooling'"):
+        pooling.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="runner 'bogus' is not one of auto, generate, pooling"):
+        LLM(path, runner="bogus")
+    with pytest.raises(ValueError, match="needs runner pooling"):
+        LLM(path, runner="generate", convert="embed")
+
+
+@pytest.mark.parametrize(
+    ("architecture", "expected"),
+    [("Qwen2ForCausalLM", "generate"), ("Qwen2Model", "pooling"),
+     ("MistralModel", "pooling"), ("BertForTextEncoding", "pooling"),
+     ("GteEmbeddingModel", "pooling")],
+)  # fmt: skip
+def test_auto_runner_from_the_architecture_name(architecture: str, expected: str) -> None:
+    assert resolve_runner("auto", "auto", [architecture], False) == expected
+    assert resolve_runner("auto", "embed", [architecture], False) == "pooling"
+    assert resolve_runner("generate", "auto", [architecture], True) == "generate"

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pinnace.cli.main import main
-from pinnace.cli.serve import default_served_name, parse_bytes
+from pinnace.cli.main import build_parser, main
+from pinnace.cli.serve import build_config, default_served_name, parse_bytes
 
 PINNACE = str(Path(sys.executable).with_name("pinnace"))
 FLAGS = [
@@ -26,6 +26,7 @@ FLAGS = [
     "--chat-template", "--seed", "--max-waiting-requests", "--metrics-prefix-vllm",
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
     "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--grpc-port",
+    "--runner", "--convert", "--task",
 ]  # fmt: skip
 
 
@@ -79,6 +80,8 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["{model}", "--port", "9000", "--grpc-port", "9000"], "both 9000"),
         (["{model}", "--chat-template", "missing.jinja"], "missing.jinja"),
         (["{model}", "--max-waiting-requests", "0"], "max_waiting_requests"),
+        (["{model}", "--task", "embed", "--runner", "generate"], "contradicts --runner"),
+        (["{model}", "--runner", "generate", "--convert", "embed"], "needs runner pooling"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(
@@ -89,6 +92,19 @@ def test_bad_flags_give_one_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith("pinnace serve: error:") and "\n" not in err
     assert needle in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "runner", "convert"),
+    [([], "auto", "auto"), (["--runner", "pooling"], "pooling", "auto"),
+     (["--task", "embed"], "pooling", "auto"), (["--task", "generate"], "generate", "auto"),
+     (["--task", "embedding", "--runner", "pooling"], "pooling", "auto"),
+     (["--convert", "embed"], "auto", "embed")],
+)  # fmt: skip
+def test_runner_flags(tmp_path: Path, flags: list[str], runner: str, convert: str) -> None:
+    args = build_parser().parse_args(["serve", str(tmp_path), *flags])
+    config, _ = build_config(args)
+    assert (config.runner, config.convert) == (runner, convert)
 
 
 def test_grpc_without_its_proto_says_where_to_point(

@@ -1,6 +1,7 @@
-"""/v1/embeddings through the official openai client: float and base64 answers agree and
-equal LLM.embed's vectors, one per input, with usage; bad requests are 400s naming the
-parameter."""
+"""/v1/embeddings through the official openai client on a --runner pooling server: float
+and base64 answers agree and equal LLM.embed's vectors, one per input, with usage; bad
+requests are 400s naming the parameter. Each runner's server answers the other's endpoints
+with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def served(
     make_tiny_model: Callable[[str], Path], serve_app: Callable[..., Any]
 ) -> Iterator[tuple[Any, LLMEngine]]:
     config = EngineConfig(
-        model=str(make_tiny_model("Qwen2ForCausalLM")), dtype="float32", kv_cache_memory=2**24
+        model=str(make_tiny_model("Qwen2ForCausalLM")),
+        dtype="float32",
+        kv_cache_memory=2**24,
+        runner="pooling",
     )
     engine = LLMEngine(config)
     server = serve_app(build_app(engine, ServerSettings(served_model_names=["tiny"])))
@@ -71,3 +75,40 @@ def test_bad_requests_are_400s(
         response = http.post("/v1/embeddings", json={"model": "tiny", **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_pooling_server_refuses_generation(served: tuple[Any, LLMEngine]) -> None:
+    server, _ = served
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match=r"--runner pooling.*--runner generate"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="does not serve text generation"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    infer = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    with server.client() as http:
+        v2 = http.post("/v2/models/tiny/infer", json=infer)
+        v1 = http.post("/v1/models/tiny:predict", json={"instances": ["hi"]})
+        models = http.get("/v1/models")
+    for response in (v2, v1):  # KServe's error shape on KServe routes
+        assert response.status_code == 404
+        assert "--runner generate" in response.json()["error"]
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+
+def test_generate_server_refuses_embeddings(
+    make_tiny_model: Callable[[str], Path], serve_app: Callable[..., Any]
+) -> None:
+    config = EngineConfig(
+        model=str(make_tiny_model("Qwen2ForCausalLM")), dtype="float32", kv_cache_memory=2**24
+    )
+    engine = LLMEngine(config)  # runner auto: a causal LM generates
+    server = serve_app(build_app(engine, ServerSettings(served_model_names=["tiny"])))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match=r"--runner generate.*--runner pooling"):
+            client.embeddings.create(model="tiny", input="hi")
+        reply = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert reply.usage is not None and reply.usage.completion_tokens == 2
+    finally:
+        server.stop()
