@@ -45,6 +45,11 @@ class Request:
     Prefill, chunked prefill, prefix-cache hits and recompute after preemption are all the
     same thing: the scheduler schedules `num_tokens - num_computed_tokens` (capped) tokens.
     A sampled token is appended only once every known token has its KV computed.
+
+    Speculative decoding: `spec_token_ids` are proposed tokens kept apart from the known
+    ones (never in all_token_ids, so never hashed into the prefix cache). A step computes
+    KV for them too; after verification `num_computed_tokens` is rolled back past the
+    rejected ones, whose KV slots the next step overwrites.
     """
 
     req_id: str
@@ -68,6 +73,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # Filled chunk by chunk: entry j scores prompt token j + 1 (prompt_logprobs requests).
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
@@ -79,6 +85,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.all_token_ids) + len(self.spec_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

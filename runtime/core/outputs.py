@@ -10,7 +10,15 @@ from pinnace.runtime.sampling_params import SamplingParams
 @dataclass
 class ScheduledRequest:
     """One request's share of a step: compute KV for `token_ids` at positions from
-    `num_computed_tokens`, and sample a next token if `needs_sample`."""
+    `num_computed_tokens`, and sample if `needs_sample`.
+
+    With speculative decoding the last `len(spec_token_ids)` of `token_ids` are proposed
+    tokens, not yet the request's: the runner verifies them and samples up to
+    len(spec_token_ids) + 1 tokens (the accepted drafts, then one of its own):
+
+        token_ids:  t_n  d_1  d_2  d_3      (t_n: the last known token)
+        rows:       r0   r1   r2   r3       r_i scores d_{i+1}; r3 gives the bonus token
+    """
 
     req_id: str
     token_ids: list[int]
@@ -26,6 +34,8 @@ class ScheduledRequest:
     lora_id: int = 0  # the engine's key of the adapter (see LoRAManager); 0: base model
     # Top-k of the prompt logprobs this chunk's prompt rows owe (None: none owed).
     num_prompt_logprobs: int | None = None
+    # Proposed tokens at the end of token_ids (only when needs_sample).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -59,10 +69,13 @@ class Logprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    """Sampled token per request that needed one (absent: a partial prefill chunk)."""
+    """Per request that sampled (absent: a partial prefill chunk): its new tokens in order,
+    one or more (accepted drafts, then the runner's own token)."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # one per sampled token
+    # Tokens proposed for the next step, per request (speculative decoding; empty without).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Per request asking prompt logprobs: one {token_id: logprob} per prompt row of this
     # chunk that predicts a prompt token (row at position p scores prompt token p + 1).
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
@@ -86,10 +99,10 @@ class RequestUpdate:
     """What one step changed for one request: the engine turns these into user outputs."""
 
     req_id: str
-    new_token_ids: list[int]
+    new_token_ids: list[int]  # in order; a stop ends the list (nothing past it)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: Logprobs | None = None
+    logprobs: list[Logprobs] | None = None  # one per new token when asked
     # With the first sampled token of a request asking them: prompt logprobs, one per
     # prompt token after the first.
     prompt_logprobs: list[dict[int, float]] | None = None

@@ -1,10 +1,11 @@
 """Continuous batching with a token budget, chunked prefill and preemption by recompute.
 
-Each step: running requests first (FCFS order; one decode token each, or the next chunk of
-an unfinished prefill), then waiting requests while budget, sequence slots and KV blocks
-last. When a running request cannot get a block, the most recently admitted running
-request is preempted: its blocks are freed and it goes back to the front of the queue to
-be recomputed later (its prefix blocks often survive in the prefix cache).
+Each step: running requests first (FCFS order; one decode token each plus its proposed
+tokens under speculative decoding, or the next chunk of an unfinished prefill), then
+waiting requests while budget, sequence slots and KV blocks last. When a running request
+cannot get a block, the most recently admitted running request is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed later (its prefix
+blocks often survive in the prefix cache).
 
 LoRA: running requests never use more distinct adapters than `max_loras` (the device
 slots), so neither does any step. A waiting request whose adapter would need one more
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 from pinnace.runtime.core.block_pool import KVBlock
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import (
+    Logprobs,
     ModelRunnerOutput,
     RequestUpdate,
     ScheduledRequest,
@@ -102,7 +104,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # Proposed tokens count in the budget; the budget may cut some of them off.
+            num_new = min(request.num_tokens_with_spec - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -119,6 +122,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -155,14 +159,17 @@ class Scheduler:
         self.waiting.extendleft(reversed(passed_over))
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        """`num_new` tokens from num_computed_tokens: known ones first, then proposed."""
         start = request.num_computed_tokens
+        num_known = min(num_new, request.num_tokens - start)
+        spec = request.spec_token_ids[: num_new - num_known]
         return ScheduledRequest(
             req_id=request.req_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start : start + num_known] + spec,
             num_computed_tokens=start,
             block_ids=self.kv.block_ids(request.req_id),
             sampling_params=request.sampling_params,
-            needs_sample=start + num_new == request.num_tokens,
+            needs_sample=start + num_known == request.num_tokens,
             num_output_tokens=request.num_output_tokens,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -172,6 +179,7 @@ class Scheduler:
                 if request.needs_prompt_logprobs and start < request.num_prompt_tokens - 1
                 else None
             ),
+            spec_token_ids=spec,
         )
 
     # -- after the forward pass ---------------------------------------------------------
@@ -179,7 +187,8 @@ class Scheduler:
     def update_from_output(
         self, scheduled: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[RequestUpdate]:
-        """Advance token accounting, append sampled tokens and apply token-level stops."""
+        """Advance token accounting (rolling back rejected proposals), append the sampled
+        tokens one at a time with token-level stops, and take the next proposals."""
         updates = []
         for item in scheduled.scheduled:
             request = self.requests.get(item.req_id)
@@ -192,29 +201,58 @@ class Scheduler:
                 start = item.num_computed_tokens
                 request.prompt_logprobs[start : start + len(chunk)] = chunk
             request.num_computed_tokens += item.num_scheduled_tokens
-            token_id = result.sampled_token_ids.get(item.req_id)
-            if token_id is None:
+            token_ids = result.sampled_token_ids.get(item.req_id)
+            if not token_ids:
                 continue
-            request.append_output_token(token_id)
-            status = self._check_stop(request, token_id)
-            update = RequestUpdate(
-                item.req_id,
-                [token_id],
-                logprobs=result.logprobs.get(item.req_id),
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-            )
-            if (
-                request.num_output_tokens == 1
-                and request.sampling_params.prompt_logprobs is not None
-            ):
-                update.prompt_logprobs = list(request.prompt_logprobs)
-            if status is not None:
-                self.running.remove(request)
-                self._finish(request, status)
-                update.finish_reason = status.finish_reason
-                update.stop_reason = request.stop_reason
+            # k proposals scheduled, a accepted: a + 1 tokens came back. The KV of the k - a
+            # rejected ones is stale: roll back so the next step overwrites their slots.
+            num_rejected = len(item.spec_token_ids) + 1 - len(token_ids)
+            request.num_computed_tokens -= num_rejected
+            request.spec_token_ids = []
+            update = self._append_tokens(request, token_ids, result.logprobs.get(item.req_id))
+            if update.finish_reason is None:
+                request.spec_token_ids = self._fit_proposal(
+                    request, result.spec_token_ids.get(item.req_id, [])
+                )
             updates.append(update)
         return updates
+
+    def _append_tokens(
+        self, request: Request, token_ids: list[int], logprobs: list[Logprobs] | None
+    ) -> RequestUpdate:
+        """Append tokens in order, stopping at the first that ends the request."""
+        status = None
+        num_new = 0
+        for token_id in token_ids:
+            request.append_output_token(token_id)
+            num_new += 1
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                break
+        update = RequestUpdate(
+            request.req_id,
+            token_ids[:num_new],
+            logprobs=logprobs[:num_new] if logprobs is not None else None,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+        is_first = request.num_output_tokens == num_new
+        if is_first and request.sampling_params.prompt_logprobs is not None:
+            update.prompt_logprobs = list(request.prompt_logprobs)
+        if status is not None:
+            self.running.remove(request)
+            self._finish(request, status)
+            update.finish_reason = status.finish_reason
+            update.stop_reason = request.stop_reason
+        return update
+
+    def _fit_proposal(self, request: Request, spec_token_ids: list[int]) -> list[int]:
+        """Proposals the request can still use: a step yields at most k + 1 tokens, which
+        must fit max_tokens and the context length."""
+        room = min(
+            request.max_tokens - request.num_output_tokens,
+            self.max_model_len - request.num_tokens,
+        )
+        return spec_token_ids[: max(room - 1, 0)]
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

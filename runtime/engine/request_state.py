@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from pinnace.runtime.core.outputs import RequestUpdate
+from pinnace.runtime.core.outputs import Logprobs, RequestUpdate
 from pinnace.runtime.engine.detokenizer import IncrementalDetokenizer
 from pinnace.runtime.outputs import CompletionOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
@@ -25,25 +25,32 @@ class SampleState:
     stop_reason: int | str | None = None
 
     def apply(self, update: RequestUpdate) -> str | None:
-        """Record a step's tokens; returns a stop string if the text now contains one."""
-        self.token_ids.extend(update.new_token_ids)
-        if update.logprobs is not None:
-            lp = update.logprobs
-            entry = dict(lp.top)
-            entry[update.new_token_ids[-1]] = lp.token_logprob
-            self.logprobs = [*(self.logprobs or []), entry]
-            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.token_logprob
-        text_ids = update.new_token_ids
-        if update.finish_reason == "stop" and not self.detok.include_stop:
-            text_ids = text_ids[:-1]  # as in vLLM, the EOS / stop token's text is left out
-        stop = self.detok.update(text_ids)
+        """Record a step's tokens one at a time; returns a stop string if the text now
+        contains one (the tokens after the one that completed it are dropped)."""
+        num_new = len(update.new_token_ids)
+        for i, token_id in enumerate(update.new_token_ids):
+            self.token_ids.append(token_id)
+            if update.logprobs is not None:
+                self._add_logprobs(token_id, update.logprobs[i])
+            is_last = i == num_new - 1
+            text_ids = [token_id]
+            if is_last and update.finish_reason == "stop" and not self.detok.include_stop:
+                text_ids = []  # as in vLLM, the EOS / stop token's text is left out
+            stop = self.detok.update(text_ids)
+            if stop is not None:
+                # The text was cut at the stop string, so it is the reason even when the
+                # same token also reached max_tokens (vLLM reports it the same way).
+                self.finish_reason, self.stop_reason = "stop", stop
+                return stop
         if update.finish_reason is not None:
             self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
-        if stop is not None:
-            # The text was cut at the stop string, so it is the reason even when the same
-            # token also reached max_tokens (vLLM reports it the same way).
-            self.finish_reason, self.stop_reason = "stop", stop
-        return stop
+        return None
+
+    def _add_logprobs(self, token_id: int, lp: Logprobs) -> None:
+        entry = dict(lp.top)
+        entry[token_id] = lp.token_logprob
+        self.logprobs = [*(self.logprobs or []), entry]
+        self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.token_logprob
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(

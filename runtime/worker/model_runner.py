@@ -79,9 +79,9 @@ class ModelRunner:
         ]
         tokens, logprobs = self.sampler(logits, rows)
         for item, token, lp in zip(items, tokens, logprobs, strict=True):
-            out.sampled_token_ids[item.req_id] = token
+            out.sampled_token_ids[item.req_id] = [token]
             if lp is not None:
-                out.logprobs[item.req_id] = lp
+                out.logprobs[item.req_id] = [lp]
         return out
 
     def _prompt_logprobs(

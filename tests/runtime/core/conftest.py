@@ -148,7 +148,7 @@ class Harness:
                 )
             if item.needs_sample:
                 sample = self.sample or self._random_token
-                result.sampled_token_ids[item.req_id] = sample(request)
+                result.sampled_token_ids[item.req_id] = [sample(request)]
         return result
 
     def _random_token(self, request: Request) -> int:

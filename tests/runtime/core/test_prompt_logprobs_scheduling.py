@@ -26,7 +26,7 @@ def execute(sched: SchedulerOutput, requests: dict[str, Request]) -> ModelRunner
             end = min(start + item.num_scheduled_tokens, len(prompt) - 1)
             out.prompt_logprobs[item.req_id] = [entry(prompt, p) for p in range(start, end)]
         if item.needs_sample:
-            out.sampled_token_ids[item.req_id] = 7
+            out.sampled_token_ids[item.req_id] = [7]
     return out
 
 

@@ -25,7 +25,7 @@ def make_request(req_id: str, lora_id: int, prompt: list[int], max_tokens: int =
 
 def run_step(scheduler: Scheduler) -> SchedulerOutput:
     out = scheduler.schedule()
-    sampled = {s.req_id: 7 for s in out.scheduled if s.needs_sample}
+    sampled = {s.req_id: [7] for s in out.scheduled if s.needs_sample}
     scheduler.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
     return out
 
