@@ -23,6 +23,7 @@ one tensor in float32, not the whole model.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,17 @@ from pinnace.runtime.layers.quantization.gguf import GGUFBlocks
 from pinnace.runtime.models.registry import ModelEntry, entry_for_model_type, gguf_entries
 
 Q = GGMLQuantizationType
+# Stands for the expert index in the HF name of a stacked expert tensor (one per expert).
+EXPERT_SLOT = "{expert}"
+# llama.cpp's stacked experts -> the per-expert HF module each expert's slice is.
+GGUF_EXPERTS = {
+    "ffn_gate_exps": "gate_proj",
+    "ffn_up_exps": "up_proj",
+    "ffn_down_exps": "down_proj",
+}
+_STACKED_EXPERTS = re.compile(
+    r"(?P<prefix>model\.layers\.(?P<block>\d+)\.mlp\.experts)\.(?P<w>gate_up_proj|down_proj)"
+)
 # Q5_0/Q5_1 are here because llama.cpp falls back to them inside K-quant files whenever a row
 # length is not a multiple of 256 (Qwen2-0.5B's 896 is), so a "Q4_K_M" file contains them.
 SUPPORTED_TENSOR_TYPES = frozenset(
@@ -81,11 +93,23 @@ class GGUFCheckpoint:
         """Yield `(hf_name, tensor)` in file order, dequantized to `dtype`, in HF layout.
 
         Each tensor is a fresh CPU tensor the caller owns (never a view of the mapped file).
-        `lm_head.weight` appears only when the file has its own output matrix (untied).
+        `lm_head.weight` appears only when the file has its own output matrix (untied). A
+        stacked expert tensor comes one expert at a time, under the per-expert HF name
+        (`...mlp.experts.<j>.gate_proj.weight`).
         """
         _check_float(dtype)
         for tensor in self._reader.tensors:
-            yield self._hf_names[tensor.name], self._dequantized(tensor, dtype)
+            yield from self._named(tensor, self._dequantized(tensor, dtype))
+
+    def _named(
+        self, tensor: ReaderTensor, values: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        name = self._hf_names[tensor.name]
+        if EXPERT_SLOT not in name:
+            yield name, values
+            return
+        for j, expert in enumerate(values.unbind(0)):  # [E, out, in] -> E x [out, in]
+            yield name.replace(EXPERT_SLOT, str(j)), expert
 
     def weights_keeping_4bit(
         self, dtype: torch.dtype, keep: Collection[str]
@@ -97,8 +121,8 @@ class GGUFCheckpoint:
             name = self._hf_names[tensor.name]
             if name in keep and tensor.tensor_type.name in GGUF_INT4_TYPES:
                 yield name, self._blocks(tensor)
-            else:
-                yield name, self._dequantized(tensor, dtype)
+            else:  # stacked experts are never kept 4-bit: they are not linear layers
+                yield from self._named(tensor, self._dequantized(tensor, dtype))
 
     def _dequantized(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
         # float32 numpy in torch order ([out_features, in_features] for a linear weight)
@@ -149,6 +173,7 @@ def load_gguf(path: str) -> GGUFCheckpoint:
 
     directory, name = os.path.split(os.path.abspath(file))
     config = AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    _expert_sizes_from_file(config, reader, architecture)
     # transformers leaves `architectures` unset for GGUF; the engine picks its class from it.
     # Its model type decides the class (a llama-architecture file named "Mistral" is mistral).
     entry = entry_for_model_type(config.model_type)
@@ -206,6 +231,19 @@ def _read_field(reader: GGUFReader, key: str) -> Any:
     return None if found is None else found.contents()
 
 
+def _expert_sizes_from_file(config: PretrainedConfig, reader: GGUFReader, arch: str) -> None:
+    """transformers' GGUF config leaves Qwen-MoE's expert sizes at the flagship model's
+    defaults (1408 / 5632 / 768); llama.cpp writes the real ones, so read those."""
+    sizes = {
+        "expert_feed_forward_length": "moe_intermediate_size",
+        "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    }
+    for key, attribute in sizes.items():
+        value = _read_field(reader, f"{arch}.{key}")
+        if value is not None and hasattr(config, attribute):
+            setattr(config, attribute, int(value))
+
+
 def _check_loadable(reader: GGUFReader, architecture: str, file: str) -> None:
     """Reject files whose weights or metadata this loader would read wrongly."""
     if (_read_field(reader, "split.count") or 1) > 1:
@@ -226,7 +264,20 @@ def _check_loadable(reader: GGUFReader, architecture: str, file: str) -> None:
     scaling = _read_field(reader, f"{architecture}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ValueError(f"{file} uses {scaling!r} RoPE scaling, which is not supported yet.")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    tensor_names = {t.name for t in reader.tensors}
+    if architecture == "llama" and "blk.0.ffn_gate_inp.weight" in tensor_names:
+        raise ValueError(
+            f"{file} is a Mixtral-style mixture of experts written as GGUF architecture "
+            "'llama', which transformers' GGUF reader takes for a dense Llama (it has no "
+            "config for its experts), so it cannot be loaded from GGUF; load the "
+            "safetensors checkpoint instead."
+        )
+    if "rope_factors_long.weight" in tensor_names:
+        raise ValueError(
+            f"{file} uses LongRoPE (Phi-3 128k-style rope factors), which transformers' GGUF "
+            "reader does not configure; load the safetensors checkpoint instead."
+        )
+    if "rope_freqs.weight" in tensor_names:
         raise ValueError(
             f"{file} stores per-dimension RoPE frequencies (Llama-3.1-style rope scaling), "
             "which is not supported yet."
@@ -247,6 +298,17 @@ def _map_tensor_names(
     name_map = get_tensor_name_map(arch_id, config.num_hidden_layers)
     expected: dict[str, str] = {}
     for hf_name in model.state_dict():
+        stacked = _STACKED_EXPERTS.fullmatch(hf_name)
+        if stacked is not None:
+            # transformers (v5) stacks a layer's experts as gate_up_proj and down_proj;
+            # llama.cpp stores gate, up and down apart. Each becomes the per-expert HF
+            # names (legacy checkpoints' `experts.<j>.gate_proj.weight`), which the models
+            # load; the layer's three entries are made once, at its down_proj.
+            if stacked["w"] == "down_proj":
+                for gguf_leaf, hf_leaf in GGUF_EXPERTS.items():
+                    name = f"{stacked['prefix']}.{EXPERT_SLOT}.{hf_leaf}.weight"
+                    expected[f"blk.{stacked['block']}.{gguf_leaf}.weight"] = name
+            continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
             expected[gguf_name] = hf_name

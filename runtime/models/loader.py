@@ -247,11 +247,16 @@ def _weight_stream(
 
 
 def _gguf_kept_4bit(gguf: GGUFCheckpoint) -> set[str]:
-    """Linear weights stored in a 4-bit ggml type (the embedding is looked up, not kept)."""
+    """Linear weights stored in a 4-bit ggml type (the embedding is looked up, not kept;
+    stacked experts are not linear layers and load as floats)."""
+    from pinnace.runtime.models.gguf_loader import EXPERT_SLOT
+
     return {
         name
         for name, kind in gguf.tensor_types.items()
-        if kind in GGUF_INT4_TYPES and name != "model.embed_tokens.weight"
+        if kind in GGUF_INT4_TYPES
+        and name != "model.embed_tokens.weight"
+        and EXPERT_SLOT not in name
     }
 
 

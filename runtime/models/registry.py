@@ -36,12 +36,16 @@ _ENTRIES = (
     ),
     ModelEntry("Qwen2ForCausalLM", "qwen2", "qwen2", "qwen2"),
     ModelEntry("Qwen3ForCausalLM", "qwen3", "qwen3", "qwen3"),
-    ModelEntry("Gemma2ForCausalLM", "gemma2", "gemma2"),
+    ModelEntry("Gemma2ForCausalLM", "gemma2", "gemma2", "gemma2"),
     ModelEntry("Gemma3ForCausalLM", "gemma3", "gemma3_text", "gemma3"),
-    ModelEntry("Phi3ForCausalLM", "phi3", "phi3"),
+    # Phi-3 files keep the checkpoint's fused attn_qkv and ffn_up (gate and up rows).
+    ModelEntry("Phi3ForCausalLM", "phi3", "phi3", "phi3"),
+    # llama.cpp writes Mixtral as architecture "llama" plus expert tensors, which
+    # transformers' GGUF config reads as a dense Llama: not loadable from GGUF.
     ModelEntry("MixtralForCausalLM", "mixtral", "mixtral"),
-    ModelEntry("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2_moe"),
-    ModelEntry("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe"),
+    # Experts stacked per layer (ffn_{gate,up,down}_exps [E, out, in]), read one by one.
+    ModelEntry("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2_moe", "qwen2moe"),
+    ModelEntry("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe", "qwen3moe"),
 )
 _MODELS = {e.architecture: e for e in _ENTRIES}
 

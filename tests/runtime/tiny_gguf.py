@@ -1,7 +1,7 @@
 """Tiny GGUF checkpoints, written with `gguf.GGUFWriter` as llama.cpp would lay them out:
 llama.cpp's metadata for a small Llama, Mistral or Qwen2, a byte-level BPE tokenizer with a
 chat template, and every matrix in one tensor type (quantized by gguf where it can, valid raw
-blocks where it cannot).
+blocks where it cannot); or any architecture's random transformers model (`write_hf_model`).
 
 test_gguf_loader.py loads this file by path: under `--import-mode=importlib` a helper module
 in a test folder is not importable by name (tests/operator/conftest.py has the details).
@@ -10,9 +10,11 @@ Fixtures would not do: the tests build `Tiny` specs in their parametrize lists, 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -43,10 +45,11 @@ class Tiny:
     layers: int = 2
     tied: bool = True
     name: str = "tiny"  # general.name; transformers reads a llama file named "mistral" as Mistral
+    head_dim_override: int | None = None  # when it is not hidden // heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_dim_override or self.hidden // self.heads
 
 
 def tiny_layout(spec: Tiny) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -184,3 +187,89 @@ def write_tiny(
         tensors.append((gguf_name, data, raw_dtype))
     write_gguf(path, spec, tensors, extra)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Any architecture: a (random) transformers model written as llama.cpp's converter writes it
+# ---------------------------------------------------------------------------------------------
+
+# transformers (v5) keeps a layer's experts stacked: gate_up_proj [E, 2I, H] (gate rows first)
+# and down_proj [E, H, I]; llama.cpp stores ffn_gate_exps / ffn_up_exps [E, I, H] and
+# ffn_down_exps [E, H, I].
+_HF_EXPERTS = re.compile(
+    r"model\.layers\.(?P<bid>\d+)\.mlp\.experts\.(?P<w>gate_up_proj|down_proj)"
+)
+
+
+def gguf_tensors_from_hf(
+    state: dict[str, np.ndarray], arch: str, num_layers: int, tied: bool
+) -> list[tuple[str, np.ndarray]]:
+    """`(gguf_name, values)` for a transformers state dict, with llama.cpp's fix-ups: Gemma's
+    norms stored plus one, Qwen2-MoE's shared-expert gate as a vector, experts stacked."""
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(arch_id, num_layers)
+    out: list[tuple[str, np.ndarray]] = []
+    for hf_name, values in state.items():
+        expert = _HF_EXPERTS.fullmatch(hf_name)
+        if expert is not None:
+            block = f"blk.{expert['bid']}."
+            if expert["w"] == "gate_up_proj":
+                gate, up = np.split(values, 2, axis=1)
+                out += [(block + "ffn_gate_exps.weight", gate), (block + "ffn_up_exps.weight", up)]
+            else:
+                out.append((block + "ffn_down_exps.weight", values))
+            continue
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, hf_name
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            values = values + 1.0
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):
+            values = values.reshape(-1)
+        out.append((gguf_name, values))
+    return out
+
+
+def write_hf_model(
+    path: Path, arch: str, config: Any, state: dict[str, np.ndarray], quantize: bool = True
+) -> None:
+    """A GGUF of `arch` (llama.cpp's general.architecture) holding a transformers model:
+    llama.cpp's hyper-parameter keys from `config`, the byte-level BPE tokenizer above, the
+    matrices as Q8_0 where their rows allow it (F32 otherwise, or with quantize=False)."""
+    tied = bool(config.tie_word_embeddings)
+    tensors: list[tuple[str, np.ndarray, Q | None]] = []
+    for name, values in gguf_tensors_from_hf(state, arch, config.num_hidden_layers, tied):
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if quantize and values.ndim >= 2 and values.shape[-1] % 32 == 0:
+            tensors.append((name, gguf.quants.quantize(values, Q.Q8_0), Q.Q8_0))
+        else:
+            tensors.append((name, values, None))
+
+    def hyper_parameters(writer: gguf.GGUFWriter) -> None:
+        # transformers' config defaults may name a pad id past this small vocabulary (Phi-3)
+        writer.add_pad_token_id(EOT_ID)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
+        if experts:
+            writer.add_expert_count(experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+    spec = Tiny(
+        arch=arch,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        inter=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        tied=tied,
+        head_dim_override=config.head_dim,
+    )
+    write_gguf(path, spec, tensors, hyper_parameters)
