@@ -373,12 +373,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import build_app
     from pinnace.runtime.server.lifecycle import run_server
 
-    engine = LLMEngine(config)
-    app = build_app(engine, settings)
+    # The engine core loads the model in a process of its own; this one serves HTTP.
+    app = build_app(config, settings)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     logger.info(
         "Serving %s at http://%s:%d  (OpenAI /v1, KServe /v1/models/...:predict and /v2, "

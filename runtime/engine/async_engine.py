@@ -1,208 +1,251 @@
-"""AsyncLLMEngine: one background thread drives the engine; each request gets a stream.
+"""AsyncLLMEngine: the front end of a served engine; each request gets a stream.
 
-LLMEngine is not thread-safe, so every engine call happens on one dedicated thread:
+The engine core (scheduler + model) runs apart from the event loop: in its own process
+for `pinnace serve` (`AsyncLLMEngine.spawn`, core_proc.py), or on a thread of this process
+around an `LLMEngine` (`AsyncLLMEngine(engine)`). The front end keeps what needs no model:
+tokenizing and validating, the n samples of a request, incremental detokenization, stop
+strings, and the streams.
 
-    event loop (HTTP handlers)            engine thread
-    --------------------------            -------------
-    generate() -> inbox.put(Add) ------>  drain inbox: add_request / abort_request
-                                          step() -> outputs
-    stream.queue  <-- call_soon_threadsafe(deliver, outputs)
+    event loop (HTTP handlers)                      engine core (process or thread)
+    --------------------------                      -------------------------------
+    generate() -> AddRequests ───────────────────>  add between two steps
+                                                    step() -> one StepOutputs per step
+    _on_event: OutputProcessor (text, stop strings) <──┘
+               -> stream.queue of each request
+               -> AbortRequests(stopped) for samples a stop string ended
     leaving `async with` unfinished
-               -> inbox.put(Abort) ---->  abort_request: KV blocks freed before next step
-    add_lora() reads the folder in a worker thread, then
-               -> inbox.put(Call) ----->  add_lora / remove_lora between two steps
-
-Torch releases the GIL during compute, so the event loop keeps serving while a step runs.
-Tokenizing and validating (`validate`) only read the tokenizer and the config, so the
-event loop may call them directly.
+               -> AbortRequests ─────────────────>  KV blocks freed before the next step
+    add_lora / remove_lora / embed -> UtilityCall ->  run between two steps -> UtilityResult
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import SchedulerStats
+from pinnace.runtime.engine.core_client import CoreClient, InprocClient, MPClient
+from pinnace.runtime.engine.core_messages import (
+    AbortRequests,
+    AddRequests,
+    CoreDead,
+    Event,
+    RequestsFailed,
+    StepOutputs,
+    UtilityCall,
+    UtilityResult,
+    dumps,
+    loads,
+    to_wire,
+)
+from pinnace.runtime.engine.engine_core import require_runner, runner_type_of, validate_request
+from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.engine.output_processor import OutputProcessor
+from pinnace.runtime.engine.streams import (
+    EngineDeadError,
+    EngineFailedError,
+    EngineStepError,
+    QueueFullError,
+    RequestObserver,
+    RequestStream,
+)
 from pinnace.runtime.lora.request import LoRARequest
-from pinnace.runtime.outputs import EmbeddingRequestOutput, RequestOutput
+from pinnace.runtime.outputs import EmbeddingRequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "EngineFailedError",
+    "EngineStepError",
+    "QueueFullError",
+    "RequestObserver",
+    "RequestStream",
+]
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread failed and cannot serve any more requests."""
-
-
-class EngineFailedError(EngineDeadError):
-    """The engine thread died of an error (not a shutdown): the server must be restarted."""
-
-
-class EngineStepError(RuntimeError):
-    """A step failed; the requests in it were aborted, the engine goes on serving."""
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the client should retry later."""
-
-
 @dataclass
-class RequestStream:
-    """One request's outputs, in order, plus the timestamps metrics need (monotonic s)."""
+class ModelFacts:
+    """What the front end knows of the served model without holding it."""
 
-    request_id: str
-    num_prompt_tokens: int
-    arrival_time: float = field(default_factory=time.monotonic)
-    scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    previous_token_time: float | None = None  # the token step before the last one
-    num_generation_tokens: int = 0
-    finished: bool = False
-    last_output: RequestOutput | None = None
-    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    config: EngineConfig
+    tokenizer: PreTrainedTokenizerBase
+    model_config: PretrainedConfig
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+    max_model_len: int
+    grammar: GrammarCompiler
+    runner_type: str  # "generate" or "pooling"
 
-    def __aiter__(self) -> RequestStream:
-        return self
+    @classmethod
+    def of_engine(cls, engine: LLMEngine) -> ModelFacts:
+        return cls(
+            engine.config, engine.tokenizer, engine.model_config, engine.eos_token_ids,
+            engine.vocab_size, engine.max_model_len, engine.grammar, engine.runner_type,
+        )  # fmt: skip
 
-    async def __anext__(self) -> RequestOutput:
-        if self.finished and self.queue.empty():
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    @classmethod
+    def of_checkpoint(cls, config: EngineConfig, max_model_len: int) -> ModelFacts:
+        from pinnace.runtime.models.loader import open_checkpoint  # reads no weights
 
-
-class RequestObserver(Protocol):
-    """Told about every delivered output and every finished or aborted request."""
-
-    def on_output(self, stream: RequestStream, output: RequestOutput, num_new_tokens: int) -> None:
-        pass
-
-    def on_finish(self, stream: RequestStream, finish_reason: str) -> None:
-        pass
-
-
-@dataclass
-class _Add:
-    stream: RequestStream
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None
-    lora_request: LoRARequest | None = None
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    """Run `fn(engine)` on the engine thread; its result or exception resolves `future`."""
-
-    fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any]
-
-
-class _Stop:
-    pass
-
-
-_Command = _Add | _Abort | _Call | _Stop
+        ckpt = open_checkpoint(config.model, config.chat_template)
+        vocab_size = int(ckpt.config.vocab_size)
+        eos = frozenset(ckpt.eos_token_ids)
+        grammar = GrammarCompiler(ckpt.tokenizer, vocab_size, sorted(eos))
+        runner = runner_type_of(config, ckpt.config)
+        return cls(
+            config, ckpt.tokenizer, ckpt.config, eos, vocab_size, max_model_len, grammar, runner
+        )
 
 
 class AsyncLLMEngine:
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: LLMEngine | None = None,
         max_waiting_requests: int | None = None,
         observer: RequestObserver | None = None,
+        *,
+        client: CoreClient | None = None,
+        facts: ModelFacts | None = None,
     ) -> None:
+        """`AsyncLLMEngine(engine)`: its core steps on a thread of this process;
+        `AsyncLLMEngine.spawn(config)`: in a process of its own."""
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(
                 f"max_waiting_requests must be at least 1, got {max_waiting_requests}."
             )
+        if engine is not None:
+            client, facts = InprocClient(engine), ModelFacts.of_engine(engine)
+        if client is None or facts is None:
+            raise ValueError("AsyncLLMEngine needs an engine, or a core client and its facts.")
         self.engine = engine
+        self.client = client
+        self.facts = facts
         self.max_waiting_requests = max_waiting_requests
         self.observer = observer
-        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # event-loop side only
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stats = engine.stats()
-        self._dead: BaseException | None = None
-        # Called on the event loop with the error when the engine thread dies (the server
-        # stops and exits non-zero: lifecycle.py).
+        self.processor = OutputProcessor(facts.tokenizer)
+        self._streams: dict[str, RequestStream] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+        self._dead: str | None = None
+        self._started = False
+        # Called on the event loop with the reason when the core dies (the server stops
+        # and exits non-zero: lifecycle.py).
         self.on_failure: Callable[[str], None] | None = None
-        # Each counter is written by one thread only; their difference is the adds in flight.
+        # Scheduler requests sent and taken in by the core: the difference is in flight.
         self._num_sent_adds = 0
         self._num_applied_adds = 0
 
-    # -- read-only views, safe from any thread ----------------------------------------------
+    @classmethod
+    def spawn(
+        cls,
+        config: EngineConfig,
+        max_waiting_requests: int | None = None,
+        observer: RequestObserver | None = None,
+    ) -> AsyncLLMEngine:
+        """Start an engine-core process for `config` (returns once its model is loaded)."""
+        client = MPClient(config)
+        try:
+            facts = ModelFacts.of_checkpoint(config, client.ready.max_model_len)
+        except BaseException:
+            client.shutdown(5.0)
+            raise
+        return cls(None, max_waiting_requests, observer, client=client, facts=facts)
+
+    # -- read-only views ---------------------------------------------------------------------
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.facts.config
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.engine.tokenizer
+        return self.facts.tokenizer
+
+    @property
+    def model_config(self) -> PretrainedConfig:
+        return self.facts.model_config
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.facts.eos_token_ids
+
+    @property
+    def runner_type(self) -> str:
+        return self.facts.runner_type
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        return self.facts.grammar
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.facts.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.vocab_size
+        return self.facts.vocab_size
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        return self.engine.tokenize(prompt)
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Raises ValueError with a user-facing message; returns the resolved max_tokens."""
-        return self.engine.validate(prompt_token_ids, params)
+        facts = self.facts
+        return validate_request(
+            prompt_token_ids,
+            params,
+            tokenizer=facts.tokenizer,
+            vocab_size=facts.vocab_size,
+            max_model_len=facts.max_model_len,
+            max_logprobs=facts.config.max_logprobs,
+        )
 
     def stats(self) -> SchedulerStats:
-        """Scheduler counters as of the engine thread's last step or command."""
+        """Scheduler counters as of the core's last step."""
         return self._stats
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        return self._started and self._dead is None and self.client.is_alive
 
     def check_health(self) -> None:
         if self._dead is not None:
-            raise EngineFailedError(f"the engine failed: {self._dead!r}")
+            raise EngineFailedError(f"the engine failed: {self._dead}")
         if not self.is_running:
             raise EngineDeadError("the engine is not running.")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start the engine thread; outputs are delivered on `loop` (default: the running one)."""
-        if self._thread is not None:
+        """Deliver the core's outputs on `loop` (default: the running one)."""
+        if self._started:
             raise RuntimeError("the engine is already started.")
-        self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pinnace-engine", daemon=True)
-        self._thread.start()
+        self.client.start(loop or asyncio.get_running_loop(), self._on_event)
+        self._started = True
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        self._inbox.put(_Stop())
-        self._thread.join(timeout)
-        self._thread = None
+        """Stop the core (its requests are aborted); open streams end with EngineDeadError."""
+        self.client.shutdown(timeout)
+        self._started = False
+        self._fail(None, EngineDeadError("the engine was shut down."))
 
-    # -- requests (event-loop side) ----------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def generate(
@@ -218,51 +261,75 @@ class AsyncLLMEngine:
         Request ids must not contain "#" (the engine's child-sample separator).
         """
         self.check_health()
+        require_runner(self.runner_type, "generate")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use.")
         self.check_queue_room(params.num_samples)
+        max_tokens = self.validate(prompt_token_ids, params)
         stream = RequestStream(request_id, len(prompt_token_ids))
+        requests = self.processor.add_request(
+            request_id, None, prompt_token_ids, params, max_tokens, cache_salt, lora_request,
+            stream.arrival_time,
+        )  # fmt: skip
         self._streams[request_id] = stream
-        self._num_sent_adds += params.num_samples
-        self._inbox.put(_Add(stream, prompt_token_ids, params, cache_salt, lora_request))
+        self._num_sent_adds += len(requests)
+        self.client.send(AddRequests([to_wire(r) for r in requests]))
         try:
             yield stream
         finally:
             if not stream.finished:
-                # Cancelled, disconnected or failed: free its KV blocks now.
-                self._inbox.put(_Abort(request_id))
+                # Cancelled, disconnected or failed: the core frees its KV blocks before
+                # its next step.
+                self._abort(request_id)
                 stream.finished = True
                 if self.observer is not None:
                     self.observer.on_finish(stream, "abort")
             self._streams.pop(request_id, None)
 
+    def _abort(self, request_id: str) -> None:
+        req_ids = self.processor.abort_request(request_id)
+        if req_ids and self.is_running:
+            self.client.send(AbortRequests(req_ids))
+
     async def embed(self, prompts: list[list[int]]) -> list[EmbeddingRequestOutput]:
-        """Pooled embeddings (the engine's default pooling), computed between two steps."""
+        """Pooled embeddings (the engine's default pooling) of validated prompts, computed
+        between two steps."""
         self.check_health()
-        result: list[EmbeddingRequestOutput] = await self._call(
-            lambda engine: engine.embed(list(prompts))
-        )
+        require_runner(self.runner_type, "pooling")
+        result: list[EmbeddingRequestOutput] = await self._call("embed", list(prompts))
         return result
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Read and check an adapter off the event loop, then register it between two
-        steps; False if its id is registered already. ValueError: it does not fit the
-        model; FileNotFoundError: no adapter at its path."""
+        """Register an adapter between two steps; False if its id is registered already.
+        ValueError: it does not fit the model; FileNotFoundError: no adapter at its path."""
         self.check_health()
-        adapter = await asyncio.to_thread(self.engine.load_lora, lora_request)
-        result: bool = await self._call(lambda engine: engine.add_lora(lora_request, adapter))
+        if self.engine is not None:  # in-process: read the folder off the event loop first
+            adapter = await asyncio.to_thread(self.engine.load_lora, lora_request)
+            result: bool = await self._call("add_lora", lora_request, adapter)
+            return result
+        result = await self._call("add_lora", lora_request)
+        return result
+
+    def add_lora_at_startup(self, lora_request: LoRARequest) -> bool:
+        """Register an adapter before `start` (errors end start-up)."""
+        result: bool = self.client.call_sync("add_lora", lora_request)
         return result
 
     async def remove_lora(self, lora_id: int) -> bool:
         """Unregister an adapter; requests already running with it finish with it."""
         self.check_health()
-        result: bool = await self._call(lambda engine: engine.remove_lora(lora_id))
+        result: bool = await self._call("remove_lora", lora_id)
         return result
 
-    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+    async def _call(self, method: str, *args: Any) -> Any:
+        call_id = next(self._call_ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inbox.put(_Call(fn, future))
-        return await future
+        self._calls[call_id] = future
+        try:
+            self.client.send(UtilityCall(call_id, method, dumps(args)))
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
     def check_queue_room(self, num_new: int) -> None:
         """Raises QueueFullError if `num_new` more requests would pass the waiting limit."""
@@ -276,152 +343,86 @@ class AsyncLLMEngine:
             )
 
     def _projected_waiting(self) -> int:
-        """Waiting requests once the adds still in the inbox are applied: those beyond the
+        """Waiting requests once the adds still in flight are applied: those beyond the
         free batch slots will wait (while some wait already, no slot is free: FCFS)."""
         stats = self._stats
         in_flight = self._num_sent_adds - self._num_applied_adds
         free = 0
         if stats.num_waiting_reqs == 0:
-            free = max(0, self.engine.config.max_num_seqs - stats.num_running_reqs)
+            free = max(0, self.config.max_num_seqs - stats.num_running_reqs)
         return stats.num_waiting_reqs + max(0, in_flight - free)
 
-    def _deliver(
-        self, outputs: list[RequestOutput], scheduled: list[str], step_start: float
-    ) -> None:
-        """Runs on the event loop: route one step's outputs to their streams."""
-        now = time.monotonic()
-        for request_id in scheduled:
-            stream = self._streams.get(request_id)
+    # -- events from the core (on the event loop) --------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, StepOutputs):
+            self._on_step(event)
+        elif isinstance(event, UtilityResult):
+            self._on_result(event)
+        elif isinstance(event, RequestsFailed):
+            self._num_applied_adds = max(self._num_applied_adds, event.num_applied_adds)
+            error: BaseException = loads(event.error)
+            self._fail_children(event.req_ids, error)
+        elif isinstance(event, CoreDead):
+            self._on_death(event.reason)
+
+    def _on_step(self, event: StepOutputs) -> None:
+        self._stats = event.stats
+        self._num_applied_adds = event.num_applied_adds
+        for req_id in event.scheduled_ids:
+            stream = self._streams.get(req_id.partition("#")[0])
             if stream is not None and stream.scheduled_time is None:
-                stream.scheduled_time = step_start
-        for output in outputs:
+                stream.scheduled_time = event.step_start
+        if event.error is not None:
+            self._fail_children(
+                event.failed_ids, EngineStepError(f"generation failed: {event.error}")
+            )
+        processed = self.processor.process(event.updates)
+        if processed.stopped:
+            self.client.send(AbortRequests(processed.stopped, stopped=True))
+        now = time.monotonic()
+        for output in processed.outputs:
             stream = self._streams.get(output.request_id)
             if stream is None or stream.finished:
                 continue  # aborted while the step ran
-            num_tokens = sum(len(c.token_ids) for c in output.outputs)
-            num_new = num_tokens - stream.num_generation_tokens
-            if num_new > 0:
-                stream.previous_token_time = stream.last_token_time
-                stream.first_token_time = stream.first_token_time or now
-                stream.last_token_time = now
-                stream.num_generation_tokens = num_tokens
-            stream.last_output = output
-            if self.observer is not None:
-                self.observer.on_output(stream, output, num_new)
-            stream.queue.put_nowait(output)
-            if output.finished:
-                stream.finished = True
-                if self.observer is not None:
-                    reason = output.outputs[0].finish_reason if output.outputs else None
-                    self.observer.on_finish(stream, reason or "stop")
+            stream.deliver(output, now, self.observer)
+
+    def _on_result(self, event: UtilityResult) -> None:
+        future = self._calls.get(event.call_id)
+        if future is None or future.done():  # the caller gave up (cancelled)
+            return
+        value = loads(event.result)
+        if event.failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    def _on_death(self, reason: str) -> None:
+        if self._dead is not None:
+            return
+        logger.error("the engine core died: %s", reason)
+        self._dead = reason
+        failed = EngineFailedError(f"the engine failed and the server is restarting: {reason}")
+        self._fail(None, failed)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(failed)
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
+    def _fail_children(self, req_ids: list[str], error: BaseException) -> None:
+        """End the user requests these scheduler requests belong to with `error` (their
+        other samples are aborted in the core)."""
+        parents = sorted({r.partition("#")[0] for r in req_ids})
+        for request_id in parents:
+            others = [r for r in self.processor.abort_request(request_id) if r not in req_ids]
+            if others:
+                self.client.send(AbortRequests(others))
+        self._fail(parents, error)
 
     def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
-        """Runs on the event loop: end streams (None: all) with an error; already aborted."""
+        """End streams (None: all) with an error."""
         for request_id in list(self._streams) if request_ids is None else request_ids:
             stream = self._streams.get(request_id)
             if stream is not None and not stream.finished:
                 stream.queue.put_nowait(error)
-
-    # -- the engine thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        active: set[str] = set()  # requests the engine holds, engine-thread side
-        try:
-            while True:
-                idle = not self.engine.has_unfinished_requests()
-                if not self._apply_commands(active, block=idle):
-                    self.engine.abort_request(sorted(active))
-                    stopped = EngineDeadError("the engine was shut down.")
-                    self._call_soon(self._fail, None, stopped)
-                    return
-                if self.engine.has_unfinished_requests():
-                    self._step(active)
-                else:
-                    active.clear()
-                self._stats = self.engine.stats()
-        except BaseException as exc:  # a bug in the engine itself (tests inject one)
-            logger.exception("engine thread died")
-            self._dead = exc
-            failed = EngineFailedError(f"the engine failed and the server is restarting: {exc!r}")
-            self._call_soon(self._fail, None, failed)
-            if self.on_failure is not None:
-                self._call_soon(self.on_failure, repr(exc))
-
-    def _apply_commands(self, active: set[str], block: bool) -> bool:
-        """Drain the inbox (waiting for one command if idle); False on stop."""
-        while True:
-            try:
-                command = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if isinstance(command, _Stop):
-                return False
-            if isinstance(command, _Abort):
-                self.engine.abort_request([command.request_id])
-                active.discard(command.request_id)
-                continue
-            if isinstance(command, _Call):
-                self._run_call(command)
-                continue
-            self._add(command, active)
-
-    def _run_call(self, call: _Call) -> None:
-        try:
-            result = call.fn(self.engine)
-        except Exception as exc:
-            self._call_soon(_resolve, call.future, None, exc)
-        else:
-            self._call_soon(_resolve, call.future, result, None)
-
-    def _add(self, command: _Add, active: set[str]) -> None:
-        stream = command.stream
-        try:
-            self.engine.add_request(
-                stream.request_id,
-                command.prompt_token_ids,
-                command.params,
-                command.cache_salt,
-                command.lora_request,
-            )
-            active.add(stream.request_id)
-        except (ValueError, FileNotFoundError) as exc:  # e.g. an adapter folder gone
-            self._call_soon(self._fail, [stream.request_id], exc)
-        finally:
-            self._num_applied_adds += command.params.num_samples
-
-    def _step(self, active: set[str]) -> None:
-        start = time.monotonic()
-        unscheduled = self._waiting_ids()
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            logger.exception("engine step failed; aborting its %d requests", len(active))
-            ids = sorted(active)
-            self.engine.abort_request(ids)
-            active.clear()
-            self._call_soon(self._fail, ids, EngineStepError(f"generation failed: {exc!r}"))
-            return
-        scheduled = sorted(unscheduled - self._waiting_ids())
-        for output in outputs:
-            if output.finished:
-                active.discard(output.request_id)
-        self._call_soon(self._deliver, outputs, scheduled, start)
-
-    def _waiting_ids(self) -> set[str]:
-        # Scheduler ids of the n samples of request R are "R#i" (R itself when n == 1).
-        return {r.req_id.partition("#")[0] for r in self.engine.scheduler.waiting}
-
-    def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller gave up (cancelled)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -35,7 +35,7 @@ class ServedAdapters:
         if name in self.base_names or name in self.by_name:
             raise ValueError(f"--lora-modules: the name {name!r} is taken.")
         request = LoRARequest(name, next(self._ids), path)
-        self.engine.engine.add_lora(request)
+        self.engine.add_lora_at_startup(request)
         self.by_name[name] = request
 
     async def load(self, name: str, path: str, load_inplace: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""The app factory: one engine, OpenAI + KServe V1/V2 routes, metrics, optional auth."""
+"""The app factory: one engine (its core in a process of its own, or on a thread), OpenAI +
+KServe V1/V2 routes, metrics, optional auth."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.async_engine import AsyncLLMEngine
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.server import oip_proto
@@ -77,9 +79,13 @@ class ServerSettings:
                 raise ValueError(f"LoRA module name {name!r} is the base model's served name.")
 
 
-def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
-    """An ASGI app serving `engine`; its engine thread runs while the app's lifespan does."""
-    config = engine.config
+def build_app(engine: LLMEngine | EngineConfig, settings: ServerSettings) -> FastAPI:
+    """An ASGI app serving a model; its engine core runs while the app's lifespan does.
+
+    An `EngineConfig` starts the core in a process of its own (what `pinnace serve` does);
+    an `LLMEngine` is stepped by a thread of this process.
+    """
+    config = engine if isinstance(engine, EngineConfig) else engine.config
     if settings.lora_modules and not config.enable_lora:
         raise ValueError("LoRA modules need an engine started with enable_lora (--enable-lora).")
     metrics = ServingMetrics(
@@ -88,7 +94,22 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         settings.metrics_prefixes,
         max_loras=config.max_loras if config.enable_lora else None,
     )
-    async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
+    if isinstance(engine, EngineConfig):
+        async_engine = AsyncLLMEngine.spawn(engine, settings.max_waiting_requests, metrics)
+    else:
+        async_engine = AsyncLLMEngine(engine, settings.max_waiting_requests, observer=metrics)
+    try:
+        app = _build_app(async_engine, metrics, settings)
+    except BaseException:
+        async_engine.shutdown()
+        raise
+    return app
+
+
+def _build_app(
+    async_engine: AsyncLLMEngine, metrics: ServingMetrics, settings: ServerSettings
+) -> FastAPI:
+    config = async_engine.config
     lifecycle = Lifecycle()
     async_engine.on_failure = lifecycle.engine_failed
     ctx = ServerContext(
@@ -106,7 +127,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
-        logger.info("engine thread started; serving %s", ", ".join(ctx.model_names))
+        logger.info("engine core running; serving %s", ", ".join(ctx.model_names))
         grpc_server = None
         if settings.grpc_port is not None:
             # On this event loop: the engine delivers its outputs to the loop it started on.
@@ -126,7 +147,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
-    app.include_router(build_runner_guard_router(engine.runner_type))  # first: it wins
+    app.include_router(build_runner_guard_router(async_engine.runner_type))  # first: it wins
     app.include_router(build_openai_router(ctx))
     app.include_router(build_embeddings_router(ctx))
     app.include_router(build_v1_router(ctx))
@@ -139,6 +160,6 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     # Outermost: size, Unicode and drain checks come before anything reads the body.
-    max_body = settings.max_request_body_bytes or default_max_body_bytes(engine.max_model_len)
+    max_body = settings.max_request_body_bytes or default_max_body_bytes(async_engine.max_model_len)
     app.add_middleware(RequestGuard, lifecycle=lifecycle, max_body_bytes=max_body)
     return app

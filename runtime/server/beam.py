@@ -23,7 +23,7 @@ async def beam_search(
     step = SamplingParams(
         temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width
     )
-    eos = ctx.engine.engine.eos_token_ids
+    eos = ctx.engine.eos_token_ids
     for i in range(params.max_tokens):
         if not inst.beams:
             break

@@ -67,7 +67,7 @@ def _truncate(vector: np.ndarray, dimensions: int | None, allowed: list[int]) ->
 
 def build_embeddings_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(tags=["openai"])
-    config = ctx.engine.engine.model_config
+    config = ctx.engine.model_config
     matryoshka = [int(d) for d in getattr(config, "matryoshka_dimensions", None) or []]
 
     @router.post("/v1/embeddings")

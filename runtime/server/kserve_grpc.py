@@ -88,7 +88,7 @@ class InferenceService:
 
     async def ModelInfer(self, request: Any) -> Any:
         model, version = self._resolve(request.model_name, request.model_version)
-        runner = self.ctx.engine.engine.runner_type
+        runner = self.ctx.engine.runner_type
         if runner != "generate":
             raise wrong_runner(runner, "generate")
         body = parse_infer_request(self._rest_body(request))

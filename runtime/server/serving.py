@@ -111,7 +111,7 @@ class ServerContext:
         if spec is None:
             return
         try:
-            await asyncio.to_thread(self.engine.engine.grammar.compile, spec)
+            await asyncio.to_thread(self.engine.grammar.compile, spec)
         except ValueError as exc:
             raise bad_request(f"{param}: {exc}", param) from exc
 

@@ -64,19 +64,16 @@ def runtime_pod(make_tiny_model: Callable[[str], Path]) -> Iterator[PodEndpoint]
     import uvicorn
 
     from pinnace.runtime.config import EngineConfig
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
     model = make_tiny_model("LlamaForCausalLM")
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(model),
-            dtype="float32",
-            kv_cache_memory=32 * 2**20,
-            max_model_len=128,
-            enable_lora=True,
-            max_lora_rank=8,
-        )
+    engine = EngineConfig(  # the core runs in a process of its own, as in the pod
+        model=str(model),
+        dtype="float32",
+        kv_cache_memory=32 * 2**20,
+        max_model_len=128,
+        enable_lora=True,
+        max_lora_rank=8,
     )
     app = build_app(engine, ServerSettings(served_model_names=["base"], api_key=KEY))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -29,13 +29,10 @@ MODEL = "smollm2"
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: str, serve_app: Any) -> Iterator[Any]:
     from pinnace.runtime.config import EngineConfig
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
-    engine = LLMEngine(
-        EngineConfig(model=smollm2_gguf, kv_cache_memory=128 * 2**20, max_model_len=1024)
-    )
-    srv = serve_app(build_app(engine, ServerSettings(served_model_names=[MODEL])))
+    config = EngineConfig(model=smollm2_gguf, kv_cache_memory=128 * 2**20, max_model_len=1024)
+    srv = serve_app(build_app(config, ServerSettings(served_model_names=[MODEL])))
     yield srv
     srv.stop()
 

@@ -134,12 +134,12 @@ def start_lora_server(serve_app: Callable[..., Any]) -> Callable[..., Any]:
     """start_lora_server(model, settings, **engine options) -> a started ServerThread
     (../conftest.py)."""
     from pinnace.runtime.config import EngineConfig
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
     def start(model: Path, settings: dict[str, Any], **options: Any) -> Any:
         options = {"dtype": "float32", "kv_cache_memory": 64 * 2**20, **options}
-        engine = LLMEngine(EngineConfig(model=str(model), **options))
-        return serve_app(build_app(engine, ServerSettings(**settings)))
+        # As `pinnace serve` runs: the engine core in a process of its own.
+        config = EngineConfig(model=str(model), **options)
+        return serve_app(build_app(config, ServerSettings(**settings)))
 
     return start

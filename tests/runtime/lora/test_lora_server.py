@@ -266,10 +266,9 @@ def test_a_lora_module_that_does_not_fit_stops_start_up(
     lora_base: Path, bad_adapter_dirs: dict[str, Path]
 ) -> None:
     from pinnace.runtime.config import EngineConfig
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
-    engine = LLMEngine(EngineConfig(str(lora_base), kv_cache_memory=16 * 2**20, enable_lora=True))
+    engine = EngineConfig(str(lora_base), kv_cache_memory=16 * 2**20, enable_lora=True)
     settings = ServerSettings([BASE], lora_modules={"big": str(bad_adapter_dirs["rank"])})
     with pytest.raises(ValueError, match="above max_lora_rank=16"):
         build_app(engine, settings)

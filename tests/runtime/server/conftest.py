@@ -23,14 +23,13 @@ def tiny_model(make_tiny_model: Callable[[str], Path]) -> Path:
 def start_server(serve_app: Callable[..., Any]) -> Callable[..., Any]:
     """start_server(model, settings=..., **engine_options) -> a started ServerThread."""
     from pinnace.runtime.config import EngineConfig
-    from pinnace.runtime.engine.llm_engine import LLMEngine
     from pinnace.runtime.server.app import ServerSettings, build_app
 
     def start(model: Path | str, settings: dict[str, Any] | None = None, **engine: Any) -> Any:
         engine.setdefault("kv_cache_memory", KV_CACHE_MEMORY)
-        llm_engine = LLMEngine(EngineConfig(model=str(model), **engine))
         options = {"served_model_names": [MODEL_NAME], **(settings or {})}
-        app = build_app(llm_engine, ServerSettings(**options))
+        # As `pinnace serve` runs: the engine core in a process of its own.
+        app = build_app(EngineConfig(model=str(model), **engine), ServerSettings(**options))
         return serve_app(app, options.get("api_key"))
 
     return start

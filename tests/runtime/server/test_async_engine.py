@@ -127,7 +127,7 @@ def test_failed_step_fails_its_requests_and_engine_goes_on(
     llm: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = llm.llm_engine
-    real_step = engine.step
+    real_step = engine.core.step  # what the engine thread steps
     calls = {"n": 0}
 
     def flaky_step() -> Any:
@@ -136,7 +136,7 @@ def test_failed_step_fails_its_requests_and_engine_goes_on(
             raise RuntimeError("boom")
         return real_step()
 
-    monkeypatch.setattr(engine, "step", flaky_step)
+    monkeypatch.setattr(engine.core, "step", flaky_step)
 
     async def body(async_engine: AsyncLLMEngine) -> str:
         ids = async_engine.tokenize("Hi")

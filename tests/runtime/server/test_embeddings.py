@@ -31,8 +31,8 @@ def served(
         kv_cache_memory=2**24,
         runner="pooling",
     )
-    engine = LLMEngine(config)
-    server = serve_app(build_app(engine, ServerSettings(served_model_names=["tiny"])))
+    engine = LLMEngine(config)  # the reference; the server's core runs in its own process
+    server = serve_app(build_app(config, ServerSettings(served_model_names=["tiny"])))
     yield server, engine
     server.stop()
 

@@ -1,0 +1,262 @@
+"""Where the engine core runs, seen from the front end: a thread here, or its own process.
+
+Both clients take the same commands and deliver the same events (core_messages.py) to a
+callback on the front end's event loop:
+
+    InprocClient  the core of an `LLMEngine` on a thread of this process (commands off a
+                  queue, events via call_soon_threadsafe; nothing is encoded)
+    MPClient      an engine-core process (core_proc.py) started from a forkserver, over two
+                  ZeroMQ ipc sockets; its exit is watched through the process sentinel
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.engine.core_loop import CoreLoop
+from pinnace.runtime.engine.core_messages import (
+    Codec,
+    Command,
+    CoreDead,
+    CoreReady,
+    Event,
+    Shutdown,
+    StepOutputs,
+    UtilityCall,
+    UtilityResult,
+    dumps,
+    loads,
+    updates_from_wire,
+)
+from pinnace.runtime.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+EventHandler = Callable[[Event], None]
+
+
+class CoreClient(Protocol):
+    def start(self, loop: asyncio.AbstractEventLoop, on_event: EventHandler) -> None:
+        """Begin delivering events to `on_event` on `loop`."""
+
+    def send(self, command: Command) -> None: ...
+
+    def call_sync(self, method: str, *args: Any) -> Any:
+        """A utility call before `start` (e.g. adapters registered at start-up)."""
+
+    def shutdown(self, timeout: float) -> None: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+
+class InprocClient:
+    """The core of `engine` stepped by one thread of this process."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._dead = False
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_event: EventHandler) -> None:
+        def emit(event: Event) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_event, event)
+
+        self._thread = threading.Thread(
+            target=self._run, args=(CoreLoop(self.engine.core, emit),), name="pinnace-engine"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    def send(self, command: Command) -> None:
+        self._inbox.put(command)
+
+    def call_sync(self, method: str, *args: Any) -> Any:
+        return getattr(self.engine.core, method)(*args)
+
+    def shutdown(self, timeout: float) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(Shutdown())
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    def _run(self, loop: CoreLoop) -> None:
+        try:
+            while True:
+                # Through the engine (not its core): tests inject faults there.
+                busy = self.engine.has_unfinished_requests()
+                if not self._drain(loop, block=not busy):
+                    return
+                if self.engine.has_unfinished_requests():
+                    loop.step()
+                else:  # woken by commands (or they emptied the batch): counters catch up
+                    loop.report_idle()
+        except BaseException as exc:  # a bug in the engine itself (tests inject one)
+            logger.exception("engine thread died")
+            self._dead = True
+            loop.emit(CoreDead(repr(exc)))
+
+    def _drain(self, loop: CoreLoop, block: bool) -> bool:
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if not loop.handle(command):
+                return False
+
+
+class CoreStartError(RuntimeError):
+    """The engine-core process could not load the model."""
+
+
+class MPClient:
+    """An engine-core process for `config`; started (model loaded) when this returns."""
+
+    def __init__(self, config: EngineConfig, start_timeout: float | None = None) -> None:
+        self._dir = tempfile.mkdtemp(prefix="pinnace-core-")
+        input_address = f"ipc://{self._dir}/input"
+        output_address = f"ipc://{self._dir}/output"
+        self._context = zmq.Context()
+        self._input = self._context.socket(zmq.PUSH)
+        self._input.bind(input_address)
+        self._output = self._context.socket(zmq.PULL)
+        self._output.bind(output_address)
+        self._codec = Codec()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_event: EventHandler | None = None
+        # A forkserver forks a clean, preloaded process: quick, and safe in a parent that
+        # already runs threads (uvicorn, OpenMP), which a plain fork is not.
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload(["pinnace.runtime.engine.core_proc"])
+        from pinnace.runtime.engine.core_proc import run_engine_core
+
+        self.process = mp.Process(
+            target=run_engine_core,
+            args=(config, input_address, output_address, os.getpid()),
+            name="pinnace-engine-core",
+            daemon=True,
+        )
+        self.process.start()
+        try:
+            self.ready = self._wait_ready(start_timeout)
+        except BaseException:
+            self.shutdown(1.0)
+            raise
+
+    def _wait_ready(self, timeout: float | None) -> CoreReady:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._output.poll(100):
+                event = self._codec.events.decode(self._output.recv())
+                if isinstance(event, CoreReady):
+                    return event
+                if isinstance(event, CoreDead):
+                    raise CoreStartError(f"the engine core failed to start: {event.reason}")
+            elif not self.process.is_alive():
+                raise CoreStartError(
+                    f"the engine core exited with status {self.process.exitcode} at start-up."
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise CoreStartError(f"the engine core did not start within {timeout}s.")
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_event: EventHandler) -> None:
+        self._loop, self._on_event = loop, on_event
+        self._task = loop.create_task(self._read(zmq.asyncio.Socket.from_socket(self._output)))
+        loop.add_reader(self.process.sentinel, self._on_exit)
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        decode = self._codec.events.decode
+        while True:
+            frame = await sock.recv(copy=False)
+            self._dispatch(decode(frame.buffer))
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, StepOutputs):
+            event.updates = updates_from_wire(event.updates)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _on_exit(self) -> None:
+        """The process ended (the sentinel fd is readable): deliver what it sent last, then
+        its death unless we asked it to stop."""
+        assert self._loop is not None
+        self._loop.remove_reader(self.process.sentinel)
+        if self._task is not None:
+            self._task.cancel()
+        with contextlib.suppress(zmq.ZMQError):
+            while self._output.poll(0):
+                self._dispatch(self._codec.events.decode(self._output.recv()))
+        self.process.join(1.0)
+        if not self._stopping:
+            code = self.process.exitcode
+            self._dispatch(CoreDead(f"the engine core process exited (status {code})"))
+
+    def send(self, command: Command) -> None:
+        self._input.send(self._codec.encode(command), copy=False)
+
+    def call_sync(self, method: str, *args: Any) -> Any:
+        self.send(UtilityCall(0, method, dumps(args)))
+        while True:
+            if not self._output.poll(100):
+                if not self.process.is_alive():
+                    raise CoreStartError("the engine core exited.")
+                continue
+            event = self._codec.events.decode(self._output.recv())
+            if isinstance(event, UtilityResult) and event.call_id == 0:
+                result = loads(event.result)
+                if event.failed:
+                    raise result
+                return result
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process.is_alive() and not self._stopping
+
+    def shutdown(self, timeout: float) -> None:
+        """Tell the core to stop (its requests are aborted), then make sure it has."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.process.sentinel)
+        if self._task is not None:
+            self._task.cancel()
+        if self.process.is_alive():
+            with contextlib.suppress(zmq.ZMQError):
+                self._input.send(self._codec.encode(Shutdown()), zmq.NOBLOCK)
+            self.process.join(timeout)
+        if self.process.is_alive():
+            logger.warning("the engine core did not stop in %gs: killing it", timeout)
+            self.process.kill()
+            self.process.join(5.0)
+        self._input.close(linger=0)
+        self._output.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""CoreLoop: apply the front end's commands to an engine core between steps, and step it.
+
+The same loop body serves the engine-core process (core_proc.py, commands off a socket)
+and the in-process engine thread (core_client.InprocClient, commands off a queue):
+
+    commands ──> handle(): add / abort / utility call (between two steps)
+    step() ──> one StepOutputs event per step, every request's new tokens in it
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pinnace.runtime.core.outputs import RequestUpdate, SchedulerStats
+from pinnace.runtime.engine.core_messages import (
+    AbortRequests,
+    AddRequests,
+    Command,
+    Event,
+    RequestsFailed,
+    Shutdown,
+    StepOutputs,
+    UtilityCall,
+    UtilityResult,
+    dumps,
+    from_wire,
+    loads,
+)
+from pinnace.runtime.engine.engine_core import CoreRequest
+from pinnace.runtime.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+
+# Core methods the front end may call between steps.
+UTILITY_METHODS = frozenset(
+    {"add_lora", "remove_lora", "list_loras", "embed", "reset_prefix_cache"}
+)
+
+
+class Core(Protocol):
+    """What the loop needs of a core (EngineCore; LLMEngine's core in a thread)."""
+
+    def add_request(self, request: CoreRequest) -> None: ...
+    def finish_requests(self, req_ids: list[str], status: RequestStatus = ...) -> None: ...
+    def step(self) -> list[RequestUpdate]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def waiting_ids(self) -> set[str]: ...
+    def stats(self) -> SchedulerStats: ...
+
+
+class CoreLoop:
+    def __init__(self, core: Core, emit: Callable[[Event], None]) -> None:
+        self.core = core
+        self.emit = emit
+        self.active: set[str] = set()  # scheduler ids the core holds
+        self.num_applied_adds = 0
+
+    def handle(self, command: Command) -> bool:
+        """Apply one command; False on shutdown (every request aborted then)."""
+        if isinstance(command, Shutdown):
+            self.core.finish_requests(sorted(self.active))
+            self.active.clear()
+            return False
+        if isinstance(command, AbortRequests):
+            stopped = RequestStatus.FINISHED_STOPPED
+            status = stopped if command.stopped else RequestStatus.FINISHED_ABORTED
+            self.core.finish_requests(command.req_ids, status)
+            self.active.difference_update(command.req_ids)
+        elif isinstance(command, UtilityCall):
+            self._call(command)
+        elif isinstance(command, AddRequests):
+            self._add(command)
+        return True
+
+    def _add(self, command: AddRequests) -> None:
+        for wire in command.requests:
+            try:
+                self.core.add_request(from_wire(wire))
+                self.active.add(wire.req_id)
+            except (ValueError, FileNotFoundError) as exc:  # e.g. an adapter folder gone
+                self.emit(RequestsFailed([wire.req_id], dumps(exc), self.num_applied_adds + 1))
+            finally:
+                self.num_applied_adds += 1
+
+    def _call(self, call: UtilityCall) -> None:
+        try:
+            if call.method not in UTILITY_METHODS:
+                raise ValueError(f"unknown engine call {call.method!r}.")
+            args: tuple[Any, ...] = loads(call.args)
+            result = getattr(self.core, call.method)(*args)
+        except Exception as exc:
+            self.emit(UtilityResult(call.call_id, dumps(exc), failed=True))
+        else:
+            self.emit(UtilityResult(call.call_id, dumps(result)))
+
+    def report_idle(self) -> None:
+        """Commands left the core without work (say, the last requests were aborted): an
+        empty step's event, so the front end's counters (KV use, queue) catch up."""
+        stats = self.core.stats()
+        self.emit(StepOutputs([], stats, time.monotonic(), [], self.num_applied_adds))
+
+    def step(self) -> None:
+        """One engine step; its outputs (or the failure of its requests) as one event."""
+        start = time.monotonic()
+        waiting = self.core.waiting_ids()
+        try:
+            updates = self.core.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting its %d requests", len(self.active))
+            failed = sorted(self.active)
+            self.core.finish_requests(failed)
+            self.active.clear()
+            self.emit(
+                StepOutputs(
+                    [], self.core.stats(), start, [], self.num_applied_adds, failed, repr(exc)
+                )
+            )
+            return
+        for update in updates:
+            if update.finish_reason is not None:
+                self.active.discard(update.req_id)
+        scheduled = sorted(waiting - self.core.waiting_ids())
+        self.emit(StepOutputs(updates, self.core.stats(), start, scheduled, self.num_applied_adds))

@@ -1,0 +1,106 @@
+"""The engine-core process: load the model, then command -> step -> outputs, forever.
+
+    front end (server process)                 engine core (this module)
+    --------------------------                 -------------------------
+    PUSH ipc://.../input  ── commands ──────>  PULL: drained between steps
+    PULL ipc://.../output <── events ───────── PUSH: CoreReady, then a StepOutputs per
+                                               step (and call results, failures)
+
+Nothing but the engine runs here, so a step never waits for HTTP work on the GIL. The
+process ignores SIGINT (Ctrl-C reaches the whole process group: the front end drains and
+then sends Shutdown), exits when told, and exits by itself if the front end's process is
+gone. An error that escapes the loop is sent as CoreDead, and the process exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.engine.core_loop import CoreLoop
+from pinnace.runtime.engine.core_messages import (
+    Codec,
+    CoreDead,
+    CoreReady,
+    Event,
+    StepOutputs,
+    updates_to_wire,
+)
+from pinnace.runtime.engine.engine_core import EngineCore
+
+logger = logging.getLogger("pinnace.runtime")
+
+IDLE_POLL_MS = 1000  # how often an idle core checks that its front end is still there
+
+
+def run_engine_core(
+    config: EngineConfig, input_address: str, output_address: str, front_end_pid: int
+) -> None:
+    """The process's target: serve until Shutdown; exit status 1 on any failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (core): %(message)s"
+    )
+    context = zmq.Context()
+    commands = context.socket(zmq.PULL)
+    commands.connect(input_address)
+    events = context.socket(zmq.PUSH)
+    events.connect(output_address)
+    codec = Codec()
+
+    def emit(event: Event) -> None:
+        if isinstance(event, StepOutputs):
+            event.updates = updates_to_wire(event.updates)
+        events.send(codec.encode(event), copy=False)
+
+    try:
+        core = EngineCore(config)
+        emit(CoreReady(core.max_model_len, core.parts.num_blocks))
+        _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
+    except BaseException as exc:
+        logger.exception("the engine core failed")
+        emit(CoreDead(repr(exc)))
+        events.close(linger=1000)  # let the last word reach the front end
+        sys.exit(1)
+    events.close(linger=1000)
+    commands.close(linger=0)
+
+
+def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_pid: int) -> None:
+    poller = zmq.Poller()
+    poller.register(commands, zmq.POLLIN)
+    while True:
+        busy = loop.core.has_unfinished_requests()
+        # Idle: sleep until a command comes; busy: only take what is already there.
+        ready = poller.poll(0 if busy else IDLE_POLL_MS)
+        if not ready and not busy and not _alive(front_end_pid):
+            logger.warning("the front end (pid %d) is gone: stopping", front_end_pid)
+            return
+        handled = False
+        while True:
+            try:
+                data = commands.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            handled = True
+            if not loop.handle(codec.commands.decode(data.buffer)):
+                return
+        if loop.core.has_unfinished_requests():
+            loop.step()
+        elif handled:
+            loop.report_idle()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
