@@ -197,6 +197,7 @@ def build_model(
     only ever holds the quantized weights.
     """
     cls = resolve_model_class(getattr(ckpt.config, "architectures", None))
+    _check_expert_quantization(cls, quantization)
     with torch.device("meta"):
         model: Any = cls(ckpt.config, max_positions)
     quant = quantization
@@ -214,6 +215,21 @@ def build_model(
     if lora is not None:
         install_lora_layers(model, model_spec(model), lora, dtype, device)
     return cast(nn.Module, model.eval())
+
+
+def _check_expert_quantization(cls: type[nn.Module], quant: QuantizationConfig | None) -> None:
+    """A GPTQ, AWQ or FP8 checkpoint quantizes each expert as its own linear layer; our MoE
+    models keep a layer's experts stacked ([E, out, in]), which those loaders cannot fill.
+    Refused before any weight is read. (int8 / fp8 at load quantize the stacked experts;
+    a GGUF's expert blocks load as floats.)"""
+    if quant is None or quant.checkpoint is None or not getattr(cls, "expert_params_mapping", {}):
+        return
+    raise ValueError(
+        f"{quant.method} checkpoints of {cls.__name__} cannot be loaded: its experts run "
+        f"stacked per layer, and {quant.method} stores each expert as its own quantized "
+        "linear layer, which is supported for dense layers only. Load the float "
+        "checkpoint, with quantization='int8' or 'fp8' to quantize the experts at load."
+    )
 
 
 def _load(

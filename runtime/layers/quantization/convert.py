@@ -2,8 +2,8 @@
 
 Weight-only methods quantize every matmul weight, the LM head and the token embedding
 included (in a small model like SmolLM2-135M the tied embedding is a fifth of the weights).
-A tied head and embedding keep one copy of the codes. int8 also quantizes routed experts
-(quantization/experts.py); fp8 leaves them in float.
+A tied head and embedding keep one copy of the codes. Routed experts are quantized too
+(quantization/experts.py), with the same per-row scheme.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from pinnace.runtime.layers.moe import FusedExperts
 from pinnace.runtime.layers.quantization.embedding import QuantizedEmbedding
-from pinnace.runtime.layers.quantization.experts import Int8FusedExperts
+from pinnace.runtime.layers.quantization.experts import QuantizedFusedExperts
 from pinnace.runtime.layers.quantization.fp8 import Fp8Linear, quantize_fp8
 from pinnace.runtime.layers.quantization.int8 import Int8Linear, frozen, quantize_int8
 
@@ -43,10 +43,10 @@ def quantize_linears(
         shared[id(module.weight)] = pair
         _replace(model, path, QuantizedEmbedding(pair[0], pair[1], weight.dtype))
         count += 1
-    if method == "int8" and only is None:
+    if only is None:
         for path, module in list(model.named_modules()):
             if isinstance(module, FusedExperts):
-                _replace(model, path, Int8FusedExperts(module, device))
+                _replace(model, path, QuantizedFusedExperts(module, method, device))
                 count += 1
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear:

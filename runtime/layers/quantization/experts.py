@@ -1,6 +1,7 @@
-"""Routed experts with int8 weights: codes [E, out, in] with a scale per (expert, output
-row), as Int8Linear has per row. A step dequantizes each expert it routes tokens to once,
-for that expert's group of rows (a loop over experts hit, never over tokens)."""
+"""Routed experts with int8 or FP8 (e4m3) weights: codes [E, out, in] with a scale per
+(expert, output row), as Int8Linear / Fp8Linear have per row. A step dequantizes each
+expert it routes tokens to once, for that expert's group of rows (a loop over experts hit,
+never over tokens)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,29 @@ import torch
 from torch import nn
 
 from pinnace.runtime.layers.moe import ExpertGroups, FusedExperts
+from pinnace.runtime.layers.quantization.fp8 import quantize_fp8
 from pinnace.runtime.layers.quantization.int8 import frozen, quantize_int8
 
+# [N, K] float -> (codes [N, K], scales [N]), per output row
+_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
 
-def _quantized(weight: torch.Tensor, device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+
+def _quantized(
+    weight: torch.Tensor, method: str, device: torch.device
+) -> tuple[nn.Parameter, nn.Parameter]:
     experts, rows, cols = weight.shape
-    codes, scale = quantize_int8(weight.detach().to(device).reshape(-1, cols))
+    codes, scale = _QUANTIZERS[method](weight.detach().to(device).reshape(-1, cols))
     return frozen(codes.view(experts, rows, cols)), frozen(scale.view(experts, rows))
 
 
-class Int8FusedExperts(nn.Module):
-    def __init__(self, experts: FusedExperts, device: torch.device) -> None:
+class QuantizedFusedExperts(nn.Module):
+    def __init__(self, experts: FusedExperts, method: str, device: torch.device) -> None:
         super().__init__()
+        self.method = method
         self.num_experts, self.intermediate = experts.num_experts, experts.intermediate
         self.dtype = experts.gate_up_proj.dtype
-        self.gate_up_codes, self.gate_up_scale = _quantized(experts.gate_up_proj, device)
-        self.down_codes, self.down_scale = _quantized(experts.down_proj, device)
+        self.gate_up_codes, self.gate_up_scale = _quantized(experts.gate_up_proj, method, device)
+        self.down_codes, self.down_scale = _quantized(experts.down_proj, method, device)
         self.act = experts.act
 
     def _weight(self, codes: torch.Tensor, scale: torch.Tensor, e: int) -> torch.Tensor:
