@@ -102,6 +102,8 @@ ARCH_CONFIGS: dict[str, dict] = {
     ),
     "Phi3ForCausalLM": dict(
         model_type="phi3",
+        # Phi3Config's own key (default 4096) wins over the one inside rope_scaling.
+        original_max_position_embeddings=128,
         rope_scaling={
             "rope_type": "longrope",
             "short_factor": [1.0 + 0.1 * i for i in range(8)],

@@ -166,12 +166,21 @@ class EngineCore:
                 sampling_params=request.params,
                 eos_token_ids=self.eos_token_ids,
                 max_tokens=request.max_tokens,
-                cache_salt=request.cache_salt,
+                cache_salt=self._kv_salt(request),
                 lora_id=key,
                 lora_name=lora.lora_name if lora else None,
                 arrival_time=request.arrival_time,
             )
         )
+
+    def _kv_salt(self, request: CoreRequest) -> str | None:
+        """The request's cache salt, marked when the model rotates its tokens with other
+        tables than a shorter prompt's (LongRoPE past its switch): such KV blocks are only
+        shared between requests rotated alike."""
+        offset = self.runner.model.rope_table_offset(len(request.prompt_token_ids))  # type: ignore[operator]
+        if not offset:
+            return request.cache_salt
+        return f"{request.cache_salt or ''}\0rope-table-{offset}"
 
     def finish_requests(
         self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED

@@ -23,6 +23,10 @@ class ForwardContext:
     backend: AttentionBackend
     attn_metadata: Any  # the backend's own metadata type
     kv_caches: list[torch.Tensor]  # per layer: [2, num_slots, num_kv_heads, head_dim]
+    # [T] row offsets into the rotary tables, added to the positions (None: all zero). A
+    # request whose prompt crosses LongRoPE's switch rotates every token with the long
+    # factors, as transformers' one-forward prefill does (RotaryEmbedding.table_offset).
+    rope_offsets: torch.Tensor | None = None
 
 
 _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("pinnace_forward_context", default=None)
@@ -35,6 +39,12 @@ def forward_context(ctx: ForwardContext) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def current_rope_offsets() -> torch.Tensor | None:
+    """The step's rotary table offsets; None outside a forward or when all are zero."""
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx.rope_offsets
 
 
 def get_forward_context() -> ForwardContext:

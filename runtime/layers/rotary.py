@@ -7,6 +7,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pinnace.runtime.layers.forward_context import current_rope_offsets
+
 
 def _rope_parameters(config: PretrainedConfig, layer_type: str | None) -> dict:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
@@ -22,10 +24,20 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, computed once; applied in the "rotate half" layout.
 
     `layer_type` picks one of per-layer-kind parameter sets (Gemma 3's local and global
-    layers rotate with different bases). LongRoPE (Phi-3) rotates positions below
-    `original_max_position_embeddings` with its short factors and the rest with its long
-    ones; HF switches a whole forward to the long factors once the sequence is longer,
-    so the two agree except inside a prefill that crosses that length.
+    layers rotate with different bases).
+
+    LongRoPE (Phi-3): transformers picks the short or long factors per forward, long once
+    max(position) + 1 > original_max_position_embeddings (`orig`), and never re-rotates
+    the cache. In its generate, so, a token's rotation depends on its request:
+
+        prompt <= orig:  prompt short; each decoded token long iff its position >= orig
+        prompt >  orig:  every token long (the prefill forward already reaches past orig)
+
+    Both are tables here, rows [0, max_positions) per position (short below orig, long
+    from it) and rows [max_positions, 2 * max_positions) long throughout; a request's
+    tokens index the second with `table_offset(num_prompt_tokens)` added (through the
+    forward context), so chunked prefill and recomputation after preemption rotate
+    exactly as that one prefill forward did.
     """
 
     def __init__(
@@ -41,6 +53,7 @@ class RotaryEmbedding(nn.Module):
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self.long_rope_from: int | None = None  # LongRoPE's orig; None: one table
         self.build_tables()
 
     def build_tables(self, device: torch.device | str | None = None) -> None:
@@ -68,12 +81,21 @@ class RotaryEmbedding(nn.Module):
             long_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
                 config, None, seq_len=original + 1, **kwargs
             )
-            long = positions[original:, None] * long_freq.to(device=device, dtype=torch.float)
-            freqs[original:] = long
+            long = positions[:, None] * long_freq.to(device=device, dtype=torch.float)
+            freqs[original:] = long[original:]
+            freqs = torch.cat((freqs, long))  # [2 * max_positions, D/2], see the docstring
+            self.long_rope_from = original
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
         self._step = None
+
+    def table_offset(self, num_prompt_tokens: int) -> int:
+        """Rows to add to a request's positions: max_positions (the long-throughout
+        table) for a LongRoPE request whose prompt is longer than orig, else 0."""
+        if self.long_rope_from is not None and num_prompt_tokens > self.long_rope_from:
+            return self.max_positions
+        return 0
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -99,9 +121,11 @@ class RotaryEmbedding(nn.Module):
         step = self._step
         if step is not None and step[0] is positions and step[1] == dtype:
             return step[2], step[3]
+        offsets = current_rope_offsets()
+        rows = positions if offsets is None else positions + offsets
         # Same rounding as HF: tables cast to the activation dtype before the products.
-        cos = self.cos[positions].to(dtype)[:, None, :]
-        sin = self.sin[positions].to(dtype)[:, None, :]
+        cos = self.cos[rows].to(dtype)[:, None, :]
+        sin = self.sin[rows].to(dtype)[:, None, :]
         half = sin.shape[-1] // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         self._step = (positions, dtype, cos, signed_sin)

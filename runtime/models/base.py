@@ -17,6 +17,8 @@ and implements (`CausalLM` below):
     load_weights(HF-named tensors)          -> names loaded, checked against expected_weights()
     shard_sizes(module path)                -> output rows of each part of a packed module
     prepare(device)                         -> buffers computed after materialisation
+    rope_table_offset(num_prompt_tokens)    -> rows added to a request's positions to index
+                                               its rotary tables (LongRoPE; 0 otherwise)
 
 A loaded name is a parameter name, with `#i` for part i of a packed module and `#e<j>.<i>`
 for part i of expert j, so a checkpoint that lacks one shard is caught by name.
@@ -33,6 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pinnace.runtime.layers.packed import PackedMapping, to_our_module
+from pinnace.runtime.layers.rotary import RotaryEmbedding
 
 ExpertMapping = Mapping[str, tuple[str, int]]
 
@@ -55,6 +58,7 @@ class CausalLM(Protocol):
     def shard_sizes(self, module_path: str) -> tuple[int, ...]: ...
     def tie_weights(self) -> None: ...
     def prepare(self, device: torch.device) -> None: ...
+    def rope_table_offset(self, num_prompt_tokens: int) -> int: ...
 
 
 class CausalLMBase(nn.Module):
@@ -85,6 +89,15 @@ class CausalLMBase(nn.Module):
 
     def prepare(self, device: torch.device) -> None:
         """Buffers that do not come from the checkpoint (computed after materialising)."""
+
+    def rope_table_offset(self, num_prompt_tokens: int) -> int:
+        """Rows added to a request's positions to index its rotary tables: LongRoPE's
+        long-throughout table for a prompt past its switch (layers/rotary.py), else 0.
+        The same request always gets the same offset, so its KV blocks are consistent."""
+        rotary = getattr(self, "rotary", None)
+        if isinstance(rotary, RotaryEmbedding):
+            return rotary.table_offset(num_prompt_tokens)
+        return 0
 
     def skips_weight(self, name: str) -> bool:
         """Checkpoint tensors that are accepted and dropped."""

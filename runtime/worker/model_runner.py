@@ -57,7 +57,8 @@ class ModelRunner:
             sched = dataclasses.replace(sched, scheduled=scheduled)
         input_ids, positions, layout, sample_idx = self._prepare(sched)
         metadata = self.backend.build_metadata(layout)
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        rope = self._rope_offsets([len(s.prompt_token_ids) for s in sched.scheduled], layout)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
         with forward_context(ctx), lora_batch_context(lora_batch):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         out = ModelRunnerOutput()
@@ -151,10 +152,22 @@ class ModelRunner:
         )
         input_ids = torch.tensor([t for p in prompts for t in p], device=self.device)
         positions = torch.tensor([i for p in prompts for i in range(len(p))], device=self.device)
-        ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch)
+        rope = self._rope_offsets([len(p) for p in prompts], layout)
+        ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch, rope)
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         return pool(hidden, layout.query_lens, pooling)
+
+    def _rope_offsets(
+        self, num_prompt_tokens: list[int], layout: BatchLayout
+    ) -> torch.Tensor | None:
+        """[T] rotary table offsets of the step's rows (the model's, per request: LongRoPE
+        rotates a request with a long prompt by its long table); None when all are 0."""
+        offsets = [self.model.rope_table_offset(n) for n in num_prompt_tokens]  # type: ignore[operator]
+        if not any(offsets):
+            return None
+        rows = [o for o, n in zip(offsets, layout.query_lens, strict=True) for _ in range(n)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _prepare(
         self, sched: SchedulerOutput
