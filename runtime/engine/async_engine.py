@@ -158,11 +158,12 @@ class AsyncLLMEngine:
     ) -> AsyncLLMEngine:
         """Start an engine-core process for `config` (returns once its model is loaded)."""
         client = MPClient(config)
-        try:
-            facts = ModelFacts.of_checkpoint(config, client.ready.max_model_len)
+        try:  # the tokenizer loads here while the core loads the model
+            facts = ModelFacts.of_checkpoint(config, max_model_len=0)
         except BaseException:
             client.shutdown(5.0)
             raise
+        facts.max_model_len = client.wait_ready().max_model_len
         return cls(None, max_waiting_requests, observer, client=client, facts=facts)
 
     # -- read-only views ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import zmq
@@ -129,14 +129,31 @@ class InprocClient:
                 return False
 
 
+@contextlib.contextmanager
+def _passive_openmp() -> Iterator[None]:
+    """Start the core's process tree with OpenMP threads that sleep, not spin, at barriers
+    (unless the user chose): the front end shares the cores with it, and under contention
+    spinning teams stall each other. On a 2-core machine shared with other work, 16 steps
+    of 8 requests (SmolLM2-135M shape) took 5-20 s spinning, 0.7 s passive. libgomp reads
+    the variable once, when torch loads: it must be set when the forkserver starts."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 class CoreStartError(RuntimeError):
     """The engine-core process could not load the model."""
 
 
 class MPClient:
-    """An engine-core process for `config`; started (model loaded) when this returns."""
+    """An engine-core process for `config`; `wait_ready` returns once its model is loaded."""
 
-    def __init__(self, config: EngineConfig, start_timeout: float | None = None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self._dir = tempfile.mkdtemp(prefix="pinnace-core-")
         input_address = f"ipc://{self._dir}/input"
         output_address = f"ipc://{self._dir}/output"
@@ -153,7 +170,8 @@ class MPClient:
         # A forkserver forks a clean, preloaded process: quick, and safe in a parent that
         # already runs threads (uvicorn, OpenMP), which a plain fork is not.
         mp = multiprocessing.get_context("forkserver")
-        mp.set_forkserver_preload(["pinnace.runtime.engine.core_proc"])
+        # torch._dynamo too: building a model imports it lazily (a second per process).
+        mp.set_forkserver_preload(["pinnace.runtime.engine.core_proc", "torch._dynamo"])
         from pinnace.runtime.engine.core_proc import run_engine_core
 
         self.process = mp.Process(
@@ -162,9 +180,13 @@ class MPClient:
             name="pinnace-engine-core",
             daemon=True,
         )
-        self.process.start()
+        with _passive_openmp():
+            self.process.start()
+
+    def wait_ready(self, timeout: float | None = None) -> CoreReady:
+        """Block until the core has loaded its model (CoreStartError if it could not)."""
         try:
-            self.ready = self._wait_ready(start_timeout)
+            return self._wait_ready(timeout)
         except BaseException:
             self.shutdown(1.0)
             raise

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 
+import torch
 import zmq
 
 from pinnace.runtime.config import EngineConfig
@@ -60,6 +61,9 @@ def run_engine_core(
 
     try:
         core = EngineCore(config)
+        logger.info(
+            "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
+        )
         emit(CoreReady(core.max_model_len, core.parts.num_blocks))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
     except BaseException as exc:
