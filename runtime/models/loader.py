@@ -31,7 +31,7 @@ from pinnace.runtime.layers.quantization.loading import (
 )
 from pinnace.runtime.lora.layers import LoRASlotsConfig, install_lora_layers
 from pinnace.runtime.lora.targets import model_spec
-from pinnace.runtime.models.registry import resolve_model_class
+from pinnace.runtime.models.registry import backbone_of, resolve_model_class
 
 if TYPE_CHECKING:
     from pinnace.runtime.models.gguf_loader import GGUFCheckpoint
@@ -196,8 +196,14 @@ def build_model(
     A quantized model is assembled on the CPU and moved to `device` after step 3, so a GPU
     only ever holds the quantized weights.
     """
-    cls = resolve_model_class(getattr(ckpt.config, "architectures", None))
+    architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
+    cls = resolve_model_class(architectures)
     _check_expert_quantization(cls, quantization)
+    headless = backbone_of(architectures[0]) is not None
+    if headless:
+        # A `*Model` checkpoint has no LM head: tie it to the embedding so nothing expects
+        # one (pooling never computes logits; generation is refused for these).
+        ckpt.config.tie_word_embeddings = True
     with torch.device("meta"):
         model: Any = cls(ckpt.config, max_positions)
     quant = quantization
@@ -205,7 +211,7 @@ def build_model(
     load_device = device if quant is None else torch.device("cpu")
     model = model.to(dtype=dtype).to_empty(device=load_device)
     model.tie_weights()
-    _load(model, ckpt, dtype, device, quant, shells)
+    _load(model, ckpt, dtype, device, quant, shells, headless)
     if quant is not None:
         _quantize_float_layers(model, ckpt, quant, device)
         model.to(device)
@@ -239,8 +245,11 @@ def _load(
     device: torch.device,
     quant: QuantizationConfig | None,
     shells: dict[str, LinearShell],
+    headless: bool = False,
 ) -> None:
     weights: Iterable[tuple[str, Any]] = _weight_stream(ckpt, dtype, quant)
+    if headless:  # the body's own names: embed_tokens, layers.<i>..., norm
+        weights = ((n if n.startswith("model.") else f"model.{n}", t) for n, t in weights)
     weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False)
     router = None
     if quant is not None and shells:

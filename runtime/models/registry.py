@@ -55,7 +55,16 @@ def supported_architectures() -> list[str]:
     return list(_MODELS)
 
 
+def backbone_of(architecture: str) -> str | None:
+    """The causal LM whose body a headless `*Model` architecture is ("Qwen2Model" ->
+    "Qwen2ForCausalLM"): embedding checkpoints saved without the LM head; else None."""
+    base = architecture.removesuffix("Model")
+    causal = f"{base}ForCausalLM"
+    return causal if base != architecture and causal in _MODELS else None
+
+
 def entry_for(architecture: str) -> ModelEntry:
+    architecture = backbone_of(architecture) or architecture
     if architecture not in _MODELS:
         raise ValueError(
             f"architecture {architecture!r} is not supported; supported: "
@@ -97,8 +106,13 @@ def resolve_runner(
     named as one (vLLM's suffixes), or when the folder is a sentence-transformers model
     (its modules.json names a pooling); generate otherwise.
     """
+    architecture = (architectures or [""])[0]
+    if runner == "generate" and backbone_of(architecture) is not None:
+        raise ValueError(
+            f"{architecture} is a model body without its LM head: it serves embeddings "
+            "(runner pooling), not generation."
+        )
     if runner != "auto":
         return runner
-    architecture = (architectures or [""])[0]
     named_pooling = architecture.endswith(POOLING_SUFFIXES)
     return "pooling" if convert == "embed" or named_pooling or has_pooling_config else "generate"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.models.registry import resolve_runner
@@ -101,4 +101,30 @@ def test_one_runner_per_engine(make_tiny_model: Callable[[str], Path]) -> None:
 def test_auto_runner_from_the_architecture_name(architecture: str, expected: str) -> None:
     assert resolve_runner("auto", "auto", [architecture], False) == expected
     assert resolve_runner("auto", "embed", [architecture], False) == "pooling"
-    assert resolve_runner("generate", "auto", [architecture], True) == "generate"
+    if architecture in ("Qwen2Model", "MistralModel"):  # bodies without an LM head
+        with pytest.raises(ValueError, match="without its LM head"):
+            resolve_runner("generate", "auto", [architecture], False)
+    else:
+        assert resolve_runner("generate", "auto", [architecture], True) == "generate"
+
+
+def test_headless_model_checkpoint_serves_embeddings(
+    make_tiny_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A `*Model` checkpoint (the body, no LM head, weights named without `model.`), as
+    embedding models are often saved: runner auto pools it, generation is refused."""
+    body = AutoModel.from_pretrained(make_tiny_model("Qwen2ForCausalLM"), dtype=torch.float32)
+    folder = tmp_path / "body"
+    body.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(make_tiny_model("Qwen2ForCausalLM")).save_pretrained(folder)
+    assert body.config.architectures == ["Qwen2Model"]
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory=2**24)
+    assert llm.llm_engine.runner_type == "pooling"
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS, "mean", False)])
+    with torch.inference_mode():
+        want = torch.stack([body(torch.tensor([p])).last_hidden_state[0].mean(0) for p in PROMPTS])
+    assert F.cosine_similarity(got, want).min() >= 0.9999
+    with pytest.raises(ValueError, match="runner 'pooling'"):
+        llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="Qwen2Model is a model body without its LM head"):
+        LLM(str(folder), runner="generate")
