@@ -1,7 +1,8 @@
 """/v1/embeddings through the official openai client on a --runner pooling server: float
 and base64 answers agree and equal LLM.embed's vectors, one per input, with usage; bad
 requests are 400s naming the parameter. Each runner's server answers the other's endpoints
-with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start."""
+with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start; the
+same with the engine core in its own process, as `pinnace serve --runner pooling` runs."""
 
 from __future__ import annotations
 
@@ -110,5 +111,25 @@ def test_generate_server_refuses_embeddings(
             client.embeddings.create(model="tiny", input="hi")
         reply = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert reply.usage is not None and reply.usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_pooling_server_with_its_core_in_a_process(
+    served: tuple[Any, LLMEngine],
+    start_server: Callable[..., Any],
+    make_tiny_model: Callable[[str], Path],
+) -> None:
+    """As `pinnace serve --runner pooling` runs it: the engine core in its own process."""
+    _, engine = served
+    server = start_server(make_tiny_model("Qwen2ForCausalLM"), dtype="float32", runner="pooling")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        got = client.embeddings.create(model="tiny", input=INPUTS, encoding_format="float")
+        expected = np.array([o.outputs.embedding for o in engine.embed(list(INPUTS))])
+        vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+        np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(openai.NotFoundError, match="--runner pooling"):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     finally:
         server.stop()
