@@ -19,6 +19,7 @@ from pinnace.runtime.server import oip_proto
 from pinnace.runtime.server.auth import APIKeyMiddleware
 from pinnace.runtime.server.embeddings import build_embeddings_router
 from pinnace.runtime.server.errors import install_error_handlers
+from pinnace.runtime.server.kserve_embeddings import build_v2_embeddings_router
 from pinnace.runtime.server.kserve_grpc import start_grpc_server
 from pinnace.runtime.server.kserve_v1 import build_v1_router
 from pinnace.runtime.server.kserve_v2 import build_v2_router
@@ -148,6 +149,8 @@ def _build_app(
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(build_runner_guard_router(async_engine.runner_type))  # first: it wins
+    if async_engine.runner_type == "pooling":  # V2 infer answers embeddings (before V2's)
+        app.include_router(build_v2_embeddings_router(ctx))
     app.include_router(build_openai_router(ctx))
     app.include_router(build_embeddings_router(ctx))
     app.include_router(build_v1_router(ctx))

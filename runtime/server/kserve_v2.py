@@ -153,6 +153,9 @@ def build_v2_router(ctx: ServerContext) -> APIRouter:
 def _add_metadata_routes(router: APIRouter, ctx: ServerContext) -> None:
     tensors_in = [V2TensorMetadata(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
     tensors_out = [V2TensorMetadata(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1])]
+    if ctx.engine.runner_type == "pooling":  # kserve_embeddings.py
+        hidden = int(ctx.engine.model_config.hidden_size)
+        tensors_out = [V2TensorMetadata(name="embedding", datatype="FP32", shape=[-1, hidden])]
 
     @router.get("/v2")
     @router.get("/v2/", include_in_schema=False)  # the spec's spelling

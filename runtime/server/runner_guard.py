@@ -14,11 +14,12 @@ from fastapi import APIRouter
 from pinnace.runtime.server.errors import APIError
 
 # The POST paths of each runner's endpoints (HTTP); gRPC ModelInfer checks in its handler.
+# KServe V2 infer is served by both: with embeddings out on a pooling server
+# (kserve_embeddings.py).
 GENERATE_PATHS = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models/{name:path}:predict",
-    "/v2/models/{name:path}/infer",
     "/v2/models/{name:path}/generate",
     "/v2/models/{name:path}/generate_stream",
 )

@@ -1,8 +1,9 @@
 """/v1/embeddings through the official openai client on a --runner pooling server: float
 and base64 answers agree and equal LLM.embed's vectors, one per input, with usage; bad
 requests are 400s naming the parameter. Each runner's server answers the other's endpoints
-with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start; the
-same with the engine core in its own process, as `pinnace serve --runner pooling` runs."""
+with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start; KServe
+V2 infer on a pooling server answers an FP32 `embedding` tensor. The same with the engine
+core in its own process, as `pinnace serve --runner pooling` runs."""
 
 from __future__ import annotations
 
@@ -86,15 +87,39 @@ def test_pooling_server_refuses_generation(served: tuple[Any, LLMEngine]) -> Non
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
     with pytest.raises(openai.NotFoundError, match="does not serve text generation"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-    infer = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
     with server.client() as http:
-        v2 = http.post("/v2/models/tiny/infer", json=infer)
         v1 = http.post("/v1/models/tiny:predict", json={"instances": ["hi"]})
+        generate = http.post("/v2/models/tiny/generate", json={"text_input": "hi"})
         models = http.get("/v1/models")
-    for response in (v2, v1):  # KServe's error shape on KServe routes
+    for response in (v1, generate):  # KServe's error shape on KServe routes
         assert response.status_code == 404
         assert "--runner generate" in response.json()["error"]
     assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+
+def test_kserve_v2_infer_answers_embeddings(served: tuple[Any, LLMEngine]) -> None:
+    server, engine = served
+    tensor = {"name": "text_input", "shape": [2], "datatype": "BYTES", "data": list(INPUTS)}
+    with server.client() as http:
+        answer = http.post("/v2/models/tiny/infer", json={"id": "7", "inputs": [tensor]})
+        metadata = http.get("/v2/models/tiny").json()
+        wrong = http.post(
+            "/v2/models/tiny/infer", json={"inputs": [tensor], "outputs": [{"name": "text_output"}]}
+        )
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    hidden = engine.model_config.hidden_size
+    assert (output["name"], output["datatype"], output["shape"]) == (
+        "embedding",
+        "FP32",
+        [2, hidden],
+    )
+    expected = np.array([o.outputs.embedding for o in engine.embed(list(INPUTS))])
+    got = np.array(output["data"], dtype=np.float32).reshape(2, hidden)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert answer.json()["id"] == "7"
+    assert metadata["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, hidden]}]
+    assert wrong.status_code == 400 and "'embedding'" in wrong.json()["error"]
 
 
 def test_generate_server_refuses_embeddings(
