@@ -16,6 +16,7 @@ from pinnace.runtime.beam_search import (
     BeamSearchParams,
     BeamSearchSequence,
 )
+from pinnace.runtime.chat_template import apply_chat_template
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.lora.request import LoRARequest
@@ -158,19 +159,11 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[int]:
-        tokenizer = self.get_tokenizer()
-        if chat_template is None and tokenizer.chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template.")
-        if not conversation:
-            raise ValueError("a conversation must have at least one message.")
-        text = tokenizer.apply_chat_template(
-            conversation,
-            chat_template=chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+        """Prompt token ids of one conversation (the server's chat routes use the same
+        function, so both build identical prompts)."""
+        return apply_chat_template(
+            self.get_tokenizer(), conversation, chat_template, add_generation_prompt
         )
-        # The template already writes BOS and other specials: don't add them twice.
-        return list(tokenizer.encode(text, add_special_tokens=False))
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

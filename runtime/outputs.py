@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pinnace.runtime.core.outputs import Logprob
+
 
 @dataclass
 class CompletionOutput:
@@ -30,8 +32,8 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt
-    # token {token_id: logprob} holding that token and the top-k.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # token {token_id: Logprob(logprob, rank)} holding that token and the top-k.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

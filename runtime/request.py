@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pinnace.runtime.core.outputs import Logprob
 from pinnace.runtime.sampling_params import SamplingParams
 
 
@@ -72,7 +73,7 @@ class Request:
     # Chained hashes of this request's full blocks, filled lazily by the KV cache manager.
     block_hashes: list[bytes] = field(default_factory=list)
     # Filled chunk by chunk: entry j scores prompt token j + 1 (prompt_logprobs requests).
-    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

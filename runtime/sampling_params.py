@@ -10,6 +10,19 @@ from typing import Any, Protocol
 MAX_LOGIT_BIAS = 100.0
 
 
+class ParameterError(ValueError):
+    """A request parameter the engine cannot accept; `param` names it (the server puts it
+    in the OpenAI error body's `param`), so no caller has to parse the message."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[type[ParameterError], tuple[str, str]]:
+        # Pickled whole (it may cross from the engine core's process).
+        return type(self), (self.param, str(self))
+
+
 class _Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
@@ -28,14 +41,18 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         kinds = [k for k, v in self._values().items() if v is not None and v is not False]
         if len(kinds) != 1:
-            raise ValueError(
+            raise ParameterError(
+                "structured_outputs",
                 "structured_outputs needs exactly one of json, regex, choice, grammar or "
-                f"json_object; got {kinds or 'none'}."
+                f"json_object; got {kinds or 'none'}.",
             )
         if self.choice is not None and (
             not self.choice or not all(isinstance(c, str) and c for c in self.choice)
         ):
-            raise ValueError("structured_outputs choice must be a list of non-empty strings.")
+            raise ParameterError(
+                "structured_outputs",
+                "structured_outputs choice must be a list of non-empty strings.",
+            )
 
     def _values(self) -> dict[str, Any]:
         return {
@@ -95,30 +112,44 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
+            raise ParameterError("n", f"n must be at least 1, got {self.n}.")
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be at least n ({self.n}), got {self.best_of}.")
+            raise ParameterError(
+                "best_of", f"best_of must be at least n ({self.n}), got {self.best_of}."
+            )
         if not self.temperature >= 0:  # written so that NaN fails too
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+            raise ParameterError(
+                "temperature", f"temperature must be non-negative, got {self.temperature}."
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ParameterError("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k == -1:
             self.top_k = 0
         if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+            raise ParameterError(
+                "top_k", f"top_k must be -1 (disable) or at least 1, got {self.top_k}."
+            )
         self._check_penalties()
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise ParameterError(
+                "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}."
+            )
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}.")
+            raise ParameterError(
+                "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}."
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})."
+            raise ParameterError(
+                "min_tokens",
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).",
             )
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+            raise ParameterError("logprobs", f"logprobs must be non-negative, got {self.logprobs}.")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+            raise ParameterError(
+                "prompt_logprobs",
+                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.",
+            )
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop]
         elif self.stop is None:
@@ -126,27 +157,30 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop)
         if any(not s for s in self.stop_strings):
-            raise ValueError("stop strings must be non-empty.")
+            raise ParameterError("stop", "stop strings must be non-empty.")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
     def _check_penalties(self) -> None:
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+            raise ParameterError("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}.")
+                raise ParameterError(name, f"{name} must be in [-2, 2], got {value}.")
         if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+            raise ParameterError(
+                "repetition_penalty",
+                f"repetition_penalty must be positive, got {self.repetition_penalty}.",
+            )
         if self.logit_bias is not None:
             self.logit_bias = {
                 int(t): max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(b)))
                 for t, b in self.logit_bias.items()
             }
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise ValueError("allowed_token_ids must not be empty.")
+            raise ParameterError("allowed_token_ids", "allowed_token_ids must not be empty.")
         if self.bad_words is not None and any(not w.strip() for w in self.bad_words):
-            raise ValueError("bad_words must be non-empty strings.")
+            raise ParameterError("bad_words", "bad_words must be non-empty strings.")
 
     @property
     def is_greedy(self) -> bool:
@@ -189,8 +223,9 @@ class SamplingParams:
         ):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(
-                    f"{name} has token id {bad[0]}, outside the vocabulary (size {vocab_size})."
+                raise ParameterError(
+                    name,
+                    f"{name} has token id {bad[0]}, outside the vocabulary (size {vocab_size}).",
                 )
         variants: list[list[int]] = []
         for word in self.bad_words or []:

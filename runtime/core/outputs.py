@@ -68,6 +68,15 @@ class Logprobs:
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability and its rank in the distribution (vLLM's Logprob):
+    1 + the number of tokens with a strictly greater logprob."""
+
+    logprob: float
+    rank: int
+
+
+@dataclass
 class ModelRunnerOutput:
     """Per request that sampled (absent: a partial prefill chunk): its new tokens in order,
     one or more (accepted drafts, then the runner's own token)."""
@@ -76,9 +85,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # one per sampled token
     # Tokens proposed for the next step, per request (speculative decoding; empty without).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    # Per request asking prompt logprobs: one {token_id: logprob} per prompt row of this
+    # Per request asking prompt logprobs: one {token_id: Logprob} per prompt row of this
     # chunk that predicts a prompt token (row at position p scores prompt token p + 1).
-    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,5 +114,5 @@ class RequestUpdate:
     logprobs: list[Logprobs] | None = None  # one per new token when asked
     # With the first sampled token of a request asking them: prompt logprobs, one per
     # prompt token after the first.
-    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, Logprob]] | None = None
     num_cached_tokens: int = 0  # prefix-cache hit length when the request was admitted

@@ -29,7 +29,7 @@ from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.models.registry import resolve_runner
 from pinnace.runtime.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from pinnace.runtime.request import Request, RequestStatus
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 from pinnace.runtime.worker.grammar_mask import GrammarMasks
 from pinnace.runtime.worker.pooler import PoolingConfig, has_pooling_config, pooling_from_folder
 
@@ -73,15 +73,19 @@ def validate_request(
             f"(max_model_len) is {max_model_len} tokens."
         )
     if params.max_tokens is not None and params.max_tokens > room:
-        raise ValueError(
+        raise ParameterError(
+            "max_tokens",
             f"max_tokens={params.max_tokens} plus the {num}-token prompt exceeds this "
-            f"model's maximum context length of {max_model_len} tokens."
+            f"model's maximum context length of {max_model_len} tokens.",
         )
     if params.logprobs is not None and params.logprobs > max_logprobs:
-        raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs={max_logprobs}.")
+        raise ParameterError(
+            "logprobs", f"logprobs={params.logprobs} exceeds max_logprobs={max_logprobs}."
+        )
     if params.prompt_logprobs is not None and params.prompt_logprobs > max_logprobs:
-        raise ValueError(
-            f"prompt_logprobs={params.prompt_logprobs} exceeds max_logprobs={max_logprobs}."
+        raise ParameterError(
+            "prompt_logprobs",
+            f"prompt_logprobs={params.prompt_logprobs} exceeds max_logprobs={max_logprobs}.",
         )
     params.update_from_tokenizer(tokenizer, vocab_size)
     return params.max_tokens if params.max_tokens is not None else room

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from pinnace.runtime.core.outputs import Logprobs, RequestUpdate
+from pinnace.runtime.core.outputs import Logprob, Logprobs, RequestUpdate
 from pinnace.runtime.engine.detokenizer import IncrementalDetokenizer
 from pinnace.runtime.outputs import CompletionOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
@@ -80,7 +80,7 @@ class RequestState:
         self.prompt_token_ids = prompt_token_ids
         self.num_cached_tokens = 0
         # vLLM's shape: None for the first prompt token, then {token_id: logprob} each.
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         self.params = params
         num = params.num_samples
         self.child_ids = [request_id] if num == 1 else [f"{request_id}#{i}" for i in range(num)]

@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 from transformers import PreTrainedTokenizerBase
 
-from pinnace.runtime.sampling_params import SamplingParams
-from pinnace.runtime.server.deltas import Delta, DeltaTracker
+from pinnace.runtime.chat_template import apply_chat_template
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
+from pinnace.runtime.server.deltas import Delta, DeltaTracker, stream_deltas
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import chat_logprobs, prompt_logprobs_of
 from pinnace.runtime.server.openai_params import chat_params, constraint_param, message_dicts
@@ -52,25 +52,12 @@ def render_chat(
     add_generation_prompt: bool = True,
     tools: list[dict[Any, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of a conversation, exactly as `LLM.apply_chat_template` builds them."""
-    if not messages:
-        raise bad_request("messages must not be empty.", "messages")
-    if tokenizer.chat_template is None:
-        raise bad_request(
-            "this model's tokenizer has no chat template; start the server with --chat-template.",
-            "messages",
-        )
+    """Token ids of a conversation (runtime/chat_template.py, as `LLM.chat`); a 400 naming
+    `messages` when it cannot be templated."""
     try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tools=list(tools) if tools else None,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except (jinja2.TemplateError, ValueError) as exc:
-        raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from exc
-    # The template writes BOS and other specials itself: don't add them twice.
-    return list(tokenizer.encode(str(text), add_special_tokens=False))
+        return apply_chat_template(tokenizer, messages, None, add_generation_prompt, tools)
+    except ParameterError as exc:
+        raise bad_request(str(exc), exc.param) from exc
 
 
 @dataclass
@@ -172,14 +159,12 @@ def _finish_reason(job: ChatJob, reason: str | None, calls: list[ParsedToolCall]
     return reason
 
 
-def _stream_delta(
-    job: ChatJob, delta: Delta, text: str, index: int, sent: dict[int, int]
-) -> DeltaMessage | None:
-    """The message delta of one engine delta (`text`: the choice's reply so far; `sent`:
-    content characters already streamed per choice). A named call streams its arguments
-    as they come; an auto reply streams as content up to where a call could begin, and
-    its calls when it finishes; a required reply (a JSON list of calls) when it finishes."""
-    mode = job.tools.mode
+def _stream_delta(job: ChatJob, delta: Delta, sent: dict[int, int]) -> DeltaMessage | None:
+    """The message delta of one engine delta (`sent`: content characters already streamed
+    per choice). A named call streams its arguments as they come; an auto reply streams as
+    content up to where a call could begin, and its calls when it finishes; a required
+    reply (a JSON list of calls) when it finishes."""
+    text, index, mode = delta.full_text, delta.index, job.tools.mode
     first = index not in sent
     if mode == "none":
         return DeltaMessage(content=delta.text)
@@ -234,26 +219,22 @@ async def stream_chat(
         for i in range(job.params.n):
             first = DeltaMessage(role="assistant", content="")
             yield chunk([ChatStreamChoice(index=i, delta=first)])
-        async with ctx.generate_all([job.request]) as outputs:
-            async for _, output in outputs:
-                for out in output.outputs:
-                    delta = tracker.delta(out.index, out)
-                    if delta is None:
-                        continue
-                    message = _stream_delta(job, delta, out.text, out.index, sent)
-                    if message is None:
-                        continue
-                    finish = delta.finish_reason
-                    if finish is not None and job.tools.mode in ("auto", "required"):
-                        finish = _finish_reason(job, finish, job.tools.extract(out.text)[1])
-                    choice = ChatStreamChoice(
-                        index=out.index,
-                        delta=message,
-                        logprobs=_logprobs(ctx, job, delta.token_ids, delta.logprobs),
-                        finish_reason=finish,
-                        stop_reason=delta.stop_reason,
-                    )
-                    yield chunk([choice])
+        async with stream_deltas(ctx, [job.request], tracker) as deltas:
+            async for _, _, delta in deltas:
+                message = _stream_delta(job, delta, sent)
+                if message is None:
+                    continue
+                finish = delta.finish_reason
+                if finish is not None and job.tools.mode in ("auto", "required"):
+                    finish = _finish_reason(job, finish, job.tools.extract(delta.full_text)[1])
+                choice = ChatStreamChoice(
+                    index=delta.index,
+                    delta=message,
+                    logprobs=_logprobs(ctx, job, delta.token_ids, delta.logprobs),
+                    finish_reason=finish,
+                    stop_reason=delta.stop_reason,
+                )
+                yield chunk([choice])
         if include_usage:
             usage = UsageInfo.of(len(job.request.prompt_token_ids), tracker.num_tokens)
             yield chunk([], usage)

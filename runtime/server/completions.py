@@ -15,7 +15,7 @@ from pinnace.runtime.beam_search import BeamSearchParams
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.beam import beam_search
-from pinnace.runtime.server.deltas import DeltaTracker
+from pinnace.runtime.server.deltas import DeltaTracker, stream_deltas
 from pinnace.runtime.server.errors import APIError, bad_request
 from pinnace.runtime.server.logprobs import completion_logprobs, prompt_logprobs_of
 from pinnace.runtime.server.openai_params import completion_params, constraint_param
@@ -170,40 +170,31 @@ async def stream_completion(
 
     tracker = DeltaTracker()
     offsets: dict[int, int] = {}  # text sent per choice, for logprobs' text_offset
-    sent_prompt: set[int] = set()  # choices whose prompt logprobs went out
     try:
         for i, text in enumerate(job.echo_texts or []):
             for s in range(job.params.n):
                 offsets[job.choice_index(i, s)] = len(text)
                 yield chunk([CompletionChoice(index=job.choice_index(i, s), text=text)])
-        async with ctx.generate_all(job.requests) as outputs:
-            async for prompt_index, output in outputs:
-                for out in output.outputs:
-                    index = job.choice_index(prompt_index, out.index)
-                    delta = tracker.delta(index, out)
-                    if delta is None:
-                        continue
-                    logprobs = None
-                    if job.params.logprobs is not None and delta.logprobs is not None:
-                        logprobs = completion_logprobs(
-                            ctx.engine.tokenizer,
-                            delta.token_ids,
-                            delta.logprobs,
-                            offsets.get(index, 0),
-                        )
-                    offsets[index] = offsets.get(index, 0) + len(delta.text)
-                    # As vLLM: a choice's prompt logprobs travel in its first chunk.
-                    first = index not in sent_prompt
-                    sent_prompt.add(index)
-                    choice = CompletionChoice(
-                        index=index,
-                        text=delta.text,
-                        logprobs=logprobs,
-                        prompt_logprobs=_prompt_logprobs(ctx, job, output) if first else None,
-                        finish_reason=delta.finish_reason,
-                        stop_reason=delta.stop_reason,
+        async with stream_deltas(ctx, job.requests, tracker) as deltas:
+            async for prompt_index, output, delta in deltas:
+                index = job.choice_index(prompt_index, delta.index)
+                logprobs = None
+                if job.params.logprobs is not None and delta.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        ctx.engine.tokenizer, delta.token_ids, delta.logprobs, offsets.get(index, 0)
                     )
-                    yield chunk([choice])
+                offsets[index] = offsets.get(index, 0) + len(delta.text)
+                # As vLLM: a choice's prompt logprobs travel in its first chunk.
+                first = delta.is_first
+                choice = CompletionChoice(
+                    index=index,
+                    text=delta.text,
+                    logprobs=logprobs,
+                    prompt_logprobs=_prompt_logprobs(ctx, job, output) if first else None,
+                    finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason,
+                )
+                yield chunk([choice])
         if include_usage:
             yield chunk([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
     except APIError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 from pinnace.runtime.server.chat import render_chat
 from pinnace.runtime.server.errors import bad_request, describe_validation_errors
 from pinnace.runtime.server.kserve_protocol import KServeParameters
@@ -27,18 +27,26 @@ class KServeOptions:
     apply_chat_template: bool | None
 
 
-def parse_options(values: dict[str, Any] | None, where: str = "parameters") -> KServeOptions:
-    """Validate a free-form parameters object; a 400 names the offending key."""
+def parse_options(
+    values: dict[str, Any] | None, where: str = "parameters", has_prompt_logprobs: bool = False
+) -> KServeOptions:
+    """Validate a free-form parameters object; a 400 names the offending key.
+    `has_prompt_logprobs`: the route's response can carry prompt_logprobs (V2 generate)."""
     try:
         parsed = KServeParameters.model_validate(values or {})
     except ValidationError as exc:
         message, param = describe_validation_errors(list(exc.errors()))
         raise bad_request(f"{where}.{message}", param) from exc
+    if parsed.prompt_logprobs is not None and not has_prompt_logprobs:
+        raise bad_request(
+            f"{where}.prompt_logprobs: only V2 generate and generate_stream answer them.",
+            "prompt_logprobs",
+        )
     settings = parsed.model_dump(exclude={"apply_chat_template"})
     try:
         params = SamplingParams(**settings)
-    except ValueError as exc:
-        raise bad_request(f"{where}: {exc}") from exc
+    except ParameterError as exc:
+        raise bad_request(f"{where}: {exc}", exc.param) from exc
     return KServeOptions(params, parsed.apply_chat_template)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pinnace.runtime.server.openai_protocol import INT64, RequestModel
+from pinnace.runtime.server.openai_protocol import INT64, PromptLogprob, RequestModel
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
@@ -39,6 +39,8 @@ class KServeParameters(RequestModel):
     logit_bias: dict[int, float] | None = None
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
+    best_of: int | None = None  # sample this many, answer the best by cumulative logprob
+    prompt_logprobs: int | None = None  # generate and generate_stream answer them
     # None: wrap the text as a user message when the model has a chat template.
     apply_chat_template: bool | None = None
 
@@ -126,6 +128,8 @@ class V2GenerateResponse(BaseModel):
     id: str | None = None
     text_output: str
     finish_reason: str | None = None
+    # With parameters.prompt_logprobs: OpenAI completions' (vLLM's) prompt_logprobs list.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class V1Instance(RequestModel):

@@ -28,8 +28,7 @@ def build_v1_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v1/models/{name:path}:predict")
     async def predict(name: str, body: V1PredictRequest, raw: Request) -> Response:
-        if name not in ctx.model_names and ctx.lora_for(name) is None:
-            raise APIError(404, f"model {name!r} is not served here; it serves {ctx.served()}.")
+        name = ctx.resolve_model(name)
         if not body.instances:
             raise APIError(400, "instances must not be empty.", "instances")
         request_id = ctx.new_id("predict")

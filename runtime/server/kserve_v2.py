@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from pinnace.runtime.engine.async_engine import EngineDeadError
+from pinnace.runtime.server.deltas import DeltaTracker, stream_deltas
 from pinnace.runtime.server.errors import APIError, bad_request, describe_validation_errors
 from pinnace.runtime.server.kserve_binary import (
     BINARY_CONTENT_TYPE,
@@ -42,15 +43,17 @@ from pinnace.runtime.server.kserve_protocol import (
     V2ServerMetadata,
     V2TensorMetadata,
 )
+from pinnace.runtime.server.logprobs import prompt_logprobs_of
 from pinnace.runtime.server.serving import (
+    MODEL_VERSION,
     EngineRequest,
     ServerContext,
     cancel_on_disconnect,
     server_version,
     sse,
+    sse_error,
 )
 
-MODEL_VERSION = "1"
 PLATFORM = "pinnace"
 # This server's extensions (gRPC reports the same server; generate is on REST only).
 EXTENSIONS = ["binary_tensor_data", "generate"]
@@ -62,12 +65,9 @@ def _json(model: Any, status: int = 200) -> JSONResponse:
 
 
 def resolve(ctx: ServerContext, name: str) -> tuple[str, str | None]:
-    """(model name, version or None); 404 if this server does not serve it."""
+    """(model name, version or None) of a path's `{name}`; 404 if not served."""
     model, sep, version = name.partition("/versions/")
-    served = model in ctx.model_names or ctx.lora_for(model) is not None
-    if not served or (sep and version != MODEL_VERSION):
-        raise APIError(404, f"model {name!r} is not served here; it serves {ctx.served()}.")
-    return model, version if sep else None
+    return ctx.resolve_model(model, version if sep else None), version if sep else None
 
 
 def parse_infer_request(header: Any) -> V2InferRequest:
@@ -220,7 +220,7 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.post("/v2/models/{name:path}/generate")
     async def generate(name: str, body: V2GenerateRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        options = parse_options(body.sampling_values())
+        options = parse_options(body.sampling_values(), has_prompt_logprobs=True)
         prompts = [body.text_input]
         requests = await asyncio.to_thread(
             _engine_requests, ctx, "generate", prompts, options, model
@@ -237,19 +237,22 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
                 id=body.id,
                 text_output=out.text,
                 finish_reason=out.finish_reason,
+                prompt_logprobs=prompt_logprobs_of(ctx.engine.tokenizer, options.params, finals[0]),
             )
         )
 
     @router.post("/v2/models/{name:path}/generate_stream")
-    async def generate_stream(name: str, body: V2GenerateRequest) -> Response:
+    async def generate_stream(name: str, body: V2GenerateRequest, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        options = parse_options(body.sampling_values())
+        options = parse_options(body.sampling_values(), has_prompt_logprobs=True)
+        if options.params.num_samples > 1:
+            raise bad_request("best_of greater than 1 cannot be streamed.", "best_of")
         prompts = [body.text_input]
         requests = await asyncio.to_thread(
             _engine_requests, ctx, "generate", prompts, options, model
         )
         ctx.check_room(1)
-        events = _stream_events(ctx, requests, model, version, body.id)
+        events = _stream_events(ctx, requests, model, version, body.id, raw.url.path)
         return StreamingResponse(events, media_type="text/event-stream")
 
 
@@ -297,23 +300,25 @@ async def _stream_events(
     model: str,
     version: str | None,
     request_id: str | None,
+    path: str,
 ) -> AsyncIterator[str]:
-    """One event per step with the new text; the last one carries finish_reason."""
-    sent = 0
+    """One event per step with the new text (the first with the prompt logprobs asked
+    for); the last one carries finish_reason. The OpenAI routes' DeltaTracker cuts them."""
     try:
-        async with ctx.generate_all(requests) as outputs:
-            async for _, output in outputs:
-                out = output.outputs[0]
-                delta, sent = out.text[sent:], max(sent, len(out.text))
-                if not delta and not out.finished:
-                    continue
+        async with stream_deltas(ctx, requests, DeltaTracker()) as deltas:
+            async for _, output, delta in deltas:
+                prompt_logprobs = None
+                if delta.is_first:
+                    params = requests[0].params
+                    prompt_logprobs = prompt_logprobs_of(ctx.engine.tokenizer, params, output)
                 event = V2GenerateResponse(
                     model_name=model,
                     model_version=version,
                     id=request_id,
-                    text_output=delta,
-                    finish_reason=out.finish_reason,
+                    text_output=delta.text,
+                    finish_reason=delta.finish_reason,
+                    prompt_logprobs=prompt_logprobs,
                 )
                 yield sse(event.model_dump_json(exclude_none=True))
     except APIError as exc:
-        yield sse({"error": exc.message})
+        yield sse_error(path, exc)

@@ -6,6 +6,7 @@ import math
 
 from transformers import PreTrainedTokenizerBase
 
+from pinnace.runtime.core.outputs import Logprob
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.openai_protocol import (
@@ -83,11 +84,10 @@ def _top_logprob(tokenizer: PreTrainedTokenizerBase, token_id: int, logprob: flo
 
 
 def prompt_logprobs(
-    tokenizer: PreTrainedTokenizerBase, entries: list[dict[int, float] | None], num_top: int
+    tokenizer: PreTrainedTokenizerBase, entries: list[dict[int, Logprob] | None]
 ) -> list[dict[int, PromptLogprob] | None]:
     """vLLM's `choices[i].prompt_logprobs`: None for the first prompt token, then per
-    token {token_id: {logprob, rank, decoded_token}}. Ranks are known for the top-k; a
-    prompt token outside them (the extra, least likely entry) gets rank None."""
+    token {token_id: {logprob, rank, decoded_token}}, the prompt token and the top-k."""
     out: list[dict[int, PromptLogprob] | None] = []
     for entry in entries:
         if entry is None:
@@ -96,11 +96,11 @@ def prompt_logprobs(
         out.append(
             {
                 token_id: PromptLogprob(
-                    logprob=_finite(lp),
-                    rank=rank + 1 if rank < num_top else None,
+                    logprob=_finite(value.logprob),
+                    rank=value.rank,
                     decoded_token=_decode(tokenizer, token_id),
                 )
-                for rank, (token_id, lp) in enumerate(_top(entry, len(entry)))
+                for token_id, value in sorted(entry.items(), key=lambda kv: kv[1].rank)
             }
         )
     return out
@@ -112,4 +112,4 @@ def prompt_logprobs_of(
     """The response's prompt_logprobs when the request asked for them (completions and chat)."""
     if params.prompt_logprobs is None or output.prompt_logprobs is None:
         return None
-    return prompt_logprobs(tokenizer, output.prompt_logprobs, params.prompt_logprobs)
+    return prompt_logprobs(tokenizer, output.prompt_logprobs)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pinnace.runtime.sampling_params import SamplingParams, StructuredOutputsParams
+from pinnace.runtime.sampling_params import (
+    ParameterError,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 from pinnace.runtime.server.errors import bad_request, unsupported
 from pinnace.runtime.server.openai_protocol import (
     ChatCompletionRequest,
@@ -138,9 +142,8 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
-    except ValueError as exc:
-        message = str(exc)
-        raise bad_request(message, _leading_name(message)) from exc
+    except ParameterError as exc:
+        raise bad_request(str(exc), exc.param) from exc
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
@@ -206,8 +209,3 @@ def _join_text_parts(parts: list[dict[str, object]], index: int) -> str:
             )
         texts.append(text)
     return "".join(texts)
-
-
-def _leading_name(message: str) -> str | None:
-    head = message.split(" ", 1)[0]
-    return head if head.isidentifier() else None

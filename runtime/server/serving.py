@@ -25,7 +25,7 @@ from pinnace.runtime.engine.async_engine import (
 )
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 from pinnace.runtime.server.adapters import ServedAdapters
 from pinnace.runtime.server.errors import APIError, bad_request, error_body
 from pinnace.runtime.server.request_limits import check_request_cost
@@ -33,6 +33,8 @@ from pinnace.runtime.server.tools import ToolSettings
 
 T = TypeVar("T")
 
+# The one version of each model KServe V2 paths may name (`<model>/versions/1`).
+MODEL_VERSION = "1"
 # Seconds a client told "busy" (503) should wait before retrying.
 RETRY_AFTER_S = 1
 
@@ -68,13 +70,18 @@ class ServerContext:
     def model_name(self) -> str:
         return self.model_names[0]
 
-    def resolve_model(self, name: str | None) -> str:
-        """The name to answer with (a base model or an adapter name); 404 for a model this
-        server does not serve."""
-        if name is None or name == "":
+    def resolve_model(self, name: str | None, version: str | None = None) -> str:
+        """The served name a request runs as (a base model's name or an adapter's; empty:
+        the first base name). The one check of OpenAI, KServe V1 and V2 (REST and gRPC)
+        routes: 404 naming `model` for a model, or a KServe version other than
+        MODEL_VERSION, that this server does not serve."""
+        if not name:
             return self.model_name
         if name not in self.model_names and self.adapters.get(name) is None:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
+        if version is not None and version != MODEL_VERSION:
+            message = f"The model `{name}` has no version {version!r}; it serves {MODEL_VERSION!r}."
+            raise APIError(404, message, "model")
         return name
 
     def served(self) -> list[str]:
@@ -99,8 +106,10 @@ class ServerContext:
         ids = self.engine.tokenize(prompt)
         try:
             max_tokens = self.engine.validate(ids, params)
-        except ValueError as exc:
-            raise bad_request(str(exc), _param_of(str(exc), param)) from exc
+        except ParameterError as exc:
+            raise bad_request(str(exc), exc.param) from exc
+        except ValueError as exc:  # the prompt itself: empty, out of vocabulary, too long
+            raise bad_request(str(exc), param) from exc
         check_request_cost(params, max_tokens, self.engine.max_model_len)
         return ids
 
@@ -185,6 +194,8 @@ def engine_errors() -> Iterator[None]:
         raise APIError(503, str(exc)) from exc
     except EngineStepError as exc:
         raise APIError(500, str(exc)) from exc
+    except ParameterError as exc:
+        raise bad_request(str(exc), exc.param) from exc
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
     except FileNotFoundError as exc:  # an adapter's folder vanished after it was loaded
@@ -220,26 +231,6 @@ async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, Requ
     finally:
         for task in tasks:
             task.cancel()
-
-
-def _param_of(message: str, default: str) -> str:
-    """The parameter an engine validation message is about (they start with its name)."""
-    head = message.replace("=", " ").split(" ", 1)[0]
-    if head in (
-        *(
-            "max_tokens",
-            "logprobs",
-            "prompt_logprobs",
-            "n",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_tokens",
-        ),
-        *("logit_bias", "allowed_token_ids"),
-    ):
-        return head
-    return default
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pinnace.runtime.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
@@ -113,7 +113,7 @@ class ModelRunner:
         if not rows:
             return
         # In slices: a 2k-token chunk's logits over a 49k vocabulary would be 400 MB at once.
-        entries: list[dict[int, float]] = []
+        entries: list[dict[int, Logprob]] = []
         for lo in range(0, len(rows), _PROMPT_ROWS_PER_SLICE):
             hi = lo + _PROMPT_ROWS_PER_SLICE
             idx = torch.tensor(rows[lo:hi], device=self.device)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pinnace.runtime.core.outputs import Logprobs
+from pinnace.runtime.core.outputs import Logprob, Logprobs
 from pinnace.runtime.worker import logits_processors as lp
 from pinnace.runtime.worker.logits_processors import SamplingRow
 
@@ -118,19 +118,25 @@ class Sampler:
 
 def prompt_logprobs(
     logits: torch.Tensor, target_ids: list[int], num_top: list[int]
-) -> list[dict[int, float]]:
-    """logits: [R, V], row i scoring token target_ids[i]. Per row {token_id: logprob} of
-    the raw distribution, holding the target and the row's top num_top[i] tokens."""
+) -> list[dict[int, Logprob]]:
+    """logits: [R, V], row i scoring token target_ids[i]. Per row {token_id: Logprob} of
+    the raw distribution, holding the target (ranked 1 + the number of tokens with a
+    strictly greater logprob, as vLLM) and the row's top num_top[i] tokens (ranked 1..k)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
     targets = torch.tensor(target_ids, device=logits.device)
-    target_lp = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    target_lp = logprobs.gather(1, targets[:, None])  # [R, 1]
+    target_rank = (logprobs > target_lp).sum(dim=-1) + 1  # [R]
     top_lp, top_ids = logprobs.topk(max(num_top), dim=-1)  # k = 0: empty [R, 0]
     top_lp_rows, top_id_rows = top_lp.tolist(), top_ids.tolist()
     out = []
-    for i, target in enumerate(target_ids):
+    for i, (target, logprob, rank) in enumerate(
+        zip(target_ids, target_lp[:, 0].tolist(), target_rank.tolist(), strict=True)
+    ):
+        # Target first, then the top-k, as vLLM: a target among them takes its top-k rank.
+        entry = {target: Logprob(logprob, rank)}
         n = num_top[i]
-        entry = dict(zip(top_id_rows[i][:n], top_lp_rows[i][:n], strict=True))
-        entry[target] = target_lp[i]
+        for r, (tid, top) in enumerate(zip(top_id_rows[i][:n], top_lp_rows[i][:n], strict=True)):
+            entry[tid] = Logprob(top, r + 1)
         out.append(entry)
     return out
 

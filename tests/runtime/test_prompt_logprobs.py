@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.core.outputs import Logprob
 
 KV = 32 * 2**20
 # 40 distinct-enough ids: several 16-token blocks, so a prefix can be cached.
@@ -36,9 +37,19 @@ def reference(llama: Path) -> Callable[[list[int]], torch.Tensor]:
     return run
 
 
-def check(entries: list[dict[int, float] | None] | None, ids: list[int], ref: torch.Tensor, k: int):
+def reference_rank(row: torch.Tensor, token: int, tol: float = 1e-4) -> range:
+    """vLLM's rank, 1 + the tokens with a strictly greater logprob, computed on the
+    reference row; a float tolerance widens it to the ranks within `tol` of a tie."""
+    value = float(row[token])
+    return range(1 + int((row > value + tol).sum()), 2 + int((row > value - tol).sum()))
+
+
+def check(
+    entries: list[dict[int, Logprob] | None] | None, ids: list[int], ref: torch.Tensor, k: int
+):
     assert entries is not None and len(entries) == len(ids)
     assert entries[0] is None
+    outside = 0
     for pos, entry in enumerate(entries[1:]):
         assert entry is not None
         token = ids[pos + 1]
@@ -46,7 +57,12 @@ def check(entries: list[dict[int, float] | None] | None, ids: list[int], ref: to
         # The prompt token and the top-k, nothing else.
         assert set(entry) == {token, *top_ids}
         for tid, value in entry.items():
-            assert value == pytest.approx(float(ref[pos, tid]), abs=1e-4)
+            assert value.logprob == pytest.approx(float(ref[pos, tid]), abs=1e-4)
+        assert [entry[t].rank for t in top_ids] == list(range(1, k + 1))
+        # The prompt token's own rank, also outside the top-k.
+        assert entry[token].rank in reference_rank(ref[pos], token)
+        outside += entry[token].rank > k
+    assert outside > 0  # the check reached tokens outside the top-k
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [None, 7])

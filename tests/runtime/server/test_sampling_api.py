@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import httpx
+import openai
+import pytest
 
 MODEL = "tiny"
 PROMPT = "The capital of France is"
@@ -107,6 +109,10 @@ def test_openai_prompt_logprobs_match_transformers(http: httpx.Client, tiny_mode
                 assert abs(item["logprob"] - float(ref[pos, int(tid)])) < 1e-4
                 assert item["decoded_token"] == detokenize(http, [int(tid)])
             assert [entry[str(t)]["rank"] for t in top] == [1, 2]
+            # The prompt token's rank, in or outside the top 2: 1 + tokens more likely.
+            target = float(ref[pos, ids[pos + 1]])
+            lo, hi = (1 + int((ref[pos] > target + d).sum()) for d in (1e-4, -1e-4))
+            assert lo <= entry[str(ids[pos + 1])]["rank"] <= hi
     assert completion(http)["choices"][0]["prompt_logprobs"] is None
     stream = http.post(
         "/v1/completions",
@@ -152,3 +158,63 @@ def test_chat_prompt_logprobs_cover_the_templated_prompt(http: httpx.Client) -> 
     )
     assert streamed.status_code == 400
     assert streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
+BAD_PARAMETERS = [
+    ({"temperature": -1}, "temperature"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"n": 2, "best_of": 1}, "best_of"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"bad_words": [" "]}, "bad_words"),
+    ({"allowed_token_ids": [10**8]}, "allowed_token_ids"),  # checked against the vocabulary
+    ({"logprobs": 21}, "logprobs"),  # checked by the engine (--max-logprobs 20)
+    ({"max_tokens": 10**6}, "max_tokens"),  # checked by the engine (context length)
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+]
+# The official client's own keyword arguments; the rest travel in extra_body (vLLM's).
+OPENAI_COMPLETION_ARGS = {"temperature", "n", "best_of", "max_tokens", "logprobs",
+                          "frequency_penalty"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_PARAMETERS)
+def test_a_bad_parameter_is_named_in_the_error_body(
+    server: Any, body: dict[str, Any], param: str
+) -> None:
+    """The error's `param` comes from the validation that failed (ParameterError), as the
+    official client reads it."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    args = {"max_tokens": 4, **{k: v for k, v in body.items() if k in OPENAI_COMPLETION_ARGS}}
+    extra = {k: v for k, v in body.items() if k not in OPENAI_COMPLETION_ARGS}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, extra_body=extra, **args)
+    assert err.value.param == param, err.value.message
+
+
+def test_kserve_v2_generate_takes_prompt_logprobs_and_best_of(http: httpx.Client) -> None:
+    """V2 generate (and generate_stream, in its first event) answer prompt_logprobs as
+    /v1/completions does; best_of picks the same sample; infer has no field for them."""
+    v2 = f"/v2/models/{MODEL}"
+    params = {"max_tokens": 3, "temperature": 0, "ignore_eos": True, "apply_chat_template": False}
+    ask = {"text_input": PROMPT, "parameters": {**params, "prompt_logprobs": 2}}
+    resp = http.post(f"{v2}/generate", json=ask)
+    assert resp.status_code == 200, resp.text
+    expected = completion(http, prompt_logprobs=2, max_tokens=3)["choices"][0]
+    entries = resp.json()["prompt_logprobs"]
+    assert entries == expected["prompt_logprobs"] and len(entries) > 2
+    stream = http.post(f"{v2}/generate_stream", json=ask)
+    events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data:")]
+    assert events[0]["prompt_logprobs"] == entries
+    assert all("prompt_logprobs" not in e for e in events[1:])
+    assert "".join(e["text_output"] for e in events) == expected["text"]
+    sampled = {"max_tokens": 4, "temperature": 1.0, "seed": 7, "best_of": 3}
+    resp = http.post(f"{v2}/generate", json={"text_input": PROMPT, **params, **sampled})
+    assert resp.json()["text_output"] == completion(http, **sampled)["choices"][0]["text"]
+    refused = http.post(f"{v2}/generate_stream", json={"text_input": PROMPT, "best_of": 2})
+    assert refused.status_code == 400 and "best_of" in refused.text
+    tensor = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}
+    body = {"inputs": [tensor], "parameters": {"prompt_logprobs": 1}}
+    resp = http.post(f"{v2}/infer", json=body)
+    assert resp.status_code == 400 and "prompt_logprobs" in resp.text
