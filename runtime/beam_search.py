@@ -1,20 +1,33 @@
-"""Beam search (vLLM's `LLM.beam_search` shape) as steps over the engine.
+"""Beam search (vLLM's `LLM.beam_search` shape) as steps over the engine, scored and
+stopped exactly as transformers' `generate(num_beams=...)`.
 
-Each step asks the engine for one token per live beam with its top 2 * beam_width
-logprobs, then keeps the beam_width best extensions by cumulative logprob; an EOS
-extension retires a beam into `completed`. Beams of one prompt share their KV blocks
-through the prefix cache: every full block of the prompt and of a common prefix is held
-once, ref-counted, and never written again (blocks are immutable once full), so only the
-last, partial block is recomputed per beam.
+Each step asks the engine for one token per live beam with its top K logprobs, K =
+max(2, 1 + number of EOS tokens) * beam_width (transformers' `beams_to_keep`: enough that
+beam_width candidates survive even if every beam's best is an EOS). Of the K best
+extensions by cumulative logprob:
 
-Final ranking (transformers' BeamHypotheses): cumulative logprob / generated_len **
-length_penalty, the EOS token counted in the length; all beams run to max_tokens unless
-they end in EOS (early_stopping=False in transformers).
+    live       the beam_width best that do not end in EOS continue;
+    finished   those among the first beam_width that end in EOS (or reach max_tokens)
+               enter the finished set, scored cum_logprob / generated_len ** length_penalty
+               (the EOS token counted); the set keeps the beam_width best.
+
+Search stops at max_tokens, or earlier by `early_stopping` (transformers' settings):
+True: once beam_width beams have finished; False (its default): once the best live beam,
+scored at its current length, cannot beat the worst finished one; "never": the same, but
+scored at max_tokens when length_penalty > 0 (a longer beam could still win). The result
+is the finished set, best first.
+
+Beams of one prompt share their KV blocks through the prefix cache: every full block of
+the prompt and of a common prefix is held once, ref-counted, and never written again
+(blocks are immutable once full), so only the last, partial block is recomputed per beam.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from pinnace.runtime.sampling_params import SamplingParams
 
 
 @dataclass
@@ -23,12 +36,29 @@ class BeamSearchParams:
     max_tokens: int
     ignore_eos: bool = False
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False  # transformers' (vLLM has none)
 
     def __post_init__(self) -> None:
         if self.beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {self.beam_width}.")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"early_stopping must be true, false or 'never', got {self.early_stopping!r}."
+            )
+
+    def num_candidates(self, num_eos_tokens: int) -> int:
+        """Extensions to look at per step (and top logprobs to ask per beam)."""
+        return max(2, 1 + num_eos_tokens) * self.beam_width
+
+    def step_params(self, eos_token_ids: frozenset[int]) -> SamplingParams:
+        """What the engine runs per live beam and step: one token, with the top
+        num_candidates logprobs (the global best K are among each beam's best K)."""
+        num_eos = 0 if self.ignore_eos else len(eos_token_ids)
+        return SamplingParams(
+            temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=self.num_candidates(num_eos)
+        )
 
 
 @dataclass
@@ -39,7 +69,7 @@ class BeamSearchSequence:
     num_prompt_tokens: int
     cum_logprob: float = 0.0
     text: str | None = None
-    is_finished: bool = False
+    is_finished: bool = False  # ended in EOS (else it reached max_tokens)
 
     @property
     def output_tokens(self) -> list[int]:
@@ -57,10 +87,13 @@ def beam_score(beam: BeamSearchSequence, length_penalty: float) -> float:
 
 @dataclass
 class BeamSearchInstance:
-    """The live and finished beams of one prompt."""
+    """The live and finished beams of one prompt; `beams` is empty once search is over."""
 
     beams: list[BeamSearchSequence]
-    completed: list[BeamSearchSequence] = field(default_factory=list)
+    completed: list[BeamSearchSequence] = field(default_factory=list)  # best first
+    # transformers' is_early_stop_heuristic_unsatisfied: a live beam may still beat the
+    # worst finished one (always true while fewer than beam_width have finished).
+    can_improve: bool = True
 
     def step(
         self,
@@ -69,29 +102,47 @@ class BeamSearchInstance:
         eos_token_ids: frozenset[int],
     ) -> None:
         """Advance every live beam by its candidate tokens (token id -> logprob, one dict
-        per beam in `self.beams` order) and keep the beam_width best."""
-        candidates: list[BeamSearchSequence] = []
-        for beam, tops in zip(self.beams, extensions, strict=True):
-            for token, logprob in tops.items():
-                new = BeamSearchSequence(
-                    [*beam.tokens, token], beam.num_prompt_tokens, beam.cum_logprob + logprob
-                )
-                candidates.append(new)
+        per beam in `self.beams` order), then keep or finish beams as transformers does."""
+        eos = frozenset() if params.ignore_eos else eos_token_ids
+        candidates = [
+            BeamSearchSequence([*beam.tokens, token], beam.num_prompt_tokens, beam.cum_logprob + lp)
+            for beam, tops in zip(self.beams, extensions, strict=True)
+            for token, lp in tops.items()
+        ]
         candidates.sort(key=lambda b: b.cum_logprob, reverse=True)
-        live: list[BeamSearchSequence] = []
-        for rank, cand in enumerate(candidates):
-            if len(live) == params.beam_width:
-                break
-            if not params.ignore_eos and cand.tokens[-1] in eos_token_ids:
-                # transformers: an EOS beam retires if it ranks among the top beam_width.
-                if rank < params.beam_width:
-                    cand.is_finished = True
+        candidates = candidates[: params.num_candidates(len(eos))]
+        if not candidates:
+            self.beams = []
+            return
+        length = len(candidates[0].output_tokens)
+        at_max = length >= params.max_tokens
+        width = params.beam_width
+        full = len(self.completed) == width and params.early_stopping is True
+        if self.can_improve and not full:
+            for cand in candidates[:width]:
+                if cand.tokens[-1] in eos or at_max:
+                    cand.is_finished = cand.tokens[-1] in eos
                     self.completed.append(cand)
-            else:
-                live.append(cand)
-        self.beams = live
+            self.completed.sort(key=lambda b: beam_score(b, params.length_penalty), reverse=True)
+            del self.completed[width:]
+        self.beams = [c for c in candidates if c.tokens[-1] not in eos][:width]
+        self._check_improvement(params, length)
+        full = len(self.completed) == width and params.early_stopping is True
+        if at_max or full or not self.can_improve:
+            self.beams = []
+
+    def _check_improvement(self, params: BeamSearchParams, length: int) -> None:
+        if len(self.completed) < params.beam_width or not self.beams:
+            return
+        penalty = params.length_penalty
+        if params.early_stopping == "never" and penalty > 0.0:
+            length = params.max_tokens
+        best_possible = self.beams[0].cum_logprob / length**penalty
+        worst = beam_score(self.completed[-1], penalty)
+        self.can_improve = best_possible > worst
 
     def result(self, params: BeamSearchParams) -> BeamSearchOutput:
+        """The finished beams, best first (live ones too if search was cut short)."""
         everything = [*self.completed, *self.beams]
         everything.sort(key=lambda b: beam_score(b, params.length_penalty), reverse=True)
         return BeamSearchOutput(everything[: params.beam_width])

@@ -111,10 +111,7 @@ class LLM:
         engine.require_runner("generate")
         tokenized = [engine.tokenize(_unpack(p)) for p in _as_prompt_list(prompts)]
         instances = [BeamSearchInstance([BeamSearchSequence(t, len(t))]) for t in tokenized]
-        # One token per beam with the 2 * beam_width best alternatives (vLLM's recipe).
-        step = SamplingParams(
-            temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width
-        )
+        step = params.step_params(engine.eos_token_ids)
         for _ in range(params.max_tokens):
             live = [(inst, b) for inst in instances for b in inst.beams]
             if not live:

@@ -10,7 +10,6 @@ from pinnace.runtime.beam_search import (
     BeamSearchParams,
     BeamSearchSequence,
 )
-from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.serving import EngineRequest, ServerContext
 
 
@@ -20,10 +19,8 @@ async def beam_search(
     """The beam_width best continuations of `request`'s prompt, best first, with text."""
     prompt = request.prompt_token_ids
     inst = BeamSearchInstance([BeamSearchSequence(list(prompt), len(prompt))])
-    step = SamplingParams(
-        temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width
-    )
     eos = ctx.engine.eos_token_ids
+    step = params.step_params(eos)
     for i in range(params.max_tokens):
         if not inst.beams:
             break
