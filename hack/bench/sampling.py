@@ -7,7 +7,10 @@ against unconstrained greedy decoding, same prompts, same number of tokens.
 Every request runs exactly --max-tokens steps (unconstrained: ignore_eos; structured: a
 schema too long to finish in that budget), so all variants decode a full batch throughout.
 Grammars are compiled before timing (the server compiles them off the engine thread).
-Prints one JSON object: output tokens/s per variant and the ratios to unconstrained.
+The variants alternate in rounds (the order rotating each round), so a shared machine's
+load drifts over all of them alike; each round gives every variant's tokens/s and its
+ratio to that round's unconstrained run. Prints one JSON object: per variant the median
+tokens/s and ratio with their spread (min, max) over the rounds.
 Run it via its path (it does not import ./operator).
 """
 
@@ -17,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import time
 from typing import Any
 
@@ -56,7 +60,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     llm = LLM(args.model or default_model(), max_num_seqs=args.batch_size, max_model_len=512,
               kv_cache_memory=256 * 2**20)  # fmt: skip
@@ -83,20 +87,36 @@ def main() -> None:
                            frequency_penalty=0.5, **base)  # type: ignore[arg-type]
         ] * args.batch_size,
     }  # fmt: skip
-    timed(llm, prompts[:4], [SamplingParams(max_tokens=4)] * 4)  # warm-up
-    result: dict[str, Any] = {"batch_size": args.batch_size, "max_tokens": n}
-    best = dict.fromkeys(variants, 0.0)
-    # Interleaved repeats, best of each: a shared machine's noise hits every variant alike.
-    for _ in range(args.repeats):
-        for name, params in variants.items():
-            elapsed, tokens = timed(llm, prompts, params)
+    for params in variants.values():  # warm-up: a full batch of each, untimed
+        timed(llm, prompts, params)
+    names = list(variants)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
+    for r in range(args.rounds):
+        this_round: dict[str, float] = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            elapsed, tokens = timed(llm, prompts, variants[name])
             assert tokens == n * args.batch_size, (name, tokens)
-            best[name] = max(best[name], tokens / elapsed)
-    for name, value in best.items():
-        result[f"{name}_tok_s"] = round(value, 1)
-    for name in ("json_schema", "penalties"):
-        result[f"{name}_ratio"] = round(result[f"{name}_tok_s"] / result["unconstrained_tok_s"], 3)
+            this_round[name] = tokens / elapsed
+        for name in names:
+            rates[name].append(this_round[name])
+        for name in ratios:
+            ratios[name].append(this_round[name] / this_round["unconstrained"])
+    result: dict[str, Any] = {"batch_size": args.batch_size, "max_tokens": n, "rounds": args.rounds}
+    for name in names:
+        result[f"{name}_tok_s"] = summary(rates[name], 1)
+    for name, values in ratios.items():
+        result[f"{name}_ratio"] = summary(values, 3)
     print(json.dumps(result))
+
+
+def summary(values: list[float], digits: int) -> dict[str, float]:
+    """Median and spread (min, max) over the rounds."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 if __name__ == "__main__":
