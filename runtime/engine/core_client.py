@@ -107,26 +107,33 @@ class InprocClient:
             while True:
                 # Through the engine (not its core): tests inject faults there.
                 busy = self.engine.has_unfinished_requests()
-                if not self._drain(loop, block=not busy):
+                # Idle: wait for a command (a moment only while a grammar compiles).
+                wait = 0.0 if busy else 0.005 if loop.has_work else None
+                handled = self._drain(loop, wait)
+                if handled is None:
                     return
+                loop.admit_compiled()
                 if self.engine.has_unfinished_requests():
                     loop.step()
-                else:  # woken by commands (or they emptied the batch): counters catch up
+                elif handled:  # the commands left nothing to step: counters catch up
                     loop.report_idle()
         except BaseException as exc:  # a bug in the engine itself (tests inject one)
             logger.exception("engine thread died")
             self._dead = True
             loop.emit(CoreDead(repr(exc)))
 
-    def _drain(self, loop: CoreLoop, block: bool) -> bool:
+    def _drain(self, loop: CoreLoop, wait: float | None) -> bool | None:
+        """Apply the queued commands (waiting up to `wait` s for the first, None: as long as
+        it takes); whether there were any, None on shutdown."""
+        handled = False
         while True:
             try:
-                command = self._inbox.get(block=block)
+                command = self._inbox.get(block=wait != 0.0, timeout=wait)
             except queue.Empty:
-                return True
-            block = False
+                return handled
+            wait, handled = 0.0, True
             if not loop.handle(command):
-                return False
+                return None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pinnace.runtime.core.outputs import RequestUpdate, SchedulerStats
@@ -30,6 +31,7 @@ from pinnace.runtime.engine.core_messages import (
     loads,
 )
 from pinnace.runtime.engine.engine_core import CoreRequest
+from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.request import RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class Core(Protocol):
     def waiting_ids(self) -> set[str]: ...
     def stats(self) -> SchedulerStats: ...
 
+    @property
+    def grammar(self) -> GrammarCompiler: ...
+
 
 class CoreLoop:
     def __init__(self, core: Core, emit: Callable[[Event], None]) -> None:
@@ -57,6 +62,14 @@ class CoreLoop:
         self.emit = emit
         self.active: set[str] = set()  # scheduler ids the core holds
         self.num_applied_adds = 0
+        # Requests whose output constraint is compiling (off the step, in a worker thread):
+        # they join the scheduler once it is ready, so no step waits for a compile.
+        self._compiling: dict[str, tuple[Future[Any], CoreRequest]] = {}
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="pinnace-grammar")
+
+    @property
+    def has_work(self) -> bool:
+        return self.core.has_unfinished_requests() or bool(self._compiling)
 
     def handle(self, command: Command) -> bool:
         """Apply one command; False on shutdown (every request aborted then)."""
@@ -69,6 +82,8 @@ class CoreLoop:
             status = stopped if command.stopped else RequestStatus.FINISHED_ABORTED
             self.core.finish_requests(command.req_ids, status)
             self.active.difference_update(command.req_ids)
+            for req_id in command.req_ids:
+                self._compiling.pop(req_id, None)
         elif isinstance(command, UtilityCall):
             self._call(command)
         elif isinstance(command, AddRequests):
@@ -77,13 +92,30 @@ class CoreLoop:
 
     def _add(self, command: AddRequests) -> None:
         for wire in command.requests:
-            try:
-                self.core.add_request(from_wire(wire))
-                self.active.add(wire.req_id)
-            except (ValueError, FileNotFoundError) as exc:  # e.g. an adapter folder gone
-                self.emit(RequestsFailed([wire.req_id], dumps(exc), self.num_applied_adds + 1))
-            finally:
-                self.num_applied_adds += 1
+            self.num_applied_adds += 1
+            request = from_wire(wire)
+            spec = request.params.structured_outputs
+            if spec is not None:
+                future = self._compiler.submit(self.core.grammar.compile, spec)
+                self._compiling[request.req_id] = (future, request)
+            else:
+                self._admit(request, None)
+
+    def admit_compiled(self) -> None:
+        """Requests whose grammar compiled join the scheduler (a failed one is refused)."""
+        for req_id, (future, request) in list(self._compiling.items()):
+            if future.done():
+                del self._compiling[req_id]
+                self._admit(request, future.exception())
+
+    def _admit(self, request: CoreRequest, error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                raise error
+            self.core.add_request(request)
+            self.active.add(request.req_id)
+        except (ValueError, FileNotFoundError) as exc:  # a bad grammar, an adapter gone
+            self.emit(RequestsFailed([request.req_id], dumps(exc), self.num_applied_adds))
 
     def _call(self, call: UtilityCall) -> None:
         try:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import torch
 import zmq
@@ -37,6 +38,13 @@ from pinnace.runtime.engine.engine_core import EngineCore
 logger = logging.getLogger("pinnace.runtime")
 
 IDLE_POLL_MS = 1000  # how often an idle core checks that its front end is still there
+COMPILE_POLL_MS = 5  # an idle core waiting for a grammar looks this often
+SEND_TIMEOUT_MS = 1000  # a send that waits this long checks it too
+LIVENESS_CHECK_S = 1.0  # and a busy core, between steps
+
+
+class FrontEndGone(Exception):
+    """The process that started this core is gone: nobody is left to serve."""
 
 
 def run_engine_core(
@@ -54,10 +62,19 @@ def run_engine_core(
     events.connect(output_address)
     codec = Codec()
 
+    events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+
     def emit(event: Event) -> None:
         if isinstance(event, StepOutputs):
             event.updates = updates_to_wire(event.updates)
-        events.send(codec.encode(event), copy=False)
+        data = codec.encode(event)
+        while True:  # blocks only when the front end is far behind, or gone
+            try:
+                events.send(data, copy=False)
+                return
+            except zmq.Again:
+                if not _alive(front_end_pid):
+                    raise FrontEndGone(front_end_pid) from None
 
     try:
         core = EngineCore(config)
@@ -66,6 +83,10 @@ def run_engine_core(
         )
         emit(CoreReady(core.max_model_len, core.parts.num_blocks))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
+    except FrontEndGone as gone:
+        logger.warning("the front end (pid %s) is gone: stopping", gone)
+        events.close(linger=0)
+        return
     except BaseException as exc:
         logger.exception("the engine core failed")
         emit(CoreDead(repr(exc)))
@@ -78,13 +99,17 @@ def run_engine_core(
 def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_pid: int) -> None:
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
+    checked = time.monotonic()
     while True:
         busy = loop.core.has_unfinished_requests()
-        # Idle: sleep until a command comes; busy: only take what is already there.
-        ready = poller.poll(0 if busy else IDLE_POLL_MS)
-        if not ready and not busy and not _alive(front_end_pid):
-            logger.warning("the front end (pid %d) is gone: stopping", front_end_pid)
-            return
+        # Idle: sleep until a command comes (or, while a grammar compiles, a moment); busy:
+        # only take what is already there.
+        ready = poller.poll(0 if busy else COMPILE_POLL_MS if loop.has_work else IDLE_POLL_MS)
+        # Every second or so: is anyone left to serve? (A killed server leaves no word.)
+        if (not ready or busy) and time.monotonic() - checked > LIVENESS_CHECK_S:
+            checked = time.monotonic()
+            if not _alive(front_end_pid):
+                raise FrontEndGone(front_end_pid)
         handled = False
         while True:
             try:
@@ -94,6 +119,7 @@ def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_
             handled = True
             if not loop.handle(codec.commands.decode(data.buffer)):
                 return
+        loop.admit_compiled()
         if loop.core.has_unfinished_requests():
             loop.step()
         elif handled:

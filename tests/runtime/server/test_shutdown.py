@@ -5,6 +5,7 @@ exits on its own within --shutdown-timeout."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -72,6 +73,7 @@ def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
         for e in events:
             assert e.wait(60), "a stream did not start"
         in_flight = sum(t.is_alive() for t in threads)
+        helpers = descendants(proc.pid)  # the forkserver and the engine-core process
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         # Readiness false at once, and new work refused, while the streams go on.
@@ -94,6 +96,30 @@ def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
     # uvicorn re-raises the SIGTERM once shut down: killed by it (143), or a clean 0.
     assert code in (0, -signal.SIGTERM), (code, log[-3000:])
     assert "draining" in log
+    # The engine core ran in a process of its own, and it stopped with the server.
+    assert len(helpers) >= 1, helpers
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in helpers):
+        assert time.monotonic() < deadline, f"left running: {helpers}"
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under `pid` (from /proc's parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _healthy(url: str) -> bool:
