@@ -38,6 +38,7 @@ from pinnace.runtime.engine.core_messages import (
     AbortRequests,
     AddRequests,
     CoreDead,
+    CoreReady,
     Event,
     RequestsFailed,
     StepOutputs,
@@ -97,16 +98,15 @@ class ModelFacts:
         )  # fmt: skip
 
     @classmethod
-    def of_checkpoint(cls, config: EngineConfig, max_model_len: int) -> ModelFacts:
-        from pinnace.runtime.models.loader import open_checkpoint  # reads no weights
-
-        ckpt = open_checkpoint(config.model, config.chat_template)
-        vocab_size = int(ckpt.config.vocab_size)
-        eos = frozenset(ckpt.eos_token_ids)
-        grammar = GrammarCompiler(ckpt.tokenizer, vocab_size, sorted(eos))
-        runner = runner_type_of(config, ckpt.config)
+    def of_core(cls, config: EngineConfig, ready: CoreReady) -> ModelFacts:
+        """What an engine-core process told when it was ready."""
+        tokenizer, model_config, eos_token_ids = loads(ready.model_facts)
+        vocab_size = int(model_config.vocab_size)
+        eos = frozenset(eos_token_ids)
+        grammar = GrammarCompiler(tokenizer, vocab_size, sorted(eos))
+        runner = runner_type_of(config, model_config)
         return cls(
-            config, ckpt.tokenizer, ckpt.config, eos, vocab_size, max_model_len, grammar, runner
+            config, tokenizer, model_config, eos, vocab_size, ready.max_model_len, grammar, runner
         )
 
 
@@ -158,12 +158,11 @@ class AsyncLLMEngine:
     ) -> AsyncLLMEngine:
         """Start an engine-core process for `config` (returns once its model is loaded)."""
         client = MPClient(config)
-        try:  # the tokenizer loads here while the core loads the model
-            facts = ModelFacts.of_checkpoint(config, max_model_len=0)
+        try:
+            facts = ModelFacts.of_core(config, client.wait_ready())
         except BaseException:
             client.shutdown(5.0)
             raise
-        facts.max_model_len = client.wait_ready().max_model_len
         return cls(None, max_waiting_requests, observer, client=client, facts=facts)
 
     # -- read-only views ---------------------------------------------------------------------

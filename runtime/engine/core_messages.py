@@ -94,6 +94,9 @@ class CoreReady(msgspec.Struct, array_like=True, tag=True):
 
     max_model_len: int
     num_kv_blocks: int
+    # Pickled (tokenizer, model config, EOS ids): the front end needs them, and opening a
+    # checkpoint again can be slow (a GGUF's tokenizer is converted: ~15 s for SmolLM2).
+    model_facts: bytes
 
 
 class StepOutputs(msgspec.Struct, array_like=True, tag=True):

@@ -15,6 +15,8 @@ gone. An error that escapes the loop is sent as CoreDead, and the process exits 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -31,6 +33,7 @@ from pinnace.runtime.engine.core_messages import (
     CoreReady,
     Event,
     StepOutputs,
+    dumps,
     updates_to_wire,
 )
 from pinnace.runtime.engine.engine_core import EngineCore
@@ -81,7 +84,8 @@ def run_engine_core(
         logger.info(
             "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
         )
-        emit(CoreReady(core.max_model_len, core.parts.num_blocks))
+        facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
+        emit(CoreReady(core.max_model_len, core.parts.num_blocks, facts))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
@@ -127,6 +131,11 @@ def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_
 
 
 def _alive(pid: int) -> bool:
+    """Whether the front end still runs: its end of the pipe multiprocessing keeps to every
+    child closes when it dies (zombie or not); the pid check covers any other start."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid == pid and parent.sentinel is not None:
+        return not multiprocessing.connection.wait([parent.sentinel], timeout=0)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
