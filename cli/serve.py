@@ -368,6 +368,9 @@ def _looks_like_path(value: str) -> bool:
     return "{" not in value and (os.sep in value or value.endswith((".jinja", ".j2", ".txt")))
 
 
+ENGINE_CORE_ENV = "PINNACE_ENGINE_CORE"
+
+
 def run(args: argparse.Namespace) -> int:
     config, settings = build_config(args)
     logging.basicConfig(
@@ -377,7 +380,14 @@ def run(args: argparse.Namespace) -> int:
     from pinnace.runtime.server.lifecycle import run_server
 
     # The engine core loads the model in a process of its own; this one serves HTTP.
-    app = build_app(config, settings)
+    # PINNACE_ENGINE_CORE=thread keeps it on a thread of this process (as vLLM's
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0 does): for comparisons and debugging.
+    if os.environ.get(ENGINE_CORE_ENV, "process") == "thread":
+        from pinnace.runtime.engine.llm_engine import LLMEngine
+
+        app = build_app(LLMEngine(config), settings)
+    else:
+        app = build_app(config, settings)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     logger.info(
         "Serving %s at http://%s:%d  (OpenAI /v1, KServe /v1/models/...:predict and /v2, "

@@ -217,7 +217,7 @@ def server_command(engine: str, args: argparse.Namespace, model: str, port: int)
     common = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16"]
     common += ["--max-model-len", str(args.max_model_len), "--served-model-name", BENCH_MODEL]
     common += ["--no-enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs)]
-    if engine == "pinnace":
+    if engine.startswith("pinnace"):
         pinnace = os.path.join(os.path.dirname(sys.executable), "pinnace")
         return [pinnace, "serve", model, *common, "--kv-cache-memory", "1GiB"]
     server = "vllm.entrypoints.openai.api_server"
@@ -230,6 +230,8 @@ def start_server(engine: str, args: argparse.Namespace, model: str, log: Any) ->
 
     port = free_port()
     env = dict(os.environ)
+    if engine == "pinnace-thread":  # the engine core on a thread of the server (before #18)
+        env["PINNACE_ENGINE_CORE"] = "thread"
     if engine == "vllm":
         cpus = sorted(os.sched_getaffinity(0))[: args.threads]
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus)
@@ -327,6 +329,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     engines = ["pinnace"] + (["vllm"] if args.vllm_python else [])
+    engines += ["pinnace-thread"] if args.with_thread_core else []
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model_path or build_model_folder(os.path.join(tmp, "model"))
@@ -353,9 +356,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                                   "endpoint": args.endpoint, "threads": args.threads}  # fmt: skip
         for engine in engines:
             result[engine] = {rate: summarize(r) for rate, r in runs[engine].items()}
-        if "vllm" in engines:
-            result["pinnace_over_vllm"] = {
-                rate: {k: v["median"] / max(result["vllm"][rate][k]["median"], 1e-9)
+        for other in engines[1:]:
+            result[f"pinnace_over_{other}"] = {
+                rate: {k: v["median"] / max(result[other][rate][k]["median"], 1e-9)
                        for k, v in stats.items() if isinstance(v, dict)}
                 for rate, stats in result["pinnace"].items()
             }  # fmt: skip
@@ -400,6 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both.add_argument("--rates", default="2,8,inf", help="request rates, comma-separated")
     both.add_argument("--rounds", type=int, default=3)
     both.add_argument("--offline", action="store_true", help="also LLM.generate, same requests")
+    both.add_argument("--with-thread-core", action="store_true",
+                      help="also pinnace serve with its engine core on a thread (A/B)")  # fmt: skip
     both.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     both.add_argument("--max-model-len", type=int, default=512)
     both.add_argument("--max-num-seqs", type=int, default=64)
