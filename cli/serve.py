@@ -214,6 +214,13 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
     )
     engine.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     engine.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4}\'; off when not given',
+    )
+    engine.add_argument(
         "--max-logprobs", type=int, default=20, help="max logprobs a request may ask for"
     )
 
@@ -284,6 +291,19 @@ def _lora_module(value: str) -> tuple[str, str]:
     )
 
 
+def parse_speculative_config(text: str | None) -> dict[str, object] | None:
+    """--speculative-config's JSON object (checked by EngineConfig); None when not given."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--speculative-config is not valid JSON ({exc.msg}).") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--speculative-config must be a JSON object, got {text!r}.")
+    return value
+
+
 def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
     """EngineConfig and ServerSettings from the flags; ValueError for anything unusable."""
     from pinnace.runtime.config import EngineConfig
@@ -336,6 +356,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        speculative_config=parse_speculative_config(args.speculative_config),
         runner=runner,
         convert=args.convert,
     )

@@ -5,8 +5,8 @@ The committed `crds/` YAML is this function's output (a test keeps them equal):
 
 pydantic emits JSON Schema 2020-12; a CRD wants a *structural* OpenAPI v3 schema, so
 `_structural` inlines `$ref`s, turns `anyOf: [X, null]` into an optional X, uses the
-boolean form of `exclusiveMinimum`, and drops what the API server refuses
-(`additionalProperties: false`, titles, `default: null`).
+boolean form of `exclusiveMinimum`, writes `const` as a one-value `enum`, and drops what
+the API server refuses (`additionalProperties: false`, titles, `default: null`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
             out[bound], out[key] = value, True
+        elif key == "const":  # a one-value Literal; structural schemas have no const
+            out["enum"] = [value]
         elif key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
         else:

@@ -35,6 +35,7 @@ MANAGED_FLAGS: dict[str, str] = {
     "--task": "use engine.runner",
     "--convert": "use engine.runner",
     "--tensor-parallel-size": "use engine.tensorParallelSize",
+    "--speculative-config": "use engine.speculative",
     "--kv-cache-memory": "use engine.kvCacheMemory",
     "--enable-lora": "use adapters or engine.enableLora",
     "--lora-modules": "use adapters (the operator hot-loads them)",

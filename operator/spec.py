@@ -164,6 +164,32 @@ Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
 Runner = Literal["auto", "generate", "pooling"]
 
 
+class Speculative(SpecModel):
+    """Speculative decoding, rendered as `--speculative-config` (vLLM's speculative_config)."""
+
+    method: Literal["ngram"] = Field(
+        default="ngram",
+        description="ngram: propose the tokens that followed the latest n tokens earlier in "
+        "the prompt or output (prompt lookup).",
+    )
+    num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
+    prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
+    prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.promptLookupMin) || !has(self.promptLookupMax) || "
+            "self.promptLookupMin <= self.promptLookupMax",
+            "promptLookupMin must not exceed promptLookupMax",
+            lambda s: (
+                s.prompt_lookup_min is None
+                or s.prompt_lookup_max is None
+                or s.prompt_lookup_min <= s.prompt_lookup_max
+            ),
+        ),
+    )
+
+
 class Engine(SpecModel):
     """Runtime settings; each maps to one `pinnace serve` flag."""
 
@@ -188,6 +214,9 @@ class Engine(SpecModel):
         default=False,
         description="Reserve LoRA slots even with no adapters declared, so adding the first "
         "adapter or removing the last one hot-loads instead of restarting pods.",
+    )
+    speculative: Speculative | None = Field(
+        default=None, description="Speculative decoding; off when absent."
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     extra_args: list[str] = Field(default_factory=list, max_length=64)

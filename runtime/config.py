@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from pinnace.runtime.layers.quantization.config import KV_CACHE_DTYPES, METHODS
+from pinnace.runtime.spec_decode.config import SpeculativeConfig
 
 DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
 # vLLM's --runner and --convert: what the engine serves. "auto" decides from the checkpoint
@@ -43,6 +45,9 @@ class EngineConfig:
     max_loras: int = 1  # adapters one step may use (device slots)
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # adapters kept in host memory; None: max_loras
+    # vLLM's shape: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    # or {"model": PATH, "num_speculative_tokens": 3}; a SpeculativeConfig after checks.
+    speculative_config: dict[str, Any] | SpeculativeConfig | None = None
     runner: str = "auto"  # generate (completions, chat) | pooling (embeddings) | auto
     convert: str = "auto"  # embed: serve a causal LM as an embedding model (runner pooling)
 
@@ -75,6 +80,8 @@ class EngineConfig:
                 f"{', '.join(KV_CACHE_DTYPES)}."
             )
         self._check_lora()
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         self._check_runner()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
@@ -101,6 +108,12 @@ class EngineConfig:
             raise ValueError(f"convert {self.convert!r} is not one of {', '.join(CONVERTS)}.")
         if self.convert == "embed" and self.runner == "generate":
             raise ValueError("convert 'embed' makes an embedding model: it needs runner pooling.")
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """The checked speculative_config (None: no speculative decoding)."""
+        spec = self.speculative_config
+        return spec if isinstance(spec, SpeculativeConfig) else None
 
     @property
     def resolved_max_num_batched_tokens(self) -> int:

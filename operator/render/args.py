@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from kubernetes.utils import parse_quantity
 
 from pinnace.operator import names
@@ -71,6 +73,10 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.runner != "auto":  # auto is the runtime's default: pods need not roll
         args += ["--runner", engine.runner]
+    if engine.speculative is not None:
+        # vLLM's JSON keys (snake_case); unset fields keep the runtime's defaults.
+        spec_config = engine.speculative.model_dump(exclude_none=True)
+        args += ["--speculative-config", json.dumps(spec_config, separators=(",", ":"))]
     if spec.resources.gpu_count > 0:
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]

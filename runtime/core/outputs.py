@@ -91,6 +91,30 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class SpecDecodingStats:
+    """vLLM's speculative decoding counters (cumulative): verified proposal lists, their
+    tokens, the accepted ones, and per position j the lists whose token j was accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        per_pos = self.num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for j in range(num_accepted_tokens):
+            per_pos[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass
 class SchedulerStats:
     num_running_reqs: int
     num_waiting_reqs: int
@@ -101,6 +125,7 @@ class SchedulerStats:
     # Adapter name -> requests (vLLM's running/waiting_lora_adapters); empty without LoRA.
     running_lora_adapters: dict[str, int] = field(default_factory=dict)
     waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
+    spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
 
 @dataclass

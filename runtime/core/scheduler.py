@@ -15,6 +15,7 @@ order if they fit (vLLM's rule).
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Iterable
 
@@ -27,6 +28,7 @@ from pinnace.runtime.core.outputs import (
     ScheduledRequest,
     SchedulerOutput,
     SchedulerStats,
+    SpecDecodingStats,
 )
 from pinnace.runtime.request import Request, RequestStatus
 
@@ -51,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec_decoding = SpecDecodingStats()
         self._finished_ids: set[str] = set()
 
     # -- queue management ---------------------------------------------------------------
@@ -208,6 +211,8 @@ class Scheduler:
             # rejected ones is stale: roll back so the next step overwrites their slots.
             num_rejected = len(item.spec_token_ids) + 1 - len(token_ids)
             request.num_computed_tokens -= num_rejected
+            if item.spec_token_ids:
+                self.spec_decoding.observe(len(item.spec_token_ids), len(token_ids) - 1)
             request.spec_token_ids = []
             update = self._append_tokens(request, token_ids, result.logprobs.get(item.req_id))
             if update.finish_reason is None:
@@ -279,6 +284,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             running_lora_adapters=_count_adapters(self.running) if self.max_loras else {},
             waiting_lora_adapters=_count_adapters(self.waiting) if self.max_loras else {},
+            spec_decoding=copy.deepcopy(self.spec_decoding),
         )
 
 

@@ -14,6 +14,8 @@ from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
+from pinnace.runtime.spec_decode.ngram_proposer import NgramProposer
+from pinnace.runtime.spec_decode.proposer import Proposer
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes, kv_geometry
 from pinnace.runtime.worker.model_runner import ModelRunner
 from pinnace.runtime.worker.sampler import Sampler
@@ -77,6 +79,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend = get_attention_backend(config.attention_backend, device, kv_geometry(ckpt.config)[1])
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
     runner = ModelRunner(model, kv_caches, config.block_size, backend, sampler, device)
+    runner.proposer = _proposer(config)
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
     method = quant.method if quant is not None else None
     logger.info(
@@ -104,6 +107,22 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes, method, kv_dtype,
         sliding_window=window,
     )  # fmt: skip
+
+
+def _proposer(config: EngineConfig) -> Proposer | None:
+    spec = config.speculative
+    if spec is None:
+        return None
+    if spec.method != "ngram":
+        raise ValueError(f"speculative_config method {spec.method!r} is not available yet.")
+    assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None  # resolved
+    logger.info(
+        "Speculative decoding: ngram prompt lookup (n %d..%d), %d tokens proposed per step",
+        spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens,
+    )  # fmt: skip
+    return NgramProposer(
+        spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens
+    )
 
 
 def _common_sliding_window(model: torch.nn.Module) -> int | None:

@@ -68,15 +68,19 @@ class GrammarMasks:
 
         xgr.apply_token_bitmask_inplace(logits, bitmask[: len(rows)], indices=idx)
 
-    def accept(self, rows: list[SamplingRow], tokens: list[int]) -> None:
-        for row, token in zip(rows, tokens, strict=True):
+    def accept(self, rows: list[SamplingRow], tokens: list[list[int]]) -> None:
+        """Advance each constrained row's matcher by its new tokens (one per step: the
+        runner makes no proposals for constrained requests, whose mask would need the
+        matcher advanced through each proposal)."""
+        for row, new in zip(rows, tokens, strict=True):
             if row.params.structured_outputs is None:
                 continue
             state = self._matchers.get(row.req_id)
-            if state is None or state.matcher.is_terminated():
-                continue
-            state.matcher.accept_token(token)
-            state.num_accepted += 1  # counted either way: it is in the request's output
+            for token in new:
+                if state is None or state.matcher.is_terminated():
+                    break
+                state.matcher.accept_token(token)
+                state.num_accepted += 1  # counted either way: it is in the request's output
 
     def _bitmask_for(self, num_rows: int, vocab_size: int) -> torch.Tensor:
         """A reused [rows, V/32] buffer, grown when a step has more rows."""

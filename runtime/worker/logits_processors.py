@@ -34,6 +34,9 @@ class SamplingRow:
     num_output_tokens: int
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = field(default_factory=list)
+    # Proposed tokens to verify (speculative decoding): the sampler gets one logits row
+    # per proposal plus one, and expands this row into that many.
+    draft_token_ids: Sequence[int] = ()
 
 
 def _flat_index(

@@ -3,8 +3,9 @@
     execute(SchedulerOutput) -> ModelRunnerOutput
 
 Token rows of all scheduled requests are concatenated ([T] ids/positions/slots); only
-the last row of each request that needs a sample goes through the LM head, plus the
-prompt rows of requests asking prompt logprobs.
+the last row of each request that needs a sample goes through the LM head (the last k + 1
+with k proposed tokens to verify), plus the prompt rows of requests asking prompt
+logprobs. With a proposer, each request that sampled gets proposals for the next step.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import dataclasses
 import torch
 from torch import nn
 
-from pinnace.runtime.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
+from pinnace.runtime.core.outputs import (
+    Logprob,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
+from pinnace.runtime.spec_decode.proposer import Proposer
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 from pinnace.runtime.worker.pooler import PoolingConfig, pool
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -44,6 +51,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.lora: LoRAManager | None = None  # set by the engine when LoRA is enabled
+        self.proposer: Proposer | None = None  # set by the engine for speculative decoding
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -75,15 +83,32 @@ class ModelRunner:
                 s.num_output_tokens,
                 s.prompt_token_ids,
                 s.output_token_ids,
+                s.spec_token_ids,
             )
             for s in items
         ]
         tokens, logprobs = self.sampler(logits, rows)
-        for item, token, lp in zip(items, tokens, logprobs, strict=True):
-            out.sampled_token_ids[item.req_id] = [token]
+        for item, new, lp in zip(items, tokens, logprobs, strict=True):
+            out.sampled_token_ids[item.req_id] = new
             if lp is not None:
-                out.logprobs[item.req_id] = [lp]
+                out.logprobs[item.req_id] = lp
+        self._propose(items, tokens, out)
         return out
+
+    def _propose(
+        self, items: list[ScheduledRequest], tokens: list[list[int]], out: ModelRunnerOutput
+    ) -> None:
+        """Next-step proposals for the requests that sampled. Constrained requests get
+        none: their grammar mask would have to follow each proposal."""
+        if self.proposer is None:
+            return
+        picked = [i for i, s in enumerate(items) if s.sampling_params.structured_outputs is None]
+        if not picked:
+            return
+        proposals = self.proposer.propose([items[i] for i in picked], [tokens[i] for i in picked])
+        for i, spec in zip(picked, proposals, strict=True):
+            if spec:
+                out.spec_token_ids[items[i].req_id] = spec
 
     def _prompt_logprobs(
         self, sched: SchedulerOutput, hidden: torch.Tensor, out: ModelRunnerOutput
@@ -185,7 +210,8 @@ class ModelRunner:
             table = item.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if item.needs_sample:
-                sample_idx.append(len(ids) - 1)
+                # The last known token's row and one per proposed token after it.
+                sample_idx.extend(range(len(ids) - len(item.spec_token_ids) - 1, len(ids)))
         dev = self.device
         layout = BatchLayout(
             query_lens=[s.num_scheduled_tokens for s in sched.scheduled],

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pinnace.runtime.core.outputs import Logprob, Logprobs
+from pinnace.runtime.spec_decode import rejection_sampler as rs
 from pinnace.runtime.worker import logits_processors as lp
 from pinnace.runtime.worker.logits_processors import SamplingRow
 
@@ -40,20 +41,23 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
-    ) -> tuple[list[int], list[Logprobs | None]]:
-        """logits: [N, V] float32, one row per request that samples this step."""
+    ) -> tuple[list[list[int]], list[list[Logprobs] | None]]:
+        """logits: [R, V] float32: per request in `rows`, len(row.draft_token_ids) + 1
+        consecutive rows (row j scores the token after the first j proposals). Returns per
+        request its new tokens (accepted proposals, then one sampled token) and, when
+        asked, their logprobs."""
+        positions = _positions(rows)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self.process(logits, rows)
-        if all(r.params.is_greedy for r in rows):
-            tokens = logits.argmax(dim=-1)
+        logits = self.process(logits, positions)
+        if any(r.draft_token_ids for r in rows):
+            tokens = self._verify(logits, rows, positions)
         else:
-            tokens = self._sample(logits, rows)
-        token_list = tokens.tolist()
+            tokens = [[t] for t in self._sample_rows(logits, positions).tolist()]
         if self.grammar is not None:
-            self.grammar.accept(rows, token_list)
-        return token_list, self._logprobs(raw_logprobs, token_list, rows)
+            self.grammar.accept(rows, tokens)
+        return tokens, self._logprobs(raw_logprobs, tokens, rows)
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The logits processors that act before temperature (a copy when any applies)."""
@@ -67,9 +71,40 @@ class Sampler:
         lp.apply_penalties(logits, rows)
         return logits
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """One token per logits row: [R]."""
+        if all(r.params.is_greedy for r in rows):
+            return logits.argmax(dim=-1)
+        probs = self._probs(logits, rows)
+        noise = self._noise(probs, rows)
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([r.params.is_greedy for r in rows], device=logits.device)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _verify(
+        self, logits: torch.Tensor, rows: list[SamplingRow], positions: list[SamplingRow]
+    ) -> list[list[int]]:
+        """Accept or reject each request's proposals (spec_decode/rejection_sampler.py)."""
         dev = logits.device
-        greedy = torch.tensor([r.params.is_greedy for r in rows], device=dev)
+        drafts = [list(r.draft_token_ids) for r in rows]
+        draft_flat = torch.tensor([t for d in drafts for t in (*d, 0)], device=dev)
+        is_draft = torch.tensor([j < len(d) for d in drafts for j in range(len(d) + 1)], device=dev)
+        accepted, fallback = rs.greedy_verdicts(logits.argmax(dim=-1), draft_flat, is_draft)
+        if not all(r.params.is_greedy for r in rows):
+            probs = self._probs(logits, positions)
+            noise = self._noise(probs, positions)
+            uniforms = self._uniforms(probs, positions, is_draft.tolist())
+            r_accepted, r_fallback = rs.rejection_verdicts(
+                probs, draft_flat, is_draft, uniforms, noise
+            )
+            greedy = torch.tensor([r.params.is_greedy for r in positions], device=dev)
+            accepted = torch.where(greedy, accepted, r_accepted)
+            fallback = torch.where(greedy, fallback, r_fallback)
+        return rs.emitted_tokens(drafts, accepted.tolist(), fallback.tolist())
+
+    def _probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampling distribution of each row after temperature, min_p, top-k, top-p."""
+        dev = logits.device
         temps = torch.tensor(
             [1.0 if r.params.is_greedy else r.params.temperature for r in rows], device=dev
         )
@@ -80,40 +115,85 @@ class Sampler:
         scaled = _top_k_top_p(
             scaled, [r.params.top_k for r in rows], [r.params.top_p for r in rows]
         )
-        probs = torch.softmax(scaled, dim=-1)
-        noise = self._noise(probs, rows)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return torch.softmax(scaled, dim=-1)
+
+    def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator | None:
+        """A seeded sampled row's own generator (None: the engine's shared one)."""
+        if row.params.seed is None or row.params.is_greedy:
+            return None
+        gen = self._request_generators.get(row.req_id)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(row.params.seed)
+            self._request_generators[row.req_id] = gen
+        return gen
 
     def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, row in enumerate(rows):
-            if row.params.seed is None or row.params.is_greedy:
-                continue
-            gen = self._request_generators.get(row.req_id)
-            if gen is None:
-                gen = torch.Generator(device=probs.device)
-                gen.manual_seed(row.params.seed)
-                self._request_generators[row.req_id] = gen
-            noise[i].exponential_(generator=gen)
+            gen = self._generator(row, probs.device)
+            if gen is not None:
+                noise[i].exponential_(generator=gen)
         return noise
+
+    def _uniforms(
+        self, probs: torch.Tensor, rows: list[SamplingRow], is_draft: list[bool]
+    ) -> torch.Tensor:
+        """[R] in [0, 1) for the rows that score a proposal, drawn after the noise. A seeded
+        request draws from its own generator and only for its own proposals, so its stream
+        does not depend on whether others in the batch have proposals."""
+        uniforms = torch.rand(len(rows), generator=self.generator, device=probs.device)
+        for i, row in enumerate(rows):
+            gen = self._generator(row, probs.device) if is_draft[i] else None
+            if gen is not None:
+                uniforms[i] = torch.rand((), generator=gen, device=probs.device)
+        return uniforms
 
     @staticmethod
     def _logprobs(
-        raw: torch.Tensor | None, tokens: list[int], rows: list[SamplingRow]
-    ) -> list[Logprobs | None]:
-        out: list[Logprobs | None] = []
-        for i, row in enumerate(rows):
+        raw: torch.Tensor | None, tokens: list[list[int]], rows: list[SamplingRow]
+    ) -> list[list[Logprobs] | None]:
+        """Per request, one Logprobs per new token (token j from logits row first + j)."""
+        out: list[list[Logprobs] | None] = []
+        first = 0
+        for row, new in zip(rows, tokens, strict=True):
             k = row.params.logprobs
             if raw is None or k is None:
                 out.append(None)
-                continue
-            top = {}
-            if k > 0:
-                values, ids = raw[i].topk(k)
-                top = dict(zip(ids.tolist(), values.tolist(), strict=True))
-            out.append(Logprobs(token_logprob=float(raw[i, tokens[i]]), top=top))
+            else:
+                out.append([_row_logprobs(raw[first + j], t, k) for j, t in enumerate(new)])
+            first += len(row.draft_token_ids) + 1
         return out
+
+
+def _row_logprobs(raw: torch.Tensor, token: int, k: int) -> Logprobs:
+    top = {}
+    if k > 0:
+        values, ids = raw.topk(k)
+        top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+    return Logprobs(token_logprob=float(raw[token]), top=top)
+
+
+def _positions(rows: list[SamplingRow]) -> list[SamplingRow]:
+    """One row per logits row: a request with proposals d_1..d_k also gets rows whose
+    output ends with d_1..d_j, so penalties, bad words and min_tokens see at row j what
+    they would see had d_1..d_j been sampled one step at a time."""
+    out = []
+    for row in rows:
+        out.append(row)
+        drafts = list(row.draft_token_ids)
+        if not drafts:
+            continue
+        params = row.params
+        needs_history = params.has_penalties or bool(params.bad_words_token_ids)
+        for j in range(1, len(drafts) + 1):
+            history = [*row.output_token_ids, *drafts[:j]] if needs_history else ()
+            out.append(
+                SamplingRow(
+                    row.req_id, params, row.num_output_tokens + j, row.prompt_token_ids, history
+                )
+            )
+    return out
 
 
 def prompt_logprobs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from pinnace.cli.main import build_parser
+from pinnace.cli.serve import build_config
 from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment, parse_llmdeployment
 from pinnace.operator.render import render_all, render_deployment
@@ -126,6 +128,21 @@ def test_runner_flag_only_when_chosen() -> None:
     assert flag(args, "--runner") == "pooling"
     # auto is the runtime's own default: not rendered, so existing pods do not roll
     assert "--runner" not in container(render_deployment(example("minimal-cpu")))["args"]
+
+
+def test_speculative_decoding_renders_vllms_json() -> None:
+    speculative = {"numSpeculativeTokens": 4, "promptLookupMax": 4}
+    llmd = example("minimal-cpu", engine={"speculative": speculative})
+    args = container(render_deployment(llmd))["args"]
+    text = flag(args, "--speculative-config")
+    assert json.loads(text) == {"method": "ngram", "num_speculative_tokens": 4,
+                                "prompt_lookup_max": 4}  # fmt: skip
+    # The flag the runtime parses, into the config it checks.
+    config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
+    assert config.speculative is not None and config.speculative.num_speculative_tokens == 4
+    assert (
+        "--speculative-config" not in container(render_deployment(example("minimal-cpu")))["args"]
+    )
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")

@@ -193,3 +193,37 @@ def hf_smollm2_bf16(smollm2_gguf: str) -> torch.nn.Module:
         gguf_file=os.path.basename(smollm2_gguf),
         dtype=torch.bfloat16,
     ).eval()
+
+
+class OracleProposer:
+    """A speculative-decoding proposer for tests: proposes each prompt's known greedy
+    continuation with one token wrong, at position 0, 1, ..., k - 1 in turn, and every
+    (k + 1)-th proposal all right, so verification accepts and rolls back at every
+    position. (Random tiny models rarely repeat themselves: n-gram proposals would be
+    nearly all rejected there.)"""
+
+    def __init__(
+        self, continuations: dict[tuple[int, ...], list[int]], k: int = 4, errors: bool = True
+    ) -> None:
+        self.continuations = continuations
+        self.k = k
+        self.errors = errors  # False: every proposal right
+        self.num_calls = 0
+
+    def propose(self, items: list[Any], sampled: list[list[int]]) -> list[list[int]]:
+        out = []
+        for item, new in zip(items, sampled, strict=True):
+            done = len(item.output_token_ids) + len(new)
+            spec = list(self.continuations[tuple(item.prompt_token_ids)][done : done + self.k])
+            wrong = self.num_calls % (self.k + 1)
+            self.num_calls += 1
+            if self.errors and wrong < len(spec):
+                spec[wrong] += 1
+            out.append(spec)
+        return out
+
+
+@pytest.fixture(scope="session", name="oracle_proposer")
+def oracle_proposer_fixture() -> type[OracleProposer]:
+    """OracleProposer(continuations: {prompt tuple: greedy tokens}, k=4, errors=True)."""
+    return OracleProposer

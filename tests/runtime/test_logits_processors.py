@@ -32,7 +32,7 @@ def sample_counts(logits: torch.Tensor, params: SamplingParams, n: int) -> Count
     sampler = Sampler([EOS], seed=0, device=CPU)
     rows = [SamplingRow(f"r{i}", params, 1) for i in range(n)]
     tokens, _ = sampler(logits.repeat(n, 1), rows)
-    return Counter(tokens)
+    return Counter(t for (t,) in tokens)  # one token per row (no proposals)
 
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])

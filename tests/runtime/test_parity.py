@@ -48,14 +48,25 @@ CONFIGS = {
     # 22 blocks x 16 = 352 tokens for ~1100 needed: decodes outgrow the pool and preempt
     # (Mistral too, though its blocks outside the 128-token window are released).
     "preemption": {"num_kv_blocks": 22, "max_model_len": 350},
+    # Speculative decoding (4 tokens proposed per step, OracleProposer: one wrong in
+    # turn at each position) under chunked prefill and preemption.
+    "speculative": {
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 4},
+        "max_num_batched_tokens": 32,
+        "num_kv_blocks": 22,
+        "max_model_len": 350,
+    },
 }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_greedy_parity(arch: str, config: str, references: dict) -> None:
+def test_greedy_parity(arch: str, config: str, references: dict, oracle_proposer: type) -> None:
     path, prompts, expected = references[arch]
     llm = LLM(str(path), dtype="float32", kv_cache_memory=64 * 2**20, **CONFIGS[config])
+    if config == "speculative":
+        continuations = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
+        llm.llm_engine.runner.proposer = oracle_proposer(continuations)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out, ref in zip(prompts, outs, expected, strict=True):
@@ -63,11 +74,15 @@ def test_greedy_parity(arch: str, config: str, references: dict) -> None:
         assert out.outputs[0].token_ids == ref, f"{arch}/{config}: prompt of {len(prompt)}"
         assert out.outputs[0].finish_reason == "length"
     stats = llm.llm_engine.stats()
-    if config == "preemption":
+    if config in ("preemption", "speculative"):
         assert stats.num_preemptions > 0
+    if config == "speculative":
+        spec = stats.spec_decoding
+        assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
     if config != "no-prefix-caching":
         # A second pass is served from the prefix cache and must still match.
         again = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in again] == expected
-        assert llm.llm_engine.stats().prefix_cache_hits > stats.prefix_cache_hits
+        if config != "speculative":  # its 22 blocks may have evicted the prompts by then
+            assert llm.llm_engine.stats().prefix_cache_hits > stats.prefix_cache_hits
     assert llm.llm_engine.stats().kv_cache_usage == 0.0

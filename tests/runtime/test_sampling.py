@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,14 @@ from pinnace.runtime.worker.sampler import Sampler, SamplingRow, _top_k_top_p
 
 CPU = torch.device("cpu")
 EOS = 2
+
+
+class OneTokenSampler(Sampler):
+    """The sampler on rows without proposals: one token (and Logprobs) per row, unwrapped."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> Any:
+        tokens, logprobs = super().__call__(logits, rows)
+        return [t for (t,) in tokens], [None if lp is None else lp[0] for lp in logprobs]
 
 
 def rows(*params: SamplingParams, num_output_tokens: int = 0) -> list[SamplingRow]:
@@ -61,7 +70,7 @@ def test_sampling_only_ever_picks_tokens_inside_top_k_and_top_p():
     torch.manual_seed(0)
     logits = torch.randn(12) * 0.5  # fairly flat: every token is likely without a cut
     n = 3000
-    sampler = Sampler([EOS], seed=0, device=CPU)
+    sampler = OneTokenSampler([EOS], seed=0, device=CPU)
     top3 = set(logits.topk(3).indices.tolist())
     tokens, _ = sampler(logits.repeat(n, 1), rows(*[SamplingParams(top_k=3)] * n))
     assert set(tokens) == top3
@@ -80,7 +89,7 @@ def test_sampling_only_ever_picks_tokens_inside_top_k_and_top_p():
 def test_sampled_frequencies_follow_the_temperature_scaled_softmax(temperature):
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     n = 4000
-    sampler = Sampler([EOS], seed=0, device=CPU)
+    sampler = OneTokenSampler([EOS], seed=0, device=CPU)
     tokens, _ = sampler(logits.repeat(n, 1), rows(*[SamplingParams(temperature=temperature)] * n))
     counts = Counter(tokens)
     for token, p in enumerate(torch.softmax(logits / temperature, dim=-1).tolist()):
@@ -94,7 +103,7 @@ def test_greedy_rows_take_the_argmax_even_in_a_sampled_batch():
     torch.manual_seed(1)
     logits = torch.randn(6, 50)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 3
-    tokens, _ = Sampler([EOS], seed=0, device=CPU)(logits, rows(*params))
+    tokens, _ = OneTokenSampler([EOS], seed=0, device=CPU)(logits, rows(*params))
     argmax = logits.argmax(dim=-1).tolist()
     assert tokens[0::2] == argmax[0::2]
 
@@ -107,7 +116,7 @@ def test_logprobs_match_log_softmax_of_the_raw_logits():
         SamplingParams(temperature=0.0, logprobs=0),
         SamplingParams(temperature=0.0),
     ]
-    tokens, logprobs = Sampler([EOS], seed=0, device=CPU)(logits, rows(*params))
+    tokens, logprobs = OneTokenSampler([EOS], seed=0, device=CPU)(logits, rows(*params))
     expected = torch.log_softmax(logits, dim=-1)
     first, second, third = logprobs
     assert first is not None and second is not None and third is None
@@ -123,7 +132,7 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
     logits = torch.zeros(2, 10)
     logits[:, EOS], logits[:, 5], logits[:, 7] = 9.0, 8.0, 7.0
     params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], logprobs=0)
-    sampler = Sampler([EOS], seed=0, device=CPU)
+    sampler = OneTokenSampler([EOS], seed=0, device=CPU)
     early = [SamplingRow("a", params, 1), SamplingRow("b", SamplingParams(temperature=0.0), 1)]
     tokens, logprobs = sampler(logits, early)
     assert tokens == [7, EOS]  # only the row still under min_tokens is affected
@@ -159,7 +168,7 @@ def solo(params: SamplingParams, steps: int = 6) -> list[list[SamplingRow]]:
 def test_seeded_rows_do_not_depend_on_the_batch():
     vocab = 500
     seeded = SamplingParams(temperature=1.0, seed=42)
-    alone = run_steps(Sampler([EOS], 0, CPU), solo(seeded), vocab)
+    alone = run_steps(OneTokenSampler([EOS], 0, CPU), solo(seeded), vocab)
     others = [
         SamplingRow("u", SamplingParams(temperature=0.8), 0),
         SamplingRow("g", SamplingParams(temperature=0.0), 0),
@@ -167,15 +176,15 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     ]
     # Row "x" moves through the batch; the global generator is seeded differently.
     batches = [[*others[: i % 4], SamplingRow("x", seeded, i), *others[i % 4 :]] for i in range(6)]
-    mixed = run_steps(Sampler([EOS], 123, CPU), batches, vocab)
+    mixed = run_steps(OneTokenSampler([EOS], 123, CPU), batches, vocab)
     assert mixed["x"] == alone["x"]
     assert len(set(alone["x"])) > 1  # the seed drives a real random sequence
     other_seed = SamplingParams(temperature=1.0, seed=43)
-    assert run_steps(Sampler([EOS], 0, CPU), solo(other_seed), vocab)["x"] != alone["x"]
+    assert run_steps(OneTokenSampler([EOS], 0, CPU), solo(other_seed), vocab)["x"] != alone["x"]
 
 
 def test_dropping_a_request_resets_its_generator():
-    sampler = Sampler([EOS], 0, CPU)
+    sampler = OneTokenSampler([EOS], 0, CPU)
     seeded = SamplingParams(seed=5)
     first = run_steps(sampler, solo(seeded, 4), 300)
     sampler.drop({"x"})
@@ -183,7 +192,7 @@ def test_dropping_a_request_resets_its_generator():
 
 
 def test_unseeded_sampling_varies_between_calls():
-    sampler = Sampler([EOS], 0, CPU)
+    sampler = OneTokenSampler([EOS], 0, CPU)
     logits = torch.zeros(1, 1000)
     draws = [sampler(logits, rows(SamplingParams()))[0][0] for _ in range(20)]
     assert len(set(draws)) > 10

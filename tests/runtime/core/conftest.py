@@ -31,6 +31,8 @@ from pinnace.runtime.sampling_params import SamplingParams
 # Picks the next token of a request. The default draws from one shared RNG, so a request
 # whose tokens were lost and sampled again would get different ones.
 SampleFn = Callable[[Request], int]
+# Speculative decoding: proposals for a request after its step's new tokens.
+ProposeFn = Callable[[Request, list[int]], list[int]]
 
 
 def prefix_fingerprints(token_ids: list[int]) -> list[int]:
@@ -54,6 +56,9 @@ class Harness:
     enable_caching: bool = True
     sample: SampleFn | None = None
     seed: int = 0
+    # With `propose`, verification follows `model_next_token`: a proposal is accepted
+    # while it equals what that fake model would have produced.
+    propose: ProposeFn | None = None
 
     kv: KVCacheManager = field(init=False)
     scheduler: Scheduler = field(init=False)
@@ -131,7 +136,7 @@ class Harness:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         bs = self.block_size
         for item in out.scheduled:  # 1) write this step's KV
-            fps = prefix_fingerprints(self.all_requests[item.req_id].all_token_ids)
+            fps = prefix_fingerprints(self._scheduled_tokens(item))
             for pos in range(
                 item.num_computed_tokens, item.num_computed_tokens + len(item.token_ids)
             ):
@@ -139,17 +144,43 @@ class Harness:
         result = ModelRunnerOutput()
         for item in out.scheduled:  # 2) attend: every visible position holds our prefix
             request = self.all_requests[item.req_id]
-            fps = prefix_fingerprints(request.all_token_ids)
+            fps = prefix_fingerprints(self._scheduled_tokens(item))
             seq_len = item.num_computed_tokens + item.num_scheduled_tokens
             for pos in range(seq_len):
                 slot = item.block_ids[pos // bs] * bs + pos % bs
                 assert self.kv_store.get(slot) == fps[pos], (
                     f"{item.req_id}: KV at position {pos} (slot {slot}) is not its own"
                 )
-            if item.needs_sample:
+            if not item.needs_sample:
+                continue
+            if self.propose is None:
                 sample = self.sample or self._random_token
                 result.sampled_token_ids[item.req_id] = [sample(request)]
+                continue
+            new = self._verify(request, item.spec_token_ids)
+            result.sampled_token_ids[item.req_id] = new
+            result.spec_token_ids[item.req_id] = self.propose(request, new)
         return result
+
+    def _scheduled_tokens(self, item: ScheduledRequest) -> list[int]:
+        """The request's tokens as this step sees them: known ones, then its proposals."""
+        request = self.all_requests[item.req_id]
+        return request.all_token_ids[: item.num_computed_tokens] + item.token_ids
+
+    @staticmethod
+    def model_next_token(token_ids: list[int]) -> int:
+        """A deterministic fake model: the next token is a function of the whole prefix."""
+        return 1000 + prefix_fingerprints(token_ids)[-1] % 1000
+
+    def _verify(self, request: Request, spec_token_ids: list[int]) -> list[int]:
+        tokens = list(request.all_token_ids)
+        new = []
+        for draft in spec_token_ids:
+            new.append(self.model_next_token(tokens))
+            if new[-1] != draft:
+                return new
+            tokens.append(draft)
+        return [*new, self.model_next_token(tokens)]
 
     def _random_token(self, request: Request) -> int:
         return self._rng.randrange(1000, 2000)
@@ -169,9 +200,13 @@ class Harness:
             if item.req_id not in self.first_admitted:
                 self.first_admitted.append(item.req_id)
             start, num = item.num_computed_tokens, item.num_scheduled_tokens
+            num_spec = len(item.spec_token_ids)
             assert num >= 1
-            assert item.token_ids == request.all_token_ids[start : start + num]
-            assert item.needs_sample == (start + num == request.num_tokens)
+            known = request.all_token_ids[start : start + num - num_spec]
+            assert item.token_ids[: num - num_spec] == known
+            assert item.spec_token_ids == request.spec_token_ids[:num_spec]
+            assert item.needs_sample == (start + num - num_spec == request.num_tokens)
+            assert not num_spec or item.needs_sample
             assert len(item.block_ids) * self.block_size >= start + num
             assert item.num_output_tokens == request.num_output_tokens
         self.check_ref_counts()

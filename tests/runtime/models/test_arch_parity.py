@@ -1,6 +1,7 @@
 """The architectures beyond Llama: greedy tokens equal transformers' on random tiny fp32
 models, with the engine's default settings, prefix-cache hits, chunked prefill and forced
-preemption; with int8 weights they load quantized and stay close. Sizes are chosen so
+preemption (with speculative decoding: proposals verified, accepted and rolled back); with
+int8 weights they load quantized and stay close. Sizes are chosen so
 each feature is exercised: prompts longer than the Gemma windows (32), a decode that
 crosses Phi-3's LongRoPE switch (128), experts that differ by token."""
 
@@ -64,19 +65,31 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_parity(arch: str, reference: Callable[[str], tuple[Path, list, list]]) -> None:
+def test_greedy_parity(
+    arch: str, reference: Callable[[str], tuple[Path, list, list]], oracle_proposer: type
+) -> None:
     path, prompts, expected = reference(arch)
     llm = LLM(str(path), dtype="float32", kv_cache_memory=KV)
     assert _generate(llm, prompts) == expected
     hits = llm.llm_engine.stats().prefix_cache_hits
     assert _generate(llm, prompts) == expected  # now from the prefix cache
     assert llm.llm_engine.stats().prefix_cache_hits > hits
-    # 32-token chunks, and 10 blocks of 16 for ~230 tokens: decodes preempt each other.
+    # 32-token chunks, and 10 blocks of 16 for ~230 tokens: decodes preempt each other;
+    # 3 tokens proposed per step, some wrong.
     small = LLM(
-        str(path), dtype="float32", max_num_batched_tokens=32, num_kv_blocks=10, max_model_len=150
+        str(path),
+        dtype="float32",
+        max_num_batched_tokens=32,
+        num_kv_blocks=10,
+        max_model_len=150,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
     )
+    continuations = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
+    small.llm_engine.runner.proposer = oracle_proposer(continuations, k=3)
     assert _generate(small, prompts) == expected
-    assert small.llm_engine.stats().num_preemptions > 0
+    stats = small.llm_engine.stats()
+    assert stats.num_preemptions > 0
+    assert 0 < stats.spec_decoding.num_accepted_tokens < stats.spec_decoding.num_draft_tokens
 
 
 @pytest.mark.parametrize("arch", ARCHS)

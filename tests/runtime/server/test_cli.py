@@ -82,6 +82,9 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["{model}", "--max-waiting-requests", "0"], "max_waiting_requests"),
         (["{model}", "--task", "embed", "--runner", "generate"], "contradicts --runner"),
         (["{model}", "--runner", "generate", "--convert", "embed"], "needs runner pooling"),
+        (["{model}", "--speculative-config", "{method: ngram}"], "not valid JSON"),
+        (["{model}", "--speculative-config", "[4]"], "must be a JSON object"),
+        (["{model}", "--speculative-config", '{"method": "ngram"}'], "num_speculative_tokens"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(
@@ -105,6 +108,15 @@ def test_runner_flags(tmp_path: Path, flags: list[str], runner: str, convert: st
     args = build_parser().parse_args(["serve", str(tmp_path), *flags])
     config, _ = build_config(args)
     assert (config.runner, config.convert) == (runner, convert)
+
+
+def test_speculative_config_flag() -> None:
+    text = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
+    args = build_parser().parse_args(["serve", ".", "--speculative-config", text])
+    config, _ = build_config(args)
+    assert config.speculative is not None
+    assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 4)
+    assert (config.speculative.prompt_lookup_min, config.speculative.prompt_lookup_max) == (4, 4)
 
 
 def test_grpc_without_its_proto_says_where_to_point(

@@ -1,0 +1,286 @@
+"""Speculative decoding end to end on tiny random models (the greedy equality of every
+architecture under chunking, preemption and prefix caching is in test_parity.py and
+models/test_arch_parity.py): stops inside a proposal, the n-gram proposer, rejection
+sampling's output distribution, seeds, and the configuration's errors."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.core.outputs import ScheduledRequest
+from pinnace.runtime.spec_decode import SpeculativeConfig
+from pinnace.runtime.spec_decode import rejection_sampler as rs
+from pinnace.runtime.spec_decode.ngram_proposer import NgramProposer
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+NGRAM = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+}
+
+
+def _continuations(prompts: list[list[int]], outs: list) -> dict[tuple[int, ...], list[int]]:
+    return {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, outs, strict=True)}
+
+
+# -- stops inside a proposal --------------------------------------------------------------
+
+
+def test_stops_and_max_tokens_inside_a_proposal_match_no_speculation(
+    make_tiny_model: Callable[[str], Path], oracle_proposer: type
+) -> None:
+    path = str(make_tiny_model("LlamaForCausalLM"))
+    base = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20)
+    spec = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, speculative_config=NGRAM)
+    prompts = [[1000 + 37 * i for i in range(40)]]  # 2 full blocks: prefix-cache hits
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    reference = base.generate(prompts, free, use_tqdm=False)[0].outputs[0]
+    # Every proposal right, so each step carries 5 tokens and the stops fall inside one.
+    spec.llm_engine.runner.proposer = oracle_proposer(
+        {tuple(prompts[0]): reference.token_ids}, errors=False
+    )
+    text = reference.text
+    stop_string = text[len(text) // 2 : len(text) // 2 + 3]
+    cases = [
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[reference.token_ids[7]]
+        ),
+        SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, stop=[stop_string], logprobs=2
+        ),
+    ]
+    for params in cases:
+        want = base.generate(prompts, params, use_tqdm=False)[0].outputs[0]
+        got = spec.generate(prompts, params, use_tqdm=False)[0].outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            want.token_ids,
+            want.text,
+            want.finish_reason,
+        )
+        assert got.stop_reason == want.stop_reason
+        assert len(got.token_ids) < 16
+        if params.logprobs is not None:
+            assert got.logprobs is not None and want.logprobs is not None
+            assert len(got.logprobs) == len(got.token_ids)
+            last = got.token_ids[-1]
+            assert got.logprobs[-1][last] == pytest.approx(want.logprobs[-1][last], abs=1e-4)
+    stats = spec.llm_engine.stats()
+    assert stats.spec_decoding.num_accepted_tokens > 0
+    assert stats.prefix_cache_hits > 0
+
+
+# -- the n-gram proposer ------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_longest_most_recent_match() -> None:
+    proposer = NgramProposer(min_n=1, max_n=3, num_speculative_tokens=3)
+    # "7 8 9" occurred before, followed by 1 2 3; the longer match beats "9 -> 4".
+    assert proposer.propose_one([7, 8, 9, 1, 2, 3, 9, 4, 5, 7, 8, 9]) == [1, 2, 3]
+    # Only a 1-gram matches: the most recent occurrence with 3 tokens after it.
+    assert proposer.propose_one([5, 1, 1, 1, 6, 5, 2, 2, 2, 0, 5]) == [2, 2, 2]
+    # Near the end, fewer than k tokens follow the only match.
+    assert proposer.propose_one([4, 6, 4]) == [6, 4]
+    assert proposer.propose_one([1, 2, 3, 4]) == []
+    assert NgramProposer(2, 3, 2).propose_one([1, 2, 3, 9, 2]) == []  # 1-grams not allowed
+
+
+# -- rejection sampling -------------------------------------------------------------------
+
+
+def _chi_square_p(counts: list[int], probs: list[float]) -> float:
+    """Goodness-of-fit p-value; cells expected below 5 are pooled into one."""
+    n = sum(counts)
+    cells, pooled_c, pooled_e = [], 0, 0.0
+    for c, p in zip(counts, probs, strict=True):
+        if n * p >= 5:
+            cells.append((c, n * p))
+        else:
+            pooled_c, pooled_e = pooled_c + c, pooled_e + n * p
+    if pooled_e > 0:
+        cells.append((pooled_c, pooled_e))
+    stat = sum((c - e) ** 2 / e for c, e in cells)
+    df = torch.tensor((len(cells) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_rejection_verdicts_keep_the_target_distribution_with_a_draft_distribution() -> None:
+    gen = torch.Generator().manual_seed(0)
+    vocab, n = 8, 20000
+    p = torch.softmax(torch.randn(vocab, generator=gen) * 1.5, -1)
+    q = torch.softmax(torch.randn(vocab, generator=gen) * 1.5, -1)  # deliberately different
+    drafts = torch.multinomial(q, n, replacement=True, generator=gen)
+    # Row pairs per request: row 0 scores the draft, row 1 is the bonus row.
+    probs = p.repeat(2 * n, 1)
+    draft_flat = torch.stack([drafts, torch.zeros_like(drafts)], 1).flatten()
+    is_draft = torch.tensor([True, False]).repeat(n)
+    uniforms = torch.rand(2 * n, generator=gen)
+    noise = torch.empty(2 * n, vocab).exponential_(generator=gen)
+    accepted, fallback = rs.rejection_verdicts(
+        probs, draft_flat, is_draft, uniforms, noise, q.repeat(2 * n, 1)
+    )
+    tokens = rs.emitted_tokens([[d] for d in drafts.tolist()], accepted.tolist(), fallback.tolist())
+    first = Counter(t[0] for t in tokens)
+    assert _chi_square_p([first[i] for i in range(vocab)], p.tolist()) > 1e-3
+    # The proposer's q alone would fail the same test.
+    drafted = Counter(drafts.tolist())
+    assert _chi_square_p([drafted[i] for i in range(vocab)], p.tolist()) < 1e-6
+    assert 0.2 < accepted.float().mean() * 2 < 0.95  # both branches taken
+
+
+VOCAB = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A 12-token Llama (the tokenizer's first 12 ids): outputs' distributions can be
+    enumerated exactly."""
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("tiny-vocab")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def _exact_marginals(path: Path, prompt: list[int], steps: int, temperature: float) -> list:
+    """P(token at output position j) for j < steps, by enumerating every prefix."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    seqs = torch.tensor([prompt])
+    weights = torch.ones(1, dtype=torch.float64)
+    marginals = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=seqs).logits[:, -1] / temperature  # [S, V]
+            probs = torch.softmax(logits, -1) * weights[:, None]
+            marginals.append(probs.sum(0).tolist())
+            seqs = torch.cat(
+                [seqs.repeat_interleave(VOCAB, 0), torch.arange(VOCAB).repeat(len(seqs))[:, None]],
+                1,
+            )
+            weights = probs.flatten()
+    return marginals
+
+
+class SkewedProposer:
+    """Deliberately different from the target: half the proposals are token 3 four times
+    (an error in the acceptance rule shows as token 3's frequency), half are 4 tokens
+    drawn uniformly."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+
+    def propose(self, items: list[ScheduledRequest], sampled: list[list[int]]) -> list[list[int]]:
+        return [
+            [3] * 4 if self.rng.random() < 0.5 else [self.rng.randrange(VOCAB) for _ in range(4)]
+            for _ in items
+        ]
+
+
+def test_sampled_outputs_follow_the_target_distribution(tiny_vocab_model: Path) -> None:
+    prompt, steps, temperature = [1, 4, 2], 4, 0.8
+    exact = _exact_marginals(tiny_vocab_model, prompt, steps, temperature)
+    llm = LLM(
+        str(tiny_vocab_model),
+        dtype="float32",
+        kv_cache_memory=32 * 2**20,
+        max_num_seqs=512,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+        enable_prefix_caching=False,
+    )
+    llm.llm_engine.runner.proposer = SkewedProposer()
+    params = SamplingParams(temperature=temperature, max_tokens=steps, ignore_eos=True)
+    outs = llm.generate([prompt] * 2400, params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    for j in range(steps):
+        counts = Counter(t[j] for t in tokens)
+        assert _chi_square_p([counts[i] for i in range(VOCAB)], exact[j]) > 1e-3, j
+    spec = llm.llm_engine.stats().spec_decoding
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
+    assert spec.num_accepted_tokens_per_pos[1] > 0  # a second proposal accepted too
+
+
+def test_seeded_requests_reproduce_with_speculation(tiny_vocab_model: Path) -> None:
+    llm = LLM(
+        str(tiny_vocab_model), dtype="float32", kv_cache_memory=8 * 2**20, speculative_config=NGRAM
+    )
+    # The n-gram proposer reads only the request's own tokens (with 12 tokens it always
+    # finds a match), so a seeded request gets the same proposals in any batch.
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([[1, 2, 3]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate([[5, 6], [1, 2, 3], [7]], [other, seeded, other], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    assert llm.llm_engine.stats().spec_decoding.num_drafts > 0
+    reseeded = SamplingParams(temperature=1.0, seed=12, max_tokens=12, ignore_eos=True)
+    assert llm.generate([[1, 2, 3]], reseeded, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_ngram_greedy_equals_no_speculation(tiny_vocab_model: Path) -> None:
+    # With 12 tokens every one recurs, so the real n-gram proposer proposes every step.
+    kwargs = dict(dtype="float32", kv_cache_memory=4 * 2**20, max_num_batched_tokens=16)
+    base = LLM(str(tiny_vocab_model), **kwargs)  # type: ignore[arg-type]
+    spec = LLM(str(tiny_vocab_model), speculative_config=NGRAM, **kwargs)  # type: ignore[arg-type]
+    prompts = [[1, 2, 3, 1, 2], list(range(12)) * 3, [5, 5, 5, 5, 6, 7, 5, 5]]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == want
+    stats = spec.llm_engine.stats().spec_decoding
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"method": "ngram"}, "needs num_speculative_tokens"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "not one of ngram, draft_model"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be"),
+        ({"num_speculative_tokens": 2, "prompt_lookup_max": 2}, "not one of"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+             "prompt_lookup_max": 2},
+            "prompt_lookup_min (4) must not exceed prompt_lookup_max (2)",
+        ),
+        ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown key"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model path"),
+        ("ngram", "must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_speculative_config_errors_name_the_problem(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SpeculativeConfig.from_dict(value)  # type: ignore[arg-type]
+
+
+def test_speculative_config_resolves_the_lookup_range_as_vllm() -> None:
+    one_end = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4,
+                                           "prompt_lookup_max": 4})  # fmt: skip
+    assert (one_end.prompt_lookup_min, one_end.prompt_lookup_max) == (4, 4)
+    neither = SpeculativeConfig(num_speculative_tokens=2, method="ngram")
+    assert (neither.prompt_lookup_min, neither.prompt_lookup_max) == (5, 5)
+    assert SpeculativeConfig(num_speculative_tokens=2, model="/m").method == "draft_model"
