@@ -2,8 +2,8 @@
 
 The same `text_input` BYTES tensor as on a generate server; the answer is one FP32 tensor
 `embedding` of shape [*input shape, hidden] (row-major data), each row the prompt's pooled
-hidden states as /v1/embeddings gives them. JSON in and out; binary inputs are accepted
-as on the generate route.
+hidden states as /v1/embeddings gives them. JSON in and out over REST (binary inputs are
+accepted as on the generate route); over gRPC, fp32_contents or raw little-endian bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,21 @@ def embedding_prompts(req: V2InferRequest) -> tuple[list[str], list[int]]:
     return text_prompts(req.model_copy(update={"outputs": None}))
 
 
+async def embed_infer(
+    ctx: ServerContext, body: V2InferRequest, model: str
+) -> tuple[list[int], np.ndarray]:
+    """(output shape, float32 vectors [N, hidden]) of an infer request on a pooling
+    server; REST and gRPC share it."""
+    if ctx.lora_for(model) is not None:
+        raise bad_request("embeddings run on the base model, not a LoRA adapter.")
+    texts, shape = embedding_prompts(body)
+    params = SamplingParams(max_tokens=1)
+    prompts = [await asyncio.to_thread(ctx.prepare, t, params, "inputs") for t in texts]
+    outs = await ctx.engine.embed(prompts)
+    vectors = np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
+    return [*shape, vectors.shape[1]], vectors
+
+
 def build_v2_embeddings_router(ctx: ServerContext) -> APIRouter:
     """POST /v2/models/{name}/infer answered with embeddings (registered before the
     generate route, which a pooling server does not serve)."""
@@ -50,22 +65,13 @@ def build_v2_embeddings_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v2/models/{name:path}/infer")
     async def infer(name: str, raw: Request) -> JSONResponse:
         model, version = resolve(ctx, name)
-        if ctx.lora_for(model) is not None:
-            raise bad_request("embeddings run on the base model, not a LoRA adapter.")
         data = await read_body(raw.stream(), raw.headers.get("content-length"))
         header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
         attach_binary_inputs(header, binary)
         body = parse_infer_request(header)
-        texts, shape = embedding_prompts(body)
-        params = SamplingParams(max_tokens=1)
-        prompts = [await asyncio.to_thread(ctx.prepare, t, params, "inputs") for t in texts]
-        outs = await ctx.engine.embed(prompts)
-        vectors = np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
+        shape, vectors = await embed_infer(ctx, body, model)
         output = V2ResponseOutput(
-            name=EMBEDDING_OUTPUT,
-            shape=[*shape, vectors.shape[1]],
-            datatype="FP32",
-            data=vectors.reshape(-1).tolist(),
+            name=EMBEDDING_OUTPUT, shape=shape, datatype="FP32", data=vectors.reshape(-1).tolist()
         )
         response = V2InferResponse(
             model_name=model, model_version=version, id=body.id, outputs=[output]

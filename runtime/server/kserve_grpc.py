@@ -28,6 +28,7 @@ from pinnace.runtime.server.kserve_binary import (
     decode_bytes_tensor,
     encode_bytes_tensor,
 )
+from pinnace.runtime.server.kserve_embeddings import EMBEDDING_OUTPUT, embed_infer
 from pinnace.runtime.server.kserve_protocol import TEXT_INPUT, TEXT_OUTPUT
 from pinnace.runtime.server.kserve_v2 import (
     EXTENSIONS,
@@ -37,7 +38,6 @@ from pinnace.runtime.server.kserve_v2 import (
     parse_infer_request,
     resolve,
 )
-from pinnace.runtime.server.runner_guard import wrong_runner
 from pinnace.runtime.server.serving import ServerContext, server_version
 
 logger = logging.getLogger(__name__)
@@ -78,20 +78,23 @@ class InferenceService:
         model, _ = self._resolve(request.name, request.version)
         response = self.proto.message("ModelMetadataResponse")
         tensor = response.TensorMetadata
+        output = tensor(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1])
+        if self.ctx.engine.runner_type == "pooling":
+            hidden = int(self.ctx.engine.model_config.hidden_size)
+            output = tensor(name=EMBEDDING_OUTPUT, datatype="FP32", shape=[-1, hidden])
         return response(
             name=model,
             versions=[MODEL_VERSION],
             platform=PLATFORM,
             inputs=[tensor(name=TEXT_INPUT, datatype="BYTES", shape=[-1])],
-            outputs=[tensor(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1])],
+            outputs=[output],
         )
 
     async def ModelInfer(self, request: Any) -> Any:
         model, version = self._resolve(request.model_name, request.model_version)
-        runner = self.ctx.engine.runner_type
-        if runner != "generate":
-            raise wrong_runner(runner, "generate")
         body = parse_infer_request(self._rest_body(request))
+        if self.ctx.engine.runner_type == "pooling":
+            return await self._embeddings(request, body, model, version)
         requests, shape, _ = await asyncio.to_thread(infer_requests, self.ctx, body, model)
         finals = await self.ctx.collect(requests)
         texts = [f.outputs[0].text for f in finals]
@@ -103,6 +106,19 @@ class InferenceService:
             response.raw_output_contents.append(encode_bytes_tensor(texts))
         else:
             output.contents.bytes_contents.extend(t.encode() for t in texts)
+        return response
+
+    async def _embeddings(self, request: Any, body: Any, model: str, version: str | None) -> Any:
+        """A pooling server's ModelInfer: the FP32 `embedding` tensor (kserve_embeddings)."""
+        shape, vectors = await embed_infer(self.ctx, body, model)
+        response = self.proto.message("ModelInferResponse")(
+            model_name=model, model_version=version or "", id=request.id
+        )
+        output = response.outputs.add(name=EMBEDDING_OUTPUT, datatype="FP32", shape=shape)
+        if request.raw_input_contents:
+            response.raw_output_contents.append(vectors.astype("<f4").tobytes())
+        else:
+            output.contents.fp32_contents.extend(vectors.reshape(-1).tolist())
         return response
 
     def _resolve(self, name: str, version: str) -> tuple[str, str | None]:

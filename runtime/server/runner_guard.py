@@ -13,9 +13,8 @@ from fastapi import APIRouter
 
 from pinnace.runtime.server.errors import APIError
 
-# The POST paths of each runner's endpoints (HTTP); gRPC ModelInfer checks in its handler.
-# KServe V2 infer is served by both: with embeddings out on a pooling server
-# (kserve_embeddings.py).
+# The POST paths of each runner's endpoints. KServe V2 infer (REST and gRPC) is served by
+# both: with embeddings out on a pooling server (kserve_embeddings.py).
 GENERATE_PATHS = (
     "/v1/completions",
     "/v1/chat/completions",

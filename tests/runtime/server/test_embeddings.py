@@ -2,8 +2,8 @@
 and base64 answers agree and equal LLM.embed's vectors, one per input, with usage; bad
 requests are 400s naming the parameter. Each runner's server answers the other's endpoints
 with a 404 in the route's error shape (OpenAI or KServe) naming the runner to start; KServe
-V2 infer on a pooling server answers an FP32 `embedding` tensor. The same with the engine
-core in its own process, as `pinnace serve --runner pooling` runs."""
+V2 infer on a pooling server (REST and gRPC) answers an FP32 `embedding` tensor. The same
+with the engine core in its own process, as `pinnace serve --runner pooling` runs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
@@ -145,9 +146,12 @@ def test_pooling_server_with_its_core_in_a_process(
     start_server: Callable[..., Any],
     make_tiny_model: Callable[[str], Path],
 ) -> None:
-    """As `pinnace serve --runner pooling` runs it: the engine core in its own process."""
+    """As `pinnace serve --runner pooling --grpc-port ...` runs it: the engine core in its
+    own process; the openai client and Triton's gRPC client get the same vectors."""
     _, engine = served
-    server = start_server(make_tiny_model("Qwen2ForCausalLM"), dtype="float32", runner="pooling")
+    grpc_settings = {"grpc_port": 0, "grpc_host": "127.0.0.1"}
+    model = make_tiny_model("Qwen2ForCausalLM")
+    server = start_server(model, settings=grpc_settings, dtype="float32", runner="pooling")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         got = client.embeddings.create(model="tiny", input=INPUTS, encoding_format="float")
@@ -156,5 +160,17 @@ def test_pooling_server_with_its_core_in_a_process(
         np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
         with pytest.raises(openai.NotFoundError, match="--runner pooling"):
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        triton = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.app.state.grpc_port}")
+        hidden = engine.model_config.hidden_size
+        outputs = triton.get_model_metadata("tiny").outputs
+        assert [(t.name, t.datatype, list(t.shape)) for t in outputs] == [
+            ("embedding", "FP32", [-1, hidden])
+        ]
+        text = triton_grpc.InferInput("text_input", [2], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in INPUTS], dtype=object))
+        answer = triton.infer("tiny", [text]).as_numpy("embedding")
+        assert answer.shape == (2, hidden)
+        np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-6)
+        triton.close()
     finally:
         server.stop()
