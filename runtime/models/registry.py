@@ -94,7 +94,9 @@ def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
 
 
 # vLLM's rule for `--runner auto`: these architecture names are embedding models.
-POOLING_SUFFIXES = ("ForTextEncoding", "EmbeddingModel", "RewardModel", "Model")
+POOLING_SUFFIXES = ("ForTextEncoding", "EmbeddingModel", "Model")
+# (vLLM also lists "RewardModel": none is registered here — entry_for refuses one — and a
+# reward head's output is a score, not an embedding.)
 
 
 def resolve_runner(

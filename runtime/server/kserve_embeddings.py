@@ -16,14 +16,8 @@ from fastapi.responses import JSONResponse
 
 from pinnace.runtime.sampling_params import SamplingParams
 from pinnace.runtime.server.errors import bad_request
-from pinnace.runtime.server.kserve_binary import (
-    HEADER_LENGTH,
-    attach_binary_inputs,
-    read_body,
-    split_body,
-)
 from pinnace.runtime.server.kserve_protocol import V2InferRequest, V2InferResponse, V2ResponseOutput
-from pinnace.runtime.server.kserve_v2 import parse_infer_request, resolve, text_prompts
+from pinnace.runtime.server.kserve_v2 import read_infer_body, resolve, text_prompts
 from pinnace.runtime.server.serving import ServerContext
 
 EMBEDDING_OUTPUT = "embedding"
@@ -65,10 +59,7 @@ def build_v2_embeddings_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v2/models/{name:path}/infer")
     async def infer(name: str, raw: Request) -> JSONResponse:
         model, version = resolve(ctx, name)
-        data = await read_body(raw.stream(), raw.headers.get("content-length"))
-        header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
-        attach_binary_inputs(header, binary)
-        body = parse_infer_request(header)
+        body = await read_infer_body(raw)
         shape, vectors = await embed_infer(ctx, body, model)
         output = V2ResponseOutput(
             name=EMBEDDING_OUTPUT, shape=shape, datatype="FP32", data=vectors.reshape(-1).tolist()

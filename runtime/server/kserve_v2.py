@@ -81,6 +81,16 @@ def parse_infer_request(header: Any) -> V2InferRequest:
         raise bad_request(message, param) from exc
 
 
+async def read_infer_body(raw: Request) -> V2InferRequest:
+    """A REST infer request's body, validated: read by hand rather than as a pydantic body
+    because the binary extension puts raw bytes after the JSON, and clients send JSON with
+    any content type (Triton's with none). 413 past MAX_BODY_BYTES, 400 naming a bad field."""
+    data = await read_body(raw.stream(), raw.headers.get("content-length"))
+    header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
+    attach_binary_inputs(header, binary)
+    return parse_infer_request(header)
+
+
 def infer_requests(
     ctx: ServerContext, body: V2InferRequest, model: str
 ) -> tuple[list[EngineRequest], list[int], bool]:
@@ -195,12 +205,7 @@ def _add_inference_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.post("/v2/models/{name:path}/infer", openapi_extra=_infer_body_doc())
     async def infer(name: str, raw: Request) -> Response:
         model, version = resolve(ctx, name)
-        # Read by hand rather than as a pydantic body: the binary extension puts raw bytes
-        # after the JSON, and clients send JSON with any content type (Triton's with none).
-        data = await read_body(raw.stream(), raw.headers.get("content-length"))
-        header, binary = split_body(data, raw.headers.get(HEADER_LENGTH))
-        attach_binary_inputs(header, binary)
-        body = parse_infer_request(header)
+        body = await read_infer_body(raw)
         # Tokenizing (and templating) off the event loop: probes and streams go on.
         requests, shape, as_binary = await asyncio.to_thread(infer_requests, ctx, body, model)
         finals = await cancel_on_disconnect(raw, ctx.collect(requests))

@@ -13,11 +13,9 @@ from torch import nn
 
 from pinnace.runtime.layers.moe import FusedExperts
 from pinnace.runtime.layers.quantization.embedding import QuantizedEmbedding
-from pinnace.runtime.layers.quantization.experts import QuantizedFusedExperts
-from pinnace.runtime.layers.quantization.fp8 import Fp8Linear, quantize_fp8
-from pinnace.runtime.layers.quantization.int8 import Int8Linear, frozen, quantize_int8
-
-_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
+from pinnace.runtime.layers.quantization.experts import ROW_QUANTIZERS, QuantizedFusedExperts
+from pinnace.runtime.layers.quantization.fp8 import Fp8Linear
+from pinnace.runtime.layers.quantization.int8 import Int8Linear, frozen
 
 
 def quantize_linears(
@@ -28,9 +26,9 @@ def quantize_linears(
 ) -> int:
     """Replace nn.Linear / nn.Embedding modules (those in `only`, or all) by `method`
     versions on `device`; returns how many modules were replaced."""
-    if method not in _QUANTIZERS:
+    if method not in ROW_QUANTIZERS:
         raise ValueError(f"cannot quantize float weights to {method!r}; use int8 or fp8.")
-    quantize = _QUANTIZERS[method]
+    quantize = ROW_QUANTIZERS[method]
     # id(float weight) -> (codes, scale): a tied LM head reuses its embedding's codes.
     shared: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     count = 0
@@ -71,11 +69,11 @@ def _quantized_linear(
     if method == "int8":
         if tied is not None:
             return Int8Linear(tied[0], tied[1], bias, linear.weight.dtype)
-        codes, scale = quantize_int8(linear.weight.detach().to(device))
+        codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device))
         return Int8Linear(codes, scale, bias, linear.weight.dtype)
     if tied is not None:
         return Fp8Linear(tied[0], tied[1], bias)
-    codes, scale = quantize_fp8(linear.weight.detach().to(device))
+    codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device))
     return Fp8Linear(codes, scale, bias)
 
 

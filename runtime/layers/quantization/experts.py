@@ -12,15 +12,16 @@ from pinnace.runtime.layers.moe import ExpertGroups, FusedExperts
 from pinnace.runtime.layers.quantization.fp8 import quantize_fp8
 from pinnace.runtime.layers.quantization.int8 import frozen, quantize_int8
 
-# [N, K] float -> (codes [N, K], scales [N]), per output row
-_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
+# [N, K] float -> (codes [N, K], scales [N]), per output row; the one table of the float
+# -> weight-only methods (convert.py quantizes linears and embeddings with it too).
+ROW_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
 
 
 def _quantized(
     weight: torch.Tensor, method: str, device: torch.device
 ) -> tuple[nn.Parameter, nn.Parameter]:
     experts, rows, cols = weight.shape
-    codes, scale = _QUANTIZERS[method](weight.detach().to(device).reshape(-1, cols))
+    codes, scale = ROW_QUANTIZERS[method](weight.detach().to(device).reshape(-1, cols))
     return frozen(codes.view(experts, rows, cols)), frozen(scale.view(experts, rows))
 
 
