@@ -81,6 +81,8 @@ class OutputProcessor:
                 continue  # aborted while the step ran
             state = self._states[parent]
             sample = state.samples[update.req_id]
+            if sample.finish_reason is not None:
+                continue  # a stop string ended it; the core ran one more step before knowing
             if sample.apply(update) is not None and update.finish_reason is None:
                 result.stopped.append(update.req_id)
             if sample.index == 0:

@@ -26,7 +26,12 @@ class SampleState:
 
     def apply(self, update: RequestUpdate) -> str | None:
         """Record a step's tokens one at a time; returns a stop string if the text now
-        contains one (the tokens after the one that completed it are dropped)."""
+        contains one (the tokens after the one that completed it are dropped).
+
+        A finished sample takes nothing more: a stop string found here reaches the core a
+        step late across processes, so one more step's tokens for it may still arrive."""
+        if self.finish_reason is not None:
+            return None
         num_new = len(update.new_token_ids)
         for i, token_id in enumerate(update.new_token_ids):
             self.token_ids.append(token_id)
@@ -49,17 +54,27 @@ class SampleState:
     def _add_logprobs(self, token_id: int, lp: Logprobs) -> None:
         entry = dict(lp.top)
         entry[token_id] = lp.token_logprob
-        self.logprobs = [*(self.logprobs or []), entry]
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs.append(entry)
         self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.token_logprob
 
     def output(self) -> CompletionOutput:
+        # A running sample's lists are copied: a stream may hold several outputs of one
+        # request before its reader runs, and the next step appends. A finished sample's
+        # lists never change again, so its (final) output shares them.
+        finished = self.finish_reason is not None
+        token_ids = self.token_ids if finished else list(self.token_ids)
+        logprobs = self.logprobs
+        if logprobs is not None and not finished:
+            logprobs = list(logprobs)
         return CompletionOutput(
             index=self.index,
-            text=self.detok.output_text(finished=self.finish_reason is not None),
-            token_ids=list(self.token_ids),
+            text=self.detok.output_text(finished=finished),
+            token_ids=token_ids,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
+            logprobs=logprobs,
             cumulative_logprob=self.cumulative_logprob,
         )
 

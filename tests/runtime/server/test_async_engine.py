@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.core.outputs import Logprobs, RequestUpdate
 from pinnace.runtime.engine.async_engine import (
     AsyncLLMEngine,
     EngineDeadError,
@@ -17,6 +19,7 @@ from pinnace.runtime.engine.async_engine import (
     QueueFullError,
 )
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.engine.output_processor import OutputProcessor
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -183,3 +186,55 @@ def test_shutdown_ends_open_streams(llm: LLM) -> None:
         return llm.llm_engine.num_unfinished_requests()
 
     assert asyncio.run(body()) == 0
+
+
+def test_sample_ended_by_a_stop_string_takes_no_more_tokens(llm: LLM) -> None:
+    """Across processes the core learns of a stop string a step after the front end
+    found it, so one more step's tokens for that sample arrive: they are dropped (text,
+    tokens, finish reason and cumulative logprob stay as the stop left them)."""
+    params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    prompt = "Once upon"
+
+    async def body(engine: AsyncLLMEngine) -> Any:
+        async with engine.generate("s", engine.tokenize(prompt), params) as stream:
+            return [out async for out in stream][-1]
+
+    free = run_with(llm.llm_engine, body).outputs  # both samples, never stopped
+    text = free[0].text
+    # A stop string sample 0 completes a few tokens in, while sample 1 runs on.
+    stop = next(text[i : i + 2] for i in range(2, len(text)) if text[i : i + 2].strip())
+    assert stop not in free[1].text[: text.index(stop) + 2]
+
+    engine = llm.llm_engine
+    processor = OutputProcessor(engine.tokenizer)
+    stopped_params = replace(params, stop=[stop], logprobs=0)
+    prompt_ids = engine.tokenize(prompt)
+    max_tokens = engine.validate(prompt_ids, stopped_params)
+    processor.add_request("s", None, prompt_ids, stopped_params, max_tokens)
+    final, stopped_at = None, None
+    for step in range(16):
+        updates = [
+            RequestUpdate(
+                f"s#{i}",
+                [sample.token_ids[step]],
+                "length" if step == 15 else None,
+                logprobs=[Logprobs(-1.0, {})],
+            )
+            for i, sample in enumerate(free)
+            # The core stops sample 0 one step after the front end asked it to.
+            if i == 1 or stopped_at is None or step <= stopped_at + 1
+        ]
+        processed = processor.process(updates)
+        if processed.stopped:
+            assert processed.stopped == ["s#0"] and stopped_at is None
+            stopped_at = step
+        if processed.outputs:
+            final = processed.outputs[-1]
+    assert stopped_at is not None and final is not None and final.finished
+    out = final.outputs[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text == text[: text.index(stop)]
+    assert out.token_ids == free[0].token_ids[: stopped_at + 1]
+    assert out.logprobs is not None and len(out.logprobs) == stopped_at + 1
+    assert out.cumulative_logprob == -1.0 * (stopped_at + 1)
+    assert final.outputs[1].token_ids == free[1].token_ids
