@@ -52,6 +52,7 @@ from pinnace.runtime.engine.engine_core import require_runner, runner_type_of, v
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.engine.output_processor import OutputProcessor
+from pinnace.runtime.engine.stat_logger import StatLogger
 from pinnace.runtime.engine.streams import (
     EngineDeadError,
     EngineFailedError,
@@ -140,6 +141,7 @@ class AsyncLLMEngine:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count(1)
         self._stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+        self.stat_logger = StatLogger()  # the periodic log line
         self._dead: str | None = None
         self._started = False
         # Called on the event loop with the reason when the core dies (the server stops
@@ -368,6 +370,8 @@ class AsyncLLMEngine:
 
     def _on_step(self, event: StepOutputs) -> None:
         self._stats = event.stats
+        num_new = sum(len(u.new_token_ids) for u in event.updates)  # type: ignore[misc,attr-defined]
+        self.stat_logger.observe(event.stats, num_new)
         self._num_applied_adds = event.num_applied_adds
         for req_id in event.scheduled_ids:
             stream = self._streams.get(req_id.partition("#")[0])

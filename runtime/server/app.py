@@ -94,6 +94,7 @@ def build_app(engine: LLMEngine | EngineConfig, settings: ServerSettings) -> Fas
         lambda: async_engine.stats(),
         settings.metrics_prefixes,
         max_loras=config.max_loras if config.enable_lora else None,
+        speculative=config.speculative is not None,
     )
     if isinstance(engine, EngineConfig):
         async_engine = AsyncLLMEngine.spawn(engine, settings.max_waiting_requests, metrics)

@@ -38,11 +38,13 @@ class _SchedulerCollector(Collector):
         model_name: str,
         stats: Callable[[], SchedulerStats],
         max_loras: int | None = None,
+        speculative: bool = False,
     ) -> None:
         self.prefixes = prefixes
         self.model_name = model_name
         self.stats = stats
         self.max_loras = max_loras  # None: LoRA off, no lora_requests_info
+        self.speculative = speculative  # vLLM's spec_decode_* series only when on
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
@@ -73,6 +75,33 @@ class _SchedulerCollector(Collector):
             )
             if self.max_loras is not None:
                 yield self._lora_info(p, s)
+            if self.speculative:
+                yield from self._spec_decode(p, s)
+
+    def _spec_decode(self, prefix: str, s: SchedulerStats) -> Iterator[Metric]:
+        """vLLM's speculative decoding counters (acceptance rate = accepted / draft tokens)."""
+        spec = s.spec_decoding
+        yield self._counter(
+            f"{prefix}:spec_decode_num_drafts", "Proposal lists verified.", spec.num_drafts
+        )
+        yield self._counter(
+            f"{prefix}:spec_decode_num_draft_tokens",
+            "Proposed tokens verified.",
+            spec.num_draft_tokens,
+        )
+        yield self._counter(
+            f"{prefix}:spec_decode_num_accepted_tokens",
+            "Proposed tokens accepted.",
+            spec.num_accepted_tokens,
+        )
+        family = CounterMetricFamily(
+            f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per position in the proposal.",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+            family.add_metric([self.model_name, str(position)], count)
+        yield family
 
     def _lora_info(self, prefix: str, s: SchedulerStats) -> Metric:
         """vLLM's lora_requests_info: the adapters in use as labels, the time as value."""
@@ -125,11 +154,14 @@ class ServingMetrics:
         stats: Callable[[], SchedulerStats],
         prefixes: Sequence[str] = ("pinnace",),
         max_loras: int | None = None,
+        speculative: bool = False,
     ) -> None:
         self.model_name = model_name
         self.prefixes = list(prefixes)
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerCollector(prefixes, model_name, stats, max_loras))
+        self.registry.register(
+            _SchedulerCollector(prefixes, model_name, stats, max_loras, speculative)
+        )
         self.prompt_tokens = self._counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
         success = [

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pinnace.runtime import LLM, SamplingParams
-from pinnace.runtime.core.outputs import ScheduledRequest
+from pinnace.runtime.core.outputs import ScheduledRequest, SchedulerStats, SpecDecodingStats
+from pinnace.runtime.engine.stat_logger import StatLogger
+from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.spec_decode import SpeculativeConfig
 from pinnace.runtime.spec_decode import rejection_sampler as rs
 from pinnace.runtime.spec_decode.ngram_proposer import NgramProposer
@@ -248,6 +251,10 @@ def test_ngram_greedy_equals_no_speculation(tiny_vocab_model: Path) -> None:
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == want
+    # n > 1: each sample is a request of its own with its own proposals.
+    two = SamplingParams(n=2, temperature=0, max_tokens=30, ignore_eos=True)
+    outs = spec.generate(prompts[:1], two, use_tqdm=False)[0].outputs
+    assert [c.token_ids for c in outs] == [want[0], want[0]]
     stats = spec.llm_engine.stats().spec_decoding
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
@@ -284,3 +291,38 @@ def test_speculative_config_resolves_the_lookup_range_as_vllm() -> None:
     neither = SpeculativeConfig(num_speculative_tokens=2, method="ngram")
     assert (neither.prompt_lookup_min, neither.prompt_lookup_max) == (5, 5)
     assert SpeculativeConfig(num_speculative_tokens=2, model="/m").method == "draft_model"
+
+
+# -- metrics and the periodic log line ----------------------------------------------------
+
+
+def _stats(num_drafts: int, proposed: int, accepted: int, per_pos: list[int]) -> SchedulerStats:
+    spec = SpecDecodingStats(num_drafts, proposed, accepted, per_pos)
+    return SchedulerStats(2, 0, 0.5, 100, 40, 0, spec_decoding=spec)
+
+
+def test_spec_decode_counters_are_exported_under_the_prefix() -> None:
+    stats = _stats(10, 40, 25, [9, 8, 5, 3])
+    metrics = ServingMetrics("m", lambda: stats, speculative=True)
+    text = generate_latest(metrics.registry).decode()
+    assert 'pinnace:spec_decode_num_drafts_total{model_name="m"} 10.0' in text
+    assert 'pinnace:spec_decode_num_draft_tokens_total{model_name="m"} 40.0' in text
+    assert 'pinnace:spec_decode_num_accepted_tokens_total{model_name="m"} 25.0' in text
+    assert (
+        'pinnace:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 5.0'
+        in text
+    )
+    plain = generate_latest(ServingMetrics("m", lambda: stats).registry).decode()
+    assert "spec_decode" not in plain
+
+
+def test_log_line_reports_the_acceptance_rate_of_the_interval() -> None:
+    logger = StatLogger(interval=5.0)
+    logger.observe(_stats(10, 40, 25, [9, 8, 5, 3]), 50, now=logger._last_time + 5)
+    line = logger.line(_stats(14, 56, 29, [12, 9, 5, 3]), 5.0)
+    # Since the last line: 4 drafts, 16 proposed, 4 accepted.
+    assert "acceptance rate: 25.0%" in line and "accepted 4 of 16" in line
+    assert (
+        "mean acceptance length: 2.00" in line and "(per position: 0.75, 0.25, 0.00, 0.00)" in line
+    )
+    assert "spec" not in StatLogger().line(_stats(0, 0, 0, []), 5.0).lower()
