@@ -78,7 +78,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, kv_dtype, device)
     backend = get_attention_backend(config.attention_backend, device, kv_geometry(ckpt.config)[1])
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
-    runner = ModelRunner(model, kv_caches, config.block_size, backend, sampler, device)
+    runner = ModelRunner(
+        model, kv_caches, config.block_size, backend, sampler, device,
+        config.resolved_max_num_batched_tokens,
+    )  # fmt: skip
     runner.proposer = _proposer(config)
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
     method = quant.method if quant is not None else None

@@ -46,12 +46,20 @@ class EmbeddingResponse(BaseModel):
     usage: UsageInfo
 
 
+# OpenAI's own limit on inputs per request: past it a 400, before anything is tokenized.
+MAX_EMBEDDING_INPUTS = 2048
+
+
 def _inputs(body: EmbeddingRequest) -> list[str | list[int]]:
     raw = body.input
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         return [raw]
     if not raw:
         raise bad_request("input must not be empty.", "input")
+    if len(raw) > MAX_EMBEDDING_INPUTS:
+        raise bad_request(
+            f"input has {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} per request.", "input"
+        )
     return list(raw)  # type: ignore[arg-type]
 
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.server.embeddings import MAX_EMBEDDING_INPUTS
 from pinnace.runtime.server.errors import bad_request
 from pinnace.runtime.server.kserve_protocol import V2InferRequest, V2InferResponse, V2ResponseOutput
 from pinnace.runtime.server.kserve_v2 import read_infer_body, resolve, text_prompts
@@ -44,6 +45,11 @@ async def embed_infer(
     if ctx.lora_for(model) is not None:
         raise bad_request("embeddings run on the base model, not a LoRA adapter.")
     texts, shape = embedding_prompts(body)
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise bad_request(
+            f"inputs hold {len(texts)} prompts; at most {MAX_EMBEDDING_INPUTS} per request.",
+            "inputs",
+        )
     params = SamplingParams(max_tokens=1)
     prompts = [await asyncio.to_thread(ctx.prepare, t, params, "inputs") for t in texts]
     outs = await ctx.engine.embed(prompts)

@@ -26,6 +26,7 @@ from pinnace.runtime.layers.forward_context import ForwardContext, forward_conte
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.spec_decode.proposer import Proposer
+from pinnace.runtime.worker.embed_batches import Piece, plan_embed_forwards, scratch_blocks
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 from pinnace.runtime.worker.pooler import PoolingConfig, pool
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -43,8 +44,10 @@ class ModelRunner:
         backend: AttentionBackend,
         sampler: Sampler,
         device: torch.device,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
         self.model = model
+        self.max_num_batched_tokens = max_num_batched_tokens  # per forward, embed's too
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.backend = backend
@@ -149,39 +152,64 @@ class ModelRunner:
 
     @torch.inference_mode()
     def embed(self, prompts: list[list[int]], pooling: PoolingConfig) -> torch.Tensor:
-        """Pooled final hidden states [B, H] (float32) of whole prompts in one forward.
+        """Pooled final hidden states [B, H] (float32) of whole prompts.
 
-        Runs outside the scheduler: the prompts' K/V go to a scratch cache of their own
-        (never the engine's blocks), consecutive blocks per prompt.
+        Runs outside the scheduler, in forwards of at most max_num_batched_tokens tokens
+        (embed_batches.py) whose K/V go to one scratch cache of their own (never the
+        engine's blocks) sized to that budget, or to the longest prompt if it is longer.
         """
         bs = self.block_size
-        # Prompt j owns blocks first_j .. first_j + ceil(len_j / bs) - 1, so its token p is
-        # at slot first_j * bs + p.
-        tables: list[list[int]] = []
-        slots: list[int] = []
-        num_blocks = 0
-        for ids in prompts:
-            first, num_blocks = num_blocks, num_blocks + -(-len(ids) // bs)
-            tables.append(list(range(first, num_blocks)))
-            slots.extend(range(first * bs, first * bs + len(ids)))
+        lens = [len(p) for p in prompts]
+        forwards = plan_embed_forwards(lens, self.max_num_batched_tokens, bs)
+        num_blocks, kv_dtype = scratch_blocks(forwards, bs), self.kv_caches[0].dtype
         config = self.model.config
-        kv_dtype = self.kv_caches[0].dtype
         scratch = allocate_kv_caches(config, num_blocks, bs, kv_dtype, self.device)  # type: ignore[arg-type]
+        pooled: list[torch.Tensor] = []
+        partial: list[torch.Tensor] = []  # rows of a long prompt run in pieces
+        for pieces in forwards:
+            hidden = self._embed_forward(prompts, pieces, scratch)  # [T, hidden]
+            rows = 0
+            for piece in pieces:
+                count = piece.end - piece.start
+                partial.append(hidden[rows : rows + count])
+                rows += count
+                if piece.end == lens[piece.index]:
+                    whole = torch.cat(partial) if len(partial) > 1 else partial[0]
+                    pooled.append(pool(whole, [lens[piece.index]], pooling))
+                    partial = []
+        return torch.cat(pooled)
+
+    def _embed_forward(
+        self, prompts: list[list[int]], pieces: list[Piece], scratch: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of one forward's pieces; K/V into `scratch`.
+        A piece's token p (of its prompt) is at slot first_block * block_size + p."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        for piece in pieces:
+            ids.extend(prompts[piece.index][piece.start : piece.end])
+            positions.extend(range(piece.start, piece.end))
+            first = piece.first_block
+            slots.extend(range(first * bs + piece.start, first * bs + piece.end))
+            tables.append(list(range(first, first + -(-piece.end // bs))))
         layout = BatchLayout(
-            query_lens=[len(p) for p in prompts],
-            num_computed_tokens=[0] * len(prompts),
+            query_lens=[p.end - p.start for p in pieces],
+            num_computed_tokens=[p.start for p in pieces],
             block_tables=tables,
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             device=self.device,
         )
-        input_ids = torch.tensor([t for p in prompts for t in p], device=self.device)
-        positions = torch.tensor([i for p in prompts for i in range(len(p))], device=self.device)
-        rope = self._rope_offsets([len(p) for p in prompts], layout)
+        rope = self._rope_offsets([len(prompts[p.index]) for p in pieces], layout)
         ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch, rope)
         with forward_context(ctx):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
-        return pool(hidden, layout.query_lens, pooling)
+            return self.model(  # type: ignore[no-any-return]
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
+            )
 
     def _rope_offsets(
         self, num_prompt_tokens: list[int], layout: BatchLayout

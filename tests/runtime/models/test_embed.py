@@ -9,6 +9,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.models.registry import resolve_runner
+from pinnace.runtime.worker import model_runner
 
 PROMPTS = [[5, 17, 300, 4000, 9], list(range(100, 140)), [7]]
 
@@ -46,6 +48,36 @@ def test_embeddings_match_transformers(
     assert [o.prompt_token_ids for o in outs] == PROMPTS
     normalized = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS, pooling)])
     torch.testing.assert_close(normalized.norm(dim=-1), torch.ones(3))
+
+
+def test_many_prompts_run_in_forwards_of_the_token_budget(
+    make_tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 prompts (one longer than the budget) under max_num_batched_tokens=24: the same
+    vectors as one prompt at a time on a default engine, through one scratch cache sized to
+    the budget or the longest prompt, never to the whole call."""
+    path = make_tiny_model("Qwen2ForCausalLM")
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(1 + i % 9)] for i in range(40)]
+    prompts[17] = list(range(200, 250))  # 50 tokens: runs alone, in three pieces
+    small = LLM(str(path), dtype="float32", kv_cache_memory=2**24, runner="pooling",
+                max_num_batched_tokens=24)  # fmt: skip
+    reference = LLM(str(path), dtype="float32", kv_cache_memory=2**24, runner="pooling")
+    allocated: list[int] = []
+    real_allocate = model_runner.allocate_kv_caches
+
+    def spy(config: Any, num_blocks: int, *args: Any) -> list[torch.Tensor]:
+        allocated.append(num_blocks)
+        return real_allocate(config, num_blocks, *args)
+
+    monkeypatch.setattr(model_runner, "allocate_kv_caches", spy)
+    for pooling in ("last", "mean"):
+        got = torch.tensor([o.outputs.embedding for o in small.embed(prompts, pooling)])
+        assert allocated == [4]  # ceil(50 / 16) blocks of 16, not the call's 49 or more
+        allocated.clear()
+        want = torch.tensor([reference.embed([p], pooling)[0].outputs.embedding for p in prompts])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert max(allocated) == 4  # one prompt at a time: its own blocks
+        allocated.clear()
 
 
 def test_sentence_transformers_pooling_is_the_default(

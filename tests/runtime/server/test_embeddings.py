@@ -68,6 +68,7 @@ def test_openai_client_embeddings(served: tuple[Any, LLMEngine]) -> None:
         ({"input": "hi", "dimensions": 16}, "dimensions"),
         ({"input": "hi", "dimensions": 0}, "dimensions"),
         ({"input": [[10**9]]}, "input"),
+        ({"input": ["x"] * 2049}, "input"),  # past OpenAI's 2048 inputs per request
     ],
 )
 def test_bad_requests_are_400s(
@@ -107,6 +108,8 @@ def test_kserve_v2_infer_answers_embeddings(served: tuple[Any, LLMEngine]) -> No
         wrong = http.post(
             "/v2/models/tiny/infer", json={"inputs": [tensor], "outputs": [{"name": "text_output"}]}
         )
+        many = {"name": "text_input", "shape": [2049], "datatype": "BYTES", "data": ["x"] * 2049}
+        too_many = http.post("/v2/models/tiny/infer", json={"inputs": [many]})
     assert answer.status_code == 200, answer.text
     (output,) = answer.json()["outputs"]
     hidden = engine.model_config.hidden_size
@@ -121,6 +124,7 @@ def test_kserve_v2_infer_answers_embeddings(served: tuple[Any, LLMEngine]) -> No
     assert answer.json()["id"] == "7"
     assert metadata["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, hidden]}]
     assert wrong.status_code == 400 and "'embedding'" in wrong.json()["error"]
+    assert too_many.status_code == 400 and "at most 2048" in too_many.json()["error"]
 
 
 def test_generate_server_refuses_embeddings(
