@@ -205,11 +205,11 @@ class ModelRunner:
         )
         rope = self._rope_offsets([len(prompts[p.index]) for p in pieces], layout)
         ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch, rope)
+        input_ids = torch.tensor(ids, device=self.device)
+        rows = torch.tensor(positions, device=self.device)
         with forward_context(ctx):
-            return self.model(  # type: ignore[no-any-return]
-                torch.tensor(ids, device=self.device),
-                torch.tensor(positions, device=self.device),
-            )
+            hidden: torch.Tensor = self.model(input_ids, rows)
+        return hidden
 
     def _rope_offsets(
         self, num_prompt_tokens: list[int], layout: BatchLayout
