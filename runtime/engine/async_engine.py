@@ -245,7 +245,9 @@ class AsyncLLMEngine:
         """Stop the core (its requests are aborted); open streams end with EngineDeadError."""
         self.client.shutdown(timeout)
         self._started = False
-        self._fail(None, EngineDeadError("the engine was shut down."))
+        stopped = EngineDeadError("the engine was shut down.")
+        self._fail(None, stopped)
+        self._fail_calls(stopped)  # their answers will never come
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -408,9 +410,7 @@ class AsyncLLMEngine:
         self._dead = reason
         failed = EngineFailedError(f"the engine failed and the server is restarting: {reason}")
         self._fail(None, failed)
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(failed)
+        self._fail_calls(failed)
         if self.on_failure is not None:
             self.on_failure(reason)
 
@@ -423,6 +423,12 @@ class AsyncLLMEngine:
             if others:
                 self.client.send(AbortRequests(others))
         self._fail(parents, error)
+
+    def _fail_calls(self, error: BaseException) -> None:
+        """End every utility call still waiting for the core's answer with `error`."""
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
 
     def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
         """End streams (None: all) with an error."""

@@ -75,9 +75,17 @@ class InprocClient:
         self._dead = False
 
     def start(self, loop: asyncio.AbstractEventLoop, on_event: EventHandler) -> None:
+        def deliver(event: Event) -> None:
+            try:
+                on_event(event)
+            except Exception as exc:  # as MPClient: nobody would end the streams otherwise
+                logger.exception("handling the engine core's event failed")
+                self._dead = True
+                on_event(CoreDead(_handler_failed(exc)))
+
         def emit(event: Event) -> None:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(on_event, event)
+                loop.call_soon_threadsafe(deliver, event)
 
         self._thread = threading.Thread(
             target=self._run, args=(CoreLoop(self.engine.core, emit),), name="pinnace-engine"
@@ -134,6 +142,10 @@ class InprocClient:
             wait, handled = 0.0, True
             if not loop.handle(command):
                 return None
+
+
+def _handler_failed(exc: BaseException) -> str:
+    return f"the front end failed to handle the engine core's events: {exc!r}"
 
 
 @contextlib.contextmanager
@@ -221,9 +233,18 @@ class MPClient:
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         decode = self._codec.events.decode
-        while True:
-            frame = await sock.recv(copy=False)
-            self._dispatch(decode(frame.buffer))
+        try:
+            while True:
+                frame = await sock.recv(copy=False)
+                self._dispatch(decode(frame.buffer))
+        except Exception as exc:
+            # Nothing would read the core's events any more: every stream would wait
+            # forever on a server that looks healthy. A dead reader is a dead core.
+            if self._stopping:
+                return
+            logger.exception("reading the engine core's events failed")
+            if self._on_event is not None:
+                self._on_event(CoreDead(_handler_failed(exc)))
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, StepOutputs):

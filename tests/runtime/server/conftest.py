@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,3 +88,48 @@ def parse_metrics() -> Callable[[str], dict[str, float]]:
 @pytest.fixture(scope="session")
 def wait_for() -> Callable[..., bool]:
     return _wait_for
+
+
+class DrainingServerThread:
+    """A `build_app` server run as `pinnace serve` runs it (DrainingServer: a dead engine
+    stops it) on an ephemeral port; `exit_codes` gets its exit status once it stops."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        from pinnace.runtime.server.lifecycle import DrainingServer
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.app = app
+        self.server = DrainingServer(config, app.state.lifecycle, shutdown_timeout=30)
+        self.exit_codes: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def _serve(self) -> None:
+        self.server.run()
+        self.exit_codes.append(self.app.state.lifecycle.exit_code)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def draining_server() -> Iterator[Callable[[Any], DrainingServerThread]]:
+    """draining_server(app) -> a started DrainingServerThread (stopped after the test)."""
+    started: list[DrainingServerThread] = []
+
+    def start(app: Any) -> DrainingServerThread:
+        started.append(DrainingServerThread(app))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -238,3 +239,33 @@ def test_sample_ended_by_a_stop_string_takes_no_more_tokens(llm: LLM) -> None:
     assert out.logprobs is not None and len(out.logprobs) == stopped_at + 1
     assert out.cumulative_logprob == -1.0 * (stopped_at + 1)
     assert final.outputs[1].token_ids == free[1].token_ids
+
+
+def test_utility_call_in_flight_at_shutdown_fails(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call the core never answers (it is stopped first) ends with EngineDeadError."""
+    engine = llm.llm_engine
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck() -> bool:
+        entered.set()
+        release.wait(10)
+        return True
+
+    monkeypatch.setattr(engine.core, "reset_prefix_cache", stuck)
+
+    async def main() -> None:
+        async_engine = AsyncLLMEngine(engine)
+        async_engine.start()
+        call = asyncio.create_task(async_engine._call("reset_prefix_cache"))
+        await asyncio.to_thread(entered.wait, 10)
+        async_engine.shutdown(timeout=0.1)  # the core is busy with the call: not joined
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(call, 5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()

@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.server.app import ServerSettings, build_app
-from pinnace.runtime.server.lifecycle import DrainingServer
 
 NUM_CLIENTS = 32
 
@@ -88,37 +85,19 @@ def test_dropped_streams_free_their_kv_in_the_core(
     assert engine.processor.num_unfinished_requests() == 0
 
 
-@pytest.fixture
-def draining_server(tiny_model: Path) -> Iterator[tuple[Any, DrainingServer, list[int], str]]:
+def start_draining(tiny_model: Path, draining_server: Callable[[Any], Any]) -> Any:
     app = build_app(
         EngineConfig(model=str(tiny_model), kv_cache_memory=64 * 2**20),
         ServerSettings(served_model_names=["tiny"]),
     )
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = DrainingServer(config, app.state.lifecycle, shutdown_timeout=30)
-    exit_codes: list[int] = []
-
-    def serve() -> None:
-        server.run()
-        exit_codes.append(app.state.lifecycle.exit_code)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    yield app, server, exit_codes, url
-    server.should_exit = True
-    thread.join(15)
+    return draining_server(app)
 
 
 def test_core_death_fails_health_and_stops_the_server(
-    draining_server: tuple[Any, DrainingServer, list[int], str],
-    wait_for: Callable[..., bool],
+    tiny_model: Path, draining_server: Callable[[Any], Any], wait_for: Callable[..., bool]
 ) -> None:
-    app, server, exit_codes, url = draining_server
+    srv = start_draining(tiny_model, draining_server)
+    app, server, exit_codes, url = srv.app, srv.server, srv.exit_codes, srv.url
     client = httpx.Client(base_url=url, timeout=30)
     assert client.get("/health").status_code == 200
     body = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
@@ -134,3 +113,28 @@ def test_core_death_fails_health_and_stops_the_server(
     assert wait_for(lambda: bool(exit_codes), 15), "the server kept running on a dead core"
     assert exit_codes == [1]
     assert not server.started or server.should_exit
+
+
+def test_a_failure_handling_core_events_is_core_death(
+    tiny_model: Path, draining_server: Callable[[Any], Any], wait_for: Callable[..., bool]
+) -> None:
+    """An exception where the front end handles the core's events (it once ended the
+    reader task silently: every stream hung, /health said 200) stops the server as a dead
+    core does."""
+    srv = start_draining(tiny_model, draining_server)
+    engine = srv.app.state.ctx.engine
+    client = httpx.Client(base_url=srv.url, timeout=30)
+    body = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        assert '"text"' in next(line for line in lines if line.startswith("data: "))
+
+        def broken(event: Any) -> None:
+            raise RuntimeError("injected event fault")
+
+        engine._on_step = broken  # the next step's outputs fail to be handled
+        assert wait_for(lambda: client.get("/health").status_code == 503, 5.0)
+        rest = "\n".join(lines)
+    assert "injected event fault" in rest and '"code": 500' in rest
+    assert wait_for(lambda: bool(srv.exit_codes), 15), "the server kept running"
+    assert srv.exit_codes == [1]

@@ -11,31 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.server.app import ServerSettings, build_app
-from pinnace.runtime.server.lifecycle import DrainingServer
 
 FAULT = "injected engine fault"
 
 
-def test_engine_death_is_loud_and_exits_non_zero(tiny_model: Path) -> None:
+def test_engine_death_is_loud_and_exits_non_zero(
+    tiny_model: Path, draining_server: Callable[[Any], Any]
+) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_model), kv_cache_memory=64 * 2**20))
-    app = build_app(engine, ServerSettings(served_model_names=["tiny"]))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = DrainingServer(config, app.state.lifecycle, shutdown_timeout=30)
-    exit_codes: list[int] = []
-
-    def serve() -> None:
-        server.run()
-        exit_codes.append(app.state.lifecycle.exit_code)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    wait(lambda: server.started, 30)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    srv = draining_server(build_app(engine, ServerSettings(served_model_names=["tiny"])))
+    app, thread, exit_codes, url = srv.app, srv.thread, srv.exit_codes, srv.url
     client = httpx.Client(base_url=url, timeout=30)
     assert client.get("/health").status_code == 200
 
