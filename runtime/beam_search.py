@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 
 
 @dataclass
@@ -51,6 +51,24 @@ class BeamSearchParams:
     def num_candidates(self, num_eos_tokens: int) -> int:
         """Extensions to look at per step (and top logprobs to ask per beam)."""
         return max(2, 1 + num_eos_tokens) * self.beam_width
+
+    def check_logprobs_room(
+        self, eos_token_ids: frozenset[int], max_logprobs: int, param: str = "beam_width"
+    ) -> None:
+        """ParameterError naming `param` (the width's name where the caller set it: the
+        API's beam_width, the completions endpoint's n) when the per-step logprobs the search
+        needs exceed the engine's max_logprobs, before any step is run."""
+        num_eos = 0 if self.ignore_eos else len(eos_token_ids)
+        needed = self.num_candidates(num_eos)
+        if needed > max_logprobs:
+            factor = needed // self.beam_width
+            raise ParameterError(
+                param,
+                f"beam search with {param}={self.beam_width} needs the top {needed} logprobs "
+                f"per step ({factor} x {param}), over this engine's max_logprobs="
+                f"{max_logprobs}; use {param} <= {max_logprobs // factor} or start the engine "
+                "with a larger max_logprobs.",
+            )
 
     def step_params(self, eos_token_ids: frozenset[int]) -> SamplingParams:
         """What the engine runs per live beam and step: one token, with the top

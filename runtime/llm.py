@@ -109,6 +109,7 @@ class LLM:
         with its text and cumulative logprob."""
         engine = self.llm_engine
         engine.require_runner("generate")
+        params.check_logprobs_room(engine.eos_token_ids, engine.config.max_logprobs)
         tokenized = [engine.tokenize(_unpack(p)) for p in _as_prompt_list(prompts)]
         instances = [BeamSearchInstance([BeamSearchSequence(t, len(t))]) for t in tokenized]
         step = params.step_params(engine.eos_token_ids)

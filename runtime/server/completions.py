@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from pinnace.runtime.beam_search import BeamSearchParams
 from pinnace.runtime.outputs import RequestOutput
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 from pinnace.runtime.server.beam import beam_search
 from pinnace.runtime.server.deltas import DeltaTracker, stream_deltas
 from pinnace.runtime.server.errors import APIError, bad_request
@@ -92,6 +92,10 @@ async def create_completion(
         beams = BeamSearchParams(
             job.params.n, job.params.max_tokens or 16, job.params.ignore_eos, req.length_penalty
         )
+        try:  # n is the beam width here: a width too wide is the user's n, not logprobs
+            beams.check_logprobs_room(ctx.engine.eos_token_ids, ctx.engine.config.max_logprobs, "n")
+        except ParameterError as exc:
+            raise bad_request(str(exc), exc.param) from exc
         return await cancel_on_disconnect(raw, complete_beams(ctx, job, beams))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -16,6 +16,7 @@ import torch
 
 from pinnace.runtime import LLM
 from pinnace.runtime.beam_search import BeamSearchInstance, BeamSearchParams, BeamSearchSequence
+from pinnace.runtime.sampling_params import ParameterError
 
 WIDTH, NUM_TOKENS = 4, 8
 # Each long enough for two full 16-token blocks that every beam shares.
@@ -112,6 +113,18 @@ def test_beam_search_with_eos_equals_transformers(
     ended = [seq for seq in result.sequences if seq.is_finished]
     assert all(seq.output_tokens[-1] == eos for seq in ended)
     assert bool(ended) == eos_wins == any(len(g) < NUM_TOKENS for g in got)
+
+
+def test_a_beam_width_past_max_logprobs_is_refused_by_name(tiny) -> None:
+    """Each step asks 2 x beam_width logprobs (with one EOS or none): past max_logprobs=20
+    the error names beam_width (the user's), before any step runs, not logprobs."""
+    llm, _ = tiny
+    wide = BeamSearchParams(beam_width=11, max_tokens=2)
+    with pytest.raises(ParameterError, match=r"beam_width=11 .* use beam_width <= 10") as info:
+        llm.beam_search([PROMPTS[0]], wide)
+    assert info.value.param == "beam_width"
+    (result,) = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=10, max_tokens=2))
+    assert len(result.sequences) == 10
 
 
 def test_an_eos_beam_retires_and_ranks_by_length_normalized_score() -> None:

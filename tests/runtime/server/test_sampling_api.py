@@ -86,6 +86,12 @@ def test_use_beam_search_equals_llm_beam_search(http: httpx.Client, tiny_model: 
     refused = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True,
                                                  "use_beam_search": True})  # fmt: skip
     assert refused.status_code == 400 and "use_beam_search" in refused.text
+    # n is the beam width: 11 beams need 22 logprobs a step, past max_logprobs=20; the 400
+    # names n (what the user sent), not logprobs (which they did not).
+    body = {"model": MODEL, "prompt": PROMPT, "n": 11, "max_tokens": 2, "use_beam_search": True}
+    wide = http.post("/v1/completions", json=body)
+    assert wide.status_code == 400 and wide.json()["error"]["param"] == "n", wide.text
+    assert "n <= 10" in wide.json()["error"]["message"]
 
 
 def test_openai_prompt_logprobs_match_transformers(http: httpx.Client, tiny_model: Any) -> None:
