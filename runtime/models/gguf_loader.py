@@ -99,16 +99,19 @@ class GGUFCheckpoint:
         """
         _check_float(dtype)
         for tensor in self._reader.tensors:
-            yield from self._named(tensor, self._dequantized(tensor, dtype))
+            yield from self._named(tensor, dtype)
 
     def _named(
-        self, tensor: ReaderTensor, values: torch.Tensor
+        self, tensor: ReaderTensor, dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
         name = self._hf_names[tensor.name]
         if EXPERT_SLOT not in name:
-            yield name, values
+            yield name, self._dequantized(tensor, tensor.data, dtype)
             return
-        for j, expert in enumerate(values.unbind(0)):  # [E, out, in] -> E x [out, in]
+        # Stacked [E, out, in]: dequantized one expert at a time (peak memory one expert in
+        # float32, not E), each its own tensor rather than a view of the stack.
+        for j in range(tensor.data.shape[0]):
+            expert = self._dequantized(tensor, tensor.data[j], dtype)  # [out, in]
             yield name.replace(EXPERT_SLOT, str(j)), expert
 
     def weights_keeping_4bit(
@@ -122,11 +125,14 @@ class GGUFCheckpoint:
             if name in keep and tensor.tensor_type.name in GGUF_INT4_TYPES:
                 yield name, self._blocks(tensor)
             else:  # stacked experts are never kept 4-bit: they are not linear layers
-                yield from self._named(tensor, self._dequantized(tensor, dtype))
+                yield from self._named(tensor, dtype)
 
-    def _dequantized(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantized(
+        self, tensor: ReaderTensor, data: np.ndarray, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`data` (the tensor's blocks, or one expert's) as a fresh `dtype` tensor."""
         # float32 numpy in torch order ([out_features, in_features] for a linear weight)
-        values = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(data, tensor.tensor_type)
         # Undo llama.cpp's q/k row interleaving; transformers' own code, so the result is
         # bit-identical to `from_pretrained(..., gguf_file=)`.
         values = self._processor.process(weights=values, name=tensor.name).weights

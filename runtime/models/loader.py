@@ -23,7 +23,7 @@ from pinnace.runtime.layers.quantization.config import (
     GGUF_INT4_TYPES,
     QuantizationConfig,
 )
-from pinnace.runtime.layers.quantization.convert import quantize_linears
+from pinnace.runtime.layers.quantization.convert import quantize_experts, quantize_linears
 from pinnace.runtime.layers.quantization.loading import (
     LinearShell,
     QuantizedWeightRouter,
@@ -273,7 +273,7 @@ def _weight_stream(
 
 def _gguf_kept_4bit(gguf: GGUFCheckpoint) -> set[str]:
     """Linear weights stored in a 4-bit ggml type (the embedding is looked up, not kept;
-    stacked experts are not linear layers and load as floats)."""
+    stacked experts are not linear layers: int8 experts, _gguf_quantized_experts)."""
     from pinnace.runtime.models.gguf_loader import EXPERT_SLOT
 
     return {
@@ -285,11 +285,24 @@ def _gguf_kept_4bit(gguf: GGUFCheckpoint) -> set[str]:
     }
 
 
+def _gguf_quantized_experts(gguf: GGUFCheckpoint) -> set[str]:
+    """Paths of the FusedExperts modules whose stacked tensors are stored in a quantized
+    ggml type ("model.layers.0.mlp.experts.{expert}.gate_proj.weight" -> its prefix)."""
+    from pinnace.runtime.models.gguf_loader import EXPERT_SLOT
+
+    return {
+        name.partition(f".{EXPERT_SLOT}.")[0]
+        for name, kind in gguf.tensor_types.items()
+        if kind not in GGUF_FLOAT_TYPES and EXPERT_SLOT in name
+    }
+
+
 def _quantize_float_layers(
     model: nn.Module, ckpt: Checkpoint, quant: QuantizationConfig, device: torch.device
 ) -> None:
-    """int8 / fp8: every linear layer and embedding. gguf: the layers stored in a ggml type
-    with no exact 4-bit form (Q8_0, Q5_*, Q6_K), as int8."""
+    """int8 / fp8: every linear layer, embedding and expert stack. gguf: the layers stored
+    in a ggml type with no exact 4-bit form (Q8_0, Q5_*, Q6_K), and every quantized expert
+    stack, as int8."""
     if quant.quantizes_at_load:
         quantize_linears(model, quant.method, device)
     elif quant.method == "gguf" and ckpt.gguf is not None:
@@ -301,3 +314,6 @@ def _quantize_float_layers(
             if kind not in GGUF_FLOAT_TYPES and name not in kept
         }
         quantize_linears(model, "int8", device, only)
+        # Stacked experts stored quantized: int8 experts too (never kept 4-bit: they are
+        # not linear layers), so a quantized MoE file is not silently served in floats.
+        quantize_experts(model, "int8", device, _gguf_quantized_experts(ckpt.gguf))

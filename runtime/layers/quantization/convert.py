@@ -42,10 +42,7 @@ def quantize_linears(
         _replace(model, path, QuantizedEmbedding(pair[0], pair[1], weight.dtype))
         count += 1
     if only is None:
-        for path, module in list(model.named_modules()):
-            if isinstance(module, FusedExperts):
-                _replace(model, path, QuantizedFusedExperts(module, method, device))
-                count += 1
+        count += quantize_experts(model, method, device)
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -55,6 +52,21 @@ def quantize_linears(
         _replace(model, path, _quantized_linear(module, method, device, tied))
         count += 1
     return count
+
+
+def quantize_experts(
+    model: nn.Module, method: str, device: torch.device, only: set[str] | None = None
+) -> int:
+    """Replace FusedExperts modules (those in `only`, or all) by QuantizedFusedExperts;
+    returns how many were replaced. A path in `only` that is not a FusedExperts is an error
+    (experts left in floats would pass unnoticed)."""
+    found = {p for p, m in model.named_modules() if isinstance(m, FusedExperts)}
+    if only is not None and only - found:
+        raise ValueError(f"no routed experts at {sorted(only - found)[:4]} to quantize.")
+    for path in found if only is None else only:
+        module = model.get_submodule(path)
+        _replace(model, path, QuantizedFusedExperts(module, method, device))  # type: ignore[arg-type]
+    return len(found if only is None else only)
 
 
 def _quantized_linear(

@@ -20,6 +20,8 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.layers.moe import FusedExperts
+from pinnace.runtime.layers.quantization.experts import QuantizedFusedExperts
 from pinnace.runtime.models.gguf_loader import load_gguf
 from pinnace.runtime.models.registry import gguf_entries
 
@@ -147,6 +149,36 @@ def test_qwen2_moe_expert_sizes_come_from_the_file(
     assert (config.moe_intermediate_size, config.shared_expert_intermediate_size) == (32, 48)
     _, ours = _ours(path)
     assert ours == [hf_greedy(source, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_quantized_moe_experts_load_as_int8_one_expert_at_a_time(tmp_path: Path) -> None:
+    """A Q8_0 Qwen2-MoE file with quantization="gguf": its stacked experts become int8
+    experts (not silently floats) close to the float load's, and the loader hands each
+    expert over as its own tensor (dequantized alone, not a view of the [E, out, in] stack)."""
+    extra = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+             "shared_expert_intermediate_size": 64}  # fmt: skip
+    path = tmp_path / "qwen2moe.gguf"
+    _write(path, "qwen2moe", _random_model("qwen2_moe", extra))  # Q8_0 experts
+    experts = [(n, t) for n, t in load_gguf(str(path)).weights() if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    for _, tensor in experts:
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    quantized, float_llm = LLM(str(path), dtype="float32", kv_cache_memory=2**22,
+                               quantization="gguf"), _ours(path)[0]  # fmt: skip
+    ours = [
+        m
+        for m in quantized.llm_engine.runner.model.modules()
+        if isinstance(m, QuantizedFusedExperts)
+    ]
+    floats = [m for m in float_llm.llm_engine.runner.model.modules() if isinstance(m, FusedExperts)]
+    assert len(ours) == len(floats) == 2 and all(m.method == "int8" for m in ours)
+    for q, f in zip(ours, floats, strict=True):
+        for e in range(4):
+            weight = q._weight(q.gate_up_codes, q.gate_up_scale, e)
+            torch.testing.assert_close(weight, f.gate_up_proj[e], rtol=0, atol=0.02)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    (out,) = quantized.generate([PROMPTS[0]], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS
 
 
 @pytest.mark.parametrize(
