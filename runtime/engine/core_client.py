@@ -120,7 +120,7 @@ class InprocClient:
                 handled = self._drain(loop, wait)
                 if handled is None:
                     return
-                loop.admit_compiled()
+                loop.finish_background()
                 if self.engine.has_unfinished_requests():
                     loop.step()
                 elif handled:  # the commands left nothing to step: counters catch up
@@ -174,18 +174,25 @@ class MPClient:
 
     def __init__(self, config: EngineConfig) -> None:
         self._dir = tempfile.mkdtemp(prefix="pinnace-core-")
-        input_address = f"ipc://{self._dir}/input"
-        output_address = f"ipc://{self._dir}/output"
         self._context = zmq.Context()
-        self._input = self._context.socket(zmq.PUSH)
-        self._input.bind(input_address)
-        self._output = self._context.socket(zmq.PULL)
-        self._output.bind(output_address)
         self._codec = Codec()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: EventHandler | None = None
+        try:
+            self._start(config)
+        except BaseException:  # nothing started: leave no sockets or folder behind
+            self._close_sockets()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        input_address = f"ipc://{self._dir}/input"
+        output_address = f"ipc://{self._dir}/output"
+        self._input = self._context.socket(zmq.PUSH)
+        self._input.bind(input_address)
+        self._output = self._context.socket(zmq.PULL)
+        self._output.bind(output_address)
         # A forkserver forks a clean, preloaded process: quick, and safe in a parent that
         # already runs threads (uvicorn, OpenMP), which a plain fork is not.
         mp = multiprocessing.get_context("forkserver")
@@ -306,7 +313,12 @@ class MPClient:
             logger.warning("the engine core did not stop in %gs: killing it", timeout)
             self.process.kill()
             self.process.join(5.0)
-        self._input.close(linger=0)
-        self._output.close(linger=0)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for name in ("_input", "_output"):
+            sock: zmq.Socket[bytes] | None = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
         self._context.term()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -4,11 +4,14 @@ The same loop body serves the engine-core process (core_proc.py, commands off a 
 and the in-process engine thread (core_client.InprocClient, commands off a queue):
 
     commands ──> handle(): add / abort / utility call (between two steps)
+    finish_background(): what a worker thread prepared (a grammar, an adapter read from
+                         its folder) joins the core
     step() ──> one StepOutputs event per step, every request's new tokens in it
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +35,8 @@ from pinnace.runtime.engine.core_messages import (
 )
 from pinnace.runtime.engine.engine_core import CoreRequest
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
+from pinnace.runtime.lora.adapter import LoRAAdapter
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.request import RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ class Core(Protocol):
     def has_unfinished_requests(self) -> bool: ...
     def waiting_ids(self) -> set[str]: ...
     def stats(self) -> SchedulerStats: ...
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter: ...
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool: ...
 
     @property
     def grammar(self) -> GrammarCompiler: ...
@@ -65,11 +72,14 @@ class CoreLoop:
         # Requests whose output constraint is compiling (off the step, in a worker thread):
         # they join the scheduler once it is ready, so no step waits for a compile.
         self._compiling: dict[str, tuple[Future[Any], CoreRequest]] = {}
-        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="pinnace-grammar")
+        # add_lora calls whose adapter is being read from its folder (same thread): the
+        # adapter is registered between two steps once read, then the call is answered.
+        self._loading: list[tuple[Future[LoRAAdapter], UtilityCall, LoRARequest]] = []
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="pinnace-core-worker")
 
     @property
     def has_work(self) -> bool:
-        return self.core.has_unfinished_requests() or bool(self._compiling)
+        return self.core.has_unfinished_requests() or bool(self._compiling) or bool(self._loading)
 
     def handle(self, command: Command) -> bool:
         """Apply one command; False on shutdown (every request aborted then)."""
@@ -96,13 +106,20 @@ class CoreLoop:
             request = from_wire(wire)
             spec = request.params.structured_outputs
             if spec is not None:
-                future = self._compiler.submit(self.core.grammar.compile, spec)
+                future = self._worker.submit(self.core.grammar.compile, spec)
                 self._compiling[request.req_id] = (future, request)
             else:
                 self._admit(request, None)
 
-    def admit_compiled(self) -> None:
-        """Requests whose grammar compiled join the scheduler (a failed one is refused)."""
+    def finish_background(self) -> None:
+        """What the worker thread finished joins the core: requests whose grammar compiled
+        (a failed one is refused), adapters read from their folder (then registered)."""
+        loading, self._loading = self._loading, []
+        for future, call, lora_request in loading:
+            if not future.done():
+                self._loading.append((future, call, lora_request))
+                continue
+            self._answer(call, functools.partial(self._register, lora_request, future))
         for req_id, (future, request) in list(self._compiling.items()):
             if future.done():
                 del self._compiling[req_id]
@@ -117,12 +134,28 @@ class CoreLoop:
         except (ValueError, FileNotFoundError) as exc:  # a bad grammar, an adapter gone
             self.emit(RequestsFailed([request.req_id], dumps(exc), self.num_applied_adds))
 
+    def _register(self, lora_request: LoRARequest, loaded: Future[LoRAAdapter]) -> bool:
+        return self.core.add_lora(lora_request, loaded.result())  # raises what loading did
+
     def _call(self, call: UtilityCall) -> None:
-        try:
-            if call.method not in UTILITY_METHODS:
-                raise ValueError(f"unknown engine call {call.method!r}.")
+        if call.method == "add_lora":
             args: tuple[Any, ...] = loads(call.args)
-            result = getattr(self.core, call.method)(*args)
+            if len(args) == 1:  # no adapter read yet: read it off the step loop
+                (lora_request,) = args
+                future = self._worker.submit(self.core.load_lora, lora_request)
+                self._loading.append((future, call, lora_request))
+                return
+        self._answer(call, lambda: self._run(call))
+
+    def _run(self, call: UtilityCall) -> Any:
+        if call.method not in UTILITY_METHODS:
+            raise ValueError(f"unknown engine call {call.method!r}.")
+        return getattr(self.core, call.method)(*loads(call.args))
+
+    def _answer(self, call: UtilityCall, run: Callable[[], Any]) -> None:
+        """Emit `run()`'s result, or the exception it raised, as the call's answer."""
+        try:
+            result = run()
         except Exception as exc:
             self.emit(UtilityResult(call.call_id, dumps(exc), failed=True))
         else:

@@ -123,7 +123,7 @@ def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_
             handled = True
             if not loop.handle(codec.commands.decode(data.buffer)):
                 return
-        loop.admit_compiled()
+        loop.finish_background()
         if loop.core.has_unfinished_requests():
             loop.step()
         elif handled:

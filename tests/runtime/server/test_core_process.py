@@ -4,8 +4,10 @@ server's, and clients that go away free their KV blocks in the core within a ste
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.context
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+import zmq
 
 from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.engine.core_client import MPClient
 from pinnace.runtime.server.app import ServerSettings, build_app
 
 NUM_CLIENTS = 32
@@ -138,3 +142,28 @@ def test_a_failure_handling_core_events_is_core_death(
     assert "injected event fault" in rest and '"code": 500' in rest
     assert wait_for(lambda: bool(srv.exit_codes), 15), "the server kept running"
     assert srv.exit_codes == [1]
+
+
+def test_a_core_that_fails_to_start_leaves_nothing_behind(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MPClient binds its sockets in a temporary folder before starting the process: if
+    the start fails, the sockets are closed and the folder removed."""
+    contexts: list[zmq.Context[Any]] = []
+
+    class RecordingContext(zmq.Context):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            super().__init__()
+            contexts.append(self)
+
+    def no_start(self: Any) -> None:
+        raise OSError("injected: cannot start a process")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(zmq, "Context", RecordingContext)
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", no_start)
+    with pytest.raises(OSError, match="injected"):
+        MPClient(EngineConfig(model=str(tiny_model)))
+    assert list(tmp_path.iterdir()) == []
+    [context] = contexts
+    assert context.closed  # term() returns only once its sockets are closed
