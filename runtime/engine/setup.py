@@ -83,6 +83,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         config.resolved_max_num_batched_tokens,
     )  # fmt: skip
     runner.proposer = _proposer(config)
+    if config.speculative is not None:
+        runner.max_spec_batch_size = config.speculative.disable_by_batch_size
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
     method = quant.method if quant is not None else None
     logger.info(
@@ -116,8 +118,6 @@ def _proposer(config: EngineConfig) -> Proposer | None:
     spec = config.speculative
     if spec is None:
         return None
-    if spec.method != "ngram":
-        raise ValueError(f"speculative_config method {spec.method!r} is not available yet.")
     assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None  # resolved
     logger.info(
         "Speculative decoding: ngram prompt lookup (n %d..%d), %d tokens proposed per step",

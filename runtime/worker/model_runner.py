@@ -55,6 +55,7 @@ class ModelRunner:
         self.device = device
         self.lora: LoRAManager | None = None  # set by the engine when LoRA is enabled
         self.proposer: Proposer | None = None  # set by the engine for speculative decoding
+        self.max_spec_batch_size: int | None = None  # more requests sampling: no proposals
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -104,6 +105,8 @@ class ModelRunner:
         """Next-step proposals for the requests that sampled. Constrained requests get
         none: their grammar mask would have to follow each proposal."""
         if self.proposer is None:
+            return
+        if self.max_spec_batch_size is not None and len(items) > self.max_spec_batch_size:
             return
         picked = [i for i, s in enumerate(items) if s.sampling_params.structured_outputs is None]
         if not picked:

@@ -211,7 +211,11 @@ def test_sampled_outputs_follow_the_target_distribution(tiny_vocab_model: Path) 
         dtype="float32",
         kv_cache_memory=32 * 2**20,
         max_num_seqs=512,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+        speculative_config={
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "disable_by_batch_size": None,  # speculate in batches of 512 too
+        },
         enable_prefix_caching=False,
     )
     llm.llm_engine.runner.proposer = SkewedProposer()
@@ -257,6 +261,15 @@ def test_ngram_greedy_equals_no_speculation(tiny_vocab_model: Path) -> None:
     assert [c.token_ids for c in outs] == [want[0], want[0]]
     stats = spec.llm_engine.stats().spec_decoding
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    # No proposals in steps where more than disable_by_batch_size requests sample (here
+    # only while the chunked prefills have not all finished).
+    capped = LLM(
+        str(tiny_vocab_model), speculative_config={**NGRAM, "disable_by_batch_size": 2}, **kwargs
+    )  # type: ignore[arg-type]
+    assert [
+        o.outputs[0].token_ids for o in capped.generate(prompts, params, use_tqdm=False)
+    ] == want
+    assert capped.llm_engine.stats().spec_decoding.num_drafts < stats.num_drafts / 4
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -290,7 +303,8 @@ def test_speculative_config_resolves_the_lookup_range_as_vllm() -> None:
     assert (one_end.prompt_lookup_min, one_end.prompt_lookup_max) == (4, 4)
     neither = SpeculativeConfig(num_speculative_tokens=2, method="ngram")
     assert (neither.prompt_lookup_min, neither.prompt_lookup_max) == (5, 5)
-    assert SpeculativeConfig(num_speculative_tokens=2, model="/m").method == "draft_model"
+    with pytest.raises(ValueError, match="'draft_model' is not implemented yet"):
+        SpeculativeConfig(num_speculative_tokens=2, model="/m")  # method from the model
 
 
 # -- metrics and the periodic log line ----------------------------------------------------
