@@ -26,7 +26,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -38,7 +37,6 @@ from pinnace.runtime.engine.core_messages import (
     AbortRequests,
     AddRequests,
     CoreDead,
-    CoreReady,
     Event,
     RequestsFailed,
     StepOutputs,
@@ -48,9 +46,9 @@ from pinnace.runtime.engine.core_messages import (
     loads,
     to_wire,
 )
-from pinnace.runtime.engine.engine_core import require_runner, runner_type_of, validate_request
-from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
+from pinnace.runtime.engine.engine_core import require_runner
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.engine.model_facts import ModelFacts
 from pinnace.runtime.engine.output_processor import OutputProcessor
 from pinnace.runtime.engine.stat_logger import StatLogger
 from pinnace.runtime.engine.streams import (
@@ -78,39 +76,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelFacts:
-    """What the front end knows of the served model without holding it."""
-
-    config: EngineConfig
-    tokenizer: PreTrainedTokenizerBase
-    model_config: PretrainedConfig
-    eos_token_ids: frozenset[int]
-    vocab_size: int
-    max_model_len: int
-    grammar: GrammarCompiler
-    runner_type: str  # "generate" or "pooling"
-
-    @classmethod
-    def of_engine(cls, engine: LLMEngine) -> ModelFacts:
-        return cls(
-            engine.config, engine.tokenizer, engine.model_config, engine.eos_token_ids,
-            engine.vocab_size, engine.max_model_len, engine.grammar, engine.runner_type,
-        )  # fmt: skip
-
-    @classmethod
-    def of_core(cls, config: EngineConfig, ready: CoreReady) -> ModelFacts:
-        """What an engine-core process told when it was ready."""
-        tokenizer, model_config, eos_token_ids = loads(ready.model_facts)
-        vocab_size = int(model_config.vocab_size)
-        eos = frozenset(eos_token_ids)
-        grammar = GrammarCompiler(tokenizer, vocab_size, sorted(eos))
-        runner = runner_type_of(config, model_config)
-        return cls(
-            config, tokenizer, model_config, eos, vocab_size, ready.max_model_len, grammar, runner
-        )
-
-
 class AsyncLLMEngine:
     def __init__(
         self,
@@ -128,7 +93,7 @@ class AsyncLLMEngine:
                 f"max_waiting_requests must be at least 1, got {max_waiting_requests}."
             )
         if engine is not None:
-            client, facts = InprocClient(engine), ModelFacts.of_engine(engine)
+            client, facts = InprocClient(engine), ModelFacts.of_core(engine.core)
         if client is None or facts is None:
             raise ValueError("AsyncLLMEngine needs an engine, or a core client and its facts.")
         self.engine = engine
@@ -161,7 +126,7 @@ class AsyncLLMEngine:
         """Start an engine-core process for `config` (returns once its model is loaded)."""
         client = MPClient(config)
         try:
-            facts = ModelFacts.of_core(config, client.wait_ready())
+            facts = ModelFacts.of_ready(config, client.wait_ready())
         except BaseException:
             client.shutdown(5.0)
             raise
@@ -190,10 +155,6 @@ class AsyncLLMEngine:
         return self.facts.runner_type
 
     @property
-    def grammar(self) -> GrammarCompiler:
-        return self.facts.grammar
-
-    @property
     def max_model_len(self) -> int:
         return self.facts.max_model_len
 
@@ -202,21 +163,11 @@ class AsyncLLMEngine:
         return self.facts.vocab_size
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
+        return self.facts.tokenize(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Raises ValueError with a user-facing message; returns the resolved max_tokens."""
-        facts = self.facts
-        return validate_request(
-            prompt_token_ids,
-            params,
-            tokenizer=facts.tokenizer,
-            vocab_size=facts.vocab_size,
-            max_model_len=facts.max_model_len,
-            max_logprobs=facts.config.max_logprobs,
-        )
+        return self.facts.validate(prompt_token_ids, params)
 
     def stats(self) -> SchedulerStats:
         """Scheduler counters as of the core's last step."""

@@ -94,6 +94,7 @@ class CoreReady(msgspec.Struct, array_like=True, tag=True):
 
     max_model_len: int
     num_kv_blocks: int
+    runner_type: str  # "generate" or "pooling", as the core resolved it
     # Pickled (tokenizer, model config, EOS ids): the front end needs them, and opening a
     # checkpoint again can be slow (a GGUF's tokenizer is converted: ~15 s for SmolLM2).
     model_facts: bytes

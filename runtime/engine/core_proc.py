@@ -85,7 +85,7 @@ def run_engine_core(
             "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
         )
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
-        emit(CoreReady(core.max_model_len, core.parts.num_blocks, facts))
+        emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)

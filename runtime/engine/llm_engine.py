@@ -11,7 +11,8 @@ import torch
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import SchedulerStats
-from pinnace.runtime.engine.engine_core import EngineCore, require_runner, validate_request
+from pinnace.runtime.engine.engine_core import EngineCore, require_runner
+from pinnace.runtime.engine.model_facts import ModelFacts
 from pinnace.runtime.engine.output_processor import OutputProcessor
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.request import LoRARequest
@@ -40,25 +41,17 @@ class LLMEngine:
         self.runner_type = core.runner_type
         self.grammar = core.grammar
         self.lora = core.lora
+        self.facts = ModelFacts.of_core(core)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # -- intake ---------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
+        return self.facts.tokenize(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request before it is queued; returns its resolved max_tokens."""
-        return validate_request(
-            prompt_token_ids,
-            params,
-            tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-            max_logprobs=self.config.max_logprobs,
-        )
+        return self.facts.validate(prompt_token_ids, params)
 
     def add_request(
         self,

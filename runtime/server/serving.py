@@ -23,6 +23,7 @@ from pinnace.runtime.engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
+from pinnace.runtime.engine.grammar_compiler import check_constraint
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import ParameterError, SamplingParams
@@ -114,13 +115,14 @@ class ServerContext:
         return ids
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
-        """Compile (or find cached) the request's output constraint in a worker thread, so
-        neither the event loop nor the engine thread waits on it; 400 if it won't compile."""
+        """400 if the request's output constraint won't compile. Only parsed here (in a
+        worker thread: a long regex or schema may take a while): the engine core compiles
+        it, off its step."""
         spec = params.structured_outputs
         if spec is None:
             return
         try:
-            await asyncio.to_thread(self.engine.grammar.compile, spec)
+            await asyncio.to_thread(check_constraint, spec)
         except ValueError as exc:
             raise bad_request(f"{param}: {exc}", param) from exc
 

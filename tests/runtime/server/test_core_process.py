@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -19,6 +20,8 @@ import zmq
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.core_client import MPClient
+from pinnace.runtime.engine.core_messages import CoreReady, dumps
+from pinnace.runtime.engine.model_facts import ModelFacts
 from pinnace.runtime.server.app import ServerSettings, build_app
 
 NUM_CLIENTS = 32
@@ -97,6 +100,15 @@ def start_draining(tiny_model: Path, draining_server: Callable[[Any], Any]) -> A
     return draining_server(app)
 
 
+def health_failed(client: httpx.Client, srv: Any) -> bool:
+    """/health answers 503, or the server already stopped with exit status 1 (it stops
+    as soon as no request is left in flight)."""
+    try:
+        return client.get("/health").status_code == 503
+    except httpx.ConnectError:
+        return srv.exit_codes == [1]
+
+
 def test_core_death_fails_health_and_stops_the_server(
     tiny_model: Path, draining_server: Callable[[Any], Any], wait_for: Callable[..., bool]
 ) -> None:
@@ -110,7 +122,7 @@ def test_core_death_fails_health_and_stops_the_server(
         assert '"text"' in next(line for line in lines if line.startswith("data: "))
         os.kill(core_pid(app), signal.SIGKILL)
         killed = time.monotonic()
-        assert wait_for(lambda: client.get("/health").status_code == 503, 2.0)
+        assert wait_for(lambda: health_failed(client, srv), 2.0)
         assert time.monotonic() - killed < 2.0
         rest = "\n".join(lines)
     assert "engine core process exited" in rest and '"code": 500' in rest
@@ -137,7 +149,8 @@ def test_a_failure_handling_core_events_is_core_death(
             raise RuntimeError("injected event fault")
 
         engine._on_step = broken  # the next step's outputs fail to be handled
-        assert wait_for(lambda: client.get("/health").status_code == 503, 5.0)
+        assert wait_for(lambda: health_failed(client, srv), 5.0)
+        assert not engine.is_running
         rest = "\n".join(lines)
     assert "injected event fault" in rest and '"code": 500' in rest
     assert wait_for(lambda: bool(srv.exit_codes), 15), "the server kept running"
@@ -167,3 +180,35 @@ def test_a_core_that_fails_to_start_leaves_nothing_behind(
     assert list(tmp_path.iterdir()) == []
     [context] = contexts
     assert context.closed  # term() returns only once its sockets are closed
+
+
+def test_constraints_compile_in_the_core_only(
+    server: Any, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front end only parses a constraint (a bad one is still a 400 naming it); the
+    token masks are compiled once, by the core, not in the server's process too."""
+    import xgrammar
+
+    compilers: list[Any] = []
+    real = xgrammar.GrammarCompiler
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        compilers.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xgrammar, "GrammarCompiler", counting)
+    body: dict[str, Any] = {"prompt": "Hello", "max_tokens": 4}
+    ok = http.post("/v1/completions", json={**body, "structured_outputs": {"regex": "[ab]+"}})
+    assert ok.status_code == 200
+    assert set(ok.json()["choices"][0]["text"]) <= {"a", "b"}
+    bad = http.post("/v1/completions", json={**body, "structured_outputs": {"regex": "[a-"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs"
+    assert "could not be compiled" in bad.json()["error"]["message"]
+    assert compilers == []  # nothing compiled in this (the front end's) process
+
+
+def test_runner_type_comes_from_the_core() -> None:
+    """The front end takes what the core resolved instead of resolving it again."""
+    ready = CoreReady(16, 4, "pooling", dumps((None, SimpleNamespace(vocab_size=8), [1])))
+    facts = ModelFacts.of_ready(EngineConfig(model="/nowhere"), ready)
+    assert facts.runner_type == "pooling" and facts.vocab_size == 8
