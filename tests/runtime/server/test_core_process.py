@@ -212,3 +212,27 @@ def test_runner_type_comes_from_the_core() -> None:
     ready = CoreReady(16, 4, "pooling", dumps((None, SimpleNamespace(vocab_size=8), [1])))
     facts = ModelFacts.of_ready(EngineConfig(model="/nowhere"), ready)
     assert facts.runner_type == "pooling" and facts.vocab_size == 8
+
+
+def test_stopped_sample_ends_at_its_stop_string(http: httpx.Client) -> None:
+    """n=2 across processes: the sample a stop string ends gets no tokens from the step
+    the core ran before it heard of the stop (its text and token count end at the stop)."""
+    body: dict[str, Any] = {
+        "prompt": "Once upon",
+        "n": 2,
+        "temperature": 1.0,
+        "seed": 7,
+        "max_tokens": 24,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
+    free = http.post("/v1/completions", json=body).json()["choices"]
+    text = free[0]["text"]
+    stop = next(text[i : i + 2] for i in range(2, len(text)) if text[i : i + 2].strip())
+    stopped = http.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"]
+    first = next(c for c in stopped if c["index"] == 0)
+    assert first["finish_reason"] == "stop" and first["text"] == text[: text.index(stop)]
+    tokens = first["logprobs"]["tokens"]  # one per generated token
+    # The last token completed the stop string; nothing came after it.
+    assert stop not in "".join(tokens[:-1]) and stop in "".join(tokens)
+    assert tokens == free[0]["logprobs"]["tokens"][: len(tokens)]
