@@ -54,8 +54,11 @@ def test_fp8_cache_keeps_greedy_tokens_on_the_real_model(
 
     Free-running sequences diverge for good after the first near-tie flips, so comparing two
     free runs position by position mostly measures where that happened (printed only).
-    Measured here: 95-97 % per direction; SmolLM2-135M has many near-ties at bf16 logit
-    resolution.
+    SmolLM2-135M has many near-ties at bf16 logit resolution (logits reach ~40, where one bf16
+    step is 0.25): agreement measured 94.6-97 % per direction, and every flip so far was at a
+    bf16-cache top-2 margin of at most 1.1. So the test asserts the cache error's size, not a
+    rate of near-ties: no position whose top-2 margin is 1.5 or more may change its pick (a
+    wrong fp8 scale or layout flips confident positions too), and overall agreement >= 93 %.
     """
     tok = smollm2_checkpoint.tokenizer
     prompts = [
@@ -83,15 +86,20 @@ def test_fp8_cache_keeps_greedy_tokens_on_the_real_model(
         same = total = 0
         for prompt, out in zip(prompts, runs[run], strict=True):
             ids = prompt + out
-            picks = [
-                model_eval.sequence_logits(model, config, ids, cache)[len(prompt) - 1 : -1].argmax(
-                    -1
-                )
+            logits = [
+                model_eval.sequence_logits(model, config, ids, cache)[len(prompt) - 1 : -1].float()
                 for cache in (torch.bfloat16, torch.float8_e4m3fn)
             ]
-            same += int((picks[0] == picks[1]).sum())
+            picks = [lg.argmax(-1) for lg in logits]
+            top2 = logits[0].topk(2, dim=-1).values
+            margin = top2[:, 0] - top2[:, 1]
+            flipped = picks[0] != picks[1]
+            confident_flips.extend(float(m) for m in margin[flipped & (margin >= 1.5)])
+            same += int((~flipped).sum())
             total += len(out)
         return same / total
+
+    confident_flips: list[float] = []
 
     on_bf16_run, on_fp8_run = agreement("bf16"), agreement("fp8")
     pairs = zip(runs["bf16"], runs["fp8"], strict=True)
@@ -101,4 +109,5 @@ def test_fp8_cache_keeps_greedy_tokens_on_the_real_model(
         f"{on_bf16_run:.3f}, on the fp8 run {on_fp8_run:.3f}; "
         f"free-running position agreement {sum(free) / len(free):.3f}"
     )
-    assert min(on_bf16_run, on_fp8_run) >= 0.95
+    assert not confident_flips, f"fp8 changed picks at top-2 margins {confident_flips}"
+    assert min(on_bf16_run, on_fp8_run) >= 0.93
