@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -165,6 +166,24 @@ def _passive_openmp() -> Iterator[None]:
         del os.environ["OMP_WAIT_POLICY"]
 
 
+@contextlib.contextmanager
+def _group_signals_ignored() -> Iterator[None]:
+    """Start the core's process tree ignoring SIGINT and SIGTERM (inherited through the
+    forkserver's exec and fork). The server owns the lifecycle: it drains on SIGTERM, then
+    stops the core. A signal to the whole process group (Ctrl+C, `timeout`, an init that
+    signals the group) would otherwise kill the forkserver and the core under a draining
+    server, and a lost forkserver reads as a dead core (exit status 255): exit 1, streams cut."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be changed from the main thread
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 class CoreStartError(RuntimeError):
     """The engine-core process could not load the model."""
 
@@ -206,7 +225,7 @@ class MPClient:
             name="pinnace-engine-core",
             daemon=True,
         )
-        with _passive_openmp():
+        with _passive_openmp(), _group_signals_ignored():
             self.process.start()
 
     def wait_ready(self, timeout: float | None = None) -> CoreReady:

@@ -54,7 +54,12 @@ def run_engine_core(
     config: EngineConfig, input_address: str, output_address: str, front_end_pid: int
 ) -> None:
     """The process's target: serve until Shutdown; exit status 1 on any failure."""
+    # The server owns the lifecycle: on SIGTERM it drains, then sends Shutdown (and the core
+    # exits by itself if the server is gone). A signal to the whole process group (Ctrl+C,
+    # `timeout`, an init that signals the group) must not kill the core under a draining
+    # server, which would turn a clean stop into an engine death and exit status 1.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (core): %(message)s"
     )

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 NUM_STREAMS = 16
 MAX_TOKENS = 400  # long enough to be mid-stream at SIGTERM on a fast machine
@@ -49,14 +50,19 @@ def stream_one(url: str, started: threading.Event, results: list[dict[str, objec
     results.append({"status": resp.status_code, "done": done, "finish": finish, "n": n})
 
 
-def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["server", "process-group"])
+def test_sigterm_drains_streams_then_exits(tiny_model: Path, to_group: bool) -> None:
+    """SIGTERM to the server alone (Kubernetes), or to its whole process group (Ctrl+C,
+    `timeout`): either way the engine core outlives the drain, then stops with the server."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     pinnace = Path(sys.executable).parent / "pinnace"
     args = [str(pinnace), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port)]
     args += ["--served-model-name", "tiny", "--max-model-len", "512"]
     args += ["--kv-cache-memory", "64MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not _healthy(url):
@@ -74,7 +80,10 @@ def test_sigterm_drains_streams_then_exits(tiny_model: Path) -> None:
             assert e.wait(60), "a stream did not start"
         in_flight = sum(t.is_alive() for t in threads)
         helpers = descendants(proc.pid)  # the forkserver and the engine-core process
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         # Readiness false at once, and new work refused, while the streams go on.
         health = _status(url, "GET", "/health")
