@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pinnace.runtime.server.tool_parsers import TOOL_PARSERS  # plain Python: cheap to import
 
@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_http_flags(p.add_argument_group("HTTP"))
     _add_engine_flags(p.add_argument_group("engine"))
     _add_lora_flags(p.add_argument_group("LoRA adapters"))
+    _add_parallel_flags(p.add_argument_group("parallelism (tensor, pipeline, multi-node)"))
     _add_compat_flags(p.add_argument_group("accepted as in vLLM; unsupported values fail"))
     p.set_defaults(func=run)
 
@@ -235,7 +236,39 @@ def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
     later.add_argument(
         "--kv-cache-dtype", default="auto", help="auto | fp8 (scaled e4m3, half the memory)"
     )
-    later.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1")
+
+
+def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks sharing each layer"
+    )
+    group.add_argument(
+        "--pipeline-parallel-size", "-pp", type=int, default=1, help="stages of layers"
+    )
+    env = "in a LeaderWorkerSet pod, default "
+    group.add_argument(
+        "--nnodes",
+        type=int,
+        default=None,
+        help=f"nodes in the group ({env}$LWS_GROUP_SIZE, else 1)",
+    )
+    group.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help=f"this node's index, 0 runs the API server ({env}$LWS_WORKER_INDEX, else 0)",
+    )
+    group.add_argument(
+        "--master-addr",
+        default=None,
+        help=f"node 0's address for the rendezvous ({env}$LWS_LEADER_ADDRESS)",
+    )
+    group.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port on node 0 (a free port on one node, 29500 across nodes)",
+    )
 
 
 def _add_lora_flags(lora: argparse._ArgumentGroup) -> None:
@@ -313,11 +346,6 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
     model = args.model or default_model_path()
     if not os.path.exists(model):
         raise FileNotFoundError(f"model path {model!r} does not exist.")
-    if args.tensor_parallel_size != 1:
-        raise ValueError(
-            f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet: "
-            "pinnace runs a model on one device."
-        )
     if args.lora_modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora.")
     lora_modules = parse_lora_modules(args.lora_modules)
@@ -359,6 +387,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         speculative_config=parse_speculative_config(args.speculative_config),
         runner=runner,
         convert=args.convert,
+        **_parallel(args),
     )
     settings = ServerSettings(
         served_model_names=args.served_model_name or [default_served_name(model)],
@@ -373,6 +402,22 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         tools=ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser),
     )
     return config, settings
+
+
+def _parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """Parallel EngineConfig fields: the flags, else a LeaderWorkerSet pod's environment."""
+    from pinnace.runtime.distributed.group_env import GroupPlacement, merge_placement
+
+    explicit = GroupPlacement(args.nnodes, args.node_rank, args.master_addr)
+    group = merge_placement(explicit, os.environ)
+    return {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "nnodes": 1 if group.nnodes is None else group.nnodes,
+        "node_rank": 0 if group.node_rank is None else group.node_rank,
+        "master_addr": group.master_addr,
+        "master_port": args.master_port,
+    }
 
 
 def _runner(args: argparse.Namespace) -> str:
@@ -394,6 +439,9 @@ ENGINE_CORE_ENV = "PINNACE_ENGINE_CORE"
 
 def run(args: argparse.Namespace) -> int:
     config, settings = build_config(args)
+    from pinnace.runtime.engine.setup import require_single_rank
+
+    require_single_rank(config)  # before the server starts: one line, exit 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

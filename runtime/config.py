@@ -14,6 +14,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
 # (models/registry.resolve_runner); convert "embed" pools a causal LM's hidden states.
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "embed")
+# torch.distributed's customary rendezvous port, used when a multi-node group names none.
+DEFAULT_MASTER_PORT = 29500
 
 
 @dataclass
@@ -50,6 +52,14 @@ class EngineConfig:
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
     runner: str = "auto"  # generate (completions, chat) | pooling (embeddings) | auto
     convert: str = "auto"  # embed: serve a causal LM as an embedding model (runner pooling)
+    # Parallelism (vLLM's names). world_size = tensor x pipeline ranks, spread evenly over
+    # nnodes nodes; node 0 (master_addr) runs the scheduler, the API server and rank 0.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # None: 127.0.0.1 on one node; required for nnodes > 1
+    master_port: int | None = None  # None: a free port on one node, 29500 for nnodes > 1
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -83,6 +93,7 @@ class EngineConfig:
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         self._check_runner()
+        self._check_parallel()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
         if self.chat_template is not None and os.path.isfile(self.chat_template):
@@ -108,6 +119,40 @@ class EngineConfig:
             raise ValueError(f"convert {self.convert!r} is not one of {', '.join(CONVERTS)}.")
         if self.convert == "embed" and self.runner == "generate":
             raise ValueError("convert 'embed' makes an embedding model: it needs runner pooling.")
+
+    def _check_parallel(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        _positive("nnodes", self.nnodes)
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank must be in 0..{self.nnodes - 1} (nnodes={self.nnodes}), "
+                f"got {self.node_rank!r}."
+            )
+        if self.world_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks do "
+                f"not split evenly over nnodes={self.nnodes} (every node runs as many ranks)."
+            )
+        if self.nnodes > 1 and not self.master_addr:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs master_addr, the address of node 0 "
+                "(--master-addr, or LWS_LEADER_ADDRESS in a LeaderWorkerSet pod)."
+            )
+        if self.master_port is None and self.nnodes > 1:
+            self.master_port = DEFAULT_MASTER_PORT
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be in 1..65535, got {self.master_port}.")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the whole group: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks this node runs (one device each)."""
+        return self.world_size // self.nnodes
 
     @property
     def speculative(self) -> SpeculativeConfig | None:

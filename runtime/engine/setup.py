@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pinnace.runtime.distributed.model_split import check_model_split
 from pinnace.runtime.layers.attention import Attention
 from pinnace.runtime.layers.attention_backend import get_attention_backend
 from pinnace.runtime.layers.quantization.config import resolve_quantization
@@ -50,9 +51,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def require_single_rank(config: EngineConfig) -> None:
+    """ValueError for a parallel config: EngineConfig accepts tensor/pipeline sizes > 1 (so
+    operator-rendered args validate), but this engine does not execute them yet."""
+    if config.world_size > 1 or config.nnodes > 1:
+        raise ValueError(
+            f"tensor_parallel_size={config.tensor_parallel_size} x pipeline_parallel_size="
+            f"{config.pipeline_parallel_size} over nnodes={config.nnodes}: parallel "
+            "execution is not available yet; this engine runs a model on one device."
+        )
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device)
     ckpt = open_checkpoint(config.model, config.chat_template)
+    check_model_split(ckpt.config, config.tensor_parallel_size, config.pipeline_parallel_size)
+    require_single_rank(config)
     dtype = resolve_dtype(config.dtype, ckpt, device)
     quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)

@@ -26,7 +26,8 @@ FLAGS = [
     "--chat-template", "--seed", "--max-waiting-requests", "--metrics-prefix-vllm",
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
     "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--grpc-port",
-    "--runner", "--convert", "--task",
+    "--runner", "--convert", "--task", "--pipeline-parallel-size", "--nnodes", "--node-rank",
+    "--master-addr", "--master-port",
 ]  # fmt: skip
 
 
@@ -65,7 +66,11 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["/no/such/model"], "does not exist"),
         (["{model}", "--kv-cache-memory", "lots"], "--kv-cache-memory"),
         (["{model}", "--kv-cache-memory", "0"], "--kv-cache-memory"),
-        (["{model}", "--tensor-parallel-size", "2"], "--tensor-parallel-size 2"),
+        (["{model}", "--tensor-parallel-size", "2"], "tensor_parallel_size=2 x"),
+        (["{model}", "--pipeline-parallel-size", "0"], "pipeline_parallel_size must be"),
+        (["{model}", "-tp", "2", "--nnodes", "2"], "needs master_addr"),
+        (["{model}", "-tp", "3", "--nnodes", "2", "--master-addr", "h"], "split evenly"),
+        (["{model}", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "node_rank"),
         (["{model}", "--quantization", "bogus"], "quantization 'bogus'"),
         (["{model}", "--lora-modules", "a=/b"], "--enable-lora"),
         (["{model}", "--enable-lora", "--lora-modules", "a"], "'a' is not NAME=PATH"),
@@ -119,6 +124,30 @@ def test_speculative_config_flag() -> None:
     assert (config.speculative.prompt_lookup_min, config.speculative.prompt_lookup_max) == (4, 4)
 
 
+def test_parallel_flags_and_leaderworkerset_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parallel(*flags: str) -> tuple[object, ...]:
+        config, _ = build_config(build_parser().parse_args(["serve", ".", *flags]))
+        return (config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes,
+                config.node_rank, config.master_addr, config.master_port)  # fmt: skip
+
+    for name in ("LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel() == (1, 1, 1, 0, None, None)
+    explicit = ["-tp", "8", "-pp", "2", "--nnodes", "2", "--node-rank", "1"]
+    assert parallel(*explicit, "--master-addr", "h", "--master-port", "7") == (
+        8, 2, 2, 1, "h", 7
+    )  # fmt: skip
+    monkeypatch.setenv("LWS_LEADER_ADDRESS", "llm-0.llm.ns")
+    monkeypatch.setenv("LWS_GROUP_SIZE", "2")
+    monkeypatch.setenv("LWS_WORKER_INDEX", "1")
+    # A LeaderWorkerSet pod: the group from its environment, the default port across nodes.
+    assert parallel("-tp", "8", "-pp", "2") == (8, 2, 2, 1, "llm-0.llm.ns", 29500)
+    assert parallel("-tp", "16", "--node-rank", "0") == (16, 1, 2, 0, "llm-0.llm.ns", 29500)
+    monkeypatch.setenv("LWS_WORKER_INDEX", "one")
+    with pytest.raises(ValueError, match="LWS_WORKER_INDEX='one' is not an integer"):
+        parallel("-tp", "16")
+
+
 def test_grpc_without_its_proto_says_where_to_point(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,8 +169,9 @@ def test_bad_flag_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        "pinnace serve: error: --tensor-parallel-size 4 is not supported yet: "
-        "pinnace runs a model on one device."
+        "pinnace serve: error: tensor_parallel_size=4 x pipeline_parallel_size=1 over "
+        "nnodes=1: parallel execution is not available yet; this engine runs a model on one "
+        "device."
     ]
 
 

@@ -1,0 +1,1 @@
+"""Tensor and pipeline parallelism: the rank group, its environment and its executors."""

@@ -1,0 +1,50 @@
+"""Parallel EngineConfig fields and the model-split checks: fast, no processes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.distributed.model_split import check_model_split
+
+
+def test_sizes_above_one_are_accepted_at_config_level() -> None:
+    config = EngineConfig(model="m", tensor_parallel_size=8, pipeline_parallel_size=2,
+                          nnodes=2, node_rank=1, master_addr="leader")  # fmt: skip
+    assert (config.world_size, config.local_world_size, config.master_port) == (16, 8, 29500)
+    single = EngineConfig(model="m", tensor_parallel_size=2)
+    assert (single.world_size, single.local_world_size, single.master_port) == (2, 2, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive integer"),
+     ({"nnodes": 2, "tensor_parallel_size": 3, "master_addr": "h"}, "split evenly"),
+     ({"nnodes": 2, "tensor_parallel_size": 2}, "needs master_addr"),
+     ({"node_rank": 1}, "node_rank must be in 0..0"),
+     ({"master_port": 70000}, "master_port")],
+)  # fmt: skip
+def test_bad_parallel_config(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        EngineConfig(model="m", **kwargs)  # type: ignore[arg-type]
+
+
+def _cfg(heads: int, kv: int, inter: int = 64, layers: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
+                           intermediate_size=inter, num_hidden_layers=layers)  # fmt: skip
+
+
+def test_model_split() -> None:
+    check_model_split(_cfg(4, 2), 2, 1)
+    check_model_split(_cfg(4, 1), 4, 2)  # one KV head replicated on every rank
+    check_model_split(_cfg(8, 2), 4, 1)
+    with pytest.raises(ValueError, match="must divide the model's 6 attention heads"):
+        check_model_split(_cfg(6, 6), 4, 1)
+    with pytest.raises(ValueError, match="3 KV heads"):
+        check_model_split(_cfg(12, 3), 4, 1)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        check_model_split(_cfg(4, 2, inter=66), 4, 1)
+    with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
+        check_model_split(_cfg(4, 2), 1, 3)
