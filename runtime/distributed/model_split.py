@@ -35,3 +35,35 @@ def check_model_split(model_config: Any, tensor_parallel_size: int, pp_size: int
             f"pipeline_parallel_size={pp_size} exceeds the model's {layers} layers "
             "(each stage needs at least one)."
         )
+
+
+def check_tensor_parallel(config: Any, ckpt: Any, quant: Any) -> None:
+    """ValueError for what a tensor-parallel engine does not shard (yet), before any weight
+    is read: `config` an EngineConfig, `ckpt` a Checkpoint, `quant` its QuantizationConfig."""
+    from pinnace.runtime.models.registry import resolve_model_class
+
+    tp = config.tensor_parallel_size
+    if ckpt.format != "safetensors":
+        raise ValueError(
+            f"tensor_parallel_size={tp} needs a safetensors checkpoint: a {ckpt.format} file "
+            "is not read in shards (each rank would hold the whole model)."
+        )
+    if quant is not None and quant.from_checkpoint:
+        raise ValueError(
+            f"tensor_parallel_size={tp} with a {quant.method} checkpoint: its scale groups "
+            "run along the input dimension of o_proj/down_proj, which tensor parallelism "
+            "splits; splitting quantized groups is not supported. Use the float checkpoint "
+            "with quantization='int8' or 'fp8' (quantized after the split)."
+        )
+    if config.enable_lora:
+        raise ValueError(
+            f"tensor_parallel_size={tp} with LoRA adapters is not supported: adapters are "
+            "not sharded across ranks; serve them with tensor_parallel_size=1."
+        )
+    architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
+    cls = resolve_model_class(architectures)
+    if getattr(cls, "expert_params_mapping", None):
+        raise ValueError(
+            f"tensor_parallel_size={tp} for {architectures[0]}: mixture-of-experts layers "
+            "are not sharded across ranks yet."
+        )

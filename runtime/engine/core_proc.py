@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -91,7 +92,7 @@ def run_engine_core(
         )
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
-        _serve(CoreLoop(core, emit), commands, codec, front_end_pid)
+        _serve(CoreLoop(core, emit), commands, codec, front_end_pid, core.check_health)
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
         events.close(linger=0)
@@ -105,7 +106,13 @@ def run_engine_core(
     commands.close(linger=0)
 
 
-def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_pid: int) -> None:
+def _serve(
+    loop: CoreLoop,
+    commands: zmq.Socket[bytes],
+    codec: Codec,
+    front_end_pid: int,
+    check_health: Callable[[], None] = lambda: None,
+) -> None:
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     checked = time.monotonic()
@@ -119,6 +126,7 @@ def _serve(loop: CoreLoop, commands: zmq.Socket[bytes], codec: Codec, front_end_
             checked = time.monotonic()
             if not _alive(front_end_pid):
                 raise FrontEndGone(front_end_pid)
+            check_health()  # a dead model rank: fail now (CoreDead, exit 1)
         handled = False
         while True:
             try:

@@ -21,7 +21,8 @@ from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import RequestUpdate, SchedulerStats
 from pinnace.runtime.core.scheduler import Scheduler
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
-from pinnace.runtime.engine.setup import EngineParts, build_engine_parts
+from pinnace.runtime.engine.setup import EngineParts
+from pinnace.runtime.executor.executor import Executor, make_executor
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.lora.manager import LoRAManager
@@ -116,7 +117,9 @@ def require_runner(runner_type: str, needed: str) -> None:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        parts: EngineParts = build_engine_parts(config)
+        # The model's ranks: this process alone, or one process per rank (driver = rank 0).
+        self.executor: Executor = make_executor(config)
+        parts: EngineParts = self.executor.parts
         self.parts = parts
         self.tokenizer: PreTrainedTokenizerBase = parts.checkpoint.tokenizer
         self.model_config: PretrainedConfig = parts.checkpoint.config
@@ -198,7 +201,7 @@ class EngineCore:
     def step(self) -> list[RequestUpdate]:
         """Run one batch; an update for every request that made progress."""
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        result = self.executor.execute(sched)
         updates = self.scheduler.update_from_output(sched, result)
         for update in updates:
             if update.finish_reason is not None:
@@ -207,6 +210,14 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def check_health(self) -> None:
+        """WorkerDiedError when a model rank is gone (the engine cannot step)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks, if any (idempotent)."""
+        self.executor.shutdown()
 
     def waiting_ids(self) -> set[str]:
         return {r.req_id for r in self.scheduler.waiting}
@@ -222,6 +233,11 @@ class EngineCore:
     ) -> list[EmbeddingRequestOutput]:
         """Pooled embeddings of whole (validated) prompts, in one forward outside the
         scheduler."""
+        if self.executor.world_size > 1:
+            raise ValueError(
+                "embeddings are not computed under tensor parallelism yet; serve the "
+                "embedding model with tensor_parallel_size=1."
+            )
         vectors = self.runner.embed(prompts, pooling or self.pooling).cpu().tolist()
         return [
             EmbeddingRequestOutput(p, EmbeddingOutput(v))

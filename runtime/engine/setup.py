@@ -6,9 +6,12 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from transformers import PretrainedConfig
 
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from pinnace.runtime.distributed.model_split import check_model_split
+from pinnace.runtime.distributed.model_split import check_model_split, check_tensor_parallel
+from pinnace.runtime.distributed.parallel_state import ParallelGroup
+from pinnace.runtime.distributed.tensor_parallel import rank_config, tp_shape
 from pinnace.runtime.layers.attention import Attention
 from pinnace.runtime.layers.attention_backend import get_attention_backend
 from pinnace.runtime.layers.quantization.config import resolve_quantization
@@ -52,18 +55,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def require_single_rank(config: EngineConfig) -> None:
-    """ValueError for a parallel config: EngineConfig accepts tensor/pipeline sizes > 1 (so
-    operator-rendered args validate), but this engine does not execute them yet."""
-    if config.world_size > 1 or config.nnodes > 1:
+    """ValueError for what parallel execution does not cover yet: pipeline stages and
+    groups over several nodes (EngineConfig accepts them, so operator-rendered args
+    validate; the engine refuses them at start)."""
+    if config.pipeline_parallel_size > 1 or config.nnodes > 1:
         raise ValueError(
-            f"tensor_parallel_size={config.tensor_parallel_size} x pipeline_parallel_size="
-            f"{config.pipeline_parallel_size} over nnodes={config.nnodes}: parallel "
-            "execution is not available yet; this engine runs a model on one device."
+            f"pipeline_parallel_size={config.pipeline_parallel_size} over nnodes="
+            f"{config.nnodes}: pipeline parallelism and multi-node groups are not available "
+            "yet; tensor_parallel_size on one node is."
         )
 
 
-def build_engine_parts(config: EngineConfig) -> EngineParts:
+def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None) -> EngineParts:
+    """This rank's model, KV cache and runner (`group`: the rank group when world_size > 1)."""
     device = resolve_device(config.device)
+    if group is not None and device.type == "cuda":
+        device = torch.device("cuda", group.rank % config.local_world_size)
     ckpt = open_checkpoint(config.model, config.chat_template)
     check_model_split(ckpt.config, config.tensor_parallel_size, config.pipeline_parallel_size)
     require_single_rank(config)
@@ -72,11 +79,20 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
     max_model_len = config.max_model_len or model_max
     lora = LoRASlotsConfig(config.max_loras, config.max_lora_rank) if config.enable_lora else None
-    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora)
+    tp = None
+    kv_config = ckpt.config  # the rank's KV heads: what its cache holds
+    if group is not None:
+        check_tensor_parallel(config, ckpt, quant)
+        shape = tp_shape(ckpt.config, group.tp_rank, group.tp_size)
+        tp = (group, shape)
+        kv_config = rank_config(ckpt.config, shape)
+    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora, tp)
     # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
-    num_blocks = _num_kv_blocks(config, ckpt, kv_dtype, device)
+    num_blocks = _num_kv_blocks(config, kv_config, kv_dtype, device)
+    if group is not None:
+        num_blocks = group.min_int(num_blocks)  # one block table for every rank
     capacity = num_blocks * config.block_size
     if max_model_len > capacity:
         if config.max_model_len is not None:
@@ -89,13 +105,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             "max_model_len lowered from %d to the KV capacity %d", max_model_len, capacity
         )
         max_model_len = capacity
-    kv_caches = allocate_kv_caches(ckpt.config, num_blocks, config.block_size, kv_dtype, device)
-    backend = get_attention_backend(config.attention_backend, device, kv_geometry(ckpt.config)[1])
+    kv_caches = allocate_kv_caches(kv_config, num_blocks, config.block_size, kv_dtype, device)
+    backend = get_attention_backend(config.attention_backend, device, kv_geometry(kv_config)[1])
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
     runner = ModelRunner(
         model, kv_caches, config.block_size, backend, sampler, device,
         config.resolved_max_num_batched_tokens,
     )  # fmt: skip
+    runner.is_driver = group is None or group.is_driver
     runner.proposer = _proposer(config)
     if config.speculative is not None:
         runner.max_spec_batch_size = config.speculative.disable_by_batch_size
@@ -103,15 +120,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     method = quant.method if quant is not None else None
     logger.info(
         "Loaded %s (%s, %s) from %s on %s: %.1f MiB of weights (quantization: %s), "
-        "attention backend %s",
+        "attention backend %s%s",
         arch, ckpt.format, _name(dtype), config.model, device,
         weight_bytes / 2**20, method or "none", backend.name,
+        "" if group is None else f"; tensor-parallel rank {group.tp_rank} of {group.tp_size}",
     )  # fmt: skip
     logger.info(
         "KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
         "maximum concurrency at full length: %.1fx",
         _name(kv_dtype), num_blocks, config.block_size, capacity,
-        num_blocks * block_bytes(ckpt.config, config.block_size, kv_dtype) / GiB,
+        num_blocks * block_bytes(kv_config, config.block_size, kv_dtype) / GiB,
         max_model_len, capacity / max_model_len,
     )  # fmt: skip
     window = _common_sliding_window(model)
@@ -156,12 +174,13 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _num_kv_blocks(
-    config: EngineConfig, ckpt: Checkpoint, kv_dtype: torch.dtype, device: torch.device
+    config: EngineConfig, kv_config: PretrainedConfig, kv_dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Blocks the budget holds at `kv_dtype` (an FP8 cache gets twice the blocks)."""
+    """Blocks the budget holds at `kv_dtype` (an FP8 cache gets twice the blocks). Under
+    tensor parallelism the budget is per rank, and so are the block bytes (its KV heads)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = block_bytes(ckpt.config, config.block_size, kv_dtype)
+    per_block = block_bytes(kv_config, config.block_size, kv_dtype)
     if device.type == "cuda":
         budget = _cuda_kv_budget(config, device)
     else:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pinnace.runtime.distributed.tensor_parallel import ShardSlicer
 from pinnace.runtime.layers.packed import PackedMapping, to_our_module
 from pinnace.runtime.layers.rotary import RotaryEmbedding
 
@@ -77,6 +78,8 @@ class CausalLMBase(nn.Module):
         super().__init__()
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # A tensor-parallel rank's cutter of checkpoint tensors (set by the loader).
+        self.tp_slicer: ShardSlicer | None = None
 
     def shard_sizes(self, module_path: str) -> tuple[int, ...]:
         """Output rows of each part of the packed module at `module_path` (our path)."""
@@ -113,6 +116,10 @@ class CausalLMBase(nn.Module):
             if self.skips_weight(name):
                 continue
             key, dest = self._destination(params, name)
+            if self.tp_slicer is not None:
+                tensor = self.tp_slicer.take(name, tensor)
+                if tensor.shape[0] < dest.shape[0] and self.tp_slicer.is_vocab(name):
+                    dest = dest.narrow(0, 0, tensor.shape[0])  # the padded rows stay 0
             if dest.shape != tensor.shape:
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "

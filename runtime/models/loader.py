@@ -16,6 +16,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from pinnace.runtime.distributed.parallel_state import ParallelGroup
+from pinnace.runtime.distributed.tensor_parallel import (
+    LazyTensor,
+    ShardSlicer,
+    TPShape,
+    install_collectives,
+    rank_config,
+)
 from pinnace.runtime.layers.linear import can_pack, pack_linears
 from pinnace.runtime.layers.packed import to_our_module
 from pinnace.runtime.layers.quantization.config import (
@@ -53,6 +61,9 @@ class Checkpoint:
     checkpoint_dtype: torch.dtype | None  # as stored (None: quantized / unknown)
     format: str  # "safetensors" or "gguf"
     gguf: GGUFCheckpoint | None = None  # the opened file, for loading its blocks as they are
+    # safetensors only: the same names as LazyTensors, read in part (a tensor-parallel
+    # rank reads its shard of each tensor, never the whole)
+    lazy_weights: Callable[[torch.dtype], Iterator[tuple[str, LazyTensor]]] | None = None
 
 
 def open_checkpoint(path: str, chat_template: str | None = None) -> Checkpoint:
@@ -100,6 +111,7 @@ def _open_hf_folder(path: str) -> Checkpoint:
         tokenizer=tokenizer,
         eos_token_ids=_eos_token_ids(path, config, tokenizer),
         weights=lambda dtype: _iter_safetensors(files, dtype),
+        lazy_weights=lambda dtype: _iter_lazy_safetensors(files, dtype),
         checkpoint_dtype=getattr(config, "dtype", None) or getattr(config, "torch_dtype", None),
         format="safetensors",
     )
@@ -135,6 +147,17 @@ def _iter_safetensors(files: list[str], dtype: torch.dtype) -> WeightIterator:
                 if not is_code and not name.endswith(_KEEP_STORED_DTYPE):
                     tensor = tensor.to(dtype)
                 yield name, tensor
+
+
+def _iter_lazy_safetensors(
+    files: list[str], dtype: torch.dtype
+) -> Iterator[tuple[str, LazyTensor]]:
+    """As _iter_safetensors, but nothing is read until the consumer reads a range."""
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                keep = name.endswith(_KEEP_STORED_DTYPE)
+                yield name, LazyTensor(f, name, None if keep else dtype)
 
 
 def _eos_token_ids(
@@ -183,6 +206,7 @@ def build_model(
     max_positions: int,
     quantization: QuantizationConfig | None = None,
     lora: LoRASlotsConfig | None = None,
+    tp: tuple[ParallelGroup, TPShape] | None = None,
 ) -> nn.Module:
     """The one place a model is constructed, in this order:
 
@@ -194,7 +218,9 @@ def build_model(
         5. LoRA      adapter slots wrap the final base layers of the declared targets
 
     A quantized model is assembled on the CPU and moved to `device` after step 3, so a GPU
-    only ever holds the quantized weights.
+    only ever holds the quantized weights. With `tp` (a tensor-parallel rank), step 1 builds
+    the rank's shapes, step 2 reads only the rank's shard of each tensor, and a last step
+    installs the collectives (distributed/tensor_parallel.py).
     """
     architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
     cls = resolve_model_class(architectures)
@@ -204,13 +230,17 @@ def build_model(
         # A `*Model` checkpoint has no LM head: tie it to the embedding so nothing expects
         # one (pooling never computes logits; generation is refused for these).
         ckpt.config.tie_word_embeddings = True
+    config = ckpt.config if tp is None else rank_config(ckpt.config, tp[1])
     with torch.device("meta"):
-        model: Any = cls(ckpt.config, max_positions)
+        model: Any = cls(config, max_positions)
     quant = quantization
     shells = install_shells(model) if quant is not None and quant.from_checkpoint else {}
     load_device = device if quant is None else torch.device("cpu")
     model = model.to(dtype=dtype).to_empty(device=load_device)
     model.tie_weights()
+    if tp is not None:
+        _zero_padded_vocab(model)
+        model.tp_slicer = ShardSlicer(tp[1])
     _load(model, ckpt, dtype, device, quant, shells, headless)
     if quant is not None:
         _quantize_float_layers(model, ckpt, quant, device)
@@ -220,7 +250,17 @@ def build_model(
         pack_linears(model)  # the layers still in bfloat16
     if lora is not None:
         install_lora_layers(model, model_spec(model), lora, dtype, device)
+    if tp is not None:
+        install_collectives(model, *tp)
     return cast(nn.Module, model.eval())
+
+
+def _zero_padded_vocab(model: nn.Module) -> None:
+    """A rank's vocabulary rows past the real vocabulary get no checkpoint rows: zeros."""
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if path.rpartition(".")[2] in ("embed_tokens", "lm_head"):
+                module.weight.zero_()
 
 
 def _check_expert_quantization(cls: type[nn.Module], quant: QuantizationConfig | None) -> None:
@@ -248,6 +288,8 @@ def _load(
     headless: bool = False,
 ) -> None:
     weights: Iterable[tuple[str, Any]] = _weight_stream(ckpt, dtype, quant)
+    if getattr(model, "tp_slicer", None) is not None and ckpt.lazy_weights is not None:
+        weights = ckpt.lazy_weights(dtype)
     if headless:  # the body's own names: embed_tokens, layers.<i>..., norm
         weights = ((n if n.startswith("model.") else f"model.{n}", t) for n, t in weights)
     weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False)

@@ -56,6 +56,9 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # set by the engine when LoRA is enabled
         self.proposer: Proposer | None = None  # set by the engine for speculative decoding
         self.max_spec_batch_size: int | None = None  # more requests sampling: no proposals
+        # Only the driver (tensor-parallel rank 0) samples; the other ranks run the forward
+        # and the LM head (whose gather is a collective) and stop there.
+        self.is_driver = True
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -79,6 +82,8 @@ class ModelRunner:
             return out
         rows_idx = torch.tensor(sample_idx, device=self.device)
         logits = self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
+        if not self.is_driver:
+            return out
         items = [s for s in sched.scheduled if s.needs_sample]
         rows = [
             SamplingRow(

@@ -1,0 +1,153 @@
+"""One process per rank, started by the engine: rank 0 is the caller (the driver).
+
+Start-up: the driver picks the rendezvous port, spawns ranks 1..N-1, and every rank joins
+the torch.distributed group (gloo on CPU, nccl on CUDA with one GPU per rank), loads its
+shard and allocates its KV cache; the block count is the minimum over the ranks.
+
+Each step the driver broadcasts the SchedulerOutput (one pickle on the gloo CPU group),
+then runs its own rank; workers run theirs and throw their logits away. A `None` broadcast
+stops the workers.
+
+Failure: a worker that dies breaks the next collective (gloo reports the closed
+connection; the driver raises) and `check_health` sees it between steps, so the engine
+core fails loudly instead of waiting. A worker whose driver is gone exits by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+import torch
+
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pinnace.runtime.distributed.parallel_state import (
+    ParallelGroup,
+    destroy_group,
+    free_port,
+    init_group,
+)
+from pinnace.runtime.engine.setup import build_engine_parts, resolve_device
+from pinnace.runtime.executor.executor import Executor, WorkerDiedError
+
+logger = logging.getLogger("pinnace.runtime")
+
+PARENT_POLL_S = 1.0
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.world_size = config.world_size
+        addr = config.master_addr or "127.0.0.1"
+        port = config.master_port or free_port(addr)
+        device = resolve_device(config.device)
+        _limit_cpu_threads(config, device)
+        ctx = multiprocessing.get_context("spawn")
+        self.workers: list[BaseProcess] = []
+        for rank in range(1, config.local_world_size):
+            proc = ctx.Process(
+                target=run_worker,
+                args=(config, rank, addr, port, os.getpid()),
+                name=f"pinnace-rank-{rank}",
+                daemon=True,
+            )
+            proc.start()
+            self.workers.append(proc)
+        self._stopped = False
+        try:
+            self.group = init_group(0, self.world_size, config.tensor_parallel_size, addr,
+                                    port, device)  # fmt: skip
+            self.parts = build_engine_parts(config, self.group)
+        except BaseException:
+            self._kill_workers()
+            destroy_group()
+            raise
+        logger.info("%d ranks ready (worker pids %s)", self.world_size,
+                    [p.pid for p in self.workers])  # fmt: skip
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.check_health()
+        try:
+            self.group.broadcast_object(sched)
+            return self.parts.runner.execute(sched)
+        except RuntimeError as exc:  # a collective failed: which rank is gone?
+            self.check_health()
+            raise WorkerDiedError(f"a tensor-parallel collective failed: {exc}") from exc
+
+    def check_health(self) -> None:
+        for proc in self.workers:
+            if not proc.is_alive():
+                raise WorkerDiedError(
+                    f"worker {proc.name} (pid {proc.pid}) exited with status {proc.exitcode}: "
+                    "the engine cannot run without all its ranks."
+                )
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if all(p.is_alive() for p in self.workers):
+                self.group.broadcast_object(None)
+                for proc in self.workers:
+                    proc.join(timeout=10)
+        finally:
+            self._kill_workers()
+            destroy_group()
+
+    def _kill_workers(self) -> None:
+        for proc in self.workers:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+
+
+def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
+    """On CPU the ranks share the cores: each takes its share of torch's threads."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.local_world_size))
+
+
+def run_worker(config: EngineConfig, rank: int, addr: str, port: int, driver_pid: int) -> None:
+    """A worker rank's process: join, load the shard, then run every broadcast step."""
+    # The engine core ignores SIGINT/SIGTERM (its server drains first); a spawned child
+    # inherits that, so restore the defaults: the driver's terminate() must stop us.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s (rank {rank}): %(message)s"
+    )
+    _exit_with_parent(driver_pid)
+    device = resolve_device(config.device)
+    _limit_cpu_threads(config, device)
+    group = init_group(rank, config.world_size, config.tensor_parallel_size, addr, port, device)
+    parts = build_engine_parts(config, group)
+    _serve(group, parts.runner)
+    destroy_group()
+
+
+def _serve(group: ParallelGroup, runner: object) -> None:
+    while True:
+        sched = group.broadcast_object()
+        if sched is None:
+            return
+        runner.execute(sched)  # type: ignore[attr-defined]
+
+
+def _exit_with_parent(driver_pid: int) -> None:
+    """A daemon thread that ends this process once the driver is gone (a killed driver
+    leaves its workers blocked in a collective that may never fail, e.g. with nccl)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != driver_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
