@@ -22,7 +22,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
-KERNELS = ("int8_gemv", "paged_decode_attention", "rms_norm")  # the <name>.c files next to this one
+# the <name>.c files next to this one
+KERNELS = ("bf16_gemv", "int8_gemv", "paged_decode_attention", "rms_norm")
 COMPILE_TIMEOUT_S = 120
 
 

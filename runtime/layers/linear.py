@@ -1,8 +1,15 @@
-"""CPU fast path for bfloat16 linear layers: weights pre-packed for oneDNN.
+"""CPU fast path for bfloat16 linear layers: a native GEMV for decode rows, oneDNN above.
 
 torch's plain bf16 `F.linear` re-lays-out the weight on every call; packing it once into
-oneDNN's blocked format roughly halves the time of batch-1 decode matmuls (the
-bandwidth-bound case). Results are bit-identical to `F.linear` in bfloat16.
+oneDNN's blocked format roughly halves the time of its matmuls. At 1-8 activation rows
+(decode) a layer only streams its weights once, and the native AVX-512 BF16 GEMV
+(kernels/bf16_gemv.c) reads them at close to memory bandwidth, faster than oneDNN there;
+it reads the weight as nn.Linear stores it, so a layer that has the kernel keeps that
+copy besides the packed one (twice the linear weights' memory, bf16 on CPU only).
+
+`bf16_linear` is the one dispatch every bf16 CPU linear goes through. oneDNN's result is
+bit-identical to `F.linear`; the GEMV's sums differ from it by float32 rounding order
+(not by bf16's) before the shared final rounding to bf16.
 """
 
 from __future__ import annotations
@@ -12,7 +19,30 @@ import logging
 import torch
 from torch import nn
 
+from pinnace.runtime.kernels.bf16_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from pinnace.runtime.kernels.bf16_gemv import Gemv, bf16_gemv
+
 logger = logging.getLogger(__name__)
+
+
+def bf16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    gemv: Gemv | None,
+) -> torch.Tensor:
+    """x [..., K] @ W^T + bias for a bf16 layer whose weight is `packed` for oneDNN and, when
+    the native GEMV is available (`gemv`), also plain [N, K] (`weight`)."""
+    if (
+        gemv is not None
+        and weight is not None
+        and x.dim() == 2
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and x.dtype == torch.bfloat16
+    ):
+        return gemv(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
@@ -24,9 +54,19 @@ class PackedLinear(nn.Module):
             torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False
         )
         self.bias = linear.bias
+        self.gemv = bf16_gemv() if weight.is_contiguous() else None
+        # The plain weight for the GEMV (not a Parameter: the packed one is the layer's
+        # weight for everything that inspects it); shared, not copied, when tied.
+        self.plain: torch.Tensor | None = weight if self.gemv is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return bf16_linear(x, self.weight, self.bias, self.plain, self.gemv)
+
+    def extra_repr(self) -> str:
+        kernel = "onednn_packed"
+        if self.gemv is not None:
+            kernel = f"native_bf16_gemv (<= {GEMV_MAX_ROWS} rows), {kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,6 +1,6 @@
 """The default path against independent references: bfloat16 with the native RMSNorm and
-paged-decode kernels and oneDNN-packed linears, against transformers' own bfloat16 and a
-float64 evaluation of the same bf16-rounded weights.
+paged-decode kernels and oneDNN-packed linears (the native bf16 GEMV for decode rows),
+against transformers' own bfloat16 and a float64 evaluation of the same bf16-rounded weights.
 
 Two bf16 implementations cannot agree bit for bit (different op order, fused kernels), so
 the checks are:
@@ -116,10 +116,12 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 7) -> list[list[i
 
 
 def assert_default_path(llm: LLM) -> None:
-    """The engine runs what users get: packed linears and both native kernels."""
+    """The engine runs what users get: packed linears with the native GEMV for decode rows
+    and the native norm and attention kernels."""
     model = llm.llm_engine.runner.model
     assert can_pack(torch.device("cpu"), torch.bfloat16)
-    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.gemv is not None for m in packed)
     assert rms_norm() is not None and paged_decode_attention() is not None
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Where a decode step's time goes: matmul, LM head, attention, norm, other model ops, and
+the engine around the model (scheduling, sampling, detokenization, Python).
+
+    hack/bench/step_profile.py --batch-sizes 1,32 --dtype bfloat16 --threads 2
+
+Each leaf module's forward is wrapped with a timer (CPU execution is synchronous, so wall
+time is the op's time); only decode forwards (one token per request) are counted. "other
+model" is the model forward minus its timed leaves (embedding, rotary, residual adds,
+activation, reshapes); "engine" is the generate wall time minus every forward, per step.
+Prints one JSON object: per batch size, ms per decode step and each part's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def category(name: str, module: nn.Module) -> str | None:
+    kind = type(module).__name__
+    if name.endswith("lm_head"):
+        return "lm_head"
+    if "Linear" in kind:
+        return "matmul"
+    if kind == "Attention":
+        return "attention"
+    if "RMSNorm" in kind:
+        return "norm"
+    return None
+
+
+class StepTimer:
+    """Accumulates each category's time over decode forwards of `batch` tokens."""
+
+    def __init__(self, model: nn.Module, batch: int) -> None:
+        self.batch = batch
+        self.times: collections.Counter[str] = collections.Counter()
+        self.decode_steps = 0
+        self.forward_s = 0.0  # every forward, prefill included
+        self._in_decode = False
+        for name, module in model.named_modules():
+            cat = category(name, module)
+            if cat is not None:
+                module.forward = self._timed(module.forward, cat)  # type: ignore[method-assign]
+        model.forward = self._model_forward(model.forward)  # type: ignore[method-assign]
+
+    def _timed(self, fn: Callable[..., Any], cat: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if self._in_decode:
+                self.times[cat] += time.perf_counter() - start
+            return out
+
+        return run
+
+    def _model_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
+            self._in_decode = input_ids.shape[0] == self.batch
+            start = time.perf_counter()
+            out = fn(input_ids, positions)
+            elapsed = time.perf_counter() - start
+            self.forward_s += elapsed
+            if self._in_decode:
+                self.times["model"] += elapsed
+                self.decode_steps += 1
+            return out
+
+        return run
+
+
+def profile(model_path: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    from throughput import make_prompts
+
+    from pinnace.runtime import LLM, SamplingParams
+
+    llm = LLM(
+        model_path,
+        dtype=args.dtype,
+        max_num_seqs=batch,
+        kv_cache_memory=1024**3,
+        max_model_len=args.input_len + args.output_len + 16,
+        quantization=args.quantization,
+    )
+    prompts = make_prompts(batch, args.input_len)
+    llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    timer = StepTimer(llm.llm_engine.core.runner.model, batch)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    steps = args.output_len  # one prefill step (it samples the first token) + decode steps
+    t = timer.times
+    parts = {
+        "matmul": t["matmul"],
+        "lm_head": t["lm_head"],
+        "attention": t["attention"],
+        "norm": t["norm"],
+        "other_model": t["model"] - t["matmul"] - t["lm_head"] - t["attention"] - t["norm"],
+    }
+    step_ms = 1000 * t["model"] / max(timer.decode_steps, 1)
+    engine_ms = 1000 * (wall - timer.forward_s) / steps
+    total = step_ms + engine_ms
+    result = {k: round(1000 * v / max(timer.decode_steps, 1), 3) for k, v in parts.items()}
+    result["engine"] = round(engine_ms, 3)
+    return {
+        "batch": batch,
+        "decode_steps": timer.decode_steps,
+        "ms_per_step": round(total, 3),
+        "ms": result,
+        "share": {k: round(v / total, 3) for k, v in result.items()},
+    }
+
+
+def main() -> int:
+    from throughput import build_random_model
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="HF folder or .gguf (default: random SmolLM2-shaped)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--input-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_random_model(tmp, getattr(torch, args.dtype))
+        runs = [profile(model, int(b), args) for b in args.batch_sizes.split(",")]
+    print(json.dumps({"bench": "step_profile", "dtype": args.dtype, "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
