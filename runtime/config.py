@@ -18,6 +18,12 @@ CONVERTS = ("auto", "embed")
 DEFAULT_MASTER_PORT = 29500
 
 
+SPEC_NEEDS_GENERATE = (
+    "speculative decoding (speculative_config, --speculative-config) needs runner "
+    "'generate'; this model runs with runner 'pooling' (embeddings)."
+)
+
+
 @dataclass
 class EngineConfig:
     """Engine options, named as vLLM names them."""
@@ -119,6 +125,9 @@ class EngineConfig:
             raise ValueError(f"convert {self.convert!r} is not one of {', '.join(CONVERTS)}.")
         if self.convert == "embed" and self.runner == "generate":
             raise ValueError("convert 'embed' makes an embedding model: it needs runner pooling.")
+        is_pooling = self.runner == "pooling" or self.convert == "embed"
+        if self.speculative_config is not None and is_pooling:
+            raise ValueError(SPEC_NEEDS_GENERATE)
 
     def _check_parallel(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)

@@ -58,6 +58,10 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
+    def cached_block_hashes(self) -> set[bytes]:
+        """The hashes a prefix lookup can hit now."""
+        return set(self._cached)
+
     def allocate(self, num_blocks: int) -> list[KVBlock]:
         """Hand out `num_blocks` fresh blocks, evicting the least recently freed first."""
         if num_blocks > len(self._free):

@@ -93,18 +93,21 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         computed_blocks: list[KVBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> bool:
         """Make room for `num_new_tokens` more tokens; False (and no change) if it can't.
 
         `computed_blocks` (from get_computed_blocks) become the head of a new request's
-        table; the caller sets request.num_computed_tokens to match.
+        table; the caller sets request.num_computed_tokens to match. `num_lookahead_tokens`
+        more slots are reserved past them (a draft model's proposals write KV there).
         """
         computed_blocks = computed_blocks or []
         table = self._tables.get(request.req_id, [])
         self._release_outside_window(table, request.num_computed_tokens)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_new_blocks = max(0, -(-total // self.block_size) - len(table) - len(computed_blocks))
+        reserved = total + num_lookahead_tokens
+        num_new_blocks = max(0, -(-reserved // self.block_size) - len(table) - len(computed_blocks))
         # Cached blocks that are free still count as free; reviving them uses them up.
         num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + num_revived > self.pool.num_free_blocks:

@@ -41,6 +41,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         max_loras: int = 0,  # 0: LoRA off (every request runs the base model)
+        num_lookahead_tokens: int = 0,  # slots reserved past each step (a draft's proposals)
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1.")
@@ -49,6 +50,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.max_loras = max_loras
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -109,7 +111,9 @@ class Scheduler:
             request = self.running[i]
             # Proposed tokens count in the budget; the budget may cut some of them off.
             num_new = min(request.num_tokens_with_spec - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            while not self.kv.allocate_slots(
+                request, num_new, num_lookahead_tokens=self.num_lookahead_tokens
+            ):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 preempted = True
@@ -146,7 +150,7 @@ class Scheduler:
             if not request.needs_prompt_logprobs:
                 blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if not self.kv.allocate_slots(request, num_new, blocks):
+            if not self.kv.allocate_slots(request, num_new, blocks, self.num_lookahead_tokens):
                 break  # FCFS: nobody overtakes the head of the queue
             self.kv.record_prefix_query(request.num_tokens, num_hit)
             self.waiting.popleft()

@@ -60,6 +60,13 @@ def check_tensor_parallel(config: Any, ckpt: Any, quant: Any) -> None:
             f"tensor_parallel_size={tp} with LoRA adapters is not supported: adapters are "
             "not sharded across ranks; serve them with tensor_parallel_size=1."
         )
+    spec = config.speculative
+    if spec is not None and spec.method == "draft_model":
+        raise ValueError(
+            f"tensor_parallel_size={tp} with a speculative draft model is not supported: "
+            "the draft is not sharded across ranks; use method 'ngram' or "
+            "tensor_parallel_size=1."
+        )
     architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
     cls = resolve_model_class(architectures)
     if getattr(cls, "expert_params_mapping", None):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.config import SPEC_NEEDS_GENERATE, EngineConfig
 from pinnace.runtime.core.kv_cache_manager import KVCacheManager
 from pinnace.runtime.core.outputs import RequestUpdate, SchedulerStats
 from pinnace.runtime.core.scheduler import Scheduler
@@ -114,6 +114,12 @@ def require_runner(runner_type: str, needed: str) -> None:
         )
 
 
+def _num_lookahead_tokens(config: EngineConfig) -> int:
+    """KV slots a draft model writes past each step's tokens: its k proposals."""
+    spec = config.speculative
+    return spec.num_speculative_tokens if spec and spec.method == "draft_model" else 0
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -135,12 +141,15 @@ class EngineCore:
             config.resolved_max_num_batched_tokens,
             self.max_model_len,
             max_loras=config.max_loras if config.enable_lora else 0,
+            num_lookahead_tokens=_num_lookahead_tokens(config),
         )
         self.runner = parts.runner
         # How embeddings are pooled by default: a sentence-transformers folder says so.
         is_folder = os.path.isdir(config.model)
         self.pooling = pooling_from_folder(config.model) if is_folder else PoolingConfig()
         self.runner_type = runner_type_of(config, self.model_config)
+        if self.runner_type == "pooling" and config.speculative is not None:
+            raise ValueError(SPEC_NEEDS_GENERATE)
         # Structured outputs: grammars compiled (and cached) ahead of the step where they
         # can be, masks applied by the sampler.
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))

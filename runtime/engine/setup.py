@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
 
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pinnace.runtime.distributed.model_split import check_model_split, check_tensor_parallel
@@ -18,6 +17,7 @@ from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
+from pinnace.runtime.spec_decode.draft_model_proposer import DraftModelProposer
 from pinnace.runtime.spec_decode.ngram_proposer import NgramProposer
 from pinnace.runtime.spec_decode.proposer import Proposer
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes, kv_geometry
@@ -74,6 +74,7 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     ckpt = open_checkpoint(config.model, config.chat_template)
     check_model_split(ckpt.config, config.tensor_parallel_size, config.pipeline_parallel_size)
     require_single_rank(config)
+    draft = _open_draft(config, ckpt)
     dtype = resolve_dtype(config.dtype, ckpt, device)
     quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
@@ -90,7 +91,12 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
-    num_blocks = _num_kv_blocks(config, kv_config, kv_dtype, device)
+    per_block = block_bytes(kv_config, config.block_size, kv_dtype)
+    draft_model = None
+    if draft is not None:  # built before the KV budget is measured; its layers get KV too
+        draft_model = _build_draft(config, draft, dtype, device, max(max_model_len, model_max))
+        per_block += block_bytes(draft.config, config.block_size, kv_dtype)
+    num_blocks = _num_kv_blocks(config, per_block, device)
     if group is not None:
         num_blocks = group.min_int(num_blocks)  # one block table for every rank
     capacity = num_blocks * config.block_size
@@ -113,7 +119,15 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         config.resolved_max_num_batched_tokens,
     )  # fmt: skip
     runner.is_driver = group is None or group.is_driver
-    runner.proposer = _proposer(config)
+    window = _common_sliding_window(model)
+    if draft is None or draft_model is None:
+        runner.proposer = _ngram_proposer(config)
+    else:
+        runner.proposer = _draft_proposer(
+            config, draft, draft_model, device, kv_dtype, num_blocks, max_model_len
+        )
+        # Blocks outside a window are released only if the draft never reads them either.
+        window = _wider_window(window, _common_sliding_window(draft_model))
     if config.speculative is not None:
         runner.max_spec_batch_size = config.speculative.disable_by_batch_size
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
@@ -129,10 +143,8 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         "KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
         "maximum concurrency at full length: %.1fx",
         _name(kv_dtype), num_blocks, config.block_size, capacity,
-        num_blocks * block_bytes(kv_config, config.block_size, kv_dtype) / GiB,
-        max_model_len, capacity / max_model_len,
+        num_blocks * per_block / GiB, max_model_len, capacity / max_model_len,
     )  # fmt: skip
-    window = _common_sliding_window(model)
     if window is not None:
         per_request = -(-(window + config.resolved_max_num_batched_tokens) // config.block_size)
         logger.info(
@@ -146,7 +158,78 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     )  # fmt: skip
 
 
-def _proposer(config: EngineConfig) -> Proposer | None:
+def _open_draft(config: EngineConfig, target: Checkpoint) -> Checkpoint | None:
+    """The draft model's checkpoint (None without one), checked against the target's
+    vocabulary: the target verifies the draft's token ids as its own."""
+    spec = config.speculative
+    if spec is None or spec.method != "draft_model" or spec.model is None:
+        return None
+    draft = open_checkpoint(spec.model)
+    sizes = int(draft.config.vocab_size), int(target.config.vocab_size)
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            f"speculative_config: the draft model {spec.model!r} has a vocabulary of "
+            f"{sizes[0]} tokens and the target {config.model!r} one of {sizes[1]}; a draft "
+            "must share the target's vocabulary (and tokenizer)."
+        )
+    draft_vocab, target_vocab = draft.tokenizer.get_vocab(), target.tokenizer.get_vocab()
+    if draft_vocab != target_vocab:
+        differ = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()))
+        raise ValueError(
+            f"speculative_config: the draft model {spec.model!r} has another tokenizer than "
+            f"the target {config.model!r} ({len(draft_vocab)} vs {len(target_vocab)} tokens, "
+            f"{len(differ)} entries differ, e.g. {differ[0]!r}); a draft must share the "
+            "target's tokenizer."
+        )
+    return draft
+
+
+def _build_draft(
+    config: EngineConfig,
+    draft: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+) -> torch.nn.Module:
+    """The draft model in the target's dtype and quantization method (no LoRA)."""
+    quant = resolve_quantization(config.quantization, draft.config, draft.format)
+    draft_max = int(getattr(draft.config, "max_position_embeddings", 0) or 2048)
+    return build_model(draft, dtype, device, max(max_positions, draft_max), quant)
+
+
+def _draft_proposer(
+    config: EngineConfig,
+    draft: Checkpoint,
+    model: torch.nn.Module,
+    device: torch.device,
+    kv_dtype: torch.dtype,
+    num_blocks: int,
+    max_model_len: int,
+) -> DraftModelProposer:
+    """The draft's KV cache of `num_blocks` blocks (the target's block ids index it) and
+    its own attention backend (its KV head count may differ from the target's)."""
+    spec = config.speculative
+    assert spec is not None  # _open_draft returned a checkpoint
+    kv_caches = allocate_kv_caches(draft.config, num_blocks, config.block_size, kv_dtype, device)
+    backend = get_attention_backend(config.attention_backend, device, kv_geometry(draft.config)[1])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info(
+        "Speculative decoding: draft model %s (%d layers, %.1f MiB of weights), "
+        "%d tokens proposed per step",
+        spec.model, kv_geometry(draft.config)[0], weight_bytes / 2**20,
+        spec.num_speculative_tokens,
+    )  # fmt: skip
+    return DraftModelProposer(
+        model, kv_caches, backend, config.block_size, spec.num_speculative_tokens, max_model_len
+    )
+
+
+def _wider_window(a: int | None, b: int | None) -> int | None:
+    """The window both models' layers stay inside (None: one reads every position)."""
+    return None if a is None or b is None else max(a, b)
+
+
+def _ngram_proposer(config: EngineConfig) -> Proposer | None:
     spec = config.speculative
     if spec is None:
         return None
@@ -173,14 +256,12 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _num_kv_blocks(
-    config: EngineConfig, kv_config: PretrainedConfig, kv_dtype: torch.dtype, device: torch.device
-) -> int:
-    """Blocks the budget holds at `kv_dtype` (an FP8 cache gets twice the blocks). Under
-    tensor parallelism the budget is per rank, and so are the block bytes (its KV heads)."""
+def _num_kv_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
+    """Blocks of `per_block` bytes (every layer's K and V, the draft's too) the budget
+    holds (an FP8 cache gets twice the blocks). Under tensor parallelism the budget is per
+    rank, and so are the block bytes (its KV heads)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = block_bytes(kv_config, config.block_size, kv_dtype)
     if device.type == "cuda":
         budget = _cuda_kv_budget(config, device)
     else:

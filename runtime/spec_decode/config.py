@@ -17,7 +17,9 @@ class SpeculativeConfig:
     method: str | None = None  # None: draft_model when `model` is given
     prompt_lookup_min: int | None = None  # ngram: shortest suffix matched
     prompt_lookup_max: int | None = None  # ngram: longest suffix matched (tried first)
-    model: str | None = None  # draft_model: a folder with the target's tokenizer
+    # draft_model: a smaller model (folder or GGUF file) with the target's vocabulary; it
+    # proposes greedily, and its KV cache shares the target's block ids (engine/setup.py).
+    model: str | None = None
     # No proposals in steps where more requests than this sample (vLLM's field; its default
     # is None, never). A large batch is compute-bound, so verifying k + 1 tokens per request
     # costs more than it saves: hack/bench/speculative.py measured 0.42x at batch 32 on CPU
@@ -41,10 +43,10 @@ class SpeculativeConfig:
                 raise ValueError("speculative_config: method 'ngram' takes no model.")
         elif self.model is None:
             raise ValueError("speculative_config: method 'draft_model' needs a model path.")
-        else:
+        elif self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
             raise ValueError(
-                "speculative_config: method 'draft_model' is not implemented yet; "
-                "use method 'ngram'."
+                "speculative_config: prompt_lookup_min/max are for method 'ngram', not "
+                "'draft_model'."
             )
 
     def _resolve_lookup(self) -> None:

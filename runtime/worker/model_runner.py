@@ -25,6 +25,7 @@ from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayo
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
+from pinnace.runtime.spec_decode.draft_model_proposer import DraftModelProposer
 from pinnace.runtime.spec_decode.proposer import Proposer
 from pinnace.runtime.worker.embed_batches import Piece, plan_embed_forwards, scratch_blocks
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches
@@ -72,10 +73,14 @@ class ModelRunner:
             sched = dataclasses.replace(sched, scheduled=scheduled)
         input_ids, positions, layout, sample_idx = self._prepare(sched)
         metadata = self.backend.build_metadata(layout)
-        rope = self._rope_offsets([len(s.prompt_token_ids) for s in sched.scheduled], layout)
+        num_prompt_tokens = [len(s.prompt_token_ids) for s in sched.scheduled]
+        rope = self._rope_offsets(num_prompt_tokens, layout)
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
         with forward_context(ctx), lora_batch_context(lora_batch):
             hidden = self.model(input_ids, positions)  # [T, hidden]
+        if isinstance(self.proposer, DraftModelProposer):
+            # Every step, proposing or not: the draft's KV must cover what the target's does.
+            self.proposer.prefill(input_ids, positions, layout, num_prompt_tokens)
         out = ModelRunnerOutput()
         self._prompt_logprobs(sched, hidden, out)
         if not sample_idx:

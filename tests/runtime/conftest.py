@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +197,40 @@ def hf_smollm2_bf16(smollm2_gguf: str) -> torch.nn.Module:
     ).eval()
 
 
+@pytest.fixture(scope="session")
+def make_draft_model(
+    tmp_path_factory: pytest.TempPathFactory, make_tiny_model: Callable[[str], Path]
+) -> Callable[[str], Path]:
+    """make_draft_model(arch) -> a draft for the tiny `arch` model: a copy whose weights
+    carry noise of 2 % of each tensor's spread, so its greedy tokens are the target's about
+    half the time (speculation accepts and rejects at every position)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            target = make_tiny_model(arch)
+            out = tmp_path_factory.mktemp(f"draft-{arch}")
+            for item in target.iterdir():
+                if item.suffix != ".safetensors":
+                    shutil.copy(item, out / item.name)
+            gen = torch.Generator().manual_seed(7)
+            for file in target.glob("*.safetensors"):
+                tensors = load_file(file)
+                for name, t in tensors.items():
+                    noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                    tensors[name] = t + 0.02 * t.float().std() * noise
+                save_file(tensors, out / file.name, metadata={"format": "pt"})
+            cache[arch] = out
+        return cache[arch]
+
+    return make
+
+
 class OracleProposer:
     """A speculative-decoding proposer for tests: proposes each prompt's known greedy
     continuation with one token wrong, at position 0, 1, ..., k - 1 in turn, and every
@@ -204,9 +239,14 @@ class OracleProposer:
     nearly all rejected there.)"""
 
     def __init__(
-        self, continuations: dict[tuple[int, ...], list[int]], k: int = 4, errors: bool = True
+        self,
+        continuations: dict[tuple[int, ...], list[int]],
+        vocab_size: int,  # a wrong token is still a token of the vocabulary
+        k: int = 4,
+        errors: bool = True,
     ) -> None:
         self.continuations = continuations
+        self.vocab_size = vocab_size
         self.k = k
         self.errors = errors  # False: every proposal right
         self.num_calls = 0
@@ -219,12 +259,13 @@ class OracleProposer:
             wrong = self.num_calls % (self.k + 1)
             self.num_calls += 1
             if self.errors and wrong < len(spec):
-                spec[wrong] += 1
+                spec[wrong] = (spec[wrong] + 1) % self.vocab_size
             out.append(spec)
         return out
 
 
 @pytest.fixture(scope="session", name="oracle_proposer")
 def oracle_proposer_fixture() -> type[OracleProposer]:
-    """OracleProposer(continuations: {prompt tuple: greedy tokens}, k=4, errors=True)."""
+    """OracleProposer(continuations: {prompt tuple: greedy tokens}, vocab_size, k=4,
+    errors=True)."""
     return OracleProposer

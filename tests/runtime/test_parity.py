@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.core.block_pool import hash_block
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # HF past_key_values rename
 
@@ -56,17 +57,50 @@ CONFIGS = {
         "num_kv_blocks": 22,
         "max_model_len": 350,
     },
+    # A draft model (the target with 2 % weight noise: about half its tokens accepted), its
+    # KV in the same 22 blocks, under chunked prefill and preemption.
+    "draft-model": {
+        "speculative_config": {"model": "<draft>", "num_speculative_tokens": 3},
+        "max_num_batched_tokens": 32,
+        "num_kv_blocks": 22,
+        "max_model_len": 350,
+    },
 }
+SPECULATIVE = ("speculative", "draft-model")
+
+
+def _accepted_block_hashes(prompts: list[list[int]], outputs: list[list[int]]) -> set[bytes]:
+    """Hashes of every full block of each prompt + its (accepted) output tokens."""
+    hashes = set()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        tokens, parent = prompt + output, None
+        for start in range(0, len(tokens) - 15, 16):
+            parent = hash_block(parent, tokens[start : start + 16])
+            hashes.add(parent)
+    return hashes
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_greedy_parity(arch: str, config: str, references: dict, oracle_proposer: type) -> None:
+def test_greedy_parity(
+    arch: str,
+    config: str,
+    references: dict,
+    oracle_proposer: type,
+    make_draft_model: Callable[[str], Path],
+) -> None:
     path, prompts, expected = references[arch]
-    llm = LLM(str(path), dtype="float32", kv_cache_memory=64 * 2**20, **CONFIGS[config])
+    options = dict(CONFIGS[config])
+    if config == "draft-model":
+        options["speculative_config"] = {
+            "model": str(make_draft_model(arch)),
+            "num_speculative_tokens": 3,
+        }
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=64 * 2**20, **options)
     if config == "speculative":
         continuations = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
-        llm.llm_engine.runner.proposer = oracle_proposer(continuations)
+        vocab = llm.llm_engine.vocab_size
+        llm.llm_engine.runner.proposer = oracle_proposer(continuations, vocab)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out, ref in zip(prompts, outs, expected, strict=True):
@@ -74,15 +108,21 @@ def test_greedy_parity(arch: str, config: str, references: dict, oracle_proposer
         assert out.outputs[0].token_ids == ref, f"{arch}/{config}: prompt of {len(prompt)}"
         assert out.outputs[0].finish_reason == "length"
     stats = llm.llm_engine.stats()
-    if config in ("preemption", "speculative"):
+    if config in ("preemption", *SPECULATIVE):
         assert stats.num_preemptions > 0
-    if config == "speculative":
+    if config in SPECULATIVE:
         spec = stats.spec_decoding
         assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
+        # After many rejections the prefix cache holds blocks of accepted tokens only.
+        accepted = _accepted_block_hashes(prompts, expected)
+        cached = llm.llm_engine.scheduler.kv.pool.cached_block_hashes()
+        assert cached and cached <= accepted
     if config != "no-prefix-caching":
-        # A second pass is served from the prefix cache and must still match.
-        again = llm.generate(prompts, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in again] == expected
-        if config != "speculative":  # its 22 blocks may have evicted the prompts by then
-            assert llm.llm_engine.stats().prefix_cache_hits > stats.prefix_cache_hits
+        # A second pass is served from the prefix cache and must still match. Last prompt
+        # first: in 22 blocks only the most recently finished requests' blocks survive.
+        again = llm.generate(prompts[::-1], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == expected[::-1]
+        assert llm.llm_engine.stats().prefix_cache_hits > stats.prefix_cache_hits
+        if config in SPECULATIVE:
+            assert llm.llm_engine.scheduler.kv.pool.cached_block_hashes() <= accepted
     assert llm.llm_engine.stats().kv_cache_usage == 0.0

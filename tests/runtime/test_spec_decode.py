@@ -6,9 +6,11 @@ sampling's output distribution, seeds, and the configuration's errors."""
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ from prometheus_client import generate_latest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import ScheduledRequest, SchedulerStats, SpecDecodingStats
+from pinnace.runtime.distributed.model_split import check_tensor_parallel
 from pinnace.runtime.engine.stat_logger import StatLogger
 from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.spec_decode import SpeculativeConfig
@@ -40,19 +44,25 @@ def _continuations(prompts: list[list[int]], outs: list) -> dict[tuple[int, ...]
 # -- stops inside a proposal --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("proposer", ["oracle", "draft-model"])
 def test_stops_and_max_tokens_inside_a_proposal_match_no_speculation(
-    make_tiny_model: Callable[[str], Path], oracle_proposer: type
+    make_tiny_model: Callable[[str], Path], oracle_proposer: type, proposer: str
 ) -> None:
     path = str(make_tiny_model("LlamaForCausalLM"))
     base = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20)
-    spec = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, speculative_config=NGRAM)
     prompts = [[1000 + 37 * i for i in range(40)]]  # 2 full blocks: prefix-cache hits
     free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     reference = base.generate(prompts, free, use_tqdm=False)[0].outputs[0]
-    # Every proposal right, so each step carries 5 tokens and the stops fall inside one.
-    spec.llm_engine.runner.proposer = oracle_proposer(
-        {tuple(prompts[0]): reference.token_ids}, errors=False
-    )
+    # Every proposal right, so each step carries k + 1 tokens and the stops fall inside
+    # one: the oracle knows the continuation; the target is its own draft.
+    if proposer == "oracle":
+        spec = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, speculative_config=NGRAM)
+        spec.llm_engine.runner.proposer = oracle_proposer(
+            {tuple(prompts[0]): reference.token_ids}, spec.llm_engine.vocab_size, errors=False
+        )
+    else:
+        draft = {"model": path, "num_speculative_tokens": 4}
+        spec = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, speculative_config=draft)
     text = reference.text
     stop_string = text[len(text) // 2 : len(text) // 2 + 3]
     cases = [
@@ -203,22 +213,61 @@ class SkewedProposer:
         ]
 
 
-def test_sampled_outputs_follow_the_target_distribution(tiny_vocab_model: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_vocab_draft(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A deliberately different draft for tiny_vocab_model: another architecture (Qwen2,
+    2 KV heads, its own random weights), the same 12-token vocabulary."""
+    config = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        architectures=["Qwen2ForCausalLM"],
+    )
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("tiny-vocab-draft")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("proposer", ["skewed", "draft-model"])
+def test_sampled_outputs_follow_the_target_distribution(
+    tiny_vocab_model: Path, tiny_vocab_draft: Path, proposer: str
+) -> None:
     prompt, steps, temperature = [1, 4, 2], 4, 0.8
     exact = _exact_marginals(tiny_vocab_model, prompt, steps, temperature)
+    spec: dict[str, object] = {"method": "ngram"}
+    if proposer == "draft-model":
+        spec = {"model": str(tiny_vocab_draft)}
     llm = LLM(
         str(tiny_vocab_model),
         dtype="float32",
         kv_cache_memory=32 * 2**20,
         max_num_seqs=512,
         speculative_config={
-            "method": "ngram",
+            **spec,
             "num_speculative_tokens": 4,
             "disable_by_batch_size": None,  # speculate in batches of 512 too
         },
         enable_prefix_caching=False,
     )
-    llm.llm_engine.runner.proposer = SkewedProposer()
+    if proposer == "skewed":
+        llm.llm_engine.runner.proposer = SkewedProposer()
+    else:  # the draft's greedy tokens are not the target's: its q is far from p
+        greedy = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+        draft_greedy = LLM(str(tiny_vocab_draft), dtype="float32", kv_cache_memory=2**20)
+        target_greedy = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+        assert (
+            draft_greedy.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+            != target_greedy
+        )
     params = SamplingParams(temperature=temperature, max_tokens=steps, ignore_eos=True)
     outs = llm.generate([prompt] * 2400, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
@@ -289,6 +338,8 @@ def test_ngram_greedy_equals_no_speculation(tiny_vocab_model: Path) -> None:
         ),
         ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown key"),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model path"),
+        ({"model": "/m", "num_speculative_tokens": 2, "prompt_lookup_max": 2},
+         "are for method 'ngram'"),
         ("ngram", "must be a JSON object"),
     ],
 )  # fmt: skip
@@ -303,8 +354,35 @@ def test_speculative_config_resolves_the_lookup_range_as_vllm() -> None:
     assert (one_end.prompt_lookup_min, one_end.prompt_lookup_max) == (4, 4)
     neither = SpeculativeConfig(num_speculative_tokens=2, method="ngram")
     assert (neither.prompt_lookup_min, neither.prompt_lookup_max) == (5, 5)
-    with pytest.raises(ValueError, match="'draft_model' is not implemented yet"):
-        SpeculativeConfig(num_speculative_tokens=2, model="/m")  # method from the model
+    draft = SpeculativeConfig(num_speculative_tokens=2, model="/m")  # method from the model
+    assert draft.method == "draft_model"
+
+
+def test_a_draft_with_another_vocabulary_or_tokenizer_is_refused(
+    make_tiny_model: Callable[[str], Path],
+    tiny_vocab_model: Path,
+    tmp_path: Path,
+) -> None:
+    target = str(make_tiny_model("LlamaForCausalLM"))
+    with pytest.raises(ValueError, match=r"vocabulary of 12 tokens and the target .* 49152"):
+        LLM(
+            target, speculative_config={"model": str(tiny_vocab_model), "num_speculative_tokens": 2}
+        )
+    # Same vocabulary size, another tokenizer (one token renamed).
+    draft = tmp_path / "draft"
+    shutil.copytree(target, draft)
+    vocab_file = draft / "tokenizer.json"
+    text = vocab_file.read_text().replace('"<|im_start|>"', '"<|im_begin|>"')
+    vocab_file.write_text(text)
+    with pytest.raises(ValueError, match="another tokenizer than the target"):
+        LLM(target, speculative_config={"model": str(draft), "num_speculative_tokens": 2})
+
+
+def test_speculation_is_refused_for_a_pooling_runner(
+    make_tiny_model: Callable[[str], Path],
+) -> None:
+    with pytest.raises(ValueError, match="needs runner 'generate'"):
+        LLM(str(make_tiny_model("LlamaForCausalLM")), runner="pooling", speculative_config=NGRAM)
 
 
 # -- metrics and the periodic log line ----------------------------------------------------
@@ -340,3 +418,14 @@ def test_log_line_reports_the_acceptance_rate_of_the_interval() -> None:
         "mean acceptance length: 2.00" in line and "(per position: 0.75, 0.25, 0.00, 0.00)" in line
     )
     assert "spec" not in StatLogger().line(_stats(0, 0, 0, []), 5.0).lower()
+
+
+def test_a_draft_model_is_refused_under_tensor_parallelism() -> None:
+    config = EngineConfig(
+        "/m",
+        tensor_parallel_size=2,
+        speculative_config={"model": "/d", "num_speculative_tokens": 2},
+    )
+    ckpt = SimpleNamespace(format="safetensors", config=None)
+    with pytest.raises(ValueError, match="with a speculative draft model is not supported"):
+        check_tensor_parallel(config, ckpt, None)

@@ -66,7 +66,10 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_parity(
-    arch: str, reference: Callable[[str], tuple[Path, list, list]], oracle_proposer: type
+    arch: str,
+    reference: Callable[[str], tuple[Path, list, list]],
+    oracle_proposer: type,
+    make_draft_model: Callable[[str], Path],
 ) -> None:
     path, prompts, expected = reference(arch)
     llm = LLM(str(path), dtype="float32", kv_cache_memory=KV)
@@ -74,22 +77,24 @@ def test_greedy_parity(
     hits = llm.llm_engine.stats().prefix_cache_hits
     assert _generate(llm, prompts) == expected  # now from the prefix cache
     assert llm.llm_engine.stats().prefix_cache_hits > hits
-    # 32-token chunks, and 10 blocks of 16 for ~230 tokens: decodes preempt each other;
+    # 32-token chunks, and 9 blocks of 16 for ~230 tokens: decodes preempt each other;
     # 3 tokens proposed per step, some wrong.
-    small = LLM(
-        str(path),
-        dtype="float32",
-        max_num_batched_tokens=32,
-        num_kv_blocks=10,
-        max_model_len=150,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 3},
-    )
+    small = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=9, max_model_len=140)
+    oracle = LLM(
+        str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 3}, **small
+    )  # type: ignore[arg-type]
     continuations = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
-    small.llm_engine.runner.proposer = oracle_proposer(continuations, k=3)
-    assert _generate(small, prompts) == expected
-    stats = small.llm_engine.stats()
-    assert stats.num_preemptions > 0
-    assert 0 < stats.spec_decoding.num_accepted_tokens < stats.spec_decoding.num_draft_tokens
+    oracle.llm_engine.runner.proposer = oracle_proposer(
+        continuations, oracle.llm_engine.vocab_size, k=3
+    )
+    # The same with a draft model of this architecture (the target plus weight noise),
+    # its KV in the same 9 blocks.
+    draft = {"model": str(make_draft_model(arch)), "num_speculative_tokens": 3}
+    for llm in (oracle, LLM(str(path), speculative_config=draft, **small)):  # type: ignore[arg-type]
+        assert _generate(llm, prompts) == expected
+        stats = llm.llm_engine.stats()
+        assert stats.num_preemptions > 0
+        assert 0 < stats.spec_decoding.num_accepted_tokens < stats.spec_decoding.num_draft_tokens
 
 
 @pytest.mark.parametrize("arch", ARCHS)

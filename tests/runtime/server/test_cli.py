@@ -90,6 +90,16 @@ def test_default_served_name(tmp_path: Path) -> None:
         (["{model}", "--speculative-config", "{method: ngram}"], "not valid JSON"),
         (["{model}", "--speculative-config", "[4]"], "must be a JSON object"),
         (["{model}", "--speculative-config", '{"method": "ngram"}'], "num_speculative_tokens"),
+        (
+            [
+                "{model}",
+                "--runner",
+                "pooling",
+                "--speculative-config",
+                '{"method": "ngram", "num_speculative_tokens": 2}',
+            ],
+            "needs runner 'generate'",
+        ),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(
