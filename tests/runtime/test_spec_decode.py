@@ -6,6 +6,7 @@ sampling's output distribution, seeds, and the configuration's errors."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import ScheduledRequest, SchedulerStats, SpecDecodingStats
 from pinnace.runtime.distributed.model_split import check_tensor_parallel
 from pinnace.runtime.engine.stat_logger import StatLogger
+from pinnace.runtime.sampling_params import StructuredOutputsParams
 from pinnace.runtime.server.metrics import ServingMetrics
 from pinnace.runtime.spec_decode import SpeculativeConfig
 from pinnace.runtime.spec_decode import rejection_sampler as rs
@@ -429,3 +431,28 @@ def test_a_draft_model_is_refused_under_tensor_parallelism() -> None:
     ckpt = SimpleNamespace(format="safetensors", config=None)
     with pytest.raises(ValueError, match="with a speculative draft model is not supported"):
         check_tensor_parallel(config, ckpt, None)
+
+
+def test_structured_outputs_are_not_speculated_and_keep_their_tokens(
+    make_tiny_model: Callable[[str], Path], make_draft_model: Callable[[str], Path]
+) -> None:
+    """A grammar's mask would have to follow each proposal: constrained requests get none
+    (the draft still reads their tokens) while others in the batch are speculated."""
+    path = str(make_tiny_model("LlamaForCausalLM"))
+    draft = {"model": str(make_draft_model("LlamaForCausalLM")), "num_speculative_tokens": 3}
+    base = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20)
+    spec = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, speculative_config=draft)
+    pattern = "[a-z]{3}-[0-9]{3}"
+    constrained = SamplingParams(
+        temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex=pattern)
+    )
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [100 + i for i in range(20)]]
+    want = base.generate(prompts, [constrained, free], use_tqdm=False)
+    got = spec.generate(prompts, [constrained, free], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert re.fullmatch(pattern, got[0].outputs[0].text)
+    num_drafts = spec.llm_engine.stats().spec_decoding.num_drafts
+    assert num_drafts > 0
+    spec.generate(prompts[:1], constrained, use_tqdm=False)
+    assert spec.llm_engine.stats().spec_decoding.num_drafts == num_drafts

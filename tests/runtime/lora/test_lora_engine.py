@@ -204,3 +204,30 @@ def test_qwen3_all_seven_targets_match_transformers_peft(
     )
     assert tokens(outs) == expected
     assert tokens(llm.generate(prompts, PARAMS, use_tqdm=False)) != expected
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft-model"])
+def test_speculation_keeps_each_adapters_tokens(
+    lora_base: Path,
+    adapter_dirs: dict[str, Path],
+    lora_prompts: list,
+    alone: dict,
+    make_draft_model: Any,
+    method: str,
+) -> None:
+    """Adapters are applied to the target only: the draft (or n-gram lookup) proposes
+    from the base model, and verification by the adapted target keeps its tokens."""
+    spec: dict[str, Any] = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    if method == "draft-model":
+        spec = {"model": str(make_draft_model("LlamaForCausalLM")), "num_speculative_tokens": 3}
+    llm = make_llm(lora_base, speculative_config=spec)
+    requests = lora_requests(adapter_dirs)
+    order = [([None, *NAMES][i % 4], i // 2 % 4) for i in range(8)]
+    prompts = [lora_prompts[p] for _, p in order]
+    loras = [requests[g] if g else None for g, _ in order]
+    mixed = tokens(llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=loras))
+    assert mixed == [alone[g][p] for g, p in order]
+    stats = llm.llm_engine.stats().spec_decoding
+    assert stats.num_draft_tokens > 0
+    if method == "draft-model":
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
