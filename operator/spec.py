@@ -175,6 +175,13 @@ class Speculative(SpecModel):
     num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
     prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
     prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
+    disable_by_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="No proposals in steps where more requests than this sample (a large "
+        "batch is compute-bound); unset: the runtime's default (8).",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

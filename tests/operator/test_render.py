@@ -140,6 +140,14 @@ def test_speculative_decoding_renders_vllms_json() -> None:
     # The flag the runtime parses, into the config it checks.
     config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
     assert config.speculative is not None and config.speculative.num_speculative_tokens == 4
+    assert config.speculative.disable_by_batch_size == 8  # unset: the runtime's default
+    capped = example(
+        "minimal-cpu", engine={"speculative": {**speculative, "disableByBatchSize": 2}}
+    )
+    args = container(render_deployment(capped))["args"]
+    assert json.loads(flag(args, "--speculative-config"))["disable_by_batch_size"] == 2
+    config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
+    assert config.speculative is not None and config.speculative.disable_by_batch_size == 2
     assert (
         "--speculative-config" not in container(render_deployment(example("minimal-cpu")))["args"]
     )
