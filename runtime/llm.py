@@ -19,6 +19,7 @@ from pinnace.runtime.beam_search import (
 from pinnace.runtime.chat_template import apply_chat_template
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.engine.mp_llm_engine import MPLLMEngine
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.sampling_params import SamplingParams
@@ -37,15 +38,29 @@ class LLM:
     max_cpu_loras, runner, convert, ...). runner="pooling" (or a checkpoint that
     `runner="auto"` recognises as an embedding model) serves `embed` only; "generate"
     serves `generate`, `chat` and `beam_search` only.
+
+    `enable_multiprocessing=True` runs the engine core (scheduler and model) in a process
+    of its own, as `pinnace serve` does, while this process tokenizes, detokenizes and
+    checks stop strings, overlapping the core's next step (vLLM's name for the choice;
+    the default keeps everything in this process). `shutdown()` stops that process; it
+    also stops when the `LLM` is collected or the interpreter exits.
     """
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
+    def __init__(self, model: str, *, enable_multiprocessing: bool = False, **kwargs: Any) -> None:
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        config = EngineConfig(model=model, **kwargs)
+        self.llm_engine: LLMEngine | MPLLMEngine = (
+            MPLLMEngine(config) if enable_multiprocessing else LLMEngine(config)
+        )
         self._counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine-core process of `enable_multiprocessing=True` (else nothing)."""
+        if isinstance(self.llm_engine, MPLLMEngine):
+            self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.llm_engine.tokenizer
@@ -92,7 +107,7 @@ class LLM:
             engine.validate(engine.tokenize(prompt), sp)
             if sp.structured_outputs is not None:
                 try:
-                    engine.grammar.compile(sp.structured_outputs)  # cached for the sampler
+                    engine.check_constraint(sp.structured_outputs)
                 except ValueError as exc:
                     raise ValueError(f"structured_outputs: {exc}") from exc
         for adapter in dict.fromkeys(r for r in loras if r is not None):

@@ -51,6 +51,7 @@ from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.engine.model_facts import ModelFacts
 from pinnace.runtime.engine.output_processor import OutputProcessor
 from pinnace.runtime.engine.stat_logger import StatLogger
+from pinnace.runtime.engine.step_profile import profile
 from pinnace.runtime.engine.streams import (
     EngineDeadError,
     EngineFailedError,
@@ -107,6 +108,7 @@ class AsyncLLMEngine:
         self._call_ids = itertools.count(1)
         self._stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
         self.stat_logger = StatLogger()  # the periodic log line
+        self.profile = profile("frontend")
         self._dead: str | None = None
         self._started = False
         # Called on the event loop with the reason when the core dies (the server stops
@@ -196,6 +198,10 @@ class AsyncLLMEngine:
         """Stop the core (its requests are aborted); open streams end with EngineDeadError."""
         self.client.shutdown(timeout)
         self._started = False
+        # Written now: after SIGTERM uvicorn ends the process by the signal (no atexit).
+        self.profile.dump()
+        if self.engine is not None:
+            self.engine.core.profile.dump()
         stopped = EngineDeadError("the engine was shut down.")
         self._fail(None, stopped)
         self._fail_calls(stopped)  # their answers will never come
@@ -322,6 +328,8 @@ class AsyncLLMEngine:
             self._on_death(event.reason)
 
     def _on_step(self, event: StepOutputs) -> None:
+        prof = self.profile
+        prof.start()
         self._stats = event.stats
         num_new = sum(len(u.new_token_ids) for u in event.updates)  # type: ignore[misc,attr-defined]
         self.stat_logger.observe(event.stats, num_new)
@@ -335,6 +343,7 @@ class AsyncLLMEngine:
                 event.failed_ids, EngineStepError(f"generation failed: {event.error}")
             )
         processed = self.processor.process(event.updates)
+        prof.lap("process")
         if processed.stopped:
             self.client.send(AbortRequests(processed.stopped, stopped=True))
         now = time.monotonic()
@@ -342,7 +351,12 @@ class AsyncLLMEngine:
             stream = self._streams.get(output.request_id)
             if stream is None or stream.finished:
                 continue  # aborted while the step ran
+            first = stream.first_token_time is None
             stream.deliver(output, now, self.observer)
+            if first and prof.enabled and stream.scheduled_time is not None:
+                prof.add("arrival_to_step", stream.scheduled_time - stream.arrival_time)
+                prof.add("step_to_first_token", now - stream.scheduled_time)
+        prof.lap("deliver")
 
     def _on_result(self, event: UtilityResult) -> None:
         future = self._calls.get(event.call_id)

@@ -45,6 +45,7 @@ from pinnace.runtime.engine.core_messages import (
     updates_from_wire,
 )
 from pinnace.runtime.engine.llm_engine import LLMEngine
+from pinnace.runtime.engine.step_profile import profile
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class InprocClient:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(deliver, event)
 
+        self.engine.core.profile = profile("core")
         self._thread = threading.Thread(
             target=self._run, args=(CoreLoop(self.engine.core, emit),), name="pinnace-engine"
         )
@@ -259,10 +261,18 @@ class MPClient:
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         decode = self._codec.events.decode
+        prof = profile("frontend")
         try:
             while True:
                 frame = await sock.recv(copy=False)
-                self._dispatch(decode(frame.buffer))
+                start = time.perf_counter()
+                event = decode(frame.buffer)
+                if isinstance(event, StepOutputs):
+                    event.updates = updates_from_wire(event.updates)
+                    prof.add("step_start_to_frontend", time.monotonic() - event.step_start)
+                prof.add("decode", time.perf_counter() - start)
+                if self._on_event is not None:
+                    self._on_event(event)
         except Exception as exc:
             # Nothing would read the core's events any more: every stream would wait
             # forever on a server that looks healthy. A dead reader is a dead core.
@@ -295,6 +305,14 @@ class MPClient:
 
     def send(self, command: Command) -> None:
         self._input.send(self._codec.encode(command), copy=False)
+
+    def recv(self, timeout_ms: int) -> Event | None:
+        """The core's next event read here, without an event loop (MPLLMEngine; not after
+        `start`); None if none came within `timeout_ms`."""
+        if not self._output.poll(timeout_ms):
+            return None
+        event: Event = self._codec.events.decode(self._output.recv())
+        return event
 
     def call_sync(self, method: str, *args: Any) -> Any:
         self.send(UtilityCall(0, method, dumps(args)))

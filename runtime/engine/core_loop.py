@@ -35,6 +35,7 @@ from pinnace.runtime.engine.core_messages import (
 )
 from pinnace.runtime.engine.engine_core import CoreRequest
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
+from pinnace.runtime.engine.step_profile import NullProfile
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.request import RequestStatus
@@ -61,6 +62,8 @@ class Core(Protocol):
 
     @property
     def grammar(self) -> GrammarCompiler: ...
+
+    profile: NullProfile
 
 
 class CoreLoop:
@@ -101,8 +104,10 @@ class CoreLoop:
         return True
 
     def _add(self, command: AddRequests) -> None:
+        now = time.monotonic()
         for wire in command.requests:
             self.num_applied_adds += 1
+            self.core.profile.add("arrival_to_core", now - wire.arrival_time)
             request = from_wire(wire)
             spec = request.params.structured_outputs
             if spec is not None:

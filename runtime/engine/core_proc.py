@@ -38,6 +38,7 @@ from pinnace.runtime.engine.core_messages import (
     updates_to_wire,
 )
 from pinnace.runtime.engine.engine_core import EngineCore
+from pinnace.runtime.engine.step_profile import NullProfile, profile
 
 logger = logging.getLogger("pinnace.runtime")
 
@@ -72,14 +73,18 @@ def run_engine_core(
     codec = Codec()
 
     events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+    prof = profile("core")
 
     def emit(event: Event) -> None:
+        prof.start()
         if isinstance(event, StepOutputs):
             event.updates = updates_to_wire(event.updates)
         data = codec.encode(event)
+        prof.lap("encode")
         while True:  # blocks only when the front end is far behind, or gone
             try:
                 events.send(data, copy=False)
+                prof.lap("send")
                 return
             except zmq.Again:
                 if not _alive(front_end_pid):
@@ -87,12 +92,13 @@ def run_engine_core(
 
     try:
         core = EngineCore(config)
+        core.profile = prof
         logger.info(
             "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
         )
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
-        _serve(CoreLoop(core, emit), commands, codec, front_end_pid, core.check_health)
+        _serve(CoreLoop(core, emit), commands, codec, front_end_pid, prof, core.check_health)
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
         events.close(linger=0)
@@ -102,6 +108,8 @@ def run_engine_core(
         emit(CoreDead(repr(exc)))
         events.close(linger=1000)  # let the last word reach the front end
         sys.exit(1)
+    finally:
+        prof.dump()  # a multiprocessing child leaves by os._exit: no atexit
     events.close(linger=1000)
     commands.close(linger=0)
 
@@ -111,6 +119,7 @@ def _serve(
     commands: zmq.Socket[bytes],
     codec: Codec,
     front_end_pid: int,
+    prof: NullProfile,
     check_health: Callable[[], None] = lambda: None,
 ) -> None:
     poller = zmq.Poller()
@@ -120,7 +129,9 @@ def _serve(
         busy = loop.core.has_unfinished_requests()
         # Idle: sleep until a command comes (or, while a grammar compiles, a moment); busy:
         # only take what is already there.
+        prof.start()
         ready = poller.poll(0 if busy else COMPILE_POLL_MS if loop.has_work else IDLE_POLL_MS)
+        prof.lap("poll" if busy else "poll_idle")
         # Every second or so: is anyone left to serve? (A killed server leaves no word.)
         if (not ready or busy) and time.monotonic() - checked > LIVENESS_CHECK_S:
             checked = time.monotonic()
@@ -136,6 +147,8 @@ def _serve(
             handled = True
             if not loop.handle(codec.commands.decode(data.buffer)):
                 return
+        if handled:
+            prof.lap("commands")
         loop.finish_background()
         if loop.core.has_unfinished_requests():
             loop.step()

@@ -22,6 +22,7 @@ from pinnace.runtime.core.outputs import RequestUpdate, SchedulerStats
 from pinnace.runtime.core.scheduler import Scheduler
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.engine.setup import EngineParts
+from pinnace.runtime.engine.step_profile import NullProfile
 from pinnace.runtime.executor.executor import Executor, make_executor
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.layers import LoRASlotsConfig
@@ -144,6 +145,7 @@ class EngineCore:
             num_lookahead_tokens=_num_lookahead_tokens(config),
         )
         self.runner = parts.runner
+        self.profile = NullProfile()  # its core loop (or LLMEngine) sets its own
         # How embeddings are pooled by default: a sentence-transformers folder says so.
         is_folder = os.path.isdir(config.model)
         self.pooling = pooling_from_folder(config.model) if is_folder else PoolingConfig()
@@ -209,9 +211,19 @@ class EngineCore:
 
     def step(self) -> list[RequestUpdate]:
         """Run one batch; an update for every request that made progress."""
+        prof = self.profile
+        prof.start()
         sched = self.scheduler.schedule()
+        prof.lap("schedule")
         result = self.executor.execute(sched)
+        prof.lap("execute")
         updates = self.scheduler.update_from_output(sched, result)
+        prof.lap("update")
+        if prof.enabled:
+            execute = prof.phases["execute"][-1]  # type: ignore[attr-defined]
+            has_prompt = any(len(s.token_ids) > 1 for s in sched.scheduled)
+            num_tokens = sched.total_num_scheduled_tokens
+            prof.step(len(sched.scheduled), num_tokens, has_prompt, execute)
         for update in updates:
             if update.finish_reason is not None:
                 self._release_lora(update.req_id)

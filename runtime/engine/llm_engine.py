@@ -14,11 +14,12 @@ from pinnace.runtime.core.outputs import SchedulerStats
 from pinnace.runtime.engine.engine_core import EngineCore, require_runner
 from pinnace.runtime.engine.model_facts import ModelFacts
 from pinnace.runtime.engine.output_processor import OutputProcessor
+from pinnace.runtime.engine.step_profile import profile
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from pinnace.runtime.request import RequestStatus
-from pinnace.runtime.sampling_params import SamplingParams
+from pinnace.runtime.sampling_params import SamplingParams, StructuredOutputsParams
 from pinnace.runtime.worker.pooler import PoolingConfig
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class LLMEngine:
         self.config = config
         self.core = EngineCore(config)
         core = self.core
+        core.profile = profile("offline")  # an AsyncLLMEngine's thread sets "core"
         self.parts = core.parts
         self.tokenizer = core.tokenizer
         self.model_config = core.model_config
@@ -52,6 +54,11 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request before it is queued; returns its resolved max_tokens."""
         return self.facts.validate(prompt_token_ids, params)
+
+    def check_constraint(self, spec: StructuredOutputsParams) -> None:
+        """ValueError for a constraint that cannot compile (compiled and cached now, for
+        the sampler)."""
+        self.grammar.compile(spec)
 
     def add_request(
         self,

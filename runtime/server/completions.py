@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
 from pinnace.runtime.beam_search import BeamSearchParams
+from pinnace.runtime.engine.step_profile import profile
 from pinnace.runtime.outputs import RequestOutput
 from pinnace.runtime.sampling_params import ParameterError, SamplingParams
 from pinnace.runtime.server.beam import beam_search
@@ -173,6 +174,7 @@ async def stream_completion(
         return sse(body.model_dump_json(exclude_none=True))
 
     tracker = DeltaTracker()
+    prof = profile("frontend")
     offsets: dict[int, int] = {}  # text sent per choice, for logprobs' text_offset
     try:
         for i, text in enumerate(job.echo_texts or []):
@@ -181,6 +183,7 @@ async def stream_completion(
                 yield chunk([CompletionChoice(index=job.choice_index(i, s), text=text)])
         async with stream_deltas(ctx, job.requests, tracker) as deltas:
             async for prompt_index, output, delta in deltas:
+                start = time.perf_counter()
                 index = job.choice_index(prompt_index, delta.index)
                 logprobs = None
                 if job.params.logprobs is not None and delta.logprobs is not None:
@@ -198,7 +201,9 @@ async def stream_completion(
                     finish_reason=delta.finish_reason,
                     stop_reason=delta.stop_reason,
                 )
-                yield chunk([choice])
+                data = chunk([choice])
+                prof.add("sse", time.perf_counter() - start)
+                yield data
         if include_usage:
             yield chunk([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
     except APIError as exc:
