@@ -89,6 +89,15 @@ KINDS: tuple[Kind, ...] = (
         prune=True,
     ),
     Kind("Deployment", "apps/v1", "deployments", _verbs(*_WATCHED), prune=True, watch=True),
+    # Multi-node replicas (a group of pods each) instead of the Deployment.
+    Kind(
+        names.LWS_KIND,
+        names.LWS_API_VERSION,
+        "leaderworkersets",
+        _verbs(*_WATCHED),
+        prune=True,
+        watch=True,  # status mirrors its ready groups
+    ),
     Kind("Service", "v1", "services", _verbs(*_WATCHED), prune=True, watch=True),
     Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", _verbs(*_APPLIED)),
     # Adapter fetches: names of their own, pruned by label (`render.adapters`).

@@ -2,9 +2,10 @@
 
 Only an *obvious* misfit is reported: the weights plus the KV cache of a single
 `maxModelLen` sequence (the least a vLLM-style engine needs to start) exceed
-`gpu.memory × gpuMemoryUtilization` per GPU, with weights and KV heads split over
-`tensorParallelSize` GPUs. The shape comes from `model.parameterCount` or, when the
-model is a local directory (file://), from its config.json.
+`gpu.memory × gpuMemoryUtilization` per GPU, with weights and KV cache split over the
+replica's `tensorParallelSize x pipelineParallelSize` GPUs (all pods of a multi-node
+group). The shape comes from `model.parameterCount` or, when the model is a local
+directory (file://), from its config.json.
 """
 
 from __future__ import annotations
@@ -102,14 +103,14 @@ def estimate(llmd: LLMDeployment, shape: ModelShape) -> FitEstimate | None:
     gpu, engine = llmd.spec.resources.gpu, llmd.spec.engine
     if gpu is None or gpu.count == 0 or gpu.memory is None:
         return None
-    tp = engine.tensor_parallel_size
+    ranks = engine.world_size  # the whole replica: one pod's GPUs, or a group's
     weight_bytes = _QUANT_BYTES.get(engine.quantization or "", _DTYPE_BYTES[engine.dtype])
     kv_value_bytes = 1.0 if engine.kv_cache_dtype == "fp8" else _DTYPE_BYTES[engine.dtype]
     per_token = shape.kv_bytes_per_token(kv_value_bytes)
     seq_len = engine.max_model_len or shape.max_position_embeddings
-    kv = per_token * seq_len / tp if per_token is not None and seq_len else None
+    kv = per_token * seq_len / ranks if per_token is not None and seq_len else None
     return FitEstimate(
-        weights_bytes=shape.num_params * weight_bytes / tp,
+        weights_bytes=shape.num_params * weight_bytes / ranks,
         kv_bytes=kv,
         budget_bytes=float(parse_quantity(gpu.memory)) * engine.gpu_memory_utilization,
     )

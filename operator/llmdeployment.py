@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pinnace.operator import names
+from pinnace.operator.parallel_checks import parallel_errors
 from pinnace.operator.spec import Adapter, LLMDeploymentSpec, Rule
 
 # Flags the operator derives from the spec; setting them in extraArgs would silently fight
@@ -35,6 +36,13 @@ MANAGED_FLAGS: dict[str, str] = {
     "--task": "use engine.runner",
     "--convert": "use engine.runner",
     "--tensor-parallel-size": "use engine.tensorParallelSize",
+    "-tp": "use engine.tensorParallelSize",
+    "--pipeline-parallel-size": "use engine.pipelineParallelSize",
+    "-pp": "use engine.pipelineParallelSize",
+    "--nnodes": "a replica's pods follow from engine and resources.gpu.count",
+    "--node-rank": "each pod of a LeaderWorkerSet group takes its rank from the group",
+    "--master-addr": "each pod of a LeaderWorkerSet group finds its leader from the group",
+    "--master-port": "the runtime's default rendezvous port is used",
     "--speculative-config": "use engine.speculative",
     "--kv-cache-memory": "use engine.kvCacheMemory",
     "--enable-lora": "use adapters or engine.enableLora",
@@ -88,6 +96,19 @@ class LLMDeployment:
     def lora_enabled(self) -> bool:
         """The runtime reserves LoRA slots: adapters are declared, or asked for up front."""
         return bool(self.spec.adapters) or self.spec.engine.enable_lora
+
+    @property
+    def group_size(self) -> int:
+        """Pods per replica: 1, or a LeaderWorkerSet group when the replica's GPUs
+        (tensor x pipeline parallel) exceed one pod's `resources.gpu.count`."""
+        gpus, world = self.spec.resources.gpu_count, self.spec.engine.world_size
+        if gpus == 0 or world <= gpus:
+            return 1
+        return -(-world // gpus)  # parse refuses a world that pods do not split evenly
+
+    @property
+    def is_multi_node(self) -> bool:
+        return self.group_size > 1
 
     @property
     def cache_claim(self) -> str | None:
@@ -162,11 +183,6 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     clash = [a.name for a in spec.adapters if a.name == llmd.served_name]
     if clash:
         problems.append(f"adapters: name {clash[0]!r} clashes with the served model name")
-    if engine.tensor_parallel_size > 1 and engine.tensor_parallel_size != gpus:
-        problems.append(
-            f"engine.tensorParallelSize={engine.tensor_parallel_size} needs "
-            f"resources.gpu.count={engine.tensor_parallel_size} (got {gpus})"
-        )
     if engine.kv_cache_memory is not None and gpus > 0:
         problems.append(
             "engine.kvCacheMemory is the CPU KV budget; with GPUs use engine.gpuMemoryUtilization"
@@ -184,7 +200,13 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
     for var in engine.env:
         if var.name in RESERVED_ENV:
             problems.append(f"engine.env: {var.name} is set by the operator")
-    return problems + _adapter_errors(llmd) + _autoscaling_errors(llmd) + _kserve_errors(llmd)
+    return (
+        problems
+        + parallel_errors(llmd)
+        + _adapter_errors(llmd)
+        + _autoscaling_errors(llmd)
+        + _kserve_errors(llmd)
+    )
 
 
 def is_fetched(llmd: LLMDeployment, adapter: Adapter) -> bool:

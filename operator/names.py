@@ -61,5 +61,11 @@ ANNOTATION_KSERVE_DEPLOYMENT_MODE = f"{KSERVE_GROUP}/deploymentMode"
 ANNOTATION_KSERVE_AUTOSCALER_CLASS = f"{KSERVE_GROUP}/autoscalerClass"
 LABEL_KSERVE_ISVC = f"{KSERVE_GROUP}/inferenceservice"
 
+# LeaderWorkerSet (kubernetes-sigs/lws): multi-node replicas, one group of pods each.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+# LWS labels every pod of a group with its index in the group; the leader is "0".
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
 # KEDA's Prometheus when autoscaling.prometheusUrl is not set: kube-prometheus-stack's.
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"

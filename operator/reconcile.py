@@ -113,7 +113,8 @@ def _status(
             selector=f"{names.LABEL_KSERVE_ISVC}={llmd.name}",
             effective=effective(llmd),
         )
-    obs = observe_deployment(live.get(f"Deployment/{llmd.name}"))
+    workload = names.LWS_KIND if llmd.is_multi_node else "Deployment"
+    obs = observe_deployment(live.get(f"{workload}/{llmd.name}"))
     desired = llmd.replicas
     if desired is None:  # autoscaled: the count is whatever the autoscaler set last
         desired = obs.desired if obs.desired is not None else 1

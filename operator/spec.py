@@ -1,70 +1,42 @@
 """The `LLMDeployment` spec: one pydantic model that is both the parser and the CRD schema.
 
 The CRD's openAPIV3Schema is generated from these classes (`crd.py`), so the two cannot
-drift. Cross-field rules are declared once as `Rule(cel, message, check)`: the CEL text
-goes into the CRD (`x-kubernetes-validations`, enforced by the API server), the Python
-`check` runs here (for `pinnace render` and the operator), with the same message.
+drift. The building blocks (`SpecModel`, `Rule`, value patterns) are in spec_base.py,
+`spec.engine` in engine_spec.py; both are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
-# Kubernetes resource.Quantity, as the API server accepts it ("16Gi", "500m", "1e9").
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
-    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+from pinnace.operator.engine_spec import DType, Engine, EnvVar, Quantization, Runner, Speculative
+from pinnace.operator.spec_base import (
+    ADAPTER_NAME_PATTERN,
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
+    DOWNLOAD_SCHEMES,
+    MODEL_URI_PATTERN,
+    PARAM_COUNT_PATTERN,
+    QUANTITY_PATTERN,
+    URL_PATTERN,
+    Quantity,
+    Rule,
+    SpecModel,
 )
-MODEL_URI_PATTERN = r"^(hf|pvc|s3|gs|file)://[^\s]+$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-URL_PATTERN = r"^https?://[^\s]+$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-PARAM_COUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBT]?$"
 
-Quantity = str
-DOWNLOAD_SCHEMES = ("hf://", "s3://", "gs://")
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A cross-field rule: `cel` for the API server, `check` for Python, one message."""
-
-    cel: str
-    message: str
-    check: Callable[[Any], bool]
-
-
-def _add_rules(schema: dict[str, Any], cls: type) -> None:
-    rules: tuple[Rule, ...] = getattr(cls, "rules", ())
-    if rules:
-        schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in rules]
-
-
-class SpecModel(BaseModel):
-    """Base: camelCase field names as in the CRD, unknown fields rejected, rules enforced."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-        json_schema_extra=_add_rules,
-    )
-    rules: ClassVar[tuple[Rule, ...]] = ()
-
-    @model_validator(mode="after")
-    def _check_rules(self) -> SpecModel:
-        for rule in self.rules:
-            if not rule.check(self):
-                raise ValueError(rule.message)
-        return self
+__all__ = [
+    "DType",
+    "Engine",
+    "EnvVar",
+    "Quantity",
+    "Quantization",
+    "Rule",
+    "Runner",
+    "SpecModel",
+    "Speculative",
+]
 
 
 class SecretRef(SpecModel):
@@ -150,83 +122,6 @@ class Resources(SpecModel):
     @property
     def gpu_count(self) -> int:
         return self.gpu.count if self.gpu is not None else 0
-
-
-class EnvVar(SpecModel):
-    """An environment variable for the runtime container."""
-
-    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=256)
-    value: str = ""
-
-
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
-Runner = Literal["auto", "generate", "pooling"]
-
-
-class Speculative(SpecModel):
-    """Speculative decoding, rendered as `--speculative-config` (vLLM's speculative_config)."""
-
-    method: Literal["ngram"] = Field(
-        default="ngram",
-        description="ngram: propose the tokens that followed the latest n tokens earlier in "
-        "the prompt or output (prompt lookup).",
-    )
-    num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
-    prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
-    prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
-    disable_by_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="No proposals in steps where more requests than this sample (a large "
-        "batch is compute-bound); unset: the runtime's default (8).",
-    )
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            "!has(self.promptLookupMin) || !has(self.promptLookupMax) || "
-            "self.promptLookupMin <= self.promptLookupMax",
-            "promptLookupMin must not exceed promptLookupMax",
-            lambda s: (
-                s.prompt_lookup_min is None
-                or s.prompt_lookup_max is None
-                or s.prompt_lookup_min <= s.prompt_lookup_max
-            ),
-        ),
-    )
-
-
-class Engine(SpecModel):
-    """Runtime settings; each maps to one `pinnace serve` flag."""
-
-    max_model_len: int | None = Field(default=None, ge=16, le=1_048_576)
-    max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
-    dtype: DType = "auto"
-    quantization: Quantization | None = None
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    runner: Runner = Field(
-        default="auto",
-        description="What the model serves (vLLM's --runner): generate (completions, chat, "
-        "KServe inference) or pooling (/v1/embeddings); auto decides from the checkpoint "
-        "(sentence-transformers folders and *Model architectures pool).",
-    )
-    enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    kv_cache_memory: Quantity | None = Field(
-        default=None, pattern=QUANTITY_PATTERN, description="KV cache budget on CPU (e.g. 2Gi)."
-    )
-    enable_lora: bool = Field(
-        default=False,
-        description="Reserve LoRA slots even with no adapters declared, so adding the first "
-        "adapter or removing the last one hot-loads instead of restarting pods.",
-    )
-    speculative: Speculative | None = Field(
-        default=None, description="Speculative decoding; off when absent."
-    )
-    env: list[EnvVar] = Field(default_factory=list, max_length=64)
-    extra_args: list[str] = Field(default_factory=list, max_length=64)
 
 
 class Adapter(SpecModel):

@@ -61,7 +61,10 @@ class LLMDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     phase: Phase | None = None
     conditions: list[Condition] = Field(default_factory=list)
-    replicas: int | None = Field(default=None, description="Pods of the runtime Deployment.")
+    replicas: int | None = Field(
+        default=None,
+        description="Replicas of the runtime: pods, or groups of pods for a multi-node model.",
+    )
     ready_replicas: int | None = None
     updated_replicas: int | None = None
     selector: str | None = Field(default=None, description="Label selector (scale subresource).")
@@ -75,7 +78,7 @@ class LLMDeploymentStatus(StatusModel):
 
 @dataclass(frozen=True)
 class Observation:
-    """What the child Deployment reports, reduced to what status needs."""
+    """What the child Deployment (or LeaderWorkerSet) reports, reduced to what status needs."""
 
     exists: bool = False
     desired: int | None = None  # spec.replicas as the Deployment has it (an HPA's choice)
@@ -87,6 +90,8 @@ class Observation:
 
 
 def observe_deployment(deployment: Mapping[str, Any] | None) -> Observation:
+    """A Deployment's counts of pods, or a LeaderWorkerSet's of groups (its status has the
+    same fields: replicas, readyReplicas, updatedReplicas, observedGeneration)."""
     if deployment is None:
         return Observation()
     status = deployment.get("status") or {}

@@ -16,6 +16,7 @@ from pinnace.operator.render.autoscaling import render_autoscaler
 from pinnace.operator.render.deployment import render_deployment
 from pinnace.operator.render.disruption import render_disruption_budget
 from pinnace.operator.render.kserve import render_inference_service, render_serving_runtime
+from pinnace.operator.render.leaderworkerset import render_leader_worker_set
 from pinnace.operator.render.network_policy import render_network_policy
 from pinnace.operator.render.service import endpoint, render_service
 from pinnace.operator.render.storage import render_cache_pvc
@@ -30,9 +31,11 @@ __all__ = [
     "render_disruption_budget",
     "render_fetch_jobs",
     "render_inference_service",
+    "render_leader_worker_set",
     "render_network_policy",
     "render_service",
     "render_serving_runtime",
+    "render_workload",
 ]
 
 # Children that go when the spec stops asking for them (switching serving.mode, dropping
@@ -53,6 +56,12 @@ def render_all(llmd: LLMDeployment) -> list[dict[str, Any]]:
         *(obj for obj in optional if obj),  # the policy is in place before any pod starts
         *render_fetch_jobs(llmd),  # they fill the cache the pods mount
         render_service(llmd),
-        render_deployment(llmd),
+        render_workload(llmd),
         *(obj for obj in after if obj),
     ]
+
+
+def render_workload(llmd: LLMDeployment) -> dict[str, Any]:
+    """What runs the pods in Deployment mode: a Deployment, or a LeaderWorkerSet when a
+    replica is a group of pods (its GPUs exceed one pod's)."""
+    return render_leader_worker_set(llmd) if llmd.is_multi_node else render_deployment(llmd)

@@ -80,6 +80,12 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     if spec.resources.gpu_count > 0:
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+        if engine.pipeline_parallel_size > 1:  # new flag: only where set, so no pod rolls
+            args += ["--pipeline-parallel-size", str(engine.pipeline_parallel_size)]
+    # A multi-node replica: every pod of the LeaderWorkerSet group runs these same args;
+    # the runtime reads its rank, the group size and the leader's address from the
+    # environment LeaderWorkerSet gives each pod (LWS_WORKER_INDEX, LWS_GROUP_SIZE,
+    # LWS_LEADER_ADDRESS). Rank 0, the leader, also serves the API.
     if engine.kv_cache_memory is not None:
         args += ["--kv-cache-memory", str(int(parse_quantity(engine.kv_cache_memory)))]
     if llmd.lora_enabled:

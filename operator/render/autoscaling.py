@@ -1,6 +1,6 @@
 """Autoscalers for the runtime Deployment: an autoscaling/v2 HPA or a KEDA ScaledObject.
 
-Both scale the child Deployment (never the LLMDeployment), and the Deployment is rendered
+Both scale the child Deployment or LeaderWorkerSet (never the LLMDeployment), rendered
 without `replicas` while they do: the autoscaler is the only writer of the count, so
 nothing it does is a diff against what the operator applies or what the user wrote.
 
@@ -80,6 +80,10 @@ def render_autoscaler(llmd: LLMDeployment) -> dict[str, Any] | None:
 
 
 def _target_ref(llmd: LLMDeployment) -> dict[str, str]:
+    """The Deployment, or the LeaderWorkerSet of a multi-node model: its scale subresource
+    counts groups, and its selector picks their leaders, which export the metrics."""
+    if llmd.is_multi_node:
+        return {"apiVersion": names.LWS_API_VERSION, "kind": names.LWS_KIND, "name": llmd.name}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "name": llmd.name}
 
 

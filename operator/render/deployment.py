@@ -38,9 +38,7 @@ POD_SECURITY = {
 
 
 def render_deployment(llmd: LLMDeployment) -> dict[str, Any]:
-    template = _pod_template(llmd)
-    pod_hash = labels.content_hash(template)
-    template["metadata"]["annotations"] = {names.ANNOTATION_POD_SPEC_HASH: pod_hash}
+    template = with_pod_hash(pod_template(llmd))
     spec: dict[str, Any] = {
         "selector": {"matchLabels": labels.selector_labels(llmd)},
         "strategy": strategy(llmd),
@@ -69,7 +67,15 @@ def strategy(llmd: LLMDeployment) -> dict[str, Any]:
     return {"type": "RollingUpdate", "rollingUpdate": surge}
 
 
-def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
+def with_pod_hash(template: dict[str, Any]) -> dict[str, Any]:
+    """The template annotated with its own hash: it changes exactly when pods must roll."""
+    pod_hash = labels.content_hash(template)
+    template["metadata"]["annotations"] = {names.ANNOTATION_POD_SPEC_HASH: pod_hash}
+    return template
+
+
+def pod_template(llmd: LLMDeployment) -> dict[str, Any]:
+    """The runtime pod that serves the API (a Deployment's pods, a group's leader)."""
     # Only the model: adapters are hot-loaded from paths every pod already has (the image,
     # the cache, the model's claim), so the adapter list never changes this template.
     all_sources = [argmod.model_source(llmd)]
@@ -78,7 +84,7 @@ def _pod_template(llmd: LLMDeployment) -> dict[str, Any]:
         {"name": sources.TMP_VOLUME, "emptyDir": {}},
         *(v for s in all_sources for v in s.volumes),
     ]
-    if llmd.spec.engine.tensor_parallel_size > 1:  # NCCL needs a real /dev/shm
+    if llmd.spec.engine.world_size > 1:  # NCCL needs a real /dev/shm
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     init_containers = [
         {**s.download, "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
@@ -115,7 +121,7 @@ def runtime_container(llmd: LLMDeployment, source_mounts: list[dict[str, Any]]) 
         {"name": sources.TMP_VOLUME, "mountPath": sources.TMP_DIR},
         *source_mounts,
     ]
-    if spec.engine.tensor_parallel_size > 1:
+    if spec.engine.world_size > 1:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     container: dict[str, Any] = {
         "name": names.CONTAINER_NAME,

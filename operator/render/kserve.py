@@ -116,7 +116,7 @@ def _pod_fields(llmd: LLMDeployment) -> dict[str, Any]:
         {"name": sources.CACHE_VOLUME, "emptyDir": {}},
         {"name": sources.TMP_VOLUME, "emptyDir": {}},
     ]
-    if llmd.spec.engine.tensor_parallel_size > 1:
+    if llmd.spec.engine.world_size > 1:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,

@@ -15,6 +15,14 @@ def selector_labels(llmd: LLMDeployment) -> dict[str, str]:
     return {names.LABEL_NAME: names.APP_NAME, names.LABEL_INSTANCE: llmd.name}
 
 
+def serving_labels(llmd: LLMDeployment) -> dict[str, str]:
+    """The pods that serve the API: every runtime pod, or only the leader of each group of
+    a multi-node replica (its workers run ranks, not the API)."""
+    if llmd.is_multi_node:
+        return {**selector_labels(llmd), names.LWS_WORKER_INDEX_LABEL: "0"}
+    return selector_labels(llmd)
+
+
 def common_labels(llmd: LLMDeployment) -> dict[str, str]:
     labels = {
         **selector_labels(llmd),
@@ -28,8 +36,8 @@ def common_labels(llmd: LLMDeployment) -> dict[str, str]:
 
 
 def selector_string(llmd: LLMDeployment) -> str:
-    """`status.selector` for the scale subresource (HPA reads it)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(llmd).items()))
+    """`status.selector` for the scale subresource (HPA reads it): one pod per replica."""
+    return ",".join(f"{k}={v}" for k, v in sorted(serving_labels(llmd).items()))
 
 
 def content_hash(obj: Any) -> str:

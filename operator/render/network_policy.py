@@ -36,6 +36,10 @@ def render_network_policy(llmd: LLMDeployment) -> dict[str, Any] | None:
         peers = [_peer(p) for p in policy.allow_from]
         ingress.append({"from": peers, "ports": api_ports})
     ingress.append({"from": [operator], "ports": [{"port": names.PORT_NAME, "protocol": "TCP"}]})
+    if llmd.is_multi_node:
+        # The pods of a group talk to each other: the rendezvous on the leader, then the
+        # collectives (NCCL/gloo) on ports of their own choosing, so every port.
+        ingress.append({"from": [{"podSelector": {"matchLabels": labels.selector_labels(llmd)}}]})
     obj = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -18,7 +18,7 @@ def render_service(llmd: LLMDeployment) -> dict[str, Any]:
         "metadata": labels.metadata(llmd, llmd.name),
         "spec": {
             "type": "ClusterIP",
-            "selector": labels.selector_labels(llmd),
+            "selector": labels.serving_labels(llmd),
             "ports": [
                 {
                     "name": names.PORT_NAME,

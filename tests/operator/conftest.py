@@ -99,6 +99,12 @@ def keda_crd() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def lws_crd() -> dict[str, Any]:
+    """LeaderWorkerSet v0.10.0's CRD (data/lws/SOURCE.txt)."""
+    return harness.load_crd(harness.LWS_CRD_PATH)
+
+
+@pytest.fixture(scope="session")
 def service_monitor_crd() -> dict[str, Any]:
     """Prometheus operator v0.93.0's ServiceMonitor CRD (data/prometheus-operator/SOURCE.txt)."""
     return harness.load_crd(harness.SERVICE_MONITOR_CRD_PATH)

@@ -78,6 +78,7 @@ def test_rbac_has_no_wildcards_and_binds_the_service_account() -> None:
     deletable = {r for r, verbs in verbs_of.items() if "delete" in verbs}
     assert deletable == {
         "deployments",
+        "leaderworkersets",
         "services",
         "horizontalpodautoscalers",
         "scaledobjects",
@@ -150,9 +151,10 @@ def test_rbac_is_exactly_what_the_operator_uses(
     start_operator: Any,
     kserve_api_crds: list[dict[str, Any]],
     keda_crd: dict[str, Any],
+    lws_crd: dict[str, Any],
     runtime_pods: Any,
 ) -> None:
-    for crd in [*kserve_api_crds, keda_crd]:
+    for crd in [*kserve_api_crds, keda_crd, lws_crd]:
         cluster.apply_crd(crd)
     start_operator()  # after the CRDs: kopf discovers InferenceServices once, at start
     base = "/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments"
@@ -162,6 +164,7 @@ def test_rbac_is_exactly_what_the_operator_uses(
     hpa = create_llmd("autoscaling")  # + HorizontalPodAutoscaler
     keda = create_llmd("autoscaling-keda")  # + ScaledObject
     isvc = create_llmd("kserve")  # ServingRuntime + InferenceService
+    group = create_llmd("multi-node")  # LeaderWorkerSet
     # LoRA: fetch Jobs, a runtime pod to hot-load on, the API key Secret to call it with.
     key = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bot-key"}}
     cluster.post("/api/v1/namespaces/ml/secrets", {**key, "data": {"api-key": "a2V5"}})
@@ -181,6 +184,8 @@ def test_rbac_is_exactly_what_the_operator_uses(
     wait.exists("/apis/keda.sh/v1alpha1/namespaces/ml/scaledobjects/smollm2-keda")
     isvc_path = "/apis/serving.kserve.io/v1beta1/namespaces/ml/inferenceservices/qwen-kserve"
     wait.exists(isvc_path)
+    lws_path = "/apis/leaderworkerset.x-k8s.io/v1/namespaces/ml/leaderworkersets/llama-405b"
+    wait.exists(lws_path)
     wait.until(lambda: "status" in (cluster.get(bad) or {}))
 
     # Updates patch children; dropping autoscaling deletes the autoscalers, turning off the
@@ -204,6 +209,10 @@ def test_rbac_is_exactly_what_the_operator_uses(
     wait.gone("/apis/apps/v1/namespaces/ml/deployments/smollm2-keda")
     cluster.patch(isvc, {"spec": {"serving": {"mode": "Deployment", "kserve": None}}})
     wait.gone(isvc_path)
+    # Fitting one pod again: the LeaderWorkerSet goes, a Deployment comes.
+    one_pod = {"engine": {"pipelineParallelSize": 1}, "model": {"parameterCount": "70B"}}
+    cluster.patch(group, {"spec": one_pod})
+    wait.gone(lws_path)
     deleted = cluster.seq()
     cluster.http.delete(f"{base}/qwen-chat")
     cluster.reconciled("ml/qwen-chat", after=deleted)  # what it does about a deletion

@@ -15,7 +15,7 @@ from pinnace.cli.main import build_parser
 from pinnace.cli.serve import build_config
 from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment, parse_llmdeployment
-from pinnace.operator.render import render_all, render_deployment
+from pinnace.operator.render import render_all, render_deployment, render_workload
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -42,6 +42,7 @@ def test_every_rendered_object_is_valid_kubernetes(
     path: Path,
     kserve_crds: dict[str, Any],
     keda_crd: dict[str, Any],
+    lws_crd: dict[str, Any],
     schema_errors: Any,
 ) -> None:
     llmd = parse_llmdeployment(yaml.safe_load(path.read_text()))
@@ -50,9 +51,10 @@ def test_every_rendered_object_is_valid_kubernetes(
     if llmd.spec.serving.is_kserve:
         assert kinds == {"ServingRuntime", "InferenceService"}
     else:
-        assert kinds >= {"Deployment", "Service"}
+        workload = "LeaderWorkerSet" if llmd.is_multi_node else "Deployment"
+        assert kinds >= {workload, "Service"} and len(kinds & {"Deployment", workload}) == 1
     # Custom resources of other projects, against their own released CRDs.
-    custom = {**kserve_crds, "ScaledObject": keda_crd}
+    custom = {**kserve_crds, "ScaledObject": keda_crd, "LeaderWorkerSet": lws_crd}
     for obj in objects:
         if obj["kind"] in custom:
             assert schema_errors(custom[obj["kind"]], obj) == [], obj["kind"]
@@ -153,10 +155,22 @@ def test_speculative_decoding_renders_vllms_json() -> None:
     )
 
 
+def pod_specs(llmd: LLMDeployment) -> list[dict[str, Any]]:
+    """The Deployment's pod, or a LeaderWorkerSet's leader and worker pods."""
+    workload = render_workload(llmd)
+    if workload["kind"] == "Deployment":
+        return [workload["spec"]["template"]["spec"]]
+    group = workload["spec"]["leaderWorkerTemplate"]
+    return [group["leaderTemplate"]["spec"], group["workerTemplate"]["spec"]]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"examples/{p.stem}")
 def test_pods_are_locked_down(path: Path) -> None:
-    dep = render_deployment(parse_llmdeployment(yaml.safe_load(path.read_text())))
-    pod = dep["spec"]["template"]["spec"]
+    for pod in pod_specs(parse_llmdeployment(yaml.safe_load(path.read_text()))):
+        _check_locked_down(pod)
+
+
+def _check_locked_down(pod: dict[str, Any]) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

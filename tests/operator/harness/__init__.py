@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from . import validation
 from .cluster import Cluster
-from .crds import KEDA_CRD_PATH, KSERVE_CRD_DIR, REPO, SERVICE_MONITOR_CRD_PATH, load_crd
+from .crds import (
+    KEDA_CRD_PATH,
+    KSERVE_CRD_DIR,
+    LWS_CRD_PATH,
+    REPO,
+    SERVICE_MONITOR_CRD_PATH,
+    load_crd,
+)
 from .operator_thread import Operator
 from .runtime_pods import FakeRuntime, RuntimePods
 from .validation import crd_schema_errors
@@ -17,6 +24,7 @@ from .validation import crd_schema_errors
 __all__ = [
     "KEDA_CRD_PATH",
     "KSERVE_CRD_DIR",
+    "LWS_CRD_PATH",
     "REPO",
     "SERVICE_MONITOR_CRD_PATH",
     "Cluster",

@@ -1,5 +1,5 @@
-"""Where the CRDs come from: ours, KServe's (shared test data), KEDA's and the Prometheus
-operator's (vendored test data, see each folder's SOURCE.txt)."""
+"""Where the CRDs come from: ours, KServe's (shared test data), KEDA's, LeaderWorkerSet's
+and the Prometheus operator's (vendored test data, see each folder's SOURCE.txt)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ KSERVE_CRD_DIR = REPO.parent / "shared" / "data" / "kserve-v0.20.0" / "crd"
 # Upstream release CRDs, copied verbatim (source, tag, commit and license beside them).
 DATA = Path(__file__).resolve().parents[1] / "data"
 KEDA_CRD_PATH = DATA / "keda" / "keda.sh_scaledobjects.yaml"
+LWS_CRD_PATH = DATA / "lws" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
 SERVICE_MONITOR_CRD_PATH = (
     DATA / "prometheus-operator" / "monitoring.coreos.com_servicemonitors.yaml"
 )

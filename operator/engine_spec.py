@@ -1,0 +1,106 @@
+"""`spec.engine`: the runtime's settings, each rendered as one `pinnace serve` flag, and how
+the model is split over GPUs (tensor and pipeline parallelism)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from pinnace.operator.spec_base import ENV_NAME_PATTERN, QUANTITY_PATTERN, Quantity, Rule, SpecModel
+
+
+class EnvVar(SpecModel):
+    """An environment variable for the runtime container."""
+
+    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=256)
+    value: str = ""
+
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
+Runner = Literal["auto", "generate", "pooling"]
+
+
+class Speculative(SpecModel):
+    """Speculative decoding, rendered as `--speculative-config` (vLLM's speculative_config)."""
+
+    method: Literal["ngram"] = Field(
+        default="ngram",
+        description="ngram: propose the tokens that followed the latest n tokens earlier in "
+        "the prompt or output (prompt lookup).",
+    )
+    num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
+    prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
+    prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
+    disable_by_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="No proposals in steps where more requests than this sample (a large "
+        "batch is compute-bound); unset: the runtime's default (8).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.promptLookupMin) || !has(self.promptLookupMax) || "
+            "self.promptLookupMin <= self.promptLookupMax",
+            "promptLookupMin must not exceed promptLookupMax",
+            lambda s: (
+                s.prompt_lookup_min is None
+                or s.prompt_lookup_max is None
+                or s.prompt_lookup_min <= s.prompt_lookup_max
+            ),
+        ),
+    )
+
+
+class Engine(SpecModel):
+    """Runtime settings; each maps to one `pinnace serve` flag."""
+
+    max_model_len: int | None = Field(default=None, ge=16, le=1_048_576)
+    max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
+    dtype: DType = "auto"
+    quantization: Quantization | None = None
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    runner: Runner = Field(
+        default="auto",
+        description="What the model serves (vLLM's --runner): generate (completions, chat, "
+        "KServe inference) or pooling (/v1/embeddings); auto decides from the checkpoint "
+        "(sentence-transformers folders and *Model architectures pool).",
+    )
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs that share each layer (vLLM's tensor_parallel_size).",
+    )
+    pipeline_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Stages the layers are split into (vLLM's pipeline_parallel_size). "
+        "tensorParallelSize x pipelineParallelSize GPUs serve one replica: when that is more "
+        "than resources.gpu.count, each replica is a LeaderWorkerSet group of "
+        "(tensorParallelSize x pipelineParallelSize) / gpu.count pods.",
+    )
+    kv_cache_memory: Quantity | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="KV cache budget on CPU (e.g. 2Gi)."
+    )
+    enable_lora: bool = Field(
+        default=False,
+        description="Reserve LoRA slots even with no adapters declared, so adding the first "
+        "adapter or removing the last one hot-loads instead of restarting pods.",
+    )
+    speculative: Speculative | None = Field(
+        default=None, description="Speculative decoding; off when absent."
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+    @property
+    def world_size(self) -> int:
+        """GPUs (ranks) one replica runs on: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
