@@ -54,6 +54,7 @@ def render_file(filename: str) -> list[dict[str, Any]]:
     from pinnace.operator.fit import check_fit
     from pinnace.operator.llmdeployment import parse_llmdeployment
     from pinnace.operator.render import render_all
+    from pinnace.operator.runtime_support import check_runtime_support
 
     text = sys.stdin.read() if filename == "-" else Path(filename).read_text()
     try:
@@ -68,5 +69,6 @@ def render_file(filename: str) -> list[dict[str, Any]]:
             raise ValueError(f"{filename}: expected a YAML mapping, got {type(body).__name__}")
         llmd = parse_llmdeployment(body)  # SpecError is a ValueError: one line, exit 2
         check_fit(llmd)
+        check_runtime_support(llmd)
         out += render_all(llmd)
     return out

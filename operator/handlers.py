@@ -1,10 +1,11 @@
 """Thin kopf handlers: every trigger funnels into one `reconcile` pass for one resource.
 
 Triggers: create / update / resume of an `LLMDeployment`; events of the Deployments,
-Services, InferenceServices and adapter fetch Jobs it owns: status follows pod (or KServe)
-readiness, and an edited or deleted child is put back (drift); and events of its runtime
-pods when they serve LoRA adapters: a pod that turns ready, restarts or goes away is what
-changes which adapters are loaded where, so that is when the adapters are re-applied.
+LeaderWorkerSets, Services, InferenceServices and adapter fetch Jobs it owns: status
+follows pod (or KServe) readiness, and an edited or deleted child is put back (drift);
+and events of its runtime pods when they serve LoRA adapters: a pod that turns ready,
+restarts or goes away is what changes which adapters are loaded where, so that is when
+the adapters are re-applied.
 No timer or daemon: kopf would need a finalizer on every resource to stop them, and a
 finalizer makes deletion hang whenever the operator is down. The periodic resync is the
 watches' re-list every 5 minutes, which replays an event for every pod and child.

@@ -27,6 +27,7 @@ from pinnace.operator.render import PRUNABLE, endpoint, render_all
 from pinnace.operator.render.adapters import fetch_job_selector
 from pinnace.operator.render.args import model_source, serve_args
 from pinnace.operator.render.labels import selector_string
+from pinnace.operator.runtime_support import check_runtime_support
 from pinnace.operator.status import (
     Effective,
     Event,
@@ -70,6 +71,7 @@ def reconcile(
     try:
         llmd = parse_llmdeployment(body)
         check_fit(llmd)
+        check_runtime_support(llmd)  # never roll out pods the runtime would refuse
         desired = render_all(llmd)
         events, applied, live = _apply_children(client, body, desired)
         events += _prune(client, body, {obj["kind"] for obj in desired}, applied)

@@ -159,6 +159,22 @@ def test_autoscalers_scale_groups_and_the_network_policy_lets_a_group_talk(
     assert single is not None and {"from": [same_model]} not in single["spec"]["ingress"]
 
 
+def test_operator_refuses_a_group_the_runtime_cannot_run_yet(
+    cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
+) -> None:
+    cluster.apply_crd(lws_crd)
+    start_operator()
+    path = create_llmd("multi-node")
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Degraded" and c
+    )
+    degraded = next(c for c in cr["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "RuntimeUnsupported"
+    assert "does not run multi-node groups yet" in degraded["message"]
+    assert cluster.get(LWS) is None and cluster.get(DEPLOYMENT) is None
+
+
+@pytest.mark.usefixtures("runtime_runs_multi_node")
 def test_operator_runs_scales_and_mirrors_a_leader_worker_set(
     cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
 ) -> None:

@@ -118,8 +118,8 @@ def test_file_and_pvc_models_need_no_download() -> None:
     model_volume = next(v for v in pod["volumes"] if v["name"] == "model-pvc")
     assert model_volume["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
     args = container(pvc)["args"]
-    assert args[1] == "/mnt/model-pvc/meta-llama/Llama-3.1-70B-Instruct-AWQ"
-    assert flag(args, "--tensor-parallel-size") == "2" and flag(args, "--quantization") == "awq"
+    assert args[1] == "/mnt/model-pvc/meta-llama/Llama-3.1-70B-Instruct"
+    assert flag(args, "--tensor-parallel-size") == "2" and flag(args, "--quantization") == "fp8"
     assert flag(args, "--kv-cache-dtype") == "fp8"
     assert any(m["mountPath"] == "/dev/shm" for m in container(pvc)["volumeMounts"])
     assert pod["affinity"]["nodeAffinity"] and pod["runtimeClassName"] == "nvidia"
