@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (PINNACE_NUM_THREADS)")
     p.set_defaults(func=run)
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
     )
-    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    llm = LLM(args.model or default_model_path(), dtype=args.dtype, num_threads=args.threads)
     prompts = args.prompt or ["What is the capital of France?"]
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

@@ -215,6 +215,14 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
     )
     engine.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     engine.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the engine (torch and the native kernels share one OpenMP "
+        "pool; split over tensor-parallel ranks); default: $PINNACE_NUM_THREADS, else "
+        "torch's default (the cores this process may use)",
+    )
+    engine.add_argument(
         "--speculative-config",
         default=None,
         metavar="JSON",
@@ -378,6 +386,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         device=args.device,
         chat_template=template,
         seed=args.seed,
+        num_threads=args.threads,
         max_logprobs=args.max_logprobs,
         quantization=args.quantization,
         enable_lora=args.enable_lora,

@@ -24,6 +24,9 @@ SPEC_NEEDS_GENERATE = (
 )
 
 
+NUM_THREADS_ENV = "PINNACE_NUM_THREADS"
+
+
 @dataclass
 class EngineConfig:
     """Engine options, named as vLLM names them."""
@@ -66,8 +69,18 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str | None = None  # None: 127.0.0.1 on one node; required for nnodes > 1
     master_port: int | None = None  # None: a free port on one node, 29500 for nnodes > 1
+    # CPU threads of the engine's one OpenMP pool (torch's, which the native kernels share),
+    # split evenly over the ranks of a node; None: $PINNACE_NUM_THREADS, else torch's default.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_threads is None and os.environ.get(NUM_THREADS_ENV):
+            value = os.environ[NUM_THREADS_ENV]
+            if not value.isdigit():
+                raise ValueError(f"{NUM_THREADS_ENV} must be a positive integer, got {value!r}.")
+            self.num_threads = int(value)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("block_size", self.block_size)
         if self.max_model_len is not None:

@@ -81,6 +81,7 @@ def run_pinnace(model: str, prompts: list[list[int]], args: argparse.Namespace) 
         kv_cache_memory=2 * 1024**3,
         max_model_len=args.input_len + args.output_len + 16,
         quantization=getattr(args, "quantization", None),
+        num_threads=args.threads,
     )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[: args.batch_size], SamplingParams(max_tokens=4), use_tqdm=False)

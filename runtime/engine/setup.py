@@ -69,6 +69,8 @@ def require_single_rank(config: EngineConfig) -> None:
 def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None) -> EngineParts:
     """This rank's model, KV cache and runner (`group`: the rank group when world_size > 1)."""
     device = resolve_device(config.device)
+    if group is None and config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)  # ranks > 1: the executor splits them
     if group is not None and device.type == "cuda":
         device = torch.device("cuda", group.rank % config.local_world_size)
     ckpt = open_checkpoint(config.model, config.chat_template)

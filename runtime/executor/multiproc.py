@@ -109,9 +109,10 @@ class MultiprocExecutor(Executor):
 
 
 def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
-    """On CPU the ranks share the cores: each takes its share of torch's threads."""
+    """On CPU the ranks share the cores (or config.num_threads): each takes its share."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.local_world_size))
+        total = config.num_threads or os.cpu_count() or 1
+        torch.set_num_threads(max(1, total // config.local_world_size))
 
 
 def run_worker(config: EngineConfig, rank: int, addr: str, port: int, driver_pid: int) -> None:

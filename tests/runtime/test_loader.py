@@ -47,6 +47,16 @@ def test_dtype_choice(llama: Path, dtype: str, expected: torch.dtype) -> None:
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_num_threads_sets_the_one_pool(llama: Path) -> None:
+    """torch's OpenMP pool, which the native kernels use too, takes the engine's setting."""
+    before = torch.get_num_threads()
+    try:
+        LLM(str(llama), dtype="bfloat16", kv_cache_memory=KV, num_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unknown_architecture_names_the_supported_ones(llama: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(llama, bad)

@@ -27,7 +27,7 @@ FLAGS = [
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
     "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--grpc-port",
     "--runner", "--convert", "--task", "--pipeline-parallel-size", "--nnodes", "--node-rank",
-    "--master-addr", "--master-port",
+    "--master-addr", "--master-port", "--threads",
 ]  # fmt: skip
 
 
@@ -132,6 +132,24 @@ def test_speculative_config_flag() -> None:
     assert config.speculative is not None
     assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 4)
     assert (config.speculative.prompt_lookup_min, config.speculative.prompt_lookup_max) == (4, 4)
+
+
+def test_threads_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def threads(*flags: str) -> int | None:
+        config, _ = build_config(build_parser().parse_args(["serve", ".", *flags]))
+        return config.num_threads
+
+    monkeypatch.delenv("PINNACE_NUM_THREADS", raising=False)
+    assert threads() is None
+    assert threads("--threads", "3") == 3
+    monkeypatch.setenv("PINNACE_NUM_THREADS", "2")
+    assert threads() == 2 and threads("--threads", "5") == 5  # the flag wins
+    monkeypatch.setenv("PINNACE_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="PINNACE_NUM_THREADS must be a positive integer"):
+        threads()
+    monkeypatch.delenv("PINNACE_NUM_THREADS")
+    with pytest.raises(ValueError, match="num_threads"):
+        threads("--threads", "0")
 
 
 def test_parallel_flags_and_leaderworkerset_env(monkeypatch: pytest.MonkeyPatch) -> None:
