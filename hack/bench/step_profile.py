@@ -2,13 +2,17 @@
 """Where a decode step's time goes: matmul, LM head, attention, norm, other model ops, and
 the engine around the model (scheduling, sampling, detokenization, Python).
 
-    hack/bench/step_profile.py --batch-sizes 1,32 --dtype bfloat16 --threads 2
+    hack/bench/step_profile.py --batch-sizes 1,32 --dtype bfloat16 --threads 2 --rounds 3
+
+--compare-onednn adds a variant with the native bf16 GEMV off (oneDNN for every row count),
+alternating with the default in each round: the GEMV's before/after in one run.
 
 Each leaf module's forward is wrapped with a timer (CPU execution is synchronous, so wall
 time is the op's time); only decode forwards (one token per request) are counted. "other
 model" is the model forward minus its timed leaves (embedding, rotary, residual adds,
 activation, reshapes); "engine" is the generate wall time minus every forward, per step.
-Prints one JSON object: per batch size, ms per decode step and each part's share.
+Prints one JSON object: per variant and batch size, the median over rounds of ms per decode
+step and of each part's ms, and each part's share of the median step.
 """
 
 from __future__ import annotations
@@ -82,10 +86,14 @@ class StepTimer:
         return run
 
 
-def profile(model_path: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+def profile(model_path: str, batch: int, args: argparse.Namespace, gemv: bool) -> dict[str, Any]:
     from throughput import make_prompts
 
     from pinnace.runtime import LLM, SamplingParams
+    from pinnace.runtime.kernels.bf16_gemv import bf16_gemv
+    from pinnace.runtime.layers import linear
+
+    linear.bf16_gemv = bf16_gemv if gemv else lambda: None  # type: ignore[assignment]
 
     llm = LLM(
         model_path,
@@ -116,12 +124,20 @@ def profile(model_path: str, batch: int, args: argparse.Namespace) -> dict[str, 
     total = step_ms + engine_ms
     result = {k: round(1000 * v / max(timer.decode_steps, 1), 3) for k, v in parts.items()}
     result["engine"] = round(engine_ms, 3)
+    result["step"] = round(total, 3)
+    return result
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Median over rounds of each part (ms) and each part's share of the median step."""
+    import statistics
+
+    ms = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    steps = [r["step"] for r in runs]
     return {
-        "batch": batch,
-        "decode_steps": timer.decode_steps,
-        "ms_per_step": round(total, 3),
-        "ms": result,
-        "share": {k: round(v / total, 3) for k, v in result.items()},
+        "ms_per_step": {"median": ms["step"], "min": min(steps), "max": max(steps)},
+        "ms": {k: v for k, v in ms.items() if k != "step"},
+        "share": {k: round(v / ms["step"], 3) for k, v in ms.items() if k != "step"},
     }
 
 
@@ -136,12 +152,29 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-onednn", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    variants = {"native_gemv": True, **({"onednn_only": False} if args.compare_onednn else {})}
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    runs: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_random_model(tmp, getattr(torch, args.dtype))
-        runs = [profile(model, int(b), args) for b in args.batch_sizes.split(",")]
-    print(json.dumps({"bench": "step_profile", "dtype": args.dtype, "runs": runs}))
+        for _ in range(args.rounds):
+            for name, gemv in variants.items():
+                for b in batches:
+                    runs[name, b].append(profile(model, b, args, gemv))
+    result = {
+        "bench": "step_profile",
+        "dtype": args.dtype,
+        "quantization": args.quantization,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "load_average": os.getloadavg()[0],
+        "runs": {f"{name} batch {b}": summarize(runs[name, b]) for name, b in runs},
+    }
+    print(json.dumps(result))
     return 0
 
 
