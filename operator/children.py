@@ -29,6 +29,8 @@ class Kind:
     watch: bool = False
     # Subresource -> verbs (status written by the operator, e.g. a pod's readiness gate).
     subresources: tuple[tuple[str, frozenset[Verb]], ...] = ()
+    # What installs its API, for a kind that is not built into Kubernetes.
+    installed_by: str = ""
 
     @property
     def group(self) -> str:
@@ -58,6 +60,7 @@ KINDS: tuple[Kind, ...] = (
         _verbs(*_WATCHED),
         prune=True,
         watch=True,  # status mirrors its Ready condition
+        installed_by="KServe",
     ),
     Kind(
         "ServingRuntime",
@@ -65,6 +68,7 @@ KINDS: tuple[Kind, ...] = (
         "servingruntimes",
         _verbs(*_PRUNED),
         prune=True,
+        installed_by="KServe",
     ),
     Kind(
         "HorizontalPodAutoscaler",
@@ -73,7 +77,14 @@ KINDS: tuple[Kind, ...] = (
         _verbs(*_PRUNED),
         prune=True,
     ),
-    Kind("ScaledObject", "keda.sh/v1alpha1", "scaledobjects", _verbs(*_PRUNED), prune=True),
+    Kind(
+        "ScaledObject",
+        "keda.sh/v1alpha1",
+        "scaledobjects",
+        _verbs(*_PRUNED),
+        prune=True,
+        installed_by="KEDA",
+    ),
     Kind(
         "PodDisruptionBudget",
         "policy/v1",
@@ -97,6 +108,7 @@ KINDS: tuple[Kind, ...] = (
         _verbs(*_WATCHED),
         prune=True,
         watch=True,  # status mirrors its ready groups
+        installed_by="LeaderWorkerSet (github.com/kubernetes-sigs/lws)",
     ),
     Kind("Service", "v1", "services", _verbs(*_WATCHED), prune=True, watch=True),
     Kind("PersistentVolumeClaim", "v1", "persistentvolumeclaims", _verbs(*_APPLIED)),

@@ -12,7 +12,9 @@ watches' re-list every 5 minutes, which replays an event for every pod and child
 
 Error mapping: an invalid spec is a `PermanentError` (status says Degraded; kopf stops
 retrying until the spec changes); API failures are `TemporaryError`s retried with
-exponential backoff (`RetryPolicy`, 1 s doubling to 60 s unless the memo carries another).
+exponential backoff (`RetryPolicy`, 1 s doubling to 60 s unless the memo carries another),
+and so is a child whose API the cluster does not serve (a CRD not installed yet: status
+says Degraded, reason APINotInstalled, until it is).
 
 Each pass logs "reconcile started" and "reconcile finished" at debug level, with the
 resource as `llmdeployment="namespace/name"` on the record: what the operator did in
@@ -173,6 +175,8 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, retry: int, *, strict
         finally:
             logger.debug("reconcile finished", extra=which)
     if result.error is not None and strict:
+        if result.error.retryable:  # e.g. a CRD to install: no edit of the spec needed
+            raise kopf.TemporaryError(str(result.error), delay=memo.retry.delay(retry))
         raise kopf.PermanentError(str(result.error))
 
 

@@ -68,11 +68,15 @@ METADATA_NAME_RULE = Rule(
 
 
 class SpecError(ValueError):
-    """The resource is invalid; retrying will not help until the user edits it."""
+    """The resource cannot be rolled out as is; retrying will not help until the user edits
+    it, unless `retryable` (the cluster lacks something an admin can add)."""
 
-    def __init__(self, message: str, *, reason: str = "InvalidSpec") -> None:
+    def __init__(
+        self, message: str, *, reason: str = "InvalidSpec", retryable: bool = False
+    ) -> None:
         super().__init__(message)
         self.reason = reason  # the Degraded condition's reason
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)

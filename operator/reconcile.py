@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 from kubernetes.utils import parse_quantity
 
-from pinnace.operator import names
+from pinnace.operator import children, names
 from pinnace.operator.adapter_sync import AdapterSync, observe_kserve_adapters, sync_adapters
 from pinnace.operator.client import ApiError, KubeClient
 from pinnace.operator.fit import check_fit
@@ -177,11 +177,28 @@ def _apply_children(
             # tracking labels onto objects that are not in git.
             kopf.append_owner_reference(obj, owner=kopf.Body(dict(owner)))  # type: ignore[arg-type]
             verb = "Created" if live is None else "Updated"
-            live = client.apply(obj)
+            live = _apply(client, obj)
             applied.append(f"{kind}/{meta['name']}")
             events.append(Event("Normal", verb, f"{verb} {kind} {meta['name']}"))
         live_by_name[f"{kind}/{meta['name']}"] = live
     return events, applied, live_by_name
+
+
+def _apply(client: KubeClient, obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply; a 404 means the cluster does not serve the kind's API (for a
+    namespaced child of an existing resource): Degraded until someone installs it."""
+    try:
+        return client.apply(obj)
+    except ApiError as err:
+        if err.status != 404:
+            raise
+        kind = children.BY_KIND[obj["kind"]]
+        raise SpecError(
+            f"the cluster does not serve {kind.kind} ({kind.api_version}): install "
+            f"{kind.installed_by or 'its API'}; retried with backoff until then",
+            reason="APINotInstalled",
+            retryable=True,
+        ) from None
 
 
 def _prune(

@@ -213,3 +213,30 @@ def test_operator_runs_scales_and_mirrors_a_leader_worker_set(
     cluster.wait_for(lambda: cluster.get(DEPLOYMENT) and cluster.get(LWS) is None)
     selector = cluster.get(SERVICE)["spec"]["selector"]
     assert names.LWS_WORKER_INDEX_LABEL not in selector
+
+
+@pytest.mark.usefixtures("runtime_runs_multi_node")
+def test_without_leader_worker_set_installed_the_resource_is_degraded_until_it_is(
+    cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
+) -> None:
+    start_operator()
+    path = create_llmd("multi-node")
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Degraded" and c
+    )
+    degraded = next(c for c in cr["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "APINotInstalled"
+    assert degraded["message"].startswith(
+        "the cluster does not serve LeaderWorkerSet (leaderworkerset.x-k8s.io/v1): install "
+        "LeaderWorkerSet (github.com/kubernetes-sigs/lws)"
+    )
+    # Retried with backoff (0.2 s doubling in the tests): installing it is enough.
+    cluster.apply_crd(lws_crd)
+    cluster.wait_for(lambda: cluster.get(LWS))
+    cluster.wait_for(
+        lambda: next(
+            c["status"] == "False"
+            for c in cluster.get(path)["status"]["conditions"]
+            if c["type"] == "Degraded"
+        )
+    )

@@ -138,8 +138,10 @@ def test_invalid_spec_is_degraded_and_rolls_nothing_out(
 
 
 def test_switching_modes_prunes_only_owned_children(
-    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any, kserve_api_crds: Any
 ) -> None:
+    for crd in kserve_api_crds:  # KServe's API is served (else: Degraded, APINotInstalled)
+        cluster.apply_crd(crd)
     path = create_llmd("minimal-cpu")
     run(cluster, kube_client, path)
     deployment = "/apis/apps/v1/namespaces/ml/deployments/smollm2"

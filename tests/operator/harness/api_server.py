@@ -32,6 +32,10 @@ class ApiServer(Patches):
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
+        if not any(request.resource.check(served) for served in self._get_resources()):
+            # Like a real API server: a kind whose API (CRD) is not installed is a 404,
+            # whatever the verb; kmock alone would store the object anyway.
+            return await self._render_error(k8s.KubernetesResourceNotFoundError())
         if request.method != "GET" and request.url.path in self.unavailable:
             down = k8s.KubernetesError(status=503, reason="ServiceUnavailable", message="etcd")
             return await self._render_error(down)
