@@ -91,6 +91,10 @@ def test_stops_and_max_tokens_inside_a_proposal_match_no_speculation(
             assert len(got.logprobs) == len(got.token_ids)
             last = got.token_ids[-1]
             assert got.logprobs[-1][last] == pytest.approx(want.logprobs[-1][last], abs=1e-4)
+    # n = 2: each sample is a request of its own with its own proposals (and draft KV).
+    two = SamplingParams(n=2, temperature=0, max_tokens=11, ignore_eos=True)
+    samples = spec.generate(prompts, two, use_tqdm=False)[0].outputs
+    assert [s.token_ids for s in samples] == [reference.token_ids[:11]] * 2
     stats = spec.llm_engine.stats()
     assert stats.spec_decoding.num_accepted_tokens > 0
     assert stats.prefix_cache_hits > 0
