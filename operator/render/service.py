@@ -1,5 +1,6 @@
-"""The ClusterIP Service in front of the runtime pods (ports `http`, and `grpc` for the
-Open Inference Protocol's gRPC API)."""
+"""The ClusterIP Service in front of the runtime pods that serve the API (every pod, or
+the leaders of multi-node groups), ports `http`, and `grpc` for the Open Inference
+Protocol's gRPC API."""
 
 from __future__ import annotations
 
