@@ -48,6 +48,14 @@ class ParallelGroup:
             dist.all_reduce(x, group=self.device_group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over the tensor-parallel ranks, in place."""
+        if self.tp_size > 1:
+            on_cpu = x.device.type == "cpu"  # quantized models are assembled on the CPU
+            group = self.cpu_group if on_cpu else self.device_group
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n] on every rank -> [..., tp * n], rank-major."""
         if self.tp_size == 1:

@@ -245,3 +245,13 @@ def _gather_logits_hook(group: ParallelGroup, vocab_size: int) -> Hook:
         return group.all_gather_last_dim(out)[..., :vocab_size]
 
     return hook
+
+
+def row_parallel_amax(model: nn.Module, group: ParallelGroup) -> dict[str, torch.Tensor]:
+    """Per row-parallel linear: its rows' max |w| over all ranks' columns, so per-row
+    int8/fp8 scales are those of the whole rows (TP=N quantizes exactly as TP=1)."""
+    found: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if type(module) is nn.Linear and LEAF_SPLITS.get(path.rpartition(".")[2]) == ROW:
+            found[path] = group.all_reduce_max(module.weight.detach().abs().amax(dim=1).float())
+    return found

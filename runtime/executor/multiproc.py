@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import torch
@@ -41,35 +42,18 @@ logger = logging.getLogger("pinnace.runtime")
 PARENT_POLL_S = 1.0
 
 
-class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
-        self.world_size = config.world_size
-        addr = config.master_addr or "127.0.0.1"
-        port = config.master_port or free_port(addr)
-        device = resolve_device(config.device)
-        _limit_cpu_threads(config, device)
-        ctx = multiprocessing.get_context("spawn")
-        self.workers: list[BaseProcess] = []
-        for rank in range(1, config.local_world_size):
-            proc = ctx.Process(
-                target=run_worker,
-                args=(config, rank, addr, port, os.getpid()),
-                name=f"pinnace-rank-{rank}",
-                daemon=True,
-            )
-            proc.start()
-            self.workers.append(proc)
+class GroupExecutor(Executor):
+    """The driver's side of a running group whose other ranks wait in `run_worker`: sends
+    them the config, loads its own shard, then broadcasts every step."""
+
+    def __init__(
+        self, config: EngineConfig, group: ParallelGroup, workers: list[BaseProcess]
+    ) -> None:
+        self.group, self.workers = group, workers
+        self.world_size = group.world_size
         self._stopped = False
-        try:
-            self.group = init_group(0, self.world_size, config.tensor_parallel_size, addr,
-                                    port, device)  # fmt: skip
-            self.parts = build_engine_parts(config, self.group)
-        except BaseException:
-            self._kill_workers()
-            destroy_group()
-            raise
-        logger.info("%d ranks ready (worker pids %s)", self.world_size,
-                    [p.pid for p in self.workers])  # fmt: skip
+        group.broadcast_object(config)
+        self.parts = build_engine_parts(config, group)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
@@ -89,23 +73,92 @@ class MultiprocExecutor(Executor):
                 )
 
     def shutdown(self) -> None:
+        """The workers leave this engine's step loop (see run_worker)."""
+        if not self._stopped and all(p.is_alive() for p in self.workers):
+            self.group.broadcast_object(None)
+        self._stopped = True
+
+
+class MultiprocExecutor(GroupExecutor):
+    """Starts the group: spawns this node's ranks 1..N-1 and joins as rank 0."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        addr = config.master_addr or "127.0.0.1"
+        port = config.master_port or free_port(addr)
+        device = resolve_device(config.device)
+        _limit_cpu_threads(config, device)
+        ctx = multiprocessing.get_context("spawn")
+        workers: list[BaseProcess] = []
+        joining: list[Connection] = []
+        for rank in range(1, config.local_world_size):
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=run_worker,
+                args=(config, rank, addr, port, os.getpid(), sender),
+                name=f"pinnace-rank-{rank}",
+                daemon=True,
+            )
+            proc.start()
+            sender.close()
+            workers.append(proc)
+            joining.append(receiver)
+        try:
+            wait_joining(joining, workers)
+            group = init_group(0, config.world_size, config.tensor_parallel_size, addr, port,
+                               device)  # fmt: skip
+            super().__init__(config, group, workers)
+        except BaseException:
+            _kill(workers)
+            destroy_group()
+            raise
+        logger.info("%d ranks ready (worker pids %s)", self.world_size,
+                    [p.pid for p in self.workers])  # fmt: skip
+
+    def shutdown(self) -> None:
         if self._stopped:
             return
-        self._stopped = True
         try:
+            super().shutdown()
             if all(p.is_alive() for p in self.workers):
-                self.group.broadcast_object(None)
-                for proc in self.workers:
-                    proc.join(timeout=10)
+                self.group.broadcast_object(None)  # no next engine: the workers exit
+            for proc in self.workers:
+                proc.join(timeout=10)
         finally:
-            self._kill_workers()
+            _kill(self.workers)
             destroy_group()
 
-    def _kill_workers(self) -> None:
-        for proc in self.workers:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=5)
+
+def wait_joining(joining: list[Connection], workers: list[BaseProcess]) -> None:
+    """Until every worker is about to join the group: one that dies first (an import
+    error, an unguarded script) is reported now, not as a rendezvous timeout."""
+    pending = dict(zip(joining, workers, strict=True))
+    while pending:
+        wait([*pending, *(p.sentinel for p in pending.values())])
+        for conn, proc in list(pending.items()):
+            if conn.poll():
+                try:
+                    conn.recv()
+                except EOFError:  # closed unsent: the process is ending
+                    proc.join(timeout=5)
+                    raise WorkerDiedError(_start_failure(proc)) from None
+                del pending[conn]
+            elif not proc.is_alive():
+                raise WorkerDiedError(_start_failure(proc))
+
+
+def _kill(workers: list[BaseProcess]) -> None:
+    for proc in workers:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+
+
+def _start_failure(proc: BaseProcess) -> str:
+    return (
+        f"worker {proc.name} exited with status {proc.exitcode} before joining the group "
+        "(see its log above; a script that starts an engine with more than one rank needs "
+        'an `if __name__ == "__main__":` guard: each rank\'s process re-imports it).'
+    )
 
 
 def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
@@ -115,8 +168,13 @@ def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
         torch.set_num_threads(max(1, total // config.local_world_size))
 
 
-def run_worker(config: EngineConfig, rank: int, addr: str, port: int, driver_pid: int) -> None:
-    """A worker rank's process: join, load the shard, then run every broadcast step."""
+def run_worker(
+    config: EngineConfig, rank: int, addr: str, port: int, driver_pid: int, joining: Connection
+) -> None:
+    """A worker rank's process: join the group (`config`'s), then per engine the driver
+    starts (its config broadcast) load the shard and run every broadcast step until a
+    None; a None instead of a config ends the process. (The engine core starts one
+    engine per group; tests run several engines on one group.)"""
     # The engine core ignores SIGINT/SIGTERM (its server drains first); a spawned child
     # inherits that, so restore the defaults: the driver's terminate() must stop us.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -127,9 +185,13 @@ def run_worker(config: EngineConfig, rank: int, addr: str, port: int, driver_pid
     _exit_with_parent(driver_pid)
     device = resolve_device(config.device)
     _limit_cpu_threads(config, device)
+    joining.send(rank)
+    joining.close()
     group = init_group(rank, config.world_size, config.tensor_parallel_size, addr, port, device)
-    parts = build_engine_parts(config, group)
-    _serve(group, parts.runner)
+    while (engine := group.broadcast_object()) is not None:
+        parts = build_engine_parts(engine, group)
+        _serve(group, parts.runner)
+        del parts
     destroy_group()
 
 

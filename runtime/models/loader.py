@@ -23,6 +23,7 @@ from pinnace.runtime.distributed.tensor_parallel import (
     TPShape,
     install_collectives,
     rank_config,
+    row_parallel_amax,
 )
 from pinnace.runtime.layers.linear import can_pack, pack_linears
 from pinnace.runtime.layers.packed import to_our_module
@@ -243,7 +244,8 @@ def build_model(
         model.tp_slicer = ShardSlicer(tp[1])
     _load(model, ckpt, dtype, device, quant, shells, headless)
     if quant is not None:
-        _quantize_float_layers(model, ckpt, quant, device)
+        row_amax = row_parallel_amax(model, tp[0]) if tp is not None else None
+        _quantize_float_layers(model, ckpt, quant, device, row_amax)
         model.to(device)
     model.prepare(device)
     if can_pack(device, dtype):
@@ -340,13 +342,17 @@ def _gguf_quantized_experts(gguf: GGUFCheckpoint) -> set[str]:
 
 
 def _quantize_float_layers(
-    model: nn.Module, ckpt: Checkpoint, quant: QuantizationConfig, device: torch.device
+    model: nn.Module,
+    ckpt: Checkpoint,
+    quant: QuantizationConfig,
+    device: torch.device,
+    row_amax: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """int8 / fp8: every linear layer, embedding and expert stack. gguf: the layers stored
     in a ggml type with no exact 4-bit form (Q8_0, Q5_*, Q6_K), and every quantized expert
     stack, as int8."""
     if quant.quantizes_at_load:
-        quantize_linears(model, quant.method, device)
+        quantize_linears(model, quant.method, device, row_amax=row_amax)
     elif quant.method == "gguf" and ckpt.gguf is not None:
         kept = _gguf_kept_4bit(ckpt.gguf)
         mapping = type(model).packed_modules_mapping  # type: ignore[attr-defined]

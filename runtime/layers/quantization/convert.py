@@ -8,6 +8,8 @@ A tied head and embedding keep one copy of the codes. Routed experts are quantiz
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -23,9 +25,11 @@ def quantize_linears(
     method: str,
     device: torch.device,
     only: set[str] | None = None,
+    row_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Replace nn.Linear / nn.Embedding modules (those in `only`, or all) by `method`
-    versions on `device`; returns how many modules were replaced."""
+    versions on `device`; returns how many modules were replaced. `row_amax`: per linear
+    path, its rows' max |w| over the whole row (a tensor-parallel shard holds part of it)."""
     if method not in ROW_QUANTIZERS:
         raise ValueError(f"cannot quantize float weights to {method!r}; use int8 or fp8.")
     quantize = ROW_QUANTIZERS[method]
@@ -49,7 +53,8 @@ def quantize_linears(
         tied = shared.get(id(module.weight))
         if tied is None and only is not None and path not in only:
             continue
-        _replace(model, path, _quantized_linear(module, method, device, tied))
+        amax = (row_amax or {}).get(path)
+        _replace(model, path, _quantized_linear(module, method, device, tied, amax))
         count += 1
     return count
 
@@ -74,6 +79,7 @@ def _quantized_linear(
     method: str,
     device: torch.device,
     tied: tuple[nn.Parameter, nn.Parameter] | None,
+    amax: torch.Tensor | None = None,
 ) -> nn.Module:
     bias = linear.bias
     if bias is not None and bias.device != device:
@@ -81,11 +87,11 @@ def _quantized_linear(
     if method == "int8":
         if tied is not None:
             return Int8Linear(tied[0], tied[1], bias, linear.weight.dtype)
-        codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device))
+        codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device), amax)
         return Int8Linear(codes, scale, bias, linear.weight.dtype)
     if tied is not None:
         return Fp8Linear(tied[0], tied[1], bias)
-    codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device))
+    codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device), amax)
     return Fp8Linear(codes, scale, bias)
 
 

@@ -25,10 +25,14 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (e4m3 codes [N, K], float32 scales [N]), per output channel."""
+    # `amax` [N]: each row's max |w| when the rows are longer than `weight` (a tensor-
+    # parallel shard of the input dimension): the scales of the whole rows.
     w = weight.float()
-    scale = w.abs().amax(dim=1) / FP8_MAX
+    scale = (w.abs().amax(dim=1) if amax is None else amax.float()) / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale

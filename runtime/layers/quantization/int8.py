@@ -38,10 +38,14 @@ def frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.contiguous(), requires_grad=False)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (int8 codes [N, K], float32 scales [N]), round to nearest."""
+    # `amax` [N]: each row's max |w| when the rows are longer than `weight` (a tensor-
+    # parallel shard of the input dimension): the scales of the whole rows.
     w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
+    scale = (w.abs().amax(dim=1) if amax is None else amax.float()) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
     codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes, scale

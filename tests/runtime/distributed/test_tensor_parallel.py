@@ -1,21 +1,34 @@
 """Tensor parallelism on CPU: 2 gloo ranks give TP=1's greedy tokens, token for token.
 
-One TP=2 engine serves the whole module (spawning a rank costs seconds here): a Llama with
-one KV head (replicated on both ranks) and an odd vocabulary (the last rank's LM-head
-shard is padded), float32 so sums split over ranks round like the whole.
+The module keeps ONE worker process (rank 1) for all its engines (spawning a rank costs
+seconds here): this process is rank 0 and each TP=2 engine's GroupExecutor sends the
+worker its config (multiproc.run_worker). `pinnace serve` tests cover the executor that
+spawns its own ranks. float32, so sums split over ranks round like the whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.distributed.parallel_state import (
+    ParallelGroup,
+    destroy_group,
+    free_port,
+    init_group,
+)
+from pinnace.runtime.engine import engine_core
+from pinnace.runtime.executor.multiproc import GroupExecutor, run_worker, wait_joining
 
-PROMPTS = [
+PROMPTS: list[Any] = [
     "The quick brown fox jumps over the lazy dog and then",
     "The quick brown fox jumps over the lazy dog, so the",  # shares a cached prefix
     "In a hole in the ground there lived",
@@ -23,19 +36,75 @@ PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # A small step budget (chunked prefill) and few blocks (preemption when all run at once).
-ENGINE = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=14, block_size=8,
-              max_model_len=96, enable_prefix_caching=True)  # fmt: skip
+ENGINE: dict[str, Any] = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=14,
+                              block_size=8, max_model_len=96)  # fmt: skip
+DENSE = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[tuple[ParallelGroup, multiprocessing.process.BaseProcess]]:
+    """Rank 0 here, rank 1 in a spawned worker that serves every engine of the module."""
+    port = free_port()
+    config = EngineConfig(model="unused", tensor_parallel_size=2, dtype="float32")
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=run_worker, args=(config, 1, "127.0.0.1", port, os.getpid(), sender), daemon=True
+    )
+    proc.start()
+    sender.close()
+    threads = torch.get_num_threads()
+    try:
+        wait_joining([receiver], [proc])
+        rank0 = init_group(0, 2, 2, "127.0.0.1", port, torch.device("cpu"))
+        yield rank0, proc
+        rank0.broadcast_object(None)  # no next engine: the worker exits
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        destroy_group()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tp2(
+    group: tuple[ParallelGroup, Any],
+) -> Callable[..., LLM]:
+    """LLM(model, tensor_parallel_size=2, ...) on the module's group."""
+    rank0, proc = group
+
+    def make(model: Path, **kwargs: Any) -> LLM:
+        patch = pytest.MonkeyPatch()
+        patch.setattr(engine_core, "make_executor", lambda c: GroupExecutor(c, rank0, [proc]))
+        try:
+            return LLM(str(model), tensor_parallel_size=2, **kwargs)
+        finally:
+            patch.undo()
+
+    return make
+
+
+def _generate(llm: LLM, prompts: list[Any] = PROMPTS) -> list[list[int]]:
+    try:
+        outputs = llm.generate(prompts, GREEDY)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        llm.llm_engine.core.shutdown()
 
 
 @pytest.fixture(scope="module")
 def odd_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """One KV head (replicated on both ranks), an odd vocabulary (a padded last shard)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer) + 1,  # odd: 2 ranks get a padded shard
+        vocab_size=len(tokenizer) + 1,
         hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1,  # fewer KV heads than ranks
+        num_attention_heads=4, num_key_value_heads=1,
         max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         architectures=["LlamaForCausalLM"],
@@ -47,32 +116,38 @@ def odd_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
     return out
 
 
-def _generate(llm: LLM) -> list[list[int]]:
-    outputs = llm.generate(PROMPTS, GREEDY)  # type: ignore[arg-type]
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-@pytest.fixture(scope="module")
-def tp1(odd_llama: Path) -> LLM:
-    return LLM(str(odd_llama), **ENGINE)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def tp2(odd_llama: Path) -> Iterator[LLM]:
-    llm = LLM(str(odd_llama), tensor_parallel_size=2, **ENGINE)  # type: ignore[arg-type]
-    yield llm
-    llm.llm_engine.core.shutdown()
-
-
-def test_tp2_greedy_equals_tp1(tp1: LLM, tp2: LLM) -> None:
+def test_odd_vocab_one_kv_head_chunked_prefix_preempted(
+    odd_llama: Path, tp2: Callable[..., LLM]
+) -> None:
+    tp1 = LLM(str(odd_llama), **ENGINE)
     expected = _generate(tp1)
-    assert _generate(tp2) == expected
-    stats = tp2.llm_engine.core.stats()
+    llm = tp2(odd_llama, **ENGINE)
+    assert llm.llm_engine.core.executor.world_size == 2
+    assert _generate(llm) == expected
+    stats = llm.llm_engine.core.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0  # both paths ran
-    assert tp2.llm_engine.core.executor.world_size == 2
-
-
-def test_each_rank_holds_half_the_weights(tp1: LLM, tp2: LLM) -> None:
-    full, half = tp1.llm_engine.parts.weight_bytes, tp2.llm_engine.parts.weight_bytes
-    # Norms are replicated and the odd vocabulary is padded: a little over one half.
+    # Each rank's weights: half, plus the replicated norms and the padded vocabulary row.
+    full, half = tp1.llm_engine.parts.weight_bytes, llm.llm_engine.parts.weight_bytes
     assert 0.5 * full <= half < 0.53 * full
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_every_dense_architecture(
+    arch: str, make_tiny_model: Callable[[str], Path], tp2: Callable[..., LLM]
+) -> None:
+    model = make_tiny_model(arch)
+    prompts = PROMPTS[2:]  # a short and a chunked prompt
+    expected = _generate(LLM(str(model), **ENGINE), prompts)
+    assert _generate(tp2(model, **ENGINE), prompts) == expected
+
+
+def test_int8_tp2_equals_int8_tp1(
+    make_tiny_model: Callable[[str], Path], tp2: Callable[..., LLM]
+) -> None:
+    model = make_tiny_model("Qwen2ForCausalLM")  # biases on q/k/v: split with the rows
+    int8 = dict(ENGINE, quantization="int8")
+    tp1 = LLM(str(model), **int8)
+    expected = _generate(tp1, PROMPTS[2:])
+    llm = tp2(model, **int8)
+    assert _generate(llm, PROMPTS[2:]) == expected
+    assert llm.llm_engine.parts.weight_bytes < 0.55 * tp1.llm_engine.parts.weight_bytes
