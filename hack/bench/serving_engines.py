@@ -160,7 +160,9 @@ def run_offline(args: argparse.Namespace, model: str) -> dict[str, Any]:
     argv += ["--max-num-seqs", str(args.max_num_seqs), "--temperature", str(args.temperature)]
     argv += ["--ignore-eos"] if args.ignore_eos else []
     # As `pinnace serve` runs its core (core_client._passive_openmp), unless the user chose.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **engine_env("offline", args)}
+    env = engine_env("offline", args)
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if args.profile:
         env["PINNACE_PROFILE_DIR"] = os.path.join(os.path.abspath(args.profile), "offline")
         os.makedirs(env["PINNACE_PROFILE_DIR"], exist_ok=True)

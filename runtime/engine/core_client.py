@@ -157,8 +157,11 @@ def _passive_openmp() -> Iterator[None]:
     (unless the user chose): the front end shares the cores with it, and under contention
     spinning teams stall each other. On a 2-core machine shared with other work, 16 steps
     of 8 requests (SmolLM2-135M shape) took 5-20 s spinning, 0.7 s passive. libgomp reads
-    the variable once, when torch loads: it must be set when the forkserver starts."""
-    if "OMP_WAIT_POLICY" in os.environ:
+    the variable once, when torch loads: it must be set when the forkserver starts.
+    A quiet machine may gain from a short spin instead (GOMP_SPINCOUNT=N, libgomp's spin
+    before sleeping; `hack/bench/serving.py --variant spin:GOMP_SPINCOUNT=20000` measures
+    it): either variable set by the user is left alone."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         yield
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

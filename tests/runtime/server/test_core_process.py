@@ -236,3 +236,21 @@ def test_stopped_sample_ends_at_its_stop_string(http: httpx.Client) -> None:
     # The last token completed the stop string; nothing came after it.
     assert stop not in "".join(tokens[:-1]) and stop in "".join(tokens)
     assert tokens == free[0]["logprobs"]["tokens"][: len(tokens)]
+
+
+@pytest.mark.parametrize(
+    "chosen", [None, ("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "20000")]
+)
+def test_core_openmp_waits_passively_unless_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch, chosen: tuple[str, str] | None
+) -> None:
+    from pinnace.runtime.engine.core_client import _passive_openmp
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    if chosen is not None:
+        monkeypatch.setenv(*chosen)
+    with _passive_openmp():
+        inside = os.environ.get("OMP_WAIT_POLICY")
+    assert inside == ("PASSIVE" if chosen is None else dict([chosen]).get("OMP_WAIT_POLICY"))
+    assert os.environ.get("OMP_WAIT_POLICY") == (None if chosen is None else inside)
