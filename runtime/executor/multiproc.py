@@ -15,12 +15,14 @@ core fails loudly instead of waiting. A worker whose driver is gone exits by its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -98,7 +100,8 @@ class MultiprocExecutor(GroupExecutor):
                 name=f"pinnace-rank-{rank}",
                 daemon=True,
             )
-            proc.start()
+            with _may_have_children():
+                proc.start()
             sender.close()
             workers.append(proc)
             joining.append(receiver)
@@ -126,6 +129,22 @@ class MultiprocExecutor(GroupExecutor):
         finally:
             _kill(self.workers)
             destroy_group()
+
+
+@contextlib.contextmanager
+def _may_have_children() -> Iterator[None]:
+    """Let a daemonic process (the server's engine core is one) start the ranks.
+
+    multiprocessing refuses children to daemons because a terminated daemon cannot reap
+    them; our ranks do not need that: each exits by itself once its driver is gone
+    (_exit_with_parent), and the driver kills them on shutdown or failure."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    was = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = was
 
 
 def wait_joining(joining: list[Connection], workers: list[BaseProcess]) -> None:
