@@ -58,9 +58,12 @@ class LLM:
         self._counter = itertools.count()
 
     def shutdown(self) -> None:
-        """Stop the engine-core process of `enable_multiprocessing=True` (else nothing)."""
+        """Stop the engine-core process of `enable_multiprocessing=True`, or the worker
+        ranks of an in-process engine with more than one (else nothing)."""
         if isinstance(self.llm_engine, MPLLMEngine):
             self.llm_engine.shutdown()
+        else:
+            self.llm_engine.core.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.llm_engine.tokenizer

@@ -99,6 +99,7 @@ def run_engine_core(
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid, prof, core.check_health)
+        core.shutdown()  # the worker ranks, if any
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
         events.close(linger=0)

@@ -92,7 +92,7 @@ def _generate(llm: LLM, prompts: list[Any] = PROMPTS) -> list[list[int]]:
         outputs = llm.generate(prompts, GREEDY)
         return [list(o.outputs[0].token_ids) for o in outputs]
     finally:
-        llm.llm_engine.core.shutdown()
+        llm.shutdown()
 
 
 @pytest.fixture(scope="module")
