@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""Speculative decoding on SmolLM2: n-gram prompt lookup against no speculation, on a
-copy-heavy workload (prompts that ask to repeat or lightly edit a given code block or text).
+"""Speculative decoding on SmolLM2: n-gram prompt lookup and a draft model against no
+speculation, on a copy-heavy workload (prompts that ask to repeat or lightly edit a given
+code block or text).
 
     hack/bench/speculative.py [--threads 2] [--max-tokens 128] [--rounds 3] [--model PATH]
+        [--methods ngram,draft] [--draft-layers 6 | --draft-model PATH]
+
+The draft model is by default the target's own first --draft-layers layers plus its
+embedding, final norm and head, written once as a float safetensors folder (from the
+dequantized GGUF) under --draft-dir; its acceptance rate is reported with its speed.
 
 Batch 1: each prompt alone, greedy. In float32 the two engines agree token for token (the
 CPU tests check it); in bf16 a k + 1-token verification forward rounds differently from a
@@ -10,8 +16,8 @@ one-token decode, so near-ties can flip: the JSON reports how many outputs agree
 32: the same prompts (repeated) at once, the cost of proposing and verifying when the
 batch is already compute-bound. The engines alternate in rounds (order swapped each
 round), so a shared machine's load drifts over both alike; each round gives each engine's
-output tokens/s and the ngram/none ratio. Prints one JSON object with the median and
-spread (min, max) over the rounds, and the n-gram acceptance rate.
+output tokens/s and each method's ratio over none. Prints one JSON object with the median
+and spread (min, max) over the rounds, and each method's acceptance rate.
 Run it via its path (it does not import ./operator).
 """
 
@@ -25,8 +31,10 @@ from typing import Any
 
 import torch
 from bench_common import default_model, summary
+from safetensors.torch import save_file
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.models.loader import open_checkpoint
 
 CODE = '''def merge_sorted(a, b):
     """Merge two sorted lists into one sorted list."""
@@ -74,7 +82,8 @@ def rounds(
     for llm in engines.values():  # warm-up, untimed
         timed(llm, prompts[:2], params, batched)
     rates: dict[str, list[float]] = {name: [] for name in names}
-    ratios = []
+    ratios: dict[str, list[float]] = {name: [] for name in names if name != "none"}
+    agree: dict[str, int] = {}
     for r in range(n):
         this: dict[str, float] = {}
         tokens: dict[str, list] = {}
@@ -82,12 +91,44 @@ def rounds(
             elapsed, count, tokens[name] = timed(engines[name], prompts, params, batched)
             this[name] = count / elapsed
             rates[name].append(this[name])
-        agree = sum(a == b for a, b in zip(tokens["ngram"], tokens["none"], strict=True))
-        ratios.append(this["ngram"] / this["none"])
+        for name in ratios:
+            ratios[name].append(this[name] / this["none"])
+            agree[name] = sum(a == b for a, b in zip(tokens[name], tokens["none"], strict=True))
     out: dict[str, Any] = {f"{k}_tok_s": summary(v, 1) for k, v in rates.items()}
-    out["ngram_over_none"] = summary(ratios, 3)
-    out["outputs_equal"] = f"{agree}/{len(prompts)} (last round)"
+    for name, values in ratios.items():
+        out[f"{name}_over_none"] = summary(values, 3)
+        out[f"{name}_outputs_equal"] = f"{agree[name]}/{len(prompts)} (last round)"
     return out
+
+
+def truncated_draft(model: str, num_layers: int, root: str) -> str:
+    """The target's first `num_layers` layers plus embedding, norm and head as a float
+    safetensors folder (written once per model and depth under `root`)."""
+    out = os.path.join(root, f"{os.path.basename(model)}-first-{num_layers}-layers")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    ckpt = open_checkpoint(model)
+    keep = {f"model.layers.{i}." for i in range(num_layers)}
+    tensors = {
+        name: tensor.to(torch.bfloat16).contiguous()
+        for name, tensor in ckpt.weights(torch.float32)
+        if not name.startswith("model.layers.") or any(name.startswith(k) for k in keep)
+    }
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config = ckpt.config
+    config.num_hidden_layers = num_layers
+    config.save_pretrained(out)
+    ckpt.tokenizer.save_pretrained(out)
+    return out
+
+
+def acceptance(llm: LLM) -> dict[str, float]:
+    stats = llm.llm_engine.stats().spec_decoding
+    return {
+        "acceptance_rate": round(stats.acceptance_rate, 3),
+        "mean_accepted_per_draft": round(stats.num_accepted_tokens / max(stats.num_drafts, 1), 2),
+    }
 
 
 def main() -> None:
@@ -97,30 +138,43 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--methods", default="ngram,draft", help="comma-separated: ngram, draft")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--draft-model", default=None, help="a draft folder (default: truncated)")
+    p.add_argument("--draft-layers", type=int, default=6, help="layers of the truncated draft")
+    p.add_argument("--draft-tokens", type=int, default=3, help="draft num_speculative_tokens")
+    p.add_argument("--draft-dir", default="/tmp/pinnace-bench-drafts")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-prompts", type=int, default=len(TASKS), help="for a quick check")
     p.add_argument("--skip-batch-1", action="store_true", help="only the batch-N cost")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = args.model or default_model()
-    spec = {
-        "method": "ngram",
-        "num_speculative_tokens": args.num_speculative_tokens,
-        "prompt_lookup_min": args.prompt_lookup_min,
-        "prompt_lookup_max": args.prompt_lookup_max,
-    }
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - {"ngram", "draft"}:
+        raise SystemExit(f"--methods takes ngram and/or draft, got {args.methods!r}")
+    configs: dict[str, dict[str, Any]] = {}
+    if "ngram" in methods:
+        configs["ngram"] = {
+            "method": "ngram",
+            "num_speculative_tokens": args.num_speculative_tokens,
+            "prompt_lookup_min": args.prompt_lookup_min,
+            "prompt_lookup_max": args.prompt_lookup_max,
+        }
+    if "draft" in methods:
+        draft = args.draft_model or truncated_draft(model, args.draft_layers, args.draft_dir)
+        configs["draft"] = {"model": draft, "num_speculative_tokens": args.draft_tokens}
     common = dict(
         max_model_len=1024,
         kv_cache_memory=512 * 2**20,
         max_num_seqs=args.batch_size,
         dtype=args.dtype,
     )
-    engines = {
-        "none": LLM(model, **common),  # type: ignore[arg-type]
-        "ngram": LLM(model, speculative_config=spec, **common),  # type: ignore[arg-type]
-    }
+    engines = {"none": LLM(model, **common)}  # type: ignore[arg-type]
+    for name, spec in configs.items():
+        engines[name] = LLM(model, speculative_config=spec, **common)  # type: ignore[arg-type]
     tok = engines["none"].get_tokenizer()
     prompts: list[Any] = []
     for task in TASKS:
@@ -128,6 +182,7 @@ def main() -> None:
             [{"role": "user", "content": task}], tokenize=True, add_generation_prompt=True
         )
         prompts.append({"prompt_token_ids": list(getattr(ids, "input_ids", ids))})
+    prompts = prompts[: args.num_prompts]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     result: dict[str, Any] = {
         "model": os.path.basename(model),
@@ -135,16 +190,13 @@ def main() -> None:
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "speculative_config": spec,
-        "machine": "shared 2-core VM, 4-5 agents running tests at the same time",
+        "speculative_configs": configs,
+        "machine": "shared 2-core VM, 4-6 agents running tests at the same time",
     }
     if not args.skip_batch_1:
         result["batch_1"] = rounds(engines, prompts, params, args.rounds, batched=False)
-        stats = engines["ngram"].llm_engine.stats().spec_decoding
-        result["batch_1"]["acceptance_rate"] = round(stats.acceptance_rate, 3)
-        result["batch_1"]["mean_accepted_per_draft"] = round(
-            stats.num_accepted_tokens / max(stats.num_drafts, 1), 2
-        )
+        for name in configs:
+            result["batch_1"][f"{name}_acceptance"] = acceptance(engines[name])
     batch = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     short = SamplingParams(temperature=0.0, max_tokens=args.max_tokens // 2, ignore_eos=True)
     result[f"batch_{args.batch_size}"] = rounds(engines, batch, short, args.rounds, batched=True)
