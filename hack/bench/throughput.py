@@ -175,8 +175,11 @@ def run_engine(engine: str, model: str, args: argparse.Namespace) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(result["tok_s"])
+    # vLLM logs to stdout too: the result is the last line that is a JSON object.
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"{engine} printed no result:\n{done.stdout[-3000:]}")
+    return float(json.loads(lines[-1])["tok_s"])
 
 
 def one_engine(args: argparse.Namespace) -> int:
