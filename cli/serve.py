@@ -189,6 +189,15 @@ def _add_engine_flags(engine: argparse._ArgumentGroup) -> None:
     )
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     engine.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="auto | torch | flashinfer; auto: FlashInfer on CUDA when it imports (the gpu "
+        "extra), else torch",
+    )
+    engine.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs for decode steps"
+    )
+    engine.add_argument(
         "--chat-template",
         default=None,
         help="chat template file or text; the tokenizer's when not given",
@@ -384,6 +393,8 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         kv_cache_memory=None if args.kv_cache_memory is None else parse_bytes(args.kv_cache_memory),
         num_kv_blocks=args.num_gpu_blocks_override,
         device=args.device,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         chat_template=template,
         seed=args.seed,
         num_threads=args.threads,

@@ -14,6 +14,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
 # (models/registry.resolve_runner); convert "embed" pools a causal LM's hidden states.
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "embed")
+# --attention-backend: auto picks FlashInfer on CUDA when it imports (layers/attention/selector.py)
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
 # torch.distributed's customary rendezvous port, used when a multi-node group names none.
 DEFAULT_MASTER_PORT = 29500
 
@@ -45,7 +47,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit block count; overrides the memory budget
     seed: int | None = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto | torch | flashinfer (ATTENTION_BACKENDS)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
     chat_template: str | None = None  # a file path or the template text
     max_logprobs: int = 20
     # int8 | fp8 (weights quantized at load) | gptq | awq (from config.json, detected when
@@ -107,6 +110,11 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of "
                 f"{', '.join(KV_CACHE_DTYPES)}."
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} is not one of "
+                f"{', '.join(ATTENTION_BACKENDS)}."
             )
         self._check_lora()
         if self.speculative_config is not None:

@@ -11,15 +11,21 @@ from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pinnace.runtime.distributed.model_split import check_model_split, check_tensor_parallel
 from pinnace.runtime.distributed.parallel_state import ParallelGroup
 from pinnace.runtime.distributed.tensor_parallel import rank_config, tp_shape
-from pinnace.runtime.layers.attention import Attention
-from pinnace.runtime.layers.attention_backend import get_attention_backend
+from pinnace.runtime.layers.attention import Attention, AttentionBackend, get_attention_backend
+from pinnace.runtime.layers.attention.fp8_kv import resolve_kv_cache_dtype
+from pinnace.runtime.layers.attention.layer import attention_spec
 from pinnace.runtime.layers.quantization.config import resolve_quantization
-from pinnace.runtime.layers.quantization.kv_cache import resolve_kv_cache_dtype
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
 from pinnace.runtime.spec_decode.draft_model_proposer import DraftModelProposer
 from pinnace.runtime.spec_decode.ngram_proposer import NgramProposer
 from pinnace.runtime.spec_decode.proposer import Proposer
+from pinnace.runtime.worker.cuda_graphs import (
+    capture_decode_graphs,
+    capture_sizes,
+    graph_memory_estimate,
+)
+from pinnace.runtime.worker.input_batch import InputBatch
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches, block_bytes, kv_geometry
 from pinnace.runtime.worker.model_runner import ModelRunner
 from pinnace.runtime.worker.sampler import Sampler
@@ -93,12 +99,19 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
-    per_block = block_bytes(kv_config, config.block_size, kv_dtype)
-    draft_model = None
+    backend = get_attention_backend(
+        config.attention_backend, device, attention_spec(model, dtype, kv_dtype)
+    )
+    per_block = block_bytes(kv_config, config.block_size, kv_dtype, backend)
+    draft_model = draft_backend = None
     if draft is not None:  # built before the KV budget is measured; its layers get KV too
         draft_model = _build_draft(config, draft, dtype, device, max(max_model_len, model_max))
-        per_block += block_bytes(draft.config, config.block_size, kv_dtype)
-    num_blocks = _num_kv_blocks(config, per_block, device)
+        draft_backend = get_attention_backend(
+            config.attention_backend, device, attention_spec(draft_model, dtype, kv_dtype)
+        )
+        per_block += block_bytes(draft.config, config.block_size, kv_dtype, draft_backend)
+    graph_sizes, graph_bytes = _cuda_graph_plan(config, ckpt, device, backend, group)
+    num_blocks = _num_kv_blocks(config, per_block, device, graph_bytes)
     if group is not None:
         num_blocks = group.min_int(num_blocks)  # one block table for every rank
     capacity = num_blocks * config.block_size
@@ -113,21 +126,38 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
             "max_model_len lowered from %d to the KV capacity %d", max_model_len, capacity
         )
         max_model_len = capacity
-    kv_caches = allocate_kv_caches(kv_config, num_blocks, config.block_size, kv_dtype, device)
-    backend = get_attention_backend(config.attention_backend, device, kv_geometry(kv_config)[1])
+    # With CUDA graphs, one more block that no request owns: padded decode rows write there.
+    num_allocated = num_blocks + (1 if graph_sizes else 0)
+    kv_caches = allocate_kv_caches(
+        kv_config, num_allocated, config.block_size, kv_dtype, device, backend
+    )
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
+    max_tokens = config.resolved_max_num_batched_tokens
+    lookahead = config.speculative.num_speculative_tokens if config.speculative else 0
+    input_batch = InputBatch(
+        config.max_num_seqs,
+        max_tokens + config.max_num_seqs,  # room for a padded decode step
+        -(-(max_model_len + lookahead) // config.block_size) + 1,
+        config.block_size,
+        device,
+        pad_slot=num_blocks * config.block_size,
+    )
     runner = ModelRunner(
-        model, kv_caches, config.block_size, backend, sampler, device,
-        config.resolved_max_num_batched_tokens,
-    )  # fmt: skip
+        model, kv_caches, config.block_size, backend, sampler, device, max_tokens, input_batch
+    )
     runner.is_driver = group is None or group.is_driver
+    if graph_sizes:
+        runner.cuda_graphs = capture_decode_graphs(
+            model, backend, input_batch, kv_caches, graph_sizes, graph_bytes
+        )
     window = _common_sliding_window(model)
-    if draft is None or draft_model is None:
+    if draft is None or draft_model is None or draft_backend is None:
         runner.proposer = _ngram_proposer(config)
     else:
         runner.proposer = _draft_proposer(
-            config, draft, draft_model, device, kv_dtype, num_blocks, max_model_len
-        )
+            config, draft, draft_model, draft_backend, device, kv_dtype, num_blocks,
+            max_model_len,
+        )  # fmt: skip
         # Blocks outside a window are released only if the draft never reads them either.
         window = _wider_window(window, _common_sliding_window(draft_model))
     if config.speculative is not None:
@@ -203,6 +233,7 @@ def _draft_proposer(
     config: EngineConfig,
     draft: Checkpoint,
     model: torch.nn.Module,
+    backend: AttentionBackend,
     device: torch.device,
     kv_dtype: torch.dtype,
     num_blocks: int,
@@ -212,8 +243,9 @@ def _draft_proposer(
     its own attention backend (its KV head count may differ from the target's)."""
     spec = config.speculative
     assert spec is not None  # _open_draft returned a checkpoint
-    kv_caches = allocate_kv_caches(draft.config, num_blocks, config.block_size, kv_dtype, device)
-    backend = get_attention_backend(config.attention_backend, device, kv_geometry(draft.config)[1])
+    kv_caches = allocate_kv_caches(
+        draft.config, num_blocks, config.block_size, kv_dtype, device, backend
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
         "Speculative decoding: draft model %s (%d layers, %.1f MiB of weights), "
@@ -258,14 +290,37 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _num_kv_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
+def _cuda_graph_plan(
+    config: EngineConfig,
+    ckpt: Checkpoint,
+    device: torch.device,
+    backend: AttentionBackend,
+    group: ParallelGroup | None,
+) -> tuple[list[int], int]:
+    """(bucket sizes, bytes set aside for the graphs); ([], 0) when decode runs eagerly."""
+    if device.type != "cuda" or config.enforce_eager:
+        return [], 0
+    if not backend.supports_cuda_graphs or group is not None:
+        why = "tensor-parallel ranks" if group is not None else f"the {backend.name} backend"
+        logger.info("No CUDA graphs for decode steps: not with %s yet", why)
+        return [], 0
+    sizes = capture_sizes(config.max_num_seqs)
+    hidden = int(ckpt.config.hidden_size)
+    inter = int(getattr(ckpt.config, "intermediate_size", 0) or 4 * hidden)
+    return sizes, graph_memory_estimate(sizes, hidden, inter)
+
+
+def _num_kv_blocks(
+    config: EngineConfig, per_block: int, device: torch.device, graph_bytes: int
+) -> int:
     """Blocks of `per_block` bytes (every layer's K and V, the draft's too) the budget
-    holds (an FP8 cache gets twice the blocks). Under tensor parallelism the budget is per
-    rank, and so are the block bytes (its KV heads)."""
+    holds (an FP8 cache gets twice the blocks), after `graph_bytes` for CUDA graphs on a
+    GPU. Under tensor parallelism the budget is per rank, and so are the block bytes (its
+    KV heads)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if device.type == "cuda":
-        budget = _cuda_kv_budget(config, device)
+        budget = _cuda_kv_budget(config, device) - graph_bytes
     else:
         budget = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
     num_blocks = budget // per_block

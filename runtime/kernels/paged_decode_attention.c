@@ -6,7 +6,7 @@
  * head) task reads its blocks where they lie, once for K and once for V, for all the
  * query heads of its group, with scores and softmax in float32.
  *
- * Cache layout (runtime/layers/torch_attention.py): a layer's K (and V) is rows of
+ * Cache layout (runtime/layers/attention/torch_backend.py): a layer's K (and V) is rows of
  * bs * D values, row (block * Hkv + h) holding head h of a block's bs tokens.
  * A query at position seq_len - 1 sees keys [max(0, seq_len - window), seq_len).
  */

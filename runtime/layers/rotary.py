@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pinnace.runtime.layers.forward_context import current_rope_offsets
+from pinnace.runtime.layers.forward_context import current_rope_offsets, current_step_cache
 
 
 def _rope_parameters(config: PretrainedConfig, layer_type: str | None) -> dict:
@@ -52,7 +52,6 @@ class RotaryEmbedding(nn.Module):
         self.layer_type = layer_type
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
         self.long_rope_from: int | None = None  # LongRoPE's orig; None: one table
         self.build_tables()
 
@@ -88,7 +87,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
-        self._step = None
 
     def table_offset(self, num_prompt_tokens: int) -> int:
         """Rows to add to a request's positions: max_positions (the long-throughout
@@ -115,12 +113,16 @@ class RotaryEmbedding(nn.Module):
         """cos and sign-folded sin rows [T, 1, D] for the step's positions.
 
         Every layer of a forward passes the same positions tensor, so they are gathered
-        once per step, not once per layer (the kept reference makes the identity check
-        safe: the tensor cannot be freed and its id reused).
+        once per forward, not once per layer, and kept in the forward's own scope (the
+        kept reference makes the identity check safe: the tensor cannot be freed and its
+        id reused). Never across forwards: a CUDA graph replays one positions buffer whose
+        contents change, and its capture must record the gather.
         """
-        step = self._step
-        if step is not None and step[0] is positions and step[1] == dtype:
-            return step[2], step[3]
+        cache = current_step_cache()
+        key = (id(self), dtype)
+        hit = None if cache is None else cache.get(key)
+        if hit is not None and hit[0] is positions:
+            return hit[1], hit[2]
         offsets = current_rope_offsets()
         rows = positions if offsets is None else positions + offsets
         # Same rounding as HF: tables cast to the activation dtype before the products.
@@ -128,5 +130,6 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[rows].to(dtype)[:, None, :]
         half = sin.shape[-1] // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        self._step = (positions, dtype, cos, signed_sin)
+        if cache is not None:
+            cache[key] = (positions, cos, signed_sin)
         return cos, signed_sin

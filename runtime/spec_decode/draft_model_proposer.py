@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pinnace.runtime.core.outputs import ScheduledRequest
-from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
+from pinnace.runtime.layers.attention.backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 
 

@@ -1,9 +1,17 @@
-"""KV cache tensors and the block count a memory budget allows."""
+"""KV cache tensors and the block count a memory budget allows.
+
+The layout of each layer's tensor is the attention backend's (`kv_cache_shape`); this module
+only sizes and allocates what the backend asks for.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PretrainedConfig
+
+from pinnace.runtime.layers.attention.backend import AttentionBackend
 
 
 def kv_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -14,10 +22,13 @@ def kv_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def block_bytes(config: PretrainedConfig, block_size: int, dtype: torch.dtype) -> int:
+def block_bytes(
+    config: PretrainedConfig, block_size: int, dtype: torch.dtype, backend: AttentionBackend
+) -> int:
     """Bytes of K and V for one block of every layer at cache dtype `dtype` (FP8: 1 B/value)."""
     layers, kv_heads, head_dim = kv_geometry(config)
-    return 2 * layers * block_size * kv_heads * head_dim * dtype.itemsize
+    per_layer = math.prod(backend.kv_cache_shape(1, block_size, kv_heads, head_dim))
+    return layers * per_layer * dtype.itemsize
 
 
 def allocate_kv_caches(
@@ -26,14 +37,15 @@ def allocate_kv_caches(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
+    backend: AttentionBackend,
 ) -> list[torch.Tensor]:
-    """Per layer [2, num_blocks * block_size, Hkv, D]: K and V, addressed by slot.
+    """Per layer one tensor of backend.kv_cache_shape(num_blocks, block_size, Hkv, D).
 
     `dtype` is the cache dtype: the model's, or float8_e4m3fn for an FP8 cache (written and
-    read through layers.quantization.kv_cache, which applies its scale).
+    read through layers/attention/fp8_kv.py, which applies its scale).
     """
     layers, kv_heads, head_dim = kv_geometry(config)
-    shape = (2, num_blocks * block_size, kv_heads, head_dim)
+    shape = backend.kv_cache_shape(num_blocks, block_size, kv_heads, head_dim)
     # zeros, not empty: padded key positions are masked, but 0 * NaN garbage would still
     # poison the attention output.
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -1,8 +1,9 @@
-"""Executes a SchedulerOutput: builds the flat batch, runs the model, samples.
+"""Executes a SchedulerOutput: fills the step inputs, runs the model, samples.
 
     execute(SchedulerOutput) -> ModelRunnerOutput
 
-Token rows of all scheduled requests are concatenated ([T] ids/positions/slots); only
+Token rows of all scheduled requests are concatenated ([T] ids/positions/slots, in the
+persistent buffers of input_batch.py); only
 the last row of each request that needs a sample goes through the LM head (the last k + 1
 with k proposed tokens to verify), plus the prompt rows of requests asking prompt
 logprobs. With a proposer, each request that sampled gets proposals for the next step.
@@ -21,13 +22,15 @@ from pinnace.runtime.core.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
+from pinnace.runtime.layers.attention.backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
 from pinnace.runtime.lora.manager import LoRAManager
 from pinnace.runtime.spec_decode.draft_model_proposer import DraftModelProposer
 from pinnace.runtime.spec_decode.proposer import Proposer
+from pinnace.runtime.worker.cuda_graphs import CUDAGraphRunner
 from pinnace.runtime.worker.embed_batches import Piece, plan_embed_forwards, scratch_blocks
+from pinnace.runtime.worker.input_batch import InputBatch
 from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 from pinnace.runtime.worker.pooler import PoolingConfig, pool
 from pinnace.runtime.worker.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -46,6 +49,7 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         max_num_batched_tokens: int = 2048,
+        input_batch: InputBatch | None = None,
     ) -> None:
         self.model = model
         self.max_num_batched_tokens = max_num_batched_tokens  # per forward, embed's too
@@ -60,10 +64,16 @@ class ModelRunner:
         # Only the driver (tensor-parallel rank 0) samples; the other ranks run the forward
         # and the LM head (whose gather is a collective) and stop there.
         self.is_driver = True
+        self.cuda_graphs: CUDAGraphRunner | None = None  # set by the engine on CUDA
+        # Persistent step inputs; None: one for 256 requests of up to 8k tokens.
+        self.input_batch = input_batch or InputBatch(
+            256, max_num_batched_tokens + 256, 8192 // block_size + 1, block_size, device
+        )
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.drop(sched.finished_req_ids)
+        self.input_batch.remove(sched.finished_req_ids | sched.preempted_req_ids)
         if sched.is_empty:
             return ModelRunnerOutput()
         lora_batch = None
@@ -71,16 +81,27 @@ class ModelRunner:
             # Requests reordered so each adapter's rows are one slice of the batch.
             scheduled, lora_batch = self.lora.prepare(sched.scheduled)
             sched = dataclasses.replace(sched, scheduled=scheduled)
-        input_ids, positions, layout, sample_idx = self._prepare(sched)
-        metadata = self.backend.build_metadata(layout)
+        query_lens = [s.num_scheduled_tokens for s in sched.scheduled]
         num_prompt_tokens = [len(s.prompt_token_ids) for s in sched.scheduled]
-        rope = self._rope_offsets(num_prompt_tokens, layout)
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
-        with forward_context(ctx), lora_batch_context(lora_batch):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        rope = self._rope_offsets(num_prompt_tokens, query_lens)
+        bucket = None
+        if self.cuda_graphs is not None:
+            # The draft's forward reads the step's layout: it must see no padded rows.
+            drafting = isinstance(self.proposer, DraftModelProposer)
+            eager_only = lora_batch is not None or rope is not None or drafting
+            bucket = self.cuda_graphs.bucket_for(query_lens, eager_only)
+        step = self.input_batch.prepare(sched.scheduled, num_padded=bucket)
+        sample_idx = step.sample_idx
+        if self.cuda_graphs is not None and bucket is not None:
+            hidden = self.cuda_graphs.run(step, bucket)  # [bucket, hidden]; padded rows unread
+        else:
+            metadata = self.backend.build_metadata(step.layout)
+            ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
+            with forward_context(ctx), lora_batch_context(lora_batch):
+                hidden = self.model(step.input_ids, step.positions)  # [T, hidden]
         if isinstance(self.proposer, DraftModelProposer):
             # Every step, proposing or not: the draft's KV must cover what the target's does.
-            self.proposer.prefill(input_ids, positions, layout, num_prompt_tokens)
+            self.proposer.prefill(step.input_ids, step.positions, step.layout, num_prompt_tokens)
         out = ModelRunnerOutput()
         self._prompt_logprobs(sched, hidden, out)
         if not sample_idx:
@@ -176,7 +197,7 @@ class ModelRunner:
         forwards = plan_embed_forwards(lens, self.max_num_batched_tokens, bs)
         num_blocks, kv_dtype = scratch_blocks(forwards, bs), self.kv_caches[0].dtype
         config = self.model.config
-        scratch = allocate_kv_caches(config, num_blocks, bs, kv_dtype, self.device)  # type: ignore[arg-type]
+        scratch = allocate_kv_caches(config, num_blocks, bs, kv_dtype, self.device, self.backend)  # type: ignore[arg-type]
         pooled: list[torch.Tensor] = []
         partial: list[torch.Tensor] = []  # rows of a long prompt run in pieces
         for pieces in forwards:
@@ -216,7 +237,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             device=self.device,
         )
-        rope = self._rope_offsets([len(prompts[p.index]) for p in pieces], layout)
+        rope = self._rope_offsets([len(prompts[p.index]) for p in pieces], layout.query_lens)
         ctx = ForwardContext(self.backend, self.backend.build_metadata(layout), scratch, rope)
         input_ids = torch.tensor(ids, device=self.device)
         rows = torch.tensor(positions, device=self.device)
@@ -225,46 +246,12 @@ class ModelRunner:
         return hidden
 
     def _rope_offsets(
-        self, num_prompt_tokens: list[int], layout: BatchLayout
+        self, num_prompt_tokens: list[int], query_lens: list[int]
     ) -> torch.Tensor | None:
         """[T] rotary table offsets of the step's rows (the model's, per request: LongRoPE
         rotates a request with a long prompt by its long table); None when all are 0."""
         offsets = [self.model.rope_table_offset(n) for n in num_prompt_tokens]  # type: ignore[operator]
         if not any(offsets):
             return None
-        rows = [o for o, n in zip(offsets, layout.query_lens, strict=True) for _ in range(n)]
+        rows = [o for o, n in zip(offsets, query_lens, strict=True) for _ in range(n)]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-    def _prepare(
-        self, sched: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int]]:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_idx: list[int] = []
-        bs = self.block_size
-        for item in sched.scheduled:
-            start = item.num_computed_tokens
-            pos = range(start, start + item.num_scheduled_tokens)
-            ids.extend(item.token_ids)
-            positions.extend(pos)
-            table = item.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if item.needs_sample:
-                # The last known token's row and one per proposed token after it.
-                sample_idx.extend(range(len(ids) - len(item.spec_token_ids) - 1, len(ids)))
-        dev = self.device
-        layout = BatchLayout(
-            query_lens=[s.num_scheduled_tokens for s in sched.scheduled],
-            num_computed_tokens=[s.num_computed_tokens for s in sched.scheduled],
-            block_tables=[s.block_ids for s in sched.scheduled],
-            block_size=bs,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            device=dev,
-        )
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            layout,
-            sample_idx,
-        )

@@ -150,16 +150,18 @@ def sequence_logits(
     with a KV cache of `kv_dtype` (written, then read back, by every layer)."""
     import torch
 
-    from pinnace.runtime.layers.attention_backend import BatchLayout, get_attention_backend
+    from pinnace.runtime.layers.attention import BatchLayout, get_attention_backend
+    from pinnace.runtime.layers.attention.layer import attention_spec
     from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
-    from pinnace.runtime.worker.kv_cache import allocate_kv_caches, kv_geometry
+    from pinnace.runtime.worker.kv_cache import allocate_kv_caches
 
     device = torch.device("cpu")
     num, block = len(token_ids), 16
     num_blocks = math.ceil(num / block)
-    caches = allocate_kv_caches(config, num_blocks, block, kv_dtype, device)
+    dtype = next(model.parameters()).dtype
+    backend = get_attention_backend("torch", device, attention_spec(model, dtype, kv_dtype))
+    caches = allocate_kv_caches(config, num_blocks, block, kv_dtype, device, backend)
     layout = BatchLayout([num], [0], [list(range(num_blocks))], block, torch.arange(num), device)
-    backend = get_attention_backend("torch", device, kv_geometry(config)[1])
     ctx = ForwardContext(backend, backend.build_metadata(layout), caches)
     with torch.inference_mode(), forward_context(ctx):
         hidden = model(torch.tensor(token_ids), torch.arange(num))
@@ -269,3 +271,20 @@ def oracle_proposer_fixture() -> type[OracleProposer]:
     """OracleProposer(continuations: {prompt tuple: greedy tokens}, vocab_size, k=4,
     errors=True)."""
     return OracleProposer
+
+
+@pytest.fixture(scope="session")
+def flashinfer_reference() -> Any:
+    """tests/runtime/flashinfer_reference.py: FlashInfer's wrapper API in torch, as a module
+    standing in for `flashinfer` (loaded by path: test folders are not importable)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).with_name("flashinfer_reference.py")
+    spec = importlib.util.spec_from_file_location("flashinfer_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flashinfer_reference"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -13,8 +13,9 @@ from pinnace.runtime.kernels.paged_attention import (
     Attend,
     paged_decode_attention,
 )
-from pinnace.runtime.layers.attention_backend import BatchLayout
-from pinnace.runtime.layers.torch_attention import TorchAttentionBackend
+from pinnace.runtime.layers.attention import AttentionBackend, BatchLayout
+from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
+from pinnace.runtime.layers.attention.torch_backend import TorchAttentionBackend
 
 pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
@@ -127,9 +128,11 @@ def test_backend_decode_agrees_with_its_matmul_path(attend: Attend) -> None:
     v_new = torch.randn(2, kv_heads, dim).bfloat16()
     outs = []
     for native in (True, False):
-        backend = TorchAttentionBackend(kv_heads)
-        if not native:
-            backend.native = None
+        backend: AttentionBackend = (
+            CPUDecodeAttentionBackend(kv_heads, attend)
+            if native
+            else TorchAttentionBackend(kv_heads)
+        )
         kv_cache = cache.clone().view(2, -1, kv_heads, dim)  # [2, slots, Hkv, D] storage
         meta = backend.build_metadata(layout)
         outs.append(backend.forward(q, k_new, v_new, kv_cache, meta, dim**-0.5, None))

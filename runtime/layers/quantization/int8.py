@@ -14,6 +14,8 @@ That last path, also used for float32 and CUDA, applies the scale to the output:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,9 @@ from torch import nn
 from pinnace.runtime.kernels.int8_gemv import MAX_ROWS as NATIVE_MAX_ROWS
 from pinnace.runtime.kernels.int8_gemv import int8_gemv
 from pinnace.runtime.layers.quantization.int4 import aligned
+from pinnace.runtime.layers.quantization.int8_cuda import MIN_ROWS, int8_matmul, int_mm_eligible
+
+logger = logging.getLogger(__name__)
 
 # _weight_int8pack_mm's time is linear in the rows; measured single-threaded on AVX-512 for
 # SmolLM2's layer shapes it loses to cast + GEMM from about 16 rows on.
@@ -72,6 +77,8 @@ class Int8Linear(nn.Module):
             and codes.data_ptr() % 64 == 0
         )
         self.native = int8_gemv() if self.use_kernel else None
+        # CUDA: prefill-sized steps through torch._int_mm (int8_cuda.py).
+        self.use_int_mm = codes.device.type == "cuda"
         # The native kernel's float32 scales and offset correction (see int8_gemv.c); tiny.
         self.scale_f32: torch.Tensor | None
         self.rowsum: torch.Tensor | None
@@ -96,17 +103,33 @@ class Int8Linear(nn.Module):
             out = self.native(x2, self.weight, self.scale_f32, self.rowsum)
         elif self.use_kernel and x2.dtype == torch.bfloat16 and rows < KERNEL_MAX_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(aligned(x2), self.weight, self.weight_scale)
+        elif self.use_int_mm and int_mm_eligible(
+            rows, self.in_features, self.out_features, x2.device
+        ):
+            out = self._int_mm(x2)
         else:
             out = F.linear(x2, self.weight.to(x2.dtype)) * self.weight_scale.to(x2.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*lead, self.out_features)
 
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """W8A8 on CUDA (int8_cuda.py); falls back to dequantizing, once and for good, where
+        this GPU or build has no int8 GEMM."""
+        try:
+            return int8_matmul(x, self.weight, self.weight_scale)
+        except RuntimeError as error:
+            logger.warning("torch._int_mm unavailable (%s); dequantizing int8 instead", error)
+            self.use_int_mm = False
+            return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale.float()[:, None]
 
     def extra_repr(self) -> str:
         kernel = "cpu_int8pack" if self.use_kernel else "dequantize"
+        if self.use_int_mm:
+            kernel = f"int_mm (>= {MIN_ROWS} rows), dequantize"
         if self.native is not None:
             kernel = f"native_vnni (<= {NATIVE_MAX_ROWS} rows), {kernel}"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"

@@ -12,6 +12,12 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from torch import nn
 
+from pinnace.runtime.layers.attention.fp8_kv import (
+    KV_FP8_SCALE,
+    read_kv,
+    resolve_kv_cache_dtype,
+    write_kv,
+)
 from pinnace.runtime.layers.quantization.config import QuantizationConfig
 from pinnace.runtime.layers.quantization.convert import quantize_linears
 from pinnace.runtime.layers.quantization.embedding import QuantizedEmbedding
@@ -19,12 +25,6 @@ from pinnace.runtime.layers.quantization.fp8 import FP8_DTYPE, Fp8Linear, quanti
 from pinnace.runtime.layers.quantization.gguf import gguf_blocks_to_int4
 from pinnace.runtime.layers.quantization.int4 import Int4Linear, Int4Weight
 from pinnace.runtime.layers.quantization.int8 import Int8Linear, quantize_int8
-from pinnace.runtime.layers.quantization.kv_cache import (
-    KV_FP8_SCALE,
-    read_kv,
-    resolve_kv_cache_dtype,
-    write_kv,
-)
 from pinnace.runtime.layers.quantization.parts import fp8_part
 
 CPU = torch.device("cpu")

@@ -11,10 +11,9 @@ wants (no transposing copy):
                                       seq_len, and within the sliding window if any
 
 Per layer the step's K/V are written first, then read (AttentionBackend's invariant).
-Decode-only steps (every query length 1) in bfloat16 on an AVX-512 CPU run a native kernel
-that reads the blocks in place (kernels/paged_decode_attention.c); elsewhere they use a
-matmul path with grouped heads. Steps with prefill chunks use scaled_dot_product_attention
-on padded queries.
+Decode-only steps (every query length 1) use a matmul path with grouped heads (the CPU
+backend in cpu_backend.py reads the blocks in place with a native kernel instead). Steps
+with prefill chunks use scaled_dot_product_attention on padded queries.
 """
 
 from __future__ import annotations
@@ -24,9 +23,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pinnace.runtime.kernels.paged_attention import paged_decode_attention, supports
-from pinnace.runtime.layers.attention_backend import AttentionBackend, BatchLayout
-from pinnace.runtime.layers.quantization.kv_cache import read_kv, write_kv
+from pinnace.runtime.layers.attention.backend import (
+    AttentionBackend,
+    AttentionMetadataBuilder,
+    BatchLayout,
+)
+from pinnace.runtime.layers.attention.fp8_kv import read_kv, write_kv
 
 
 @dataclass
@@ -76,23 +78,18 @@ class TorchAttentionMetadata:
         return self._kv_rows[rows_per_cache]
 
 
-class TorchAttentionBackend(AttentionBackend):
-    name = "torch"
-
+class TorchMetadataBuilder(AttentionMetadataBuilder):
     def __init__(self, num_kv_heads: int) -> None:
         self.num_kv_heads = num_kv_heads
-        # CPU bfloat16 decode reads the paged cache in place (kernels/paged_attention.py).
-        self.native = paged_decode_attention()
 
-    def build_metadata(self, layout: BatchLayout) -> TorchAttentionMetadata:
+    def build(self, layout: BatchLayout, graph_bucket: int | None = None) -> TorchAttentionMetadata:
+        if graph_bucket is not None:
+            raise NotImplementedError("the torch backend's metadata is rebuilt every step")
         dev, bs, kv_heads = layout.device, layout.block_size, self.num_kv_heads
         seq_lens = layout.seq_lens
         max_q = max(layout.query_lens)
         num_blk = -(-max(seq_lens) // bs)
-        tables = torch.zeros(len(seq_lens), num_blk, dtype=torch.long)
-        for b, table in enumerate(layout.block_tables):
-            n = min(len(table), num_blk)
-            tables[b, :n] = torch.tensor(table[:n], dtype=torch.long)
+        tables = _block_tables(layout, num_blk)
         heads = torch.arange(kv_heads)
         gather_rows = tables[:, None, :] * kv_heads + heads[None, :, None]
         slots = layout.slot_mapping.cpu()
@@ -125,6 +122,35 @@ class TorchAttentionBackend(AttentionBackend):
             seq_lens=seq_t.to(dev),
         )
 
+
+def _block_tables(layout: BatchLayout, num_blk: int) -> torch.Tensor:
+    """[B, num_blk] int64 on the host: the persistent batch's table when given, else built
+    from the lists (entries past a request's own blocks are 0, masked by seq_len)."""
+    if layout.block_table_cpu is not None:
+        return layout.block_table_cpu[:, :num_blk].to(torch.long)
+    tables = torch.zeros(len(layout.block_tables), num_blk, dtype=torch.long)
+    for b, table in enumerate(layout.block_tables):
+        n = min(len(table), num_blk)
+        tables[b, :n] = torch.tensor(table[:n], dtype=torch.long)
+    return tables
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """SDPA / matmul attention over gathered head-major blocks; any device, any dtype."""
+
+    name = "torch"
+
+    def __init__(self, num_kv_heads: int) -> None:
+        self.num_kv_heads = num_kv_heads
+        self.builder = TorchMetadataBuilder(num_kv_heads)
+
+    @staticmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        # [K|V, block, head, offset, D]: row (block * Hkv + h) of the [rows, bs * D] view
+        return (2, num_blocks, num_kv_heads, block_size, head_size)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -138,17 +164,13 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         m = metadata
         head_dim = k.shape[-1]
-        # The layer's tensor is [num_slots, Hkv, D] by allocation; its rows are ours to lay out.
         write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
         write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
-        if m.is_decode and softcap is None and self._native_decode(q, kv_cache):
-            assert self.native is not None
-            rows = kv_cache.view(2, -1, m.block_size * head_dim)
-            return self.native(
-                q, rows[0], rows[1], m.block_tables, m.seq_lens, k.shape[1], m.block_size,
-                scale, sliding_window,
-            )  # fmt: skip
-        k_ctx, v_ctx = read_kv(_gather(kv_cache, m), q.dtype).unbind(0)  # [B, Hkv, L, D]
+        if m.is_decode and softcap is None:
+            out = self._decode_in_place(q, kv_cache, m, scale, sliding_window)
+            if out is not None:
+                return out
+        k_ctx, v_ctx = read_kv(_gather(kv_cache, m, head_dim), q.dtype).unbind(0)  # [B, Hkv, L, D]
         if m.is_decode:
             return _decode_attention(q, k_ctx, v_ctx, m.hidden(sliding_window), scale, softcap)
         mask = m.mask(sliding_window)
@@ -168,19 +190,20 @@ class TorchAttentionBackend(AttentionBackend):
         out = out.transpose(1, 2).reshape(num_reqs * m.max_q, num_heads, head_dim)
         return out[m.q_scatter]
 
-    def _native_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        return (
-            self.native is not None
-            and q.device.type == "cpu"
-            and q.dtype == torch.bfloat16
-            and kv_cache.dtype == torch.bfloat16
-            and supports(q.shape[1], kv_cache.shape[2], q.shape[2])
-        )
+    def _decode_in_place(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        m: TorchAttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor | None:
+        """A decode step read from the blocks in place, or None to gather (subclasses)."""
+        return None
 
 
-def _gather(kv_cache: torch.Tensor, m: TorchAttentionMetadata) -> torch.Tensor:
+def _gather(kv_cache: torch.Tensor, m: TorchAttentionMetadata, head_dim: int) -> torch.Tensor:
     """A layer's K and V -> [2, B, Hkv, L, D], (block, head) rows of bs * D values."""
-    head_dim = kv_cache.shape[-1]
     block_rows = kv_cache.view(-1, m.block_size * head_dim)  # K's rows, then V's
     out = block_rows.index_select(0, m.kv_rows(block_rows.shape[0] // 2))
     batch, kv_heads, _ = m.gather_rows.shape

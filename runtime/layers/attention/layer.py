@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pinnace.runtime.layers.attention.backend import AttentionSpec, LayerParams
 from pinnace.runtime.layers.forward_context import get_forward_context
 
 
@@ -40,3 +41,23 @@ class Attention(nn.Module):
             self.softcap,
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def attention_spec(
+    model: nn.Module, dtype: torch.dtype, kv_cache_dtype: torch.dtype
+) -> AttentionSpec:
+    """The geometry and per-layer parameters of `model`'s Attention layers, in layer order."""
+    layers = sorted(
+        (m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx
+    )
+    if not layers:
+        raise ValueError("the model has no Attention layer to build a KV cache for.")
+    first = layers[0]
+    return AttentionSpec(
+        num_heads=first.num_heads,
+        num_kv_heads=first.num_kv_heads,
+        head_size=first.head_dim,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        layers=tuple(LayerParams(m.scale, m.sliding_window, m.softcap) for m in layers),
+    )
