@@ -185,17 +185,19 @@ def _apply_children(
 
 
 def _apply(client: KubeClient, obj: dict[str, Any]) -> dict[str, Any]:
-    """Server-side apply; a 404 means the cluster does not serve the kind's API (for a
-    namespaced child of an existing resource): Degraded until someone installs it."""
+    """Server-side apply; for a kind some add-on installs (`installed_by`: LeaderWorkerSet,
+    KServe, KEDA), a 404 means the cluster does not serve its API: Degraded until someone
+    installs it. A 404 for a built-in kind (Deployment, Service, ...) is something else,
+    e.g. its namespace being deleted, and propagates as before."""
     try:
         return client.apply(obj)
     except ApiError as err:
-        if err.status != 404:
+        kind = children.BY_KIND.get(obj["kind"])
+        if err.status != 404 or kind is None or not kind.installed_by:
             raise
-        kind = children.BY_KIND[obj["kind"]]
         raise SpecError(
             f"the cluster does not serve {kind.kind} ({kind.api_version}): install "
-            f"{kind.installed_by or 'its API'}; retried with backoff until then",
+            f"{kind.installed_by}; retried with backoff until then",
             reason="APINotInstalled",
             retryable=True,
         ) from None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pinnace.operator.client import HttpKubeClient
+import pytest
+
+from pinnace.operator.client import ApiError, HttpKubeClient
 from pinnace.operator.llmdeployment import parse_llmdeployment
 from pinnace.operator.reconcile import reconcile
 from pinnace.operator.render import render_all
@@ -166,3 +168,33 @@ def test_switching_modes_prunes_only_owned_children(
     before = len(cluster.requests())
     assert run(cluster, kube_client, path).applied == []
     assert cluster.writes(since=before) == [] and cluster.get(deployment) is not None
+
+
+class _NotFoundOn:
+    """The operator's client, except that applying `kind` answers 404 (its namespace is
+    being deleted, say)."""
+
+    def __init__(self, client: HttpKubeClient, kind: str) -> None:
+        self.client, self.kind = client, kind
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if obj["kind"] == self.kind:
+            raise ApiError(404, 'namespaces "ml" not found')
+        return self.client.apply(obj)
+
+
+@pytest.mark.parametrize("kind", ["Service", "Deployment"])
+def test_a_404_for_a_built_in_kind_is_not_an_api_to_install(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any, kind: str
+) -> None:
+    """Only kinds an add-on installs (LeaderWorkerSet, KServe, KEDA) read a 404 as
+    APINotInstalled; for a Deployment or Service it propagates (the caller retries)."""
+    path = create_llmd("gpu")
+    body = cluster.get(path)
+    with pytest.raises(ApiError) as raised:
+        reconcile(_NotFoundOn(kube_client, kind), body)  # type: ignore[arg-type]
+    assert raised.value.status == 404
+    assert "conditions" not in (cluster.get(path).get("status") or {})
