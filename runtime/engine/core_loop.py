@@ -36,6 +36,7 @@ from pinnace.runtime.engine.core_messages import (
 from pinnace.runtime.engine.engine_core import CoreRequest
 from pinnace.runtime.engine.grammar_compiler import GrammarCompiler
 from pinnace.runtime.engine.step_profile import NullProfile
+from pinnace.runtime.executor.executor import WorkerDiedError
 from pinnace.runtime.lora.adapter import LoRAAdapter
 from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.request import RequestStatus
@@ -173,11 +174,16 @@ class CoreLoop:
         self.emit(StepOutputs([], stats, time.monotonic(), [], self.num_applied_adds))
 
     def step(self) -> None:
-        """One engine step; its outputs (or the failure of its requests) as one event."""
+        """One engine step; its outputs (or the failure of its requests) as one event.
+
+        WorkerDiedError (a rank gone, or a multi-rank step that failed part-way) propagates:
+        the core cannot step any more, so whoever runs the loop reports it dead."""
         start = time.monotonic()
         waiting = self.core.waiting_ids()
         try:
             updates = self.core.step()
+        except WorkerDiedError:  # the model's ranks cannot step any more: the core dies
+            raise
         except Exception as exc:
             logger.exception("engine step failed; aborting its %d requests", len(self.active))
             failed = sorted(self.active)

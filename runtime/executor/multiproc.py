@@ -10,7 +10,10 @@ stops the workers.
 
 Failure: a worker that dies breaks the next collective (gloo reports the closed
 connection; the driver raises) and `check_health` sees it between steps, so the engine
-core fails loudly instead of waiting. A worker whose driver is gone exits by itself.
+core fails loudly instead of waiting. Any step that fails on the driver breaks the group
+for good (the ranks may be at different collectives): every later execute and
+check_health raises WorkerDiedError, so the core exits rather than stepping out of step.
+A worker whose driver is gone exits by itself.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class GroupExecutor(Executor):
         self.group, self.workers = group, workers
         self.world_size = group.world_size
         self._stopped = False
+        # Why the group cannot step any more: a step failed part-way, so the ranks may be
+        # at different collectives (the next ones would pair up wrongly: a hang, or wrong
+        # activations). Once set, execute and check_health always raise.
+        self.broken: str | None = None
         group.broadcast_object(config)
         self.parts = build_engine_parts(config, group)
 
@@ -62,9 +69,12 @@ class GroupExecutor(Executor):
         try:
             self.group.broadcast_object(sched)
             return self.parts.runner.execute(sched)
-        except RuntimeError as exc:  # a collective failed: which rank is gone?
-            self.check_health()
-            raise WorkerDiedError(f"a tensor-parallel collective failed: {exc}") from exc
+        except BaseException as exc:  # any failure part-way: the ranks may be out of step
+            self.broken = f"a tensor-parallel step failed on the driver: {exc!r}"
+            if not isinstance(exc, Exception):
+                raise
+            self.check_health()  # a dead worker is the better message
+            raise WorkerDiedError(f"{self.broken}; the engine cannot step any more.") from exc
 
     def check_health(self) -> None:
         for proc in self.workers:
@@ -73,10 +83,17 @@ class GroupExecutor(Executor):
                     f"worker {proc.name} (pid {proc.pid}) exited with status {proc.exitcode}: "
                     "the engine cannot run without all its ranks."
                 )
+        if self.broken is not None:
+            raise WorkerDiedError(f"{self.broken}; the engine cannot step any more.")
+
+    def _in_step(self) -> bool:
+        """Whether the workers wait for a broadcast (alive, and no step failed part-way)."""
+        return self.broken is None and all(p.is_alive() for p in self.workers)
 
     def shutdown(self) -> None:
-        """The workers leave this engine's step loop (see run_worker)."""
-        if not self._stopped and all(p.is_alive() for p in self.workers):
+        """The workers leave this engine's step loop (see run_worker); a broken group's
+        are not told (they may wait in another collective): their starter kills them."""
+        if not self._stopped and self._in_step():
             self.group.broadcast_object(None)
         self._stopped = True
 
@@ -121,11 +138,12 @@ class MultiprocExecutor(GroupExecutor):
         if self._stopped:
             return
         try:
+            in_step = self._in_step()
             super().shutdown()
-            if all(p.is_alive() for p in self.workers):
+            if in_step:
                 self.group.broadcast_object(None)  # no next engine: the workers exit
-            for proc in self.workers:
-                proc.join(timeout=10)
+                for proc in self.workers:
+                    proc.join(timeout=10)
         finally:
             _kill(self.workers)
             destroy_group()

@@ -26,6 +26,8 @@ from pinnace.runtime.distributed.parallel_state import (
     init_group,
 )
 from pinnace.runtime.engine import engine_core
+from pinnace.runtime.engine.core_loop import CoreLoop
+from pinnace.runtime.executor.executor import WorkerDiedError
 from pinnace.runtime.executor.multiproc import GroupExecutor, run_worker, wait_joining
 
 PROMPTS: list[Any] = [
@@ -151,3 +153,34 @@ def test_int8_tp2_equals_int8_tp1(
     llm = tp2(model, **int8)
     assert _generate(llm, PROMPTS[2:]) == expected
     assert llm.llm_engine.parts.weight_bytes < 0.55 * tp1.llm_engine.parts.weight_bytes
+
+
+def test_a_failed_step_breaks_the_group_for_good(
+    make_tiny_model: Callable[[str], Path],
+    tp2: Callable[..., LLM],
+    group: tuple[ParallelGroup, Any],
+) -> None:
+    """The driver's step fails once (here after the worker's forward, so the module's
+    ranks stay paired for the next tests): the core must die, not step on out of step."""
+    llm = tp2(make_tiny_model("LlamaForCausalLM"), **ENGINE)
+    core = llm.llm_engine.core
+    runner = core.executor.parts.runner
+    real = runner.execute
+
+    def fail_once(sched: Any) -> Any:
+        real(sched)
+        runner.execute = real  # type: ignore[method-assign]
+        raise RuntimeError("injected driver fault")
+
+    runner.execute = fail_once  # type: ignore[method-assign]
+    llm.llm_engine.add_request("r", "Hello", GREEDY)
+    loop = CoreLoop(core, lambda event: None)
+    with pytest.raises(WorkerDiedError, match="injected driver fault"):
+        loop.step()  # not caught as one failed step: whoever runs the loop reports it dead
+    # The worker is alive, and the fault is gone: the engine still refuses to go on.
+    with pytest.raises(WorkerDiedError, match="cannot step any more"):
+        core.check_health()
+    with pytest.raises(WorkerDiedError, match="cannot step any more"):
+        llm.generate(["Hello"], GREEDY)
+    llm.shutdown()  # a broken group's worker is not told (it may wait in a collective)
+    group[0].broadcast_object(None)  # this test knows it waits: end its engine
