@@ -11,6 +11,11 @@ offline `LLM`) times its phases and writes one JSON summary there when it stops:
 
 and both report the process's CPU seconds over its wall time, which shows two processes
 contending for the cores. Unset, `profile()` is a null object and costs a method call.
+
+Memory is bounded for a long-running server: each phase (and batch size) keeps an exact
+count and total of all its samples ("n", "total", "mean": the process's lifetime), but
+only its last MAX_SAMPLES samples, so p50 / p90 / p99 describe that recent window once a
+phase has more.
 `hack/bench/serving_profile.py` reads the files.
 """
 
@@ -19,12 +24,34 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 ENV = "PINNACE_PROFILE_DIR"
+# Samples kept per phase for the percentiles (8 bytes each plus deque overhead: well
+# under 1 MiB per phase); count and total are kept over all samples.
+MAX_SAMPLES = 65536
+
+
+class Samples:
+    """One phase's timings: count and total over all of them, the last MAX_SAMPLES kept."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0.0
+        self.recent: deque[float] = deque(maxlen=MAX_SAMPLES)
+
+    def append(self, value: float) -> None:
+        self.n += 1
+        self.total += value
+        self.recent.append(value)
+
+    def __getitem__(self, index: int) -> float:
+        return self.recent[index]
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class NullProfile:
@@ -54,9 +81,9 @@ class StepProfile(NullProfile):
     def __init__(self, role: str, folder: str) -> None:
         self.role = role
         self.folder = folder
-        self.phases: dict[str, list[float]] = defaultdict(list)
+        self.phases: dict[str, Samples] = defaultdict(Samples)
         # execute seconds by (batch size, has a prompt in it)
-        self.steps: dict[tuple[int, bool], list[float]] = defaultdict(list)
+        self.steps: dict[tuple[int, bool], Samples] = defaultdict(Samples)
         self.wall0 = time.perf_counter()
         self.cpu0 = time.process_time()
         self._t = self.wall0
@@ -106,12 +133,13 @@ class StepProfile(NullProfile):
             json.dump(self.summary(), f, indent=1)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    n = len(ordered)
-    return {"n": n, "total": sum(ordered), "mean": statistics.fmean(ordered),
-            "p50": ordered[n // 2], "p90": ordered[min(n - 1, n * 9 // 10)],
-            "p99": ordered[min(n - 1, n * 99 // 100)]}  # fmt: skip
+def _stats(samples: Samples) -> dict[str, float]:
+    """Count, total and mean over all samples; percentiles over the last MAX_SAMPLES."""
+    ordered = sorted(samples.recent)
+    k = len(ordered)
+    return {"n": samples.n, "total": samples.total, "mean": samples.total / samples.n,
+            "p50": ordered[k // 2], "p90": ordered[min(k - 1, k * 9 // 10)],
+            "p99": ordered[min(k - 1, k * 99 // 100)]}  # fmt: skip
 
 
 _profiles: dict[str, NullProfile] = {}

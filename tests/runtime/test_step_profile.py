@@ -44,3 +44,18 @@ def test_engine_steps_are_timed_by_phase_and_batch(
     assert phases["step_tokens"]["total"] == num_prompt + 2 * 4
     assert 0 < phases["execute"]["p50"] <= phases["execute"]["p99"]
     assert summary["cpu_s"] > 0 and summary["wall_s"] > 0
+
+
+def test_samples_are_capped_but_counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A long-running server keeps only the last MAX_SAMPLES per phase (percentiles over
+    them) while count and total cover every sample."""
+    monkeypatch.setattr(step_profile, "MAX_SAMPLES", 4)
+    prof = StepProfile("core", str(tmp_path))
+    for i in range(1, 11):
+        prof.add("decode", float(i))
+        prof.step(3, 3, False, float(i))
+    assert len(prof.phases["decode"].recent) == 4 and prof.phases["decode"][-1] == 10.0
+    summary = prof.summary()
+    for stats in (summary["phases"]["decode"], summary["execute_by_batch"]["3"]):
+        assert stats["n"] == 10 and stats["total"] == 55.0 and stats["mean"] == 5.5
+        assert stats["p50"] == 9.0 and stats["p99"] == 10.0  # of the last 4: 7..10
