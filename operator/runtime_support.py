@@ -10,8 +10,9 @@ Two kinds of refusal, mirroring the runtime's own:
   the runtime's config from every rendered pod's args and fails when the two disagree in
   either direction, so the flags below move with the runtime.
 - at load: what a tensor-parallel engine does not shard (runtime/distributed/model_split.py
-  `check_tensor_parallel`, and the engine core for embeddings): checkpoint-quantized or
-  GGUF weights, LoRA adapters, pooling models.
+  `check_tensor_parallel`; for embeddings runtime/engine/engine_core.py
+  `refuse_parallel_pooling`, as the engine core starts, before any rank does):
+  checkpoint-quantized or GGUF weights, LoRA adapters, pooling models.
 
 The LeaderWorkerSet renderer (render/leaderworkerset.py) is complete and tested; it runs
 once the runtime does.

@@ -9,6 +9,7 @@ process (`LLMEngine`, the offline `LLM`) or in a process of its own (core_proc.p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -96,13 +97,37 @@ def validate_request(
 def runner_type_of(config: EngineConfig, model_config: PretrainedConfig) -> str:
     """What an engine serves: "generate" (requests) or "pooling" (embed) -- never both, as
     in vLLM, so a deployment's endpoints say what the model is for."""
+    return _resolve_runner(config, getattr(model_config, "architectures", None))
+
+
+def _resolve_runner(config: EngineConfig, architectures: list[str] | None) -> str:
     is_folder = os.path.isdir(config.model)
     return resolve_runner(
         config.runner,
         config.convert,
-        getattr(model_config, "architectures", None),
+        architectures,
         is_folder and has_pooling_config(config.model),
     )
+
+
+def refuse_parallel_pooling(config: EngineConfig, force: bool = False) -> None:
+    """ValueError, before any rank starts, for an embedding engine with more than one rank
+    (embeddings are not computed under tensor parallelism yet): it would start, say Ready,
+    then fail every embeddings call. Reads only the folder's config.json (`force`: the
+    runner is known to be pooling)."""
+    if config.world_size == 1:
+        return
+    architectures = None
+    config_json = os.path.join(config.model, "config.json")
+    if config.runner == "auto" and os.path.isfile(config_json):
+        with open(config_json) as f:
+            architectures = json.load(f).get("architectures")
+    if force or _resolve_runner(config, architectures) == "pooling":
+        raise ValueError(
+            f"tensor_parallel_size x pipeline_parallel_size = {config.world_size} with an "
+            "embedding model (runner pooling): embeddings are not computed across ranks "
+            "yet; serve it with tensor_parallel_size=1."
+        )
 
 
 def require_runner(runner_type: str, needed: str) -> None:
@@ -124,6 +149,7 @@ def _num_lookahead_tokens(config: EngineConfig) -> int:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        refuse_parallel_pooling(config)
         # The model's ranks: this process alone, or one process per rank (driver = rank 0).
         self.executor: Executor = make_executor(config)
         parts: EngineParts = self.executor.parts
@@ -152,6 +178,8 @@ class EngineCore:
         self.runner_type = runner_type_of(config, self.model_config)
         if self.runner_type == "pooling" and config.speculative is not None:
             raise ValueError(SPEC_NEEDS_GENERATE)
+        if self.runner_type == "pooling" and self.executor.world_size > 1:
+            refuse_parallel_pooling(config, force=True)  # a model not read from a folder
         # Structured outputs: grammars compiled (and cached) ahead of the step where they
         # can be, masks applied by the sampler.
         self.grammar = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
@@ -254,11 +282,6 @@ class EngineCore:
     ) -> list[EmbeddingRequestOutput]:
         """Pooled embeddings of whole (validated) prompts, in one forward outside the
         scheduler."""
-        if self.executor.world_size > 1:
-            raise ValueError(
-                "embeddings are not computed under tensor parallelism yet; serve the "
-                "embedding model with tensor_parallel_size=1."
-            )
         vectors = self.runner.embed(prompts, pooling or self.pooling).cpu().tolist()
         return [
             EmbeddingRequestOutput(p, EmbeddingOutput(v))

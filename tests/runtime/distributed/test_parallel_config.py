@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.distributed.model_split import check_model_split
+from pinnace.runtime.engine import engine_core
 
 
 def test_sizes_above_one_are_accepted_at_config_level() -> None:
@@ -48,3 +52,26 @@ def test_model_split() -> None:
         check_model_split(_cfg(4, 2, inter=66), 4, 1)
     with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
         check_model_split(_cfg(4, 2), 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs"),
+    [("LlamaForCausalLM", {"runner": "pooling"}), ("LlamaForCausalLM", {"convert": "embed"}),
+     ("Qwen2Model", {}), ("GteEmbeddingModel", {})],
+)  # fmt: skip
+def test_embedding_engine_with_ranks_is_refused_before_any_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, architecture: str, kwargs: dict[str, Any]
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+
+    def no_ranks(config: EngineConfig) -> Any:
+        raise AssertionError("ranks started for an engine that is refused")
+
+    monkeypatch.setattr(engine_core, "make_executor", no_ranks)
+    config = EngineConfig(model=str(tmp_path), tensor_parallel_size=2, **kwargs)
+    with pytest.raises(ValueError, match=r"embedding model .* tensor_parallel_size=1"):
+        engine_core.EngineCore(config)
+    # An embedding model on one rank passes; so does a generating model with ranks.
+    engine_core.refuse_parallel_pooling(EngineConfig(model=str(tmp_path), **kwargs))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    engine_core.refuse_parallel_pooling(EngineConfig(model=str(tmp_path), tensor_parallel_size=2))
