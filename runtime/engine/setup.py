@@ -14,6 +14,7 @@ from pinnace.runtime.distributed.tensor_parallel import rank_config, tp_shape
 from pinnace.runtime.layers.attention import Attention, AttentionBackend, get_attention_backend
 from pinnace.runtime.layers.attention.fp8_kv import resolve_kv_cache_dtype
 from pinnace.runtime.layers.attention.layer import attention_spec
+from pinnace.runtime.layers.linear import weight_bytes as resident_weight_bytes
 from pinnace.runtime.layers.quantization.config import resolve_quantization
 from pinnace.runtime.lora.layers import LoRASlotsConfig
 from pinnace.runtime.models.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
@@ -96,8 +97,7 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         tp = (group, shape)
         kv_config = rank_config(ckpt.config, shape)
     model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora, tp)
-    # Quantized codes and scales are (frozen) parameters too: this is the real footprint.
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = resident_weight_bytes(model)  # with the bf16 GEMV's plain copies
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
     backend = get_attention_backend(
         config.attention_backend, device, attention_spec(model, dtype, kv_dtype)
@@ -246,7 +246,7 @@ def _draft_proposer(
     kv_caches = allocate_kv_caches(
         draft.config, num_blocks, config.block_size, kv_dtype, device, backend
     )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = resident_weight_bytes(model)
     logger.info(
         "Speculative decoding: draft model %s (%d layers, %.1f MiB of weights), "
         "%d tokens proposed per step",

@@ -89,3 +89,23 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights hold in memory: its parameters (quantized codes and scales
+    are frozen parameters too) plus each PackedLinear's plain copy for the GEMV, which is a
+    second copy of that layer's weight unless it shares a parameter's storage (a tied
+    lm_head shares the embedding's)."""
+    total, storages = 0, set()
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        if not p.is_mkldnn:  # oneDNN's packed weights are opaque (and never shared)
+            storages.add(p.untyped_storage().data_ptr())
+    for m in model.modules():
+        plain = getattr(m, "plain", None)
+        if isinstance(m, PackedLinear) and plain is not None:
+            ptr = plain.untyped_storage().data_ptr()
+            if ptr not in storages:
+                storages.add(ptr)
+                total += plain.numel() * plain.element_size()
+    return total

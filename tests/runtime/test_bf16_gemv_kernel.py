@@ -18,7 +18,7 @@ from pinnace.runtime.kernels.bf16_gemv import (
     bf16_gemv,
     read_bandwidth,
 )
-from pinnace.runtime.layers.linear import PackedLinear, can_pack
+from pinnace.runtime.layers.linear import PackedLinear, can_pack, pack_linears, weight_bytes
 
 pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
@@ -113,3 +113,34 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_read_bandwidth_probe(gemv: Gemv) -> None:
     bandwidth = read_bandwidth(8 << 20, repeats=2)
     assert bandwidth is not None and bandwidth > 1e8  # bytes/s; any real machine
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_weight_bytes_count_the_plain_copy(gemv: Gemv) -> None:
+    """Layers with the GEMV hold their weight twice (packed and plain), except a tied
+    lm_head's plain weight, which is the embedding's; the logged weight bytes say so."""
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("CPU without oneDNN bf16")  # implies no AVX-512 BF16 either
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 16)).bfloat16()
+    assert pack_linears(model) == 2
+    assert weight_bytes(model) == _param_bytes(model) + (64 * 32 + 32 * 16) * 2
+    tied = nn.ModuleDict({"embed": nn.Embedding(10, 8), "head": nn.Linear(8, 10, bias=False)})
+    tied["head"].weight = tied["embed"].weight
+    tied = tied.bfloat16()
+    pack_linears(tied)
+    assert tied["head"].plain is not None  # type: ignore[union-attr]
+    assert weight_bytes(tied) == _param_bytes(tied)  # embedding + packed head only
+
+
+def test_weight_bytes_without_the_gemv_are_the_parameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PINNACE_NATIVE_KERNELS", "0")
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("CPU without oneDNN bf16")
+    model = nn.Sequential(nn.Linear(64, 32)).bfloat16()
+    pack_linears(model)
+    assert weight_bytes(model) == _param_bytes(model)

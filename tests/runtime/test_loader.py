@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.kernels.bf16_gemv import bf16_gemv
 
 KV = 16 * 2**20
 
@@ -43,6 +44,12 @@ def test_sharded_checkpoint_loads_like_the_single_file(llama: Path, tmp_path: Pa
 def test_dtype_choice(llama: Path, dtype: str, expected: torch.dtype) -> None:
     llm = LLM(str(llama), dtype=dtype, kv_cache_memory=KV)
     assert llm.llm_engine.parts.dtype == expected
+    # The logged weight bytes include the bf16 GEMV's plain copies of the linear weights.
+    model = llm.llm_engine.runner.model
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    plain = any(getattr(m, "plain", None) is not None for m in model.modules())
+    assert plain == (expected == torch.bfloat16 and bf16_gemv() is not None)
+    assert (llm.llm_engine.parts.weight_bytes > params) == plain
     out = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 
