@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -152,6 +153,16 @@ class EngineCore:
         refuse_parallel_pooling(config)
         # The model's ranks: this process alone, or one process per rank (driver = rank 0).
         self.executor: Executor = make_executor(config)
+        # Its worker ranks stop with the core: on shutdown, or once the core is dropped
+        # (an LLM nobody shut down), or at exit; the finalizer holds the executor only.
+        self._stop_ranks = weakref.finalize(self, self.executor.shutdown)
+        try:
+            self._setup(config)
+        except BaseException:  # a start-up that fails past this point leaves no ranks
+            self._stop_ranks()
+            raise
+
+    def _setup(self, config: EngineConfig) -> None:
         parts: EngineParts = self.executor.parts
         self.parts = parts
         self.tokenizer: PreTrainedTokenizerBase = parts.checkpoint.tokenizer
@@ -266,7 +277,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the worker ranks, if any (idempotent)."""
-        self.executor.shutdown()
+        self._stop_ranks()
 
     def waiting_ids(self) -> set[str]:
         return {r.req_id for r in self.scheduler.waiting}

@@ -1,8 +1,11 @@
-"""Parallel EngineConfig fields and the model-split checks: fast, no processes."""
+"""Parallel EngineConfig fields, the model-split checks and the executor's lifetime: fast,
+no processes."""
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.distributed.model_split import check_model_split
 from pinnace.runtime.engine import engine_core
+from pinnace.runtime.executor.executor import Executor, InprocExecutor
 
 
 def test_sizes_above_one_are_accepted_at_config_level() -> None:
@@ -75,3 +79,31 @@ def test_embedding_engine_with_ranks_is_refused_before_any_starts(
     engine_core.refuse_parallel_pooling(EngineConfig(model=str(tmp_path), **kwargs))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     engine_core.refuse_parallel_pooling(EngineConfig(model=str(tmp_path), tensor_parallel_size=2))
+
+
+def test_the_core_stops_its_ranks_when_start_up_fails_or_it_is_dropped(
+    make_tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor (here one rank that counts its shutdowns) never outlives its core."""
+    stopped: list[Executor] = []
+
+    class Counted(InprocExecutor):
+        def shutdown(self) -> None:
+            stopped.append(self)
+
+    monkeypatch.setattr(engine_core, "make_executor", Counted)
+    config = EngineConfig(model=str(make_tiny_model("LlamaForCausalLM")), num_kv_blocks=8)
+
+    def broken_scheduler(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("start-up fault")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_core, "Scheduler", broken_scheduler)
+        with pytest.raises(RuntimeError, match="start-up fault"):
+            engine_core.EngineCore(config)
+    assert len(stopped) == 1
+    core = engine_core.EngineCore(config)
+    assert len(stopped) == 1
+    del core  # nobody shut it down
+    gc.collect()
+    assert len(stopped) == 2
