@@ -7,7 +7,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from pinnace.operator.spec_base import ENV_NAME_PATTERN, QUANTITY_PATTERN, Quantity, Rule, SpecModel
+from pinnace.operator.spec_base import (
+    ENV_NAME_PATTERN,
+    MODEL_URI_PATTERN,
+    QUANTITY_PATTERN,
+    Quantity,
+    Rule,
+    SpecModel,
+)
 
 
 class EnvVar(SpecModel):
@@ -25,10 +32,19 @@ Runner = Literal["auto", "generate", "pooling"]
 class Speculative(SpecModel):
     """Speculative decoding, rendered as `--speculative-config` (vLLM's speculative_config)."""
 
-    method: Literal["ngram"] = Field(
+    method: Literal["ngram", "draft_model"] = Field(
         default="ngram",
         description="ngram: propose the tokens that followed the latest n tokens earlier in "
-        "the prompt or output (prompt lookup).",
+        "the prompt or output (prompt lookup). draft_model: a smaller model with the "
+        "target's tokenizer proposes them (set model).",
+    )
+    model: str | None = Field(
+        default=None,
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+        description="draft_model: the draft's weights, with the schemes of spec.model.uri "
+        "(hf://, pvc://, s3://, gs://, file://); fetched or mounted like the model, with "
+        "spec.model.credentialsSecretRef.",
     )
     num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
     prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
@@ -42,6 +58,25 @@ class Speculative(SpecModel):
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.method) || self.method != 'draft_model' || has(self.model)",
+            "method draft_model needs model (the draft's URI)",
+            lambda s: s.method != "draft_model" or s.model is not None,
+        ),
+        Rule(
+            "!has(self.model) || (has(self.method) && self.method == 'draft_model')",
+            "model is only for method draft_model",
+            lambda s: s.model is None or s.method == "draft_model",
+        ),
+        Rule(
+            "(has(self.method) && self.method == 'draft_model') ? "
+            "!has(self.promptLookupMin) && !has(self.promptLookupMax) : true",
+            "promptLookupMin and promptLookupMax are only for method ngram",
+            lambda s: (
+                s.method != "draft_model"
+                or (s.prompt_lookup_min is None and s.prompt_lookup_max is None)
+            ),
+        ),
         Rule(
             "!has(self.promptLookupMin) || !has(self.promptLookupMax) || "
             "self.promptLookupMin <= self.promptLookupMax",

@@ -286,6 +286,13 @@ def _kserve_errors(llmd: LLMDeployment) -> list[str]:
         )
     if spec.storage.cache is not None:
         problems.append("storage.cache does not apply in KServe mode (KServe downloads per pod)")
+    draft = spec.engine.speculative.model if spec.engine.speculative else None
+    if draft is not None and not draft.startswith("file://"):
+        problems.append(
+            f"engine.speculative.model {draft}: KServe mode fetches only the model and its "
+            "adapters, not a draft model; use a file:// draft baked into the image, method "
+            "ngram, or serving.mode Deployment"
+        )
     for field_, set_ in (
         ("rollout", spec.rollout != spec.rollout.__class__()),
         ("disruptionBudget", spec.disruption_budget.enabled is not None),

@@ -33,6 +33,30 @@ def model_source(llmd: LLMDeployment) -> sources.Source:
     )
 
 
+def draft_source(llmd: LLMDeployment) -> sources.Source | None:
+    """speculative method draft_model: the draft's weights, delivered like the model's.
+
+    KServe mode takes only file:// drafts (llmdeployment._kserve_errors refuses the rest).
+    """
+    speculative = llmd.spec.engine.speculative
+    if speculative is None or speculative.model is None:
+        return None
+    if llmd.spec.serving.is_kserve:
+        return sources.resolve_kserve(speculative.model, mount_path="")
+    return sources.resolve(
+        speculative.model,
+        slot="draft",
+        runtime_image=llmd.image,
+        credentials=llmd.spec.model.credentials_secret_ref,
+    )
+
+
+def pod_sources(llmd: LLMDeployment) -> list[sources.Source]:
+    """What a Deployment or LeaderWorkerSet pod mounts or downloads: the model, the draft."""
+    draft = draft_source(llmd)
+    return [model_source(llmd), *([draft] if draft is not None else [])]
+
+
 def kserve_adapter_sources(llmd: LLMDeployment) -> list[tuple[str, sources.Source]]:
     """KServe mode: KServe fetches adapters with the model and pods start with them.
 
@@ -76,6 +100,9 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     if engine.speculative is not None:
         # vLLM's JSON keys (snake_case); unset fields keep the runtime's defaults.
         spec_config = engine.speculative.model_dump(exclude_none=True)
+        draft = draft_source(llmd)
+        if draft is not None:  # the draft's path in the pod, not its URI
+            spec_config["model"] = draft.path
         args += ["--speculative-config", json.dumps(spec_config, separators=(",", ":"))]
     if spec.resources.gpu_count > 0:
         args += ["--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]

@@ -76,9 +76,10 @@ def with_pod_hash(template: dict[str, Any]) -> dict[str, Any]:
 
 def pod_template(llmd: LLMDeployment) -> dict[str, Any]:
     """The runtime pod that serves the API (a Deployment's pods, a group's leader)."""
-    # Only the model: adapters are hot-loaded from paths every pod already has (the image,
-    # the cache, the model's claim), so the adapter list never changes this template.
-    all_sources = [argmod.model_source(llmd)]
+    # The model (and a speculative draft), not adapters: those are hot-loaded from paths
+    # every pod already has (the image, the cache, the model's claim), so the adapter list
+    # never changes this template.
+    all_sources = argmod.pod_sources(llmd)
     volumes = [
         _cache_volume(llmd),
         {"name": sources.TMP_VOLUME, "emptyDir": {}},

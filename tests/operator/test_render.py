@@ -155,6 +155,64 @@ def test_speculative_decoding_renders_vllms_json() -> None:
     )
 
 
+def test_draft_model_from_a_pvc_is_mounted_and_rendered_as_its_path() -> None:
+    llmd = example("pvc-model", engine={
+        "quantization": "fp8", "dtype": "bfloat16", "kvCacheDtype": "fp8",
+        "maxModelLen": 16384, "tensorParallelSize": 2, "speculative": {
+            "method": "draft_model", "model": "pvc://drafts/smol-135m",
+            "numSpeculativeTokens": 3}})  # fmt: skip
+    pod = render_deployment(llmd)["spec"]["template"]["spec"]
+    args = container(render_deployment(llmd))["args"]
+    assert json.loads(flag(args, "--speculative-config")) == {
+        "method": "draft_model", "model": "/mnt/draft-pvc/smol-135m", "num_speculative_tokens": 3
+    }  # fmt: skip
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if
+              "persistentVolumeClaim" in v}  # fmt: skip
+    assert claims["draft-pvc"] == {"claimName": "drafts", "readOnly": True}
+    assert "model-pvc" in claims  # the model's own claim is still there
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["draft-pvc"]["mountPath"] == "/mnt/draft-pvc" and mounts["draft-pvc"]["readOnly"]
+    assert not any("draft" in c["name"] for c in pod.get("initContainers", []))
+    # The runtime parses the flag into a draft_model config (the path is read at load).
+    config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
+    assert config.speculative is not None and config.speculative.method == "draft_model"
+    assert config.speculative.model == "/mnt/draft-pvc/smol-135m"
+
+
+def test_draft_model_from_hf_is_downloaded_by_an_init_container() -> None:
+    llmd = example("minimal-cpu", engine={"speculative": {
+        "method": "draft_model", "model": "hf://HuggingFaceTB/SmolLM2-135M",
+        "numSpeculativeTokens": 4}})  # fmt: skip
+    pod = render_deployment(llmd)["spec"]["template"]["spec"]
+    draft_dir = "/cache/draft/hf/HuggingFaceTB/SmolLM2-135M"
+    spec_config = json.loads(flag(pod["containers"][0]["args"], "--speculative-config"))
+    assert spec_config["model"] == draft_dir
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    assert set(inits) == {"download-draft"}  # the model is a file:// in the image
+    command = inits["download-draft"]["command"]
+    assert command[:3] == ["hf", "download", "HuggingFaceTB/SmolLM2-135M"]
+    assert flag(command, "--local-dir") == draft_dir
+    # Ngram (no draft) renders no second init container.
+    plain = example("minimal-cpu", engine={"speculative": {"numSpeculativeTokens": 4}})
+    assert "initContainers" not in render_deployment(plain)["spec"]["template"]["spec"]
+
+
+def test_kserve_takes_a_draft_baked_into_the_image() -> None:
+    llmd = example(
+        "kserve",
+        engine={
+            "speculative": {
+                "method": "draft_model",
+                "model": "file:///drafts/smol",
+                "numSpeculativeTokens": 2,
+            }
+        },
+    )
+    [runtime] = [o for o in render_all(llmd) if o["kind"] == "ServingRuntime"]
+    args = runtime["spec"]["containers"][0]["args"]
+    assert json.loads(flag(args, "--speculative-config"))["model"] == "/drafts/smol"
+
+
 def pod_specs(llmd: LLMDeployment) -> list[dict[str, Any]]:
     """The Deployment's pod, or a LeaderWorkerSet's leader and worker pods."""
     workload = render_workload(llmd)
