@@ -147,3 +147,85 @@ def test_backend_decode_agrees_with_its_matmul_path(attend: Attend) -> None:
         assert not torch.equal(expected, cache.view(2, -1, bs, dim))
         assert torch.equal(after, expected), f"K/V write (native={native})"
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.03, atol=0.02)
+
+
+def _mixed_step(
+    dtype: torch.dtype, kv_heads: int, dim: int, bs: int
+) -> tuple[BatchLayout, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decodes around a 5-token prompt chunk and a 3-row speculative verification: the
+    layout, q/k/v of the step's 10 rows and a [2, slots, Hkv, D] cache of scattered blocks."""
+    heads = kv_heads * 3
+    seq_lens = [37, 9, 5, 20, 12]  # after this step
+    query_lens = [1, 5, 1, 3, 1]
+    _, cache, tables = _paged_problem(seq_lens, heads, kv_heads, dim, bs, seed=11)
+    slots = [
+        int(tables[b, p // bs]) * bs + p % bs
+        for b, (n, ql) in enumerate(zip(seq_lens, query_lens, strict=True))
+        for p in range(n - ql, n)
+    ]
+    layout = BatchLayout(
+        query_lens=query_lens,
+        num_computed_tokens=[n - ql for n, ql in zip(seq_lens, query_lens, strict=True)],
+        block_tables=[t.tolist() for t in tables],
+        block_size=bs,
+        slot_mapping=torch.tensor(slots),
+        device=torch.device("cpu"),
+    )
+    g = torch.Generator().manual_seed(3)
+    rows = sum(query_lens)
+    q, k, v = (
+        torch.randn(rows, n, dim, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads)
+    )
+    return layout, q, k, v, cache.to(dtype).view(2, -1, kv_heads, dim)
+
+
+def test_mixed_step_splits_decode_rows_to_the_kernel(attend: Attend) -> None:
+    """A step mixing decodes with longer queries: decode rows (and only those) go through
+    the kernel, the output matches the unsplit padded-SDPA path, and every row's K/V lands."""
+    kv_heads, dim, bs = 3, 64, 16
+    layout, q, k, v, cache = _mixed_step(torch.bfloat16, kv_heads, dim, bs)
+    calls: list[torch.Tensor] = []
+
+    def spy(q_rows: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(q_rows.clone())
+        return attend(q_rows, *args)  # type: ignore[arg-type]
+
+    outs, caches = [], []
+    for backend in (CPUDecodeAttentionBackend(kv_heads, spy), TorchAttentionBackend(kv_heads)):
+        kv_cache = cache.clone()
+        meta = backend.build_metadata(layout)
+        outs.append(backend.forward(q, k, v, kv_cache, meta, dim**-0.5, None))
+        caches.append(kv_cache)
+    decode_rows = [0, 6, 10]  # flat rows of the one-token requests
+    assert len(calls) == 1 and torch.equal(calls[0], q[decode_rows])
+    assert torch.equal(caches[0], caches[1])
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.03, atol=0.02)
+    # The longer queries' rows are the torch backend's SDPA on a smaller batch.
+    others = [r for r in range(q.shape[0]) if r not in decode_rows]
+    torch.testing.assert_close(outs[0][others], outs[1][others], rtol=0.016, atol=0.01)
+
+    # Where the kernel does not apply (soft-capped scores), the step stays unsplit.
+    calls.clear()
+    backend = CPUDecodeAttentionBackend(kv_heads, spy)
+    backend.forward(q, k, v, cache.clone(), backend.build_metadata(layout), dim**-0.5, None, 30.0)
+    assert not calls
+
+
+def test_mixed_step_float32_is_the_unsplit_path(attend: Attend) -> None:
+    """float32 (which the kernel does not read) keeps the torch backend's output exactly; the
+    split's sub-batch of longer queries gives those rows' float32 values on its own."""
+    kv_heads, dim, bs = 2, 32, 8
+    layout, q, k, v, cache = _mixed_step(torch.float32, kv_heads, dim, bs)
+    outs = []
+    native = CPUDecodeAttentionBackend(kv_heads, attend)
+    for backend in (native, TorchAttentionBackend(kv_heads)):
+        meta = backend.build_metadata(layout)
+        outs.append(backend.forward(q, k, v, cache.clone(), meta, dim**-0.5, 4))
+    assert torch.equal(outs[0], outs[1])
+    split = native.build_metadata(layout).split
+    assert split is not None and split.other_rows.tolist() == [1, 2, 3, 4, 5, 7, 8, 9]
+    written = cache.clone()
+    native.forward(q, k, v, written, native.build_metadata(layout), dim**-0.5, 4)
+    rows = split.other_rows
+    alone = native._attend(q[rows], written, split.other, dim**-0.5, 4, None)
+    torch.testing.assert_close(alone, outs[1][rows], rtol=1e-5, atol=1e-6)

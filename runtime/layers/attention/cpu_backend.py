@@ -1,34 +1,153 @@
-"""The torch backend with decode steps read in place by a native CPU kernel.
+"""The torch backend with decode rows read in place by a native CPU kernel.
 
-Same KV layout and metadata as the torch backend (the kernel reads its head-major blocks,
-kernels/paged_decode_attention.c); decode-only steps in bfloat16 on an AVX-512 CPU skip the
-gather. Everything else (prefill chunks, soft-capped scores, other dtypes) is the torch
-backend's.
+Same KV layout as the torch backend (the kernel reads its head-major blocks,
+kernels/paged_decode_attention.c). In bfloat16 on an AVX-512 CPU, decode-only steps skip the
+gather, and mixed steps are split by rows (vLLM's CPU backend does the same): requests with
+one query token go through the kernel, the others (prompt chunks, speculative verification)
+through the torch backend's SDPA on a batch of only those requests, so decode rows are not
+padded to the longest query nor their context gathered. Soft-capped scores, other dtypes and
+fp8 KV stay on the torch backend's unsplit path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pinnace.runtime.kernels.paged_attention import Attend, paged_decode_attention, supports
+from pinnace.runtime.layers.attention.backend import BatchLayout
+from pinnace.runtime.layers.attention.fp8_kv import write_kv
 from pinnace.runtime.layers.attention.torch_backend import (
     TorchAttentionBackend,
     TorchAttentionMetadata,
+    TorchMetadataBuilder,
 )
+
+
+@dataclass
+class MixedSplit:
+    """A step with both decode rows and longer queries, as two sub-batches."""
+
+    decode_rows: torch.Tensor  # [Bd] flat token row of each one-token request
+    decode_block_tables: torch.Tensor  # [Bd, n_blk] int64
+    decode_seq_lens: torch.Tensor  # [Bd] int64
+    other_rows: torch.Tensor  # flat token rows of the other requests, in order
+    other: TorchAttentionMetadata  # the torch backend's metadata for those requests alone
+
+
+@dataclass
+class CPUAttentionMetadata(TorchAttentionMetadata):
+    split: MixedSplit | None = None  # set for mixed steps
+
+
+class CPUMetadataBuilder(TorchMetadataBuilder):
+    def __init__(self, num_kv_heads: int, split_mixed: bool = True) -> None:
+        super().__init__(num_kv_heads)
+        self.split_mixed = split_mixed
+
+    def build(self, layout: BatchLayout, graph_bucket: int | None = None) -> CPUAttentionMetadata:
+        m = super().build(layout, graph_bucket)
+        meta = CPUAttentionMetadata(**{f: getattr(m, f) for f in m.__dataclass_fields__})
+        lens = layout.query_lens
+        if self.split_mixed and 1 in lens and max(lens) > 1:
+            meta.split = self._split(layout, meta)
+        return meta
+
+    def _split(self, layout: BatchLayout, m: TorchAttentionMetadata) -> MixedSplit:
+        starts = [0]
+        for n in layout.query_lens:
+            starts.append(starts[-1] + n)
+        dec = [b for b, n in enumerate(layout.query_lens) if n == 1]
+        rest = [b for b, n in enumerate(layout.query_lens) if n != 1]
+        other_rows = [r for b in rest for r in range(starts[b], starts[b + 1])]
+        other_idx = torch.tensor(other_rows, dtype=torch.long)
+        sub = BatchLayout(
+            query_lens=[layout.query_lens[b] for b in rest],
+            num_computed_tokens=[layout.num_computed_tokens[b] for b in rest],
+            block_tables=[layout.block_tables[b] for b in rest],
+            block_size=layout.block_size,
+            slot_mapping=layout.slot_mapping.cpu()[other_idx],
+            device=layout.device,
+            block_table_cpu=(
+                None if layout.block_table_cpu is None else layout.block_table_cpu[rest]
+            ),
+        )
+        dev, dec_idx = layout.device, torch.tensor(dec, device=m.block_tables.device)
+        return MixedSplit(
+            decode_rows=torch.tensor([starts[b] for b in dec], device=dev),
+            decode_block_tables=m.block_tables[dec_idx].contiguous(),
+            decode_seq_lens=m.seq_lens[dec_idx].contiguous(),
+            other_rows=other_idx.to(dev),
+            other=super().build(sub),
+        )
 
 
 class CPUDecodeAttentionBackend(TorchAttentionBackend):
     name = "torch+cpu-decode"
 
-    def __init__(self, num_kv_heads: int, native: Attend) -> None:
+    def __init__(self, num_kv_heads: int, native: Attend, split_mixed: bool = True) -> None:
         super().__init__(num_kv_heads)
         self.native = native
+        self.builder = CPUMetadataBuilder(num_kv_heads, split_mixed)
 
     @classmethod
     def create(cls, num_kv_heads: int) -> CPUDecodeAttentionBackend | None:
         """The backend, or None where the kernel does not build (no AVX-512, no compiler)."""
         native = paged_decode_attention()
         return None if native is None else cls(num_kv_heads, native)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        s = getattr(metadata, "split", None)
+        if s is None or softcap is not None or not self._kernel_reads(q, kv_cache):
+            return super().forward(q, k, v, kv_cache, metadata, scale, sliding_window, softcap)
+        head_dim = k.shape[-1]
+        # Every row's K/V first (prompt rows may read blocks that decode rows fill).
+        write_kv(kv_cache[0].view(-1, head_dim), metadata.write_rows, k.reshape(-1, head_dim))
+        write_kv(kv_cache[1].view(-1, head_dim), metadata.write_rows, v.reshape(-1, head_dim))
+        out = torch.empty_like(q)
+        out[s.decode_rows] = self._native_decode(
+            q[s.decode_rows], kv_cache, s.decode_block_tables, s.decode_seq_lens,
+            metadata.block_size, scale, sliding_window,
+        )  # fmt: skip
+        out[s.other_rows] = self._attend(
+            q[s.other_rows], kv_cache, s.other, scale, sliding_window, softcap
+        )
+        return out
+
+    def _kernel_reads(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return (
+            q.device.type == "cpu"
+            and q.dtype == torch.bfloat16
+            and kv_cache.dtype == torch.bfloat16
+            and supports(q.shape[1], self.num_kv_heads, q.shape[2])
+        )
+
+    def _native_decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        rows = kv_cache.view(2, -1, block_size * q.shape[2])  # [K|V, block * Hkv + h, bs * D]
+        return self.native(
+            q, rows[0], rows[1], block_tables, seq_lens, self.num_kv_heads, block_size,
+            scale, sliding_window,
+        )  # fmt: skip
 
     def _decode_in_place(
         self,
@@ -38,16 +157,8 @@ class CPUDecodeAttentionBackend(TorchAttentionBackend):
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor | None:
-        head_dim = q.shape[2]
-        if not (
-            q.device.type == "cpu"
-            and q.dtype == torch.bfloat16
-            and kv_cache.dtype == torch.bfloat16
-            and supports(q.shape[1], self.num_kv_heads, head_dim)
-        ):
+        if not self._kernel_reads(q, kv_cache):
             return None
-        rows = kv_cache.view(2, -1, m.block_size * head_dim)  # [K|V, block * Hkv + h, bs * D]
-        return self.native(
-            q, rows[0], rows[1], m.block_tables, m.seq_lens, self.num_kv_heads, m.block_size,
-            scale, sliding_window,
-        )  # fmt: skip
+        return self._native_decode(
+            q, kv_cache, m.block_tables, m.seq_lens, m.block_size, scale, sliding_window
+        )

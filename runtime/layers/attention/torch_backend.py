@@ -166,6 +166,19 @@ class TorchAttentionBackend(AttentionBackend):
         head_dim = k.shape[-1]
         write_kv(kv_cache[0].view(-1, head_dim), m.write_rows, k.reshape(-1, head_dim))
         write_kv(kv_cache[1].view(-1, head_dim), m.write_rows, v.reshape(-1, head_dim))
+        return self._attend(q, kv_cache, m, scale, sliding_window, softcap)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        m: TorchAttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """The step's queries against the cache (its K/V already written)."""
+        head_dim = q.shape[-1]
         if m.is_decode and softcap is None:
             out = self._decode_in_place(q, kv_cache, m, scale, sliding_window)
             if out is not None:
