@@ -93,9 +93,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def init_group(
     rank: int, world_size: int, tp_size: int, addr: str, port: int, device: torch.device
 ) -> ParallelGroup:
-    """Join the group (blocks until all ranks arrived) and return this rank's view."""
+    """Join the group (blocks until all ranks arrived) and return this rank's view.
+
+    On CUDA `device` is this rank's own GPU (cuda:<local rank>): it becomes the current
+    device first, so nccl does not put every rank's communicator on GPU 0."""
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{addr}:{port}",

@@ -41,6 +41,7 @@ from pinnace.runtime.distributed.parallel_state import (
 )
 from pinnace.runtime.engine.setup import build_engine_parts, resolve_device
 from pinnace.runtime.executor.executor import Executor, WorkerDiedError
+from pinnace.runtime.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pinnace.runtime")
 
@@ -104,7 +105,7 @@ class MultiprocExecutor(GroupExecutor):
     def __init__(self, config: EngineConfig) -> None:
         addr = config.master_addr or "127.0.0.1"
         port = config.master_port or free_port(addr)
-        device = resolve_device(config.device)
+        device = rank_device(config, 0)
         _limit_cpu_threads(config, device)
         ctx = multiprocessing.get_context("spawn")
         workers: list[BaseProcess] = []
@@ -198,11 +199,26 @@ def _start_failure(proc: BaseProcess) -> str:
     )
 
 
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """A rank's device: on CUDA its own GPU of the node (cuda:<local rank>)."""
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        return torch.device("cuda", rank % config.local_world_size)
+    return device
+
+
 def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
-    """On CPU the ranks share the cores (or config.num_threads): each takes its share."""
+    """On CPU the ranks share the cores this process may run on (its affinity mask, which
+    a container's cpuset sets; or config.num_threads): each takes its share."""
     if device.type == "cpu":
-        total = config.num_threads or os.cpu_count() or 1
+        total = config.num_threads or _usable_cpus()
         torch.set_num_threads(max(1, total // config.local_world_size))
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS: no affinity masks
 
 
 def run_worker(
@@ -220,7 +236,7 @@ def run_worker(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s (rank {rank}): %(message)s"
     )
     _exit_with_parent(driver_pid)
-    device = resolve_device(config.device)
+    device = rank_device(config, rank)
     _limit_cpu_threads(config, device)
     joining.send(rank)
     joining.close()
@@ -232,12 +248,12 @@ def run_worker(
     destroy_group()
 
 
-def _serve(group: ParallelGroup, runner: object) -> None:
+def _serve(group: ParallelGroup, runner: ModelRunner) -> None:
     while True:
         sched = group.broadcast_object()
         if sched is None:
             return
-        runner.execute(sched)  # type: ignore[attr-defined]
+        runner.execute(sched)
 
 
 def _exit_with_parent(driver_pid: int) -> None:

@@ -11,10 +11,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.distributed import parallel_state
 from pinnace.runtime.distributed.model_split import check_model_split
 from pinnace.runtime.engine import engine_core
+from pinnace.runtime.executor import multiproc
 from pinnace.runtime.executor.executor import Executor, InprocExecutor
 
 
@@ -107,3 +110,25 @@ def test_the_core_stops_its_ranks_when_start_up_fails_or_it_is_dropped(
     del core  # nobody shut it down
     gc.collect()
     assert len(stopped) == 2
+
+
+def test_a_cuda_rank_makes_its_own_gpu_current_before_joining(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nccl puts a rank's communicator on the current GPU: cuda:<local rank>, set first."""
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(
+        parallel_state.dist,
+        "init_process_group",
+        lambda backend, **kw: calls.append(("init", backend)),
+    )
+    monkeypatch.setattr(parallel_state.dist, "new_group", lambda **kw: "cpu group")
+    config = EngineConfig(model="m", tensor_parallel_size=4, nnodes=2, node_rank=1,
+                          master_addr="leader", device="cpu")  # fmt: skip
+    monkeypatch.setattr(config, "device", "cuda")
+    monkeypatch.setattr(multiproc, "resolve_device", lambda name: torch.device(name))
+    device = multiproc.rank_device(config, 3)  # node 1's second rank
+    assert device == torch.device("cuda", 1)
+    parallel_state.init_group(3, 4, 4, "leader", 29500, device)
+    assert calls == [("set_device", device), ("init", "nccl")]
