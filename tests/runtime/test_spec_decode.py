@@ -96,7 +96,10 @@ def test_stops_and_max_tokens_inside_a_proposal_match_no_speculation(
     samples = spec.generate(prompts, two, use_tqdm=False)[0].outputs
     assert [s.token_ids for s in samples] == [reference.token_ids[:11]] * 2
     stats = spec.llm_engine.stats()
-    assert stats.spec_decoding.num_accepted_tokens > 0
+    # Every proposal is right (a wrong draft KV would show as a rejection here, not in the
+    # tokens: verification repairs them).
+    sd = stats.spec_decoding
+    assert 0 < sd.num_accepted_tokens == sd.num_draft_tokens, sd
     assert stats.prefix_cache_hits > 0
 
 
