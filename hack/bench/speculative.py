@@ -191,7 +191,8 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "speculative_configs": configs,
-        "machine": "shared 2-core VM, 4-6 agents running tests at the same time",
+        # Measured, not described: the 1-minute load average before and after the run.
+        "load_average_1m": {"start": round(os.getloadavg()[0], 2)},
     }
     if not args.skip_batch_1:
         result["batch_1"] = rounds(engines, prompts, params, args.rounds, batched=False)
@@ -200,6 +201,7 @@ def main() -> None:
     batch = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     short = SamplingParams(temperature=0.0, max_tokens=args.max_tokens // 2, ignore_eos=True)
     result[f"batch_{args.batch_size}"] = rounds(engines, batch, short, args.rounds, batched=True)
+    result["load_average_1m"]["end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
 
 
