@@ -25,7 +25,7 @@ def check_model_split(model_config: Any, tensor_parallel_size: int, pp_size: int
             f"tensor_parallel_size={tp} must divide the model's {kv_heads} KV heads or be "
             "a multiple of them (fewer KV heads than ranks are replicated)."
         )
-    for name in ("intermediate_size", "moe_intermediate_size"):
+    for name in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         width = int(getattr(text, name, 0) or 0)
         if width and width % tp:
             raise ValueError(f"tensor_parallel_size={tp} must divide the model's {name} ({width}).")
@@ -40,8 +40,6 @@ def check_model_split(model_config: Any, tensor_parallel_size: int, pp_size: int
 def check_tensor_parallel(config: Any, ckpt: Any, quant: Any) -> None:
     """ValueError for what a tensor-parallel engine does not shard (yet), before any weight
     is read: `config` an EngineConfig, `ckpt` a Checkpoint, `quant` its QuantizationConfig."""
-    from pinnace.runtime.models.registry import resolve_model_class
-
     tp = config.tensor_parallel_size
     if ckpt.format != "safetensors":
         raise ValueError(
@@ -66,11 +64,4 @@ def check_tensor_parallel(config: Any, ckpt: Any, quant: Any) -> None:
             f"tensor_parallel_size={tp} with a speculative draft model is not supported: "
             "the draft is not sharded across ranks; use method 'ngram' or "
             "tensor_parallel_size=1."
-        )
-    architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
-    cls = resolve_model_class(architectures)
-    if getattr(cls, "expert_params_mapping", None):
-        raise ValueError(
-            f"tensor_parallel_size={tp} for {architectures[0]}: mixture-of-experts layers "
-            "are not sharded across ranks yet."
         )

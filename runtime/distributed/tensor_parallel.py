@@ -6,6 +6,10 @@ vocabulary, with head_dim pinned. So every layer already has its rank's shapes:
 
     qkv_proj, gate_up_proj   column-parallel: the rank's rows of each packed part
     o_proj, down_proj        row-parallel: the rank's input columns; outputs all-reduced
+    experts (MoE)            each expert's gate/up column-parallel, down row-parallel (its
+                             intermediate width split); the router is replicated, and the
+                             block (routed experts plus Qwen2-MoE's shared expert, itself
+                             split the same way) is all-reduced once
     embed_tokens             vocab-parallel: rows [r * V/tp, (r+1) * V/tp); ids outside
                              look up row 0 and are zeroed, then all-reduced
     lm_head                  vocab-parallel: local logits all-gathered, padding cut off
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from pinnace.runtime.distributed.parallel_state import ParallelGroup
+from pinnace.runtime.layers.moe import FusedExperts, SparseMoeBlock
 
 # HF module leaf -> how its output rows (or input columns) split over the ranks.
 HEADS, KV_HEADS, COLUMN, ROW, VOCAB = "heads", "kv_heads", "column", "row", "vocab"
@@ -34,8 +39,11 @@ LEAF_SPLITS = {
     "q_proj": HEADS, "k_proj": KV_HEADS, "v_proj": KV_HEADS,
     "gate_proj": COLUMN, "up_proj": COLUMN,
     "o_proj": ROW, "down_proj": ROW,
+    "w1": COLUMN, "w3": COLUMN, "w2": ROW,  # Mixtral's experts: gate, up, down
     "embed_tokens": VOCAB, "lm_head": VOCAB,
 }  # fmt: skip
+# MoE widths split like intermediate_size (Qwen-MoE's routed and shared experts).
+MOE_WIDTHS = ("moe_intermediate_size", "shared_expert_intermediate_size")
 # Checkpoints that store a packed module whole (Phi-3): its parts, in row order.
 FUSED_PARTS = {"qkv_proj": (HEADS, KV_HEADS, KV_HEADS), "gate_up_proj": (COLUMN, COLUMN)}
 
@@ -91,6 +99,9 @@ def rank_config(config: Any, shape: TPShape) -> Any:
     local.head_dim = shape.head_dim  # no longer hidden_size // heads
     if shape.intermediate_size:
         local.intermediate_size = shape.intermediate_size // shape.tp_size
+    for name in MOE_WIDTHS:
+        if getattr(config, name, None):
+            setattr(local, name, int(getattr(config, name)) // shape.tp_size)
     local.vocab_size = shape.local_vocab
     return local
 
@@ -189,13 +200,19 @@ def _cut(tensor: torch.Tensor | LazyTensor, dim: int, start: int, length: int) -
 
 def install_collectives(model: nn.Module, group: ParallelGroup, shape: TPShape) -> int:
     """Forward hooks that make the rank's modules one model: all-reduce after row-parallel
-    layers and the vocab-parallel embedding, all-gather after the LM head. Returns how many
-    modules got one."""
+    layers and the vocab-parallel embedding, all-gather after the LM head, one all-reduce
+    after each MoE block (not after its shared expert's down_proj: the block's output is
+    a sum of the rank's partial sums). Returns how many modules got one."""
     count = 0
+    moe_blocks = [p for p, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
     for path, module in model.named_modules():
         leaf = path.rpartition(".")[2]
         kind = LEAF_SPLITS.get(leaf)
-        if kind == ROW:
+        if path in moe_blocks:
+            module.register_forward_hook(_all_reduce_hook(group))
+        elif kind == ROW and any(path.startswith(f"{block}.") for block in moe_blocks):
+            continue
+        elif kind == ROW:
             module.register_forward_hook(_all_reduce_hook(group))
         elif kind == VOCAB and leaf == "embed_tokens":
             module.register_forward_pre_hook(_vocab_ids_hook(shape))
@@ -254,4 +271,7 @@ def row_parallel_amax(model: nn.Module, group: ParallelGroup) -> dict[str, torch
     for path, module in model.named_modules():
         if type(module) is nn.Linear and LEAF_SPLITS.get(path.rpartition(".")[2]) == ROW:
             found[path] = group.all_reduce_max(module.weight.detach().abs().amax(dim=1).float())
+        elif isinstance(module, FusedExperts):  # down_proj [E, hidden, I/tp] -> [E, hidden]
+            amax = module.down_proj.detach().abs().amax(dim=2).float()
+            found[f"{path}.down_proj"] = group.all_reduce_max(amax)
     return found

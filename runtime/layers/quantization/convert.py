@@ -46,7 +46,7 @@ def quantize_linears(
         _replace(model, path, QuantizedEmbedding(pair[0], pair[1], weight.dtype))
         count += 1
     if only is None:
-        count += quantize_experts(model, method, device)
+        count += quantize_experts(model, method, device, row_amax=row_amax)
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -60,17 +60,23 @@ def quantize_linears(
 
 
 def quantize_experts(
-    model: nn.Module, method: str, device: torch.device, only: set[str] | None = None
+    model: nn.Module,
+    method: str,
+    device: torch.device,
+    only: set[str] | None = None,
+    row_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Replace FusedExperts modules (those in `only`, or all) by QuantizedFusedExperts;
     returns how many were replaced. A path in `only` that is not a FusedExperts is an error
-    (experts left in floats would pass unnoticed)."""
+    (experts left in floats would pass unnoticed). `row_amax["<path>.down_proj"]`: the
+    down rows' max |w| [E, hidden] over the whole rows (tensor-parallel shards)."""
     found = {p for p, m in model.named_modules() if isinstance(m, FusedExperts)}
     if only is not None and only - found:
         raise ValueError(f"no routed experts at {sorted(only - found)[:4]} to quantize.")
     for path in found if only is None else only:
         module = model.get_submodule(path)
-        _replace(model, path, QuantizedFusedExperts(module, method, device))  # type: ignore[arg-type]
+        amax = (row_amax or {}).get(f"{path}.down_proj")
+        _replace(model, path, QuantizedFusedExperts(module, method, device, amax))  # type: ignore[arg-type]
     return len(found if only is None else only)
 
 

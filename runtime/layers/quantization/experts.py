@@ -18,21 +18,30 @@ ROW_QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}
 
 
 def _quantized(
-    weight: torch.Tensor, method: str, device: torch.device
+    weight: torch.Tensor, method: str, device: torch.device, amax: torch.Tensor | None = None
 ) -> tuple[nn.Parameter, nn.Parameter]:
+    """`amax` [E, rows]: the rows' max |w| when `weight` holds a tensor-parallel shard of
+    their columns (so every rank scales as the whole rows are scaled)."""
     experts, rows, cols = weight.shape
-    codes, scale = ROW_QUANTIZERS[method](weight.detach().to(device).reshape(-1, cols))
+    flat_amax = None if amax is None else amax.reshape(-1).to(device)
+    codes, scale = ROW_QUANTIZERS[method](weight.detach().to(device).reshape(-1, cols), flat_amax)
     return frozen(codes.view(experts, rows, cols)), frozen(scale.view(experts, rows))
 
 
 class QuantizedFusedExperts(nn.Module):
-    def __init__(self, experts: FusedExperts, method: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        experts: FusedExperts,
+        method: str,
+        device: torch.device,
+        down_amax: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.method = method
         self.num_experts, self.intermediate = experts.num_experts, experts.intermediate
         self.dtype = experts.gate_up_proj.dtype
         self.gate_up_codes, self.gate_up_scale = _quantized(experts.gate_up_proj, method, device)
-        self.down_codes, self.down_scale = _quantized(experts.down_proj, method, device)
+        self.down_codes, self.down_scale = _quantized(experts.down_proj, method, device, down_amax)
         self.act = experts.act
 
     def _weight(self, codes: torch.Tensor, scale: torch.Tensor, e: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ ENGINE: dict[str, Any] = dict(dtype="float32", max_num_batched_tokens=32, num_kv
                               block_size=8, max_model_len=96)  # fmt: skip
 DENSE = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
          "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]  # fmt: skip
+MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +134,8 @@ def test_odd_vocab_one_kv_head_chunked_prefix_preempted(
     assert 0.5 * full <= half < 0.53 * full
 
 
-@pytest.mark.parametrize("arch", DENSE)
-def test_every_dense_architecture(
+@pytest.mark.parametrize("arch", DENSE + MOE)
+def test_every_architecture(
     arch: str, make_tiny_model: Callable[[str], Path], tp2: Callable[..., LLM]
 ) -> None:
     model = make_tiny_model(arch)
@@ -151,6 +152,22 @@ def test_int8_tp2_equals_int8_tp1(
     tp1 = LLM(str(model), **int8)
     expected = _generate(tp1, PROMPTS[2:])
     llm = tp2(model, **int8)
+    assert _generate(llm, PROMPTS[2:]) == expected
+    assert llm.llm_engine.parts.weight_bytes < 0.55 * tp1.llm_engine.parts.weight_bytes
+
+
+def test_moe_shards_experts_and_int8_scales_whole_rows(
+    make_tiny_model: Callable[[str], Path], tp2: Callable[..., LLM]
+) -> None:
+    """Qwen2-MoE (routed experts, a shared expert, a dense layer) in int8: every expert's
+    down rows get the scales of the whole rows, so TP=2 quantizes exactly as TP=1."""
+    model = make_tiny_model("Qwen2MoeForCausalLM")
+    int8 = dict(ENGINE, quantization="int8")
+    tp1 = LLM(str(model), **int8)
+    expected = _generate(tp1, PROMPTS[2:])
+    llm = tp2(model, **int8)
+    experts = llm.llm_engine.parts.runner.model.model.layers[0].mlp.experts
+    assert experts.down_codes.shape[-1] == experts.intermediate == 32 // 2  # I/tp columns
     assert _generate(llm, PROMPTS[2:]) == expected
     assert llm.llm_engine.parts.weight_bytes < 0.55 * tp1.llm_engine.parts.weight_bytes
 
