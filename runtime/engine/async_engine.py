@@ -32,6 +32,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import SchedulerStats
+from pinnace.runtime.engine.admission import WaitingLimit
 from pinnace.runtime.engine.core_client import CoreClient, InprocClient, MPClient
 from pinnace.runtime.engine.core_messages import (
     AbortRequests,
@@ -89,10 +90,6 @@ class AsyncLLMEngine:
     ) -> None:
         """`AsyncLLMEngine(engine)`: its core steps on a thread of this process;
         `AsyncLLMEngine.spawn(config)`: in a process of its own."""
-        if max_waiting_requests is not None and max_waiting_requests < 1:
-            raise ValueError(
-                f"max_waiting_requests must be at least 1, got {max_waiting_requests}."
-            )
         if engine is not None:
             client, facts = InprocClient(engine), ModelFacts.of_core(engine.core)
         if client is None or facts is None:
@@ -100,7 +97,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.client = client
         self.facts = facts
-        self.max_waiting_requests = max_waiting_requests
+        self.waiting_limit = WaitingLimit(max_waiting_requests, facts.config.max_num_seqs)
         self.observer = observer
         self.processor = OutputProcessor(facts.tokenizer)
         self._streams: dict[str, RequestStream] = {}
@@ -114,9 +111,6 @@ class AsyncLLMEngine:
         # Called on the event loop with the reason when the core dies (the server stops
         # and exits non-zero: lifecycle.py).
         self.on_failure: Callable[[str], None] | None = None
-        # Scheduler requests sent and taken in by the core: the difference is in flight.
-        self._num_sent_adds = 0
-        self._num_applied_adds = 0
 
     @classmethod
     def spawn(
@@ -222,18 +216,16 @@ class AsyncLLMEngine:
         Request ids must not contain "#" (the engine's child-sample separator).
         """
         self.check_health()
-        require_runner(self.runner_type, "generate")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use.")
         self.check_queue_room(params.num_samples)
-        max_tokens = self.validate(prompt_token_ids, params)
         stream = RequestStream(request_id, len(prompt_token_ids))
-        requests = self.processor.add_request(
-            request_id, None, prompt_token_ids, params, max_tokens, cache_salt, lora_request,
+        requests = self.facts.prepare(
+            self.processor, request_id, prompt_token_ids, params, cache_salt, lora_request,
             stream.arrival_time,
         )  # fmt: skip
         self._streams[request_id] = stream
-        self._num_sent_adds += len(requests)
+        self.waiting_limit.num_sent_adds += len(requests)
         self.client.send(AddRequests([to_wire(r) for r in requests]))
         try:
             yield stream
@@ -294,24 +286,7 @@ class AsyncLLMEngine:
 
     def check_queue_room(self, num_new: int) -> None:
         """Raises QueueFullError if `num_new` more requests would pass the waiting limit."""
-        if self.max_waiting_requests is None:
-            return
-        waiting = self._projected_waiting()
-        if waiting + num_new > self.max_waiting_requests:
-            raise QueueFullError(
-                f"the server is busy: {waiting} requests are waiting "
-                f"(max_waiting_requests={self.max_waiting_requests}); retry later."
-            )
-
-    def _projected_waiting(self) -> int:
-        """Waiting requests once the adds still in flight are applied: those beyond the
-        free batch slots will wait (while some wait already, no slot is free: FCFS)."""
-        stats = self._stats
-        in_flight = self._num_sent_adds - self._num_applied_adds
-        free = 0
-        if stats.num_waiting_reqs == 0:
-            free = max(0, self.config.max_num_seqs - stats.num_running_reqs)
-        return stats.num_waiting_reqs + max(0, in_flight - free)
+        self.waiting_limit.check_room(self._stats, num_new)
 
     # -- events from the core (on the event loop) --------------------------------------------
 
@@ -321,7 +296,8 @@ class AsyncLLMEngine:
         elif isinstance(event, UtilityResult):
             self._on_result(event)
         elif isinstance(event, RequestsFailed):
-            self._num_applied_adds = max(self._num_applied_adds, event.num_applied_adds)
+            limit = self.waiting_limit
+            limit.num_applied_adds = max(limit.num_applied_adds, event.num_applied_adds)
             error: BaseException = loads(event.error)
             self._fail_children(event.req_ids, error)
         elif isinstance(event, CoreDead):
@@ -333,7 +309,7 @@ class AsyncLLMEngine:
         self._stats = event.stats
         num_new = sum(len(u.new_token_ids) for u in event.updates)  # type: ignore[misc,attr-defined]
         self.stat_logger.observe(event.stats, num_new)
-        self._num_applied_adds = event.num_applied_adds
+        self.waiting_limit.num_applied_adds = event.num_applied_adds
         for req_id in event.scheduled_ids:
             stream = self._streams.get(req_id.partition("#")[0])
             if stream is not None and stream.scheduled_time is None:

@@ -193,6 +193,17 @@ class CoreStartError(RuntimeError):
     """The engine-core process could not load the model."""
 
 
+def _start_error(dead: CoreDead) -> Exception:
+    """The error a core that died before it was ready reports: the user's ValueError or
+    FileNotFoundError as such (a bad flag: one line and exit 2 from the CLI), any other
+    failure as a CoreStartError."""
+    if dead.user_error == "FileNotFoundError":
+        return FileNotFoundError(dead.reason)
+    if dead.user_error is not None:
+        return ValueError(dead.reason)
+    return CoreStartError(f"the engine core failed to start: {dead.reason}")
+
+
 class MPClient:
     """An engine-core process for `config`; `wait_ready` returns once its model is loaded."""
 
@@ -234,7 +245,9 @@ class MPClient:
             self.process.start()
 
     def wait_ready(self, timeout: float | None = None) -> CoreReady:
-        """Block until the core has loaded its model (CoreStartError if it could not)."""
+        """Block until the core has loaded its model. Raises what stopped it: ValueError or
+        FileNotFoundError for input the user can fix (a draft model path that does not
+        exist, a backend this machine lacks), CoreStartError for anything else."""
         try:
             return self._wait_ready(timeout)
         except BaseException:
@@ -249,7 +262,7 @@ class MPClient:
                 if isinstance(event, CoreReady):
                     return event
                 if isinstance(event, CoreDead):
-                    raise CoreStartError(f"the engine core failed to start: {event.reason}")
+                    raise _start_error(event)
             elif not self.process.is_alive():
                 raise CoreStartError(
                     f"the engine core exited with status {self.process.exitcode} at start-up."

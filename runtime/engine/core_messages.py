@@ -129,6 +129,10 @@ class RequestsFailed(msgspec.Struct, array_like=True, tag=True):
 
 class CoreDead(msgspec.Struct, array_like=True, tag=True):
     reason: str
+    # Set when the core could not start for a reason the user can fix (a bad flag, a
+    # missing draft model): "ValueError" or "FileNotFoundError", and `reason` is the
+    # message alone. The front end raises it as such (pinnace serve: one line, exit 2).
+    user_error: str | None = None
 
 
 Event = CoreReady | StepOutputs | UtilityResult | RequestsFailed | CoreDead

@@ -46,6 +46,7 @@ IDLE_POLL_MS = 1000  # how often an idle core checks that its front end is still
 COMPILE_POLL_MS = 5  # an idle core waiting for a grammar looks this often
 SEND_TIMEOUT_MS = 1000  # a send that waits this long checks it too
 LIVENESS_CHECK_S = 1.0  # and a busy core, between steps
+USER_ERROR_EXIT = 2  # the exit status of a core that could not start from bad input
 
 
 class FrontEndGone(Exception):
@@ -91,7 +92,12 @@ def run_engine_core(
                     raise FrontEndGone(front_end_pid) from None
 
     try:
-        core = EngineCore(config)
+        try:
+            core = EngineCore(config)
+        except (ValueError, FileNotFoundError) as exc:  # the user's to fix: no traceback
+            emit(CoreDead(str(exc), type(exc).__name__))
+            events.close(linger=1000)
+            sys.exit(USER_ERROR_EXIT)
         core.profile = prof
         logger.info(
             "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
@@ -100,6 +106,8 @@ def run_engine_core(
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid, prof, core.check_health)
         core.shutdown()  # the worker ranks, if any
+    except SystemExit:
+        raise
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
         events.close(linger=0)

@@ -70,12 +70,8 @@ class LLMEngine:
     ) -> None:
         """Queue a request; with `lora_request` it runs with that adapter (registered and
         read from its folder first if the engine does not hold it yet)."""
-        self.require_runner("generate")
-        prompt_ids = self.tokenize(prompt)
-        max_tokens = self.validate(prompt_ids, params)
-        text = prompt if isinstance(prompt, str) else None
-        requests = self.output_processor.add_request(
-            request_id, text, prompt_ids, params, max_tokens, cache_salt, lora_request
+        requests = self.facts.prepare(
+            self.output_processor, request_id, prompt, params, cache_salt, lora_request
         )
         added: list[str] = []
         try:

@@ -1,6 +1,7 @@
 """ModelFacts: what a front end knows of the served model without holding its weights,
 and the request checks that need only that (tokenize, validate). `LLMEngine` and
-`AsyncLLMEngine` both check requests here, in one place."""
+`AsyncLLMEngine` both check requests here, in one place, and `prepare` turns a user's
+request into the core's requests the same way for every engine."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.core_messages import CoreReady, loads
-from pinnace.runtime.engine.engine_core import EngineCore, validate_request
+from pinnace.runtime.engine.engine_core import (
+    CoreRequest,
+    EngineCore,
+    require_runner,
+    validate_request,
+)
+from pinnace.runtime.engine.output_processor import OutputProcessor
+from pinnace.runtime.lora.request import LoRARequest
 from pinnace.runtime.sampling_params import SamplingParams
 
 
@@ -57,3 +65,24 @@ class ModelFacts:
             max_model_len=self.max_model_len,
             max_logprobs=self.config.max_logprobs,
         )
+
+    def prepare(
+        self,
+        processor: OutputProcessor,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
+        arrival_time: float | None = None,
+    ) -> list[CoreRequest]:
+        """Check a generation request (ValueError with a user-facing message), track it
+        in `processor`; returns its scheduler requests (n samples) for the core."""
+        require_runner(self.runner_type, "generate")
+        prompt_ids = self.tokenize(prompt)
+        max_tokens = self.validate(prompt_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        return processor.add_request(
+            request_id, text, prompt_ids, params, max_tokens, cache_salt, lora_request,
+            arrival_time,
+        )  # fmt: skip

@@ -95,14 +95,10 @@ class MPLLMEngine:
     ) -> None:
         """Queue a request in the core (a failure there, say an adapter gone, is raised by
         a later `step`)."""
-        self.require_runner("generate")
         if not self.client.is_alive:
             raise EngineDeadError("the engine core process is not running.")
-        prompt_ids = self.tokenize(prompt)
-        max_tokens = self.validate(prompt_ids, params)
-        text = prompt if isinstance(prompt, str) else None
-        requests = self.output_processor.add_request(
-            request_id, text, prompt_ids, params, max_tokens, cache_salt, lora_request
+        requests = self.facts.prepare(
+            self.output_processor, request_id, prompt, params, cache_salt, lora_request
         )
         self.client.send(AddRequests([to_wire(r) for r in requests]))
 

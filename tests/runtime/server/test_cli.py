@@ -202,6 +202,25 @@ def test_bad_flag_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     ]
 
 
+def test_bad_input_found_by_the_engine_core_is_one_line_and_exit_2(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The core process finds this one while it builds the engine (the draft model opens
+    there): its ValueError / FileNotFoundError reaches the front end as such. Before, the
+    core logged a traceback, the front end raised a second one and exited 1."""
+    draft = tmp_path / "no-such-draft"
+    spec = f'{{"model": "{draft}", "num_speculative_tokens": 2}}'
+    out = subprocess.run(
+        [PINNACE, "serve", str(tiny_model), "--port", str(free_port()),
+         "--kv-cache-memory", "32MiB", "--speculative-config", spec],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("pinnace serve: error: model path") and str(draft) in line
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
