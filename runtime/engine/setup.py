@@ -154,12 +154,12 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     if draft is None or draft_model is None or draft_backend is None:
         runner.proposer = _ngram_proposer(config)
     else:
-        runner.proposer = _draft_proposer(
-            config, draft, draft_model, draft_backend, device, kv_dtype, num_blocks,
-            max_model_len,
-        )  # fmt: skip
         # Blocks outside a window are released only if the draft never reads them either.
         window = _wider_window(window, _common_sliding_window(draft_model))
+        runner.proposer = _draft_proposer(
+            config, draft, draft_model, draft_backend, device, kv_dtype, num_blocks,
+            max_model_len, window,
+        )  # fmt: skip
     if config.speculative is not None:
         runner.max_spec_batch_size = config.speculative.disable_by_batch_size
     arch = (getattr(ckpt.config, "architectures", None) or ["?"])[0]
@@ -238,6 +238,7 @@ def _draft_proposer(
     kv_dtype: torch.dtype,
     num_blocks: int,
     max_model_len: int,
+    sliding_window: int | None,
 ) -> DraftModelProposer:
     """The draft's KV cache of `num_blocks` blocks (the target's block ids index it) and
     its own attention backend (its KV head count may differ from the target's)."""
@@ -254,8 +255,9 @@ def _draft_proposer(
         spec.num_speculative_tokens,
     )  # fmt: skip
     return DraftModelProposer(
-        model, kv_caches, backend, config.block_size, spec.num_speculative_tokens, max_model_len
-    )
+        model, kv_caches, backend, config.block_size, spec.num_speculative_tokens,
+        max_model_len, num_blocks, config.resolved_max_num_batched_tokens, sliding_window,
+    )  # fmt: skip
 
 
 def _wider_window(a: int | None, b: int | None) -> int | None:

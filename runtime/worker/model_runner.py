@@ -73,7 +73,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.drop(sched.finished_req_ids)
-        self.input_batch.remove(sched.finished_req_ids | sched.preempted_req_ids)
+        gone = sched.finished_req_ids | sched.preempted_req_ids
+        self.input_batch.remove(gone)
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.begin_step(sched.scheduled, gone)
         if sched.is_empty:
             return ModelRunnerOutput()
         lora_batch = None
@@ -86,9 +89,7 @@ class ModelRunner:
         rope = self._rope_offsets(num_prompt_tokens, query_lens)
         bucket = None
         if self.cuda_graphs is not None:
-            # The draft's forward reads the step's layout: it must see no padded rows.
-            drafting = isinstance(self.proposer, DraftModelProposer)
-            eager_only = lora_batch is not None or rope is not None or drafting
+            eager_only = lora_batch is not None or rope is not None
             bucket = self.cuda_graphs.bucket_for(query_lens, eager_only)
         step = self.input_batch.prepare(sched.scheduled, num_padded=bucket)
         sample_idx = step.sample_idx
@@ -99,12 +100,11 @@ class ModelRunner:
             ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
             with forward_context(ctx), lora_batch_context(lora_batch):
                 hidden = self.model(step.input_ids, step.positions)  # [T, hidden]
-        if isinstance(self.proposer, DraftModelProposer):
-            # Every step, proposing or not: the draft's KV must cover what the target's does.
-            self.proposer.prefill(step.input_ids, step.positions, step.layout, num_prompt_tokens)
         out = ModelRunnerOutput()
         self._prompt_logprobs(sched, hidden, out)
         if not sample_idx:
+            if self.is_driver:
+                self._propose(sched, [], [], out)  # a draft's KV follows prompt chunks
             return out
         rows_idx = torch.tensor(sample_idx, device=self.device)
         logits = self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
@@ -127,22 +127,42 @@ class ModelRunner:
             out.sampled_token_ids[item.req_id] = new
             if lp is not None:
                 out.logprobs[item.req_id] = lp
-        self._propose(items, tokens, out)
+        self._propose(sched, items, tokens, out)
         return out
 
     def _propose(
-        self, items: list[ScheduledRequest], tokens: list[list[int]], out: ModelRunnerOutput
+        self,
+        sched: SchedulerOutput,
+        items: list[ScheduledRequest],
+        tokens: list[list[int]],
+        out: ModelRunnerOutput,
     ) -> None:
         """Next-step proposals for the requests that sampled. Constrained requests get
-        none: their grammar mask would have to follow each proposal."""
+        none: their grammar mask would have to follow each proposal. Above
+        max_spec_batch_size requests sampling, none at all: a draft model does not even
+        run (it catches up when the batch shrinks, draft_model_proposer.py)."""
         if self.proposer is None:
             return
         if self.max_spec_batch_size is not None and len(items) > self.max_spec_batch_size:
             return
         picked = [i for i, s in enumerate(items) if s.sampling_params.structured_outputs is None]
-        if not picked:
+        if isinstance(self.proposer, DraftModelProposer):
+            chunks = [
+                s
+                for s in sched.scheduled
+                if not s.needs_sample and s.sampling_params.structured_outputs is None
+            ]
+            if not picked and not chunks:
+                return
+            proposals = self.proposer.propose(
+                [items[i] for i in picked], [tokens[i] for i in picked], chunks
+            )
+        elif not picked:
             return
-        proposals = self.proposer.propose([items[i] for i in picked], [tokens[i] for i in picked])
+        else:
+            proposals = self.proposer.propose(
+                [items[i] for i in picked], [tokens[i] for i in picked]
+            )
         for i, spec in zip(picked, proposals, strict=True):
             if spec:
                 out.spec_token_ids[items[i].req_id] = spec
