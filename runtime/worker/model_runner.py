@@ -147,10 +147,16 @@ class ModelRunner:
             return
         picked = [i for i, s in enumerate(items) if s.sampling_params.structured_outputs is None]
         if isinstance(self.proposer, DraftModelProposer):
+            # Prompt chunks only while the whole batch is small: in a big one (say 32
+            # prompts prefilled in chunks) they would likely never be proposed for; a
+            # request catches its prompt up when it first proposes.
+            small = self.max_spec_batch_size is None or (
+                len(sched.scheduled) <= self.max_spec_batch_size
+            )
             chunks = [
                 s
                 for s in sched.scheduled
-                if not s.needs_sample and s.sampling_params.structured_outputs is None
+                if small and not s.needs_sample and s.sampling_params.structured_outputs is None
             ]
             if not picked and not chunks:
                 return

@@ -51,10 +51,10 @@ def test_the_draft_skips_big_batches_and_catches_up_when_the_batch_shrinks(
     # Two long requests speculate alone, two short ones join (4 sampling > 2: no draft),
     # finish one after the other, and the long ones speculate again after a catch-up.
     jobs = {
-        "long-a": (_prompt(0, 20), 48, 0),  # prompt, max_tokens, arrival step
-        "long-b": (_prompt(1, 27), 56, 0),
+        "long-a": (_prompt(0, 20), 36, 0),  # prompt, max_tokens, arrival step
+        "long-b": (_prompt(1, 27), 40, 0),
         "short-a": (_prompt(2, 18), 6, 2),
-        "short-b": (_prompt(3, 33), 14, 2),
+        "short-b": (_prompt(3, 33), 12, 2),
     }
     base = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20)
     want = {
