@@ -6,6 +6,8 @@ the engine around the model (scheduling, sampling, detokenization, Python).
 
 --compare-onednn adds a variant with the native bf16 GEMV off (oneDNN for every row count),
 alternating with the default in each round: the GEMV's before/after in one run.
+--compare-module-path adds a variant with the one-call native Llama decode off
+(models/llama_native.py: every decode layer through the PyTorch modules), likewise.
 
 Each leaf module's forward is wrapped with a timer (CPU execution is synchronous, so wall
 time is the op's time); only decode forwards (one token per request) are counted. "other
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import json
 import os
 import sys
@@ -31,6 +34,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pinnace.runtime.kernels.llama_decode import PARTS
+
+# The native decode's parts (kernels/llama_decode.c) -> this profile's categories.
+NATIVE_CATEGORY = {"norm": "norm", "matmul": "matmul", "attention": "attention"}
 
 
 def category(name: str, module: nn.Module) -> str | None:
@@ -55,6 +63,9 @@ class StepTimer:
         self.decode_steps = 0
         self.forward_s = 0.0  # every forward, prefill included
         self._in_decode = False
+        self.native = getattr(getattr(model, "model", None), "native_decode", None)
+        if self.native is not None:
+            self.native.timings = (ctypes.c_double * len(PARTS))()
         for name, module in model.named_modules():
             cat = category(name, module)
             if cat is not None:
@@ -74,6 +85,7 @@ class StepTimer:
     def _model_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(input_ids: torch.Tensor, positions: torch.Tensor) -> Any:
             self._in_decode = input_ids.shape[0] == self.batch
+            before = list(self.native.timings) if self.native is not None else []
             start = time.perf_counter()
             out = fn(input_ids, positions)
             elapsed = time.perf_counter() - start
@@ -81,19 +93,27 @@ class StepTimer:
             if self._in_decode:
                 self.times["model"] += elapsed
                 self.decode_steps += 1
+                if self.native is not None:
+                    for part, old, new in zip(PARTS, before, self.native.timings, strict=True):
+                        if part in NATIVE_CATEGORY:
+                            self.times[NATIVE_CATEGORY[part]] += new - old
             return out
 
         return run
 
 
-def profile(model_path: str, batch: int, args: argparse.Namespace, gemv: bool) -> dict[str, Any]:
+def profile(
+    model_path: str, batch: int, args: argparse.Namespace, gemv: bool, native: bool
+) -> dict[str, Any]:
     from throughput import make_prompts
 
     from pinnace.runtime import LLM, SamplingParams
     from pinnace.runtime.kernels.bf16_gemv import bf16_gemv
     from pinnace.runtime.layers import linear
+    from pinnace.runtime.models import llama_native
 
     linear.bf16_gemv = bf16_gemv if gemv else lambda: None  # type: ignore[assignment]
+    llama_native.NativeLlamaDecode.enabled = native
 
     llm = LLM(
         model_path,
@@ -114,14 +134,15 @@ def profile(model_path: str, batch: int, args: argparse.Namespace, gemv: bool) -
     t = timer.times
     parts = {
         "matmul": t["matmul"],
-        "lm_head": t["lm_head"],
+        "lm_head": t["lm_head"],  # outside the model forward (compute_logits)
         "attention": t["attention"],
         "norm": t["norm"],
-        "other_model": t["model"] - t["matmul"] - t["lm_head"] - t["attention"] - t["norm"],
+        "other_model": t["model"] - t["matmul"] - t["attention"] - t["norm"],
     }
-    step_ms = 1000 * t["model"] / max(timer.decode_steps, 1)
-    engine_ms = 1000 * (wall - timer.forward_s) / steps
-    total = step_ms + engine_ms
+    decode_steps = max(timer.decode_steps, 1)
+    step_ms = 1000 * t["model"] / decode_steps
+    engine_ms = 1000 * (wall - timer.forward_s) / steps - 1000 * t["lm_head"] / decode_steps
+    total = step_ms + 1000 * t["lm_head"] / decode_steps + engine_ms
     result = {k: round(1000 * v / max(timer.decode_steps, 1), 3) for k, v in parts.items()}
     result["engine"] = round(engine_ms, 3)
     result["step"] = round(total, 3)
@@ -154,17 +175,22 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-onednn", action="store_true")
+    parser.add_argument("--compare-module-path", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = {"native_gemv": True, **({"onednn_only": False} if args.compare_onednn else {})}
+    variants = {"default": (True, True)}  # (native GEMV, one-call native decode)
+    if args.compare_onednn:
+        variants["onednn_only"] = (False, False)
+    if args.compare_module_path:
+        variants["module_path"] = (True, False)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     runs: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_random_model(tmp, getattr(torch, args.dtype))
         for _ in range(args.rounds):
-            for name, gemv in variants.items():
+            for name, (gemv, native) in variants.items():
                 for b in batches:
-                    runs[name, b].append(profile(model, b, args, gemv))
+                    runs[name, b].append(profile(model, b, args, gemv, native))
     result = {
         "bench": "step_profile",
         "dtype": args.dtype,

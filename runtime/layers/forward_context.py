@@ -44,6 +44,11 @@ def forward_context(ctx: ForwardContext) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+def current_forward_context() -> ForwardContext | None:
+    """The step's context; None outside a forward (then no attention can run either)."""
+    return _CONTEXT.get()
+
+
 def current_rope_offsets() -> torch.Tensor | None:
     """The step's rotary table offsets; None outside a forward or when all are zero."""
     ctx = _CONTEXT.get()

@@ -16,10 +16,12 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from pinnace.runtime.layers.attention import Attention
+from pinnace.runtime.layers.forward_context import current_forward_context
 from pinnace.runtime.layers.norm import RMSNorm
 from pinnace.runtime.layers.packed import PackedMapping
 from pinnace.runtime.layers.rotary import RotaryEmbedding
 from pinnace.runtime.models.base import CausalLMBase
+from pinnace.runtime.models.llama_native import NativeLlamaDecode
 
 
 class LlamaAttention(nn.Module):
@@ -121,14 +123,23 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm(config.hidden_size, config.rms_norm_eps)
         self.embed_scale = embed_scale
+        # Built at the first forward, once the weights are loaded and packed (and LoRA
+        # wrapped, which rules it out); None where it does not apply.
+        self.native_decode: NativeLlamaDecode | None = None
+        self._native_checked = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         if self.embed_scale is not None:
             # HF rounds the scale to the activation dtype first.
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
+        if not self._native_checked:
+            self.native_decode = NativeLlamaDecode.create(list(self.layers), self.embed_scale)
+            self._native_checked = True
+        native = self.native_decode
+        if native is None or not native.run(current_forward_context(), positions, hidden):
+            for layer in self.layers:
+                hidden = layer(positions, hidden)
         return self.norm(hidden)
 
 

@@ -1,0 +1,158 @@
+"""Python side of llama_decode.c: every layer of a Llama stack for decode rows in one call.
+
+    kernel = llama_decode()    # None where it, the GEMV, the norm or attention is missing
+    model = kernel.model(...)  # geometry, rotary tables, the three kernels' entry points
+    kernel.run(model, layers, hidden, positions, write_rows, block_tables, seq_lens, scratch)
+
+`Layer` and `Model` mirror the C structs; their pointers must outlive the calls (the
+caller keeps the tensors).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pinnace.runtime.kernels import bf16_gemv, build, paged_attention, rms_norm
+
+REQUIRED_CPU_FLAGS = tuple(
+    sorted(
+        set(bf16_gemv.REQUIRED_CPU_FLAGS)
+        | set(rms_norm.REQUIRED_CPU_FLAGS)
+        | set(paged_attention.REQUIRED_CPU_FLAGS)
+    )
+)
+MAX_HEAD_DIM = 256  # the attention kernel's limit (the C side allows up to 512)
+# The parts a profiled call times, in the C side's order (enum T_*).
+PARTS = ("norm", "matmul", "rope_kv", "attention", "elementwise")
+
+_ptr = ctypes.c_void_p
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("in_norm", _ptr), ("qkv", _ptr), ("qkv_bias", _ptr), ("o", _ptr), ("o_bias", _ptr),
+        ("post_norm", _ptr), ("gate_up", _ptr), ("gate_up_bias", _ptr), ("down", _ptr),
+        ("down_bias", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+        ("scale", ctypes.c_float), ("window", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+        ("block_size", ctypes.c_int64), ("eps", ctypes.c_float),
+        ("cos", _ptr), ("sin", _ptr), ("gemv", _ptr), ("norm", _ptr), ("attend", _ptr),
+    ]  # fmt: skip
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass
+class LlamaDecodeKernel:
+    fn: Any  # pinnace_llama_decode_bf16
+    scratch_fn: Any  # pinnace_llama_decode_scratch
+    entry_points: tuple[int, int, int]  # gemv, norm, attend
+
+    def model(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        block_size: int,
+        eps: float,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> Model:
+        """cos/sin: float32 [max_positions, head_dim], contiguous (kept alive by the caller)."""
+        gemv, norm, attend = self.entry_points
+        return Model(
+            hidden, heads, kv_heads, head_dim, intermediate, block_size, eps,
+            ptr(cos), ptr(sin), gemv, norm, attend,
+        )  # fmt: skip
+
+    def scratch(self, model: Model, rows: int) -> torch.Tensor:
+        return torch.empty(self.scratch_fn(ctypes.byref(model), rows), dtype=torch.bfloat16)
+
+    def run(
+        self,
+        model: Model,
+        layers: ctypes.Array[Layer],
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        write_rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scratch: torch.Tensor,
+        timings: ctypes.Array[ctypes.c_double] | None = None,
+    ) -> None:
+        """hidden bf16 [M, H] (contiguous, updated in place); positions, seq_lens int64 [M];
+        write_rows int64 [M * Hkv]; block_tables int64 [M, n_blk] contiguous; scratch from
+        `scratch(model, >= M)`; timings: None, or PARTS doubles that each part's seconds
+        are added to (profiling)."""
+        status = self.fn(
+            ctypes.byref(model),
+            layers,
+            len(layers),
+            hidden.shape[0],
+            hidden.data_ptr(),
+            positions.data_ptr(),
+            write_rows.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            seq_lens.data_ptr(),
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+            timings,
+        )
+        if status == -1:
+            raise ValueError("llama decode kernel: unsupported shape")
+        if status != 0:
+            raise MemoryError("paged attention kernel could not allocate its scratch buffer")
+
+
+def _address(lib: ctypes.CDLL, symbol: str) -> int:
+    address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
+@functools.cache
+def llama_decode() -> LlamaDecodeKernel | None:
+    """The kernel, or None where it or one of the kernels it calls is unavailable."""
+    if not build.enabled() or None in (
+        bf16_gemv.bf16_gemv(),
+        rms_norm.rms_norm(),
+        paged_attention.paged_decode_attention(),
+    ):
+        return None
+    libs = [
+        build.load_for_cpu(name, REQUIRED_CPU_FLAGS)
+        for name in ("llama_decode", "bf16_gemv", "rms_norm", "paged_decode_attention")
+    ]
+    lib, gemv_lib, norm_lib, attend_lib = libs
+    if lib is None or gemv_lib is None or norm_lib is None or attend_lib is None:
+        return None
+    i64 = ctypes.c_int64
+    fn = lib.pinnace_llama_decode_bf16
+    fn.argtypes = [_ptr, ctypes.POINTER(Layer), i64, i64, _ptr, _ptr, _ptr, _ptr, i64, _ptr,
+                   _ptr, ctypes.c_int, _ptr]  # fmt: skip
+    fn.restype = ctypes.c_int
+    scratch_fn = lib.pinnace_llama_decode_scratch
+    scratch_fn.argtypes = [_ptr, i64]
+    scratch_fn.restype = i64
+    entry_points = (
+        _address(gemv_lib, "pinnace_bf16_gemv"),
+        _address(norm_lib, "pinnace_rms_norm_bf16"),
+        _address(attend_lib, "pinnace_paged_decode_bf16"),
+    )
+    return LlamaDecodeKernel(fn, scratch_fn, entry_points)

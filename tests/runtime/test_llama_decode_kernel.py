@@ -1,0 +1,181 @@
+"""The one-call native decode of a Llama stack (kernels/llama_decode.c via
+models/llama_native.py) against the module path it replaces and a float64 evaluation of the
+same bf16 weights, on a tiny random model with scattered cache blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pinnace.runtime.kernels.llama_decode import REQUIRED_CPU_FLAGS, llama_decode
+from pinnace.runtime.layers.attention import BatchLayout
+from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
+from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
+from pinnace.runtime.layers.linear import pack_linears
+from pinnace.runtime.models.llama import LlamaForCausalLM
+from pinnace.runtime.models.llama_native import NativeLlamaDecode
+
+pytestmark = pytest.mark.usefixtures("fresh_kernels")
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 24
+
+
+def tiny_model(bias: bool) -> Any:
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e4,
+        attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    model = LlamaForCausalLM(config, max_positions=128)
+    for name, p in model.named_parameters():
+        centre = 1.0 if "norm" in name else 0.0
+        p.data = torch.randn(p.shape, generator=g) * 0.3 + centre
+    model = model.to(torch.bfloat16)
+    model.prepare(torch.device("cpu"))
+    pack_linears(model)
+    return model
+
+
+def decode_step(
+    seq_lens: list[int], kv_heads: int, head_dim: int, seed: int
+) -> tuple[CPUDecodeAttentionBackend, Any, list[torch.Tensor], torch.Tensor]:
+    """Attention metadata for one new token per request (its context scattered over random
+    blocks), random caches for 3 layers, and the positions."""
+    g = torch.Generator().manual_seed(seed)
+    backend = CPUDecodeAttentionBackend.create(kv_heads)
+    assert backend is not None
+    order = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    tables, slots = [], []
+    for n in seq_lens:
+        blocks = [order.pop() for _ in range(-(-n // BLOCK_SIZE))]
+        tables.append(blocks)
+        slots.append(blocks[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE)
+    layout = BatchLayout(
+        query_lens=[1] * len(seq_lens),
+        num_computed_tokens=[n - 1 for n in seq_lens],
+        block_tables=tables,
+        block_size=BLOCK_SIZE,
+        slot_mapping=torch.tensor(slots),
+        device=torch.device("cpu"),
+    )
+    shape = backend.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim)
+    caches = [torch.randn(shape, generator=g).bfloat16() for _ in range(3)]
+    positions = torch.tensor([n - 1 for n in seq_lens])
+    return backend, backend.build_metadata(layout), caches, positions
+
+
+def module_path(model: Any, ctx: ForwardContext, positions: torch.Tensor, h: torch.Tensor) -> Any:
+    with forward_context(ctx):
+        for layer in model.model.layers:
+            h = layer(positions, h)
+    return h
+
+
+def _norm64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+
+def _linear64(x: torch.Tensor, lin: Any) -> torch.Tensor:
+    y = x @ lin.plain.double().T
+    return y if lin.bias is None else y + lin.bias.double()
+
+
+def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def float64_reference(
+    model: Any, caches: list[torch.Tensor], meta: Any, positions: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """The same layers in float64 without intermediate rounding; caches: copies with the
+    step's K/V still unwritten (written here, in float64)."""
+    h = h.double()
+    seq_lens = meta.seq_lens.tolist()
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = _linear64(_norm64(h, layer.input_layernorm.weight), attn.qkv_proj)
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        cos = attn.rotary[0].cos[positions].double()[:, None]
+        sin = attn.rotary[0].sin[positions].double()[:, None]
+        q = _rope64(q.reshape(-1, heads, dim), cos, sin)
+        k = _rope64(k.reshape(-1, kv_heads, dim), cos, sin)
+        v = v.reshape(-1, kv_heads, dim)
+        cache = caches[attn.attn.layer_idx].double()  # [2, blocks, Hkv, bs, D]
+        out = torch.empty(h.shape[0], heads, dim, dtype=torch.float64)
+        for b, n in enumerate(seq_lens):
+            blocks = meta.block_tables[b, : -(-n // BLOCK_SIZE)]
+            ks = cache[0, blocks].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :n].clone()
+            vs = cache[1, blocks].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :n].clone()
+            ks[:, n - 1], vs[:, n - 1] = k[b], v[b]
+            for head in range(heads):
+                kv = head // (heads // kv_heads)
+                p = torch.softmax(ks[kv] @ q[b, head] * attn.attn.scale, 0)
+                out[b, head] = p @ vs[kv]
+        h = h + _linear64(out.view(h.shape[0], -1), attn.o_proj)
+        x = _norm64(h, layer.post_attention_layernorm.weight)
+        gate, up = _linear64(x, mlp.gate_up_proj).chunk(2, -1)
+        h = h + _linear64(torch.nn.functional.silu(gate) * up, mlp.down_proj)
+    return h
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("seq_lens", [[1], [9], [30, 5, 13]])
+def test_matches_module_path_and_float64(
+    native_kernel: Callable[..., Any], bias: bool, seq_lens: list[int]
+) -> None:
+    native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
+    model = tiny_model(bias)
+    native = NativeLlamaDecode.create(list(model.model.layers), None)
+    assert native is not None
+    backend, meta, caches, positions = decode_step(seq_lens, 2, 16, seed=len(seq_lens))
+    h0 = torch.randn(len(seq_lens), 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    reference = float64_reference(model, caches, meta, positions, h0)
+    module_caches = [c.clone() for c in caches]
+    expected = module_path(model, ForwardContext(backend, meta, module_caches), positions, h0)
+    got = h0.clone()
+    assert native.run(ForwardContext(backend, meta, caches), positions, got)
+    # The same bf16 roundings as the module path: equal but for SiLU's exp (libm vs SLEEF,
+    # within a float32 ulp), which may flip an occasional bf16 rounding.
+    for c, m in zip(caches, module_caches, strict=True):
+        assert torch.equal(c, m)  # rotated K and V written to the same slots
+    ulp = 2.0 ** (torch.floor(torch.log2(expected.float().abs())) - 7)
+    assert ((got.float() - expected.float()).abs() <= 2 * ulp).all()
+    assert (got == expected).float().mean() > 0.95
+    error = (got.double() - reference).abs().mean().item()
+    module_error = (expected.double() - reference).abs().mean().item()
+    assert error <= 1.1 * module_error + 1e-6
+    assert error < 0.02 * reference.abs().mean().item()
+    assert math.isfinite(error)
+
+
+def test_only_decode_rows_of_plain_llama_layers(native_kernel: Callable[..., Any]) -> None:
+    native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
+    model = tiny_model(bias=False)
+    native = NativeLlamaDecode.create(list(model.model.layers), None)
+    assert native is not None
+    backend, meta, caches, positions = decode_step([3, 4, 5, 6, 7], 2, 16, seed=0)
+    h = torch.zeros(5, 64, dtype=torch.bfloat16)
+    assert not native.run(ForwardContext(backend, meta, caches), positions, h)  # > MAX_ROWS
+    assert not native.run(None, positions[:1], h[:1])  # no forward context
+    assert NativeLlamaDecode.create(list(model.model.layers), 2.0) is None  # scaled embeddings
+    hook = model.model.layers[2].mlp.down_proj.register_forward_hook(lambda m, a, out: out)
+    assert NativeLlamaDecode.create(list(model.model.layers), None) is None  # TP's all-reduce
+    hook.remove()
+    model.model.layers[1].self_attn.q_norm = torch.nn.Identity()  # Qwen3-style q/k norm
+    assert NativeLlamaDecode.create(list(model.model.layers), None) is None
+
+
+def test_unavailable_without_native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PINNACE_NATIVE_KERNELS", "0")
+    assert llama_decode() is None
+    model = tiny_model(bias=False)
+    assert NativeLlamaDecode.create(list(model.model.layers), None) is None
