@@ -23,7 +23,14 @@ logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 # the <name>.c files next to this one
-KERNELS = ("bf16_gemv", "int8_gemv", "llama_decode", "paged_decode_attention", "rms_norm")
+KERNELS = (
+    "bf16_gemv",
+    "int8_digits",
+    "int8_gemv",
+    "llama_decode",
+    "paged_decode_attention",
+    "rms_norm",
+)
 COMPILE_TIMEOUT_S = 120
 
 

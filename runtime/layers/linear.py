@@ -95,13 +95,17 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights hold in memory: its parameters (quantized codes and scales
     are frozen parameters too) plus each PackedLinear's plain copy for the GEMV, which is a
     second copy of that layer's weight unless it shares a parameter's storage (a tied
-    lm_head shares the embedding's)."""
+    lm_head shares the embedding's), plus each int8 layer's oneDNN-packed codes (`packed`,
+    an opaque copy that is never shared)."""
     total, storages = 0, set()
     for p in model.parameters():
         total += p.numel() * p.element_size()
         if not p.is_mkldnn:  # oneDNN's packed weights are opaque (and never shared)
             storages.add(p.untyped_storage().data_ptr())
     for m in model.modules():
+        packed = getattr(m, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
         plain = getattr(m, "plain", None)
         if isinstance(m, PackedLinear) and plain is not None:
             ptr = plain.untyped_storage().data_ptr()

@@ -89,6 +89,7 @@ def hf_greedy_fixture() -> Callable[[torch.nn.Module, list[int], int], list[int]
 
 def _kernel_lookups() -> tuple[Any, ...]:
     from pinnace.runtime.kernels import bf16_gemv
+    from pinnace.runtime.kernels.int8_digits import int8_digits_matmul
     from pinnace.runtime.kernels.int8_gemv import int8_gemv
     from pinnace.runtime.kernels.llama_decode import llama_decode
     from pinnace.runtime.kernels.paged_attention import paged_decode_attention
@@ -97,6 +98,7 @@ def _kernel_lookups() -> tuple[Any, ...]:
     return (
         bf16_gemv.bf16_gemv,
         bf16_gemv._lib,
+        int8_digits_matmul,
         int8_gemv,
         llama_decode,
         paged_decode_attention,

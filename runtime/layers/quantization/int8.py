@@ -7,9 +7,13 @@ On CPU with bfloat16 activations the matmul depends on the rows (tokens) in the 
   converts the weights and runs at memory bandwidth — where decode gets faster than bf16;
 - up to KERNEL_MAX_ROWS: `aten._weight_int8pack_mm`, which reads the int8 codes and never
   a dequantized copy but converts each to float, so its time grows with the rows;
-- more rows (prefill, big decode batches): cast the codes once and run one bf16 GEMM.
-That last path, also used for float32 and CUDA, applies the scale to the output:
-`(x @ q^T) * scale = x @ (scale q)^T`.
+- more rows (prefill, big decode batches): an int8 x int8 GEMM through oneDNN (AMX/VNNI) on
+  a packed copy of the codes, each activation split into two int8 digits
+  (kernels/int8_digits.c): one digit (plain per-token W8A8) costs SmolLM2-135M +3 %
+  perplexity, two keep it at the weight-only level. The packed copy doubles the int8
+  weights' memory, as the bf16 GEMV's plain copy does for bf16.
+Elsewhere (float32, no oneDNN int8, no AVX-512) larger steps cast the codes and run one
+float GEMM, applying the scale to the output: `(x @ q^T) * scale = x @ (scale q)^T`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinnace.runtime.kernels.int8_digits import int8_digits_matmul
 from pinnace.runtime.kernels.int8_gemv import MAX_ROWS as NATIVE_MAX_ROWS
 from pinnace.runtime.kernels.int8_gemv import int8_gemv
 from pinnace.runtime.layers.quantization.int4 import aligned
@@ -77,13 +82,19 @@ class Int8Linear(nn.Module):
             and codes.data_ptr() % 64 == 0
         )
         self.native = int8_gemv() if self.use_kernel else None
+        # >= KERNEL_MAX_ROWS rows: oneDNN's int8 GEMM on its own packed copy of the codes
+        # (not a Parameter: opaque, and the codes stay the layer's weight).
+        self.digits = int8_digits_matmul() if self.use_kernel else None
+        self.packed = None if self.digits is None else self.digits.pack(self.weight.detach())
         # CUDA: prefill-sized steps through torch._int_mm (int8_cuda.py).
         self.use_int_mm = codes.device.type == "cuda"
         # The native kernel's float32 scales and offset correction (see int8_gemv.c); tiny.
         self.scale_f32: torch.Tensor | None
         self.rowsum: torch.Tensor | None
         self.register_buffer(
-            "scale_f32", None if self.native is None else scale.to(dtype).float(), False
+            "scale_f32",
+            None if self.native is None and self.digits is None else scale.to(dtype).float(),
+            False,
         )
         self.register_buffer(
             "rowsum", None if self.native is None else codes.sum(1, dtype=torch.int32), False
@@ -103,6 +114,13 @@ class Int8Linear(nn.Module):
             out = self.native(x2, self.weight, self.scale_f32, self.rowsum)
         elif self.use_kernel and x2.dtype == torch.bfloat16 and rows < KERNEL_MAX_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(aligned(x2), self.weight, self.weight_scale)
+        elif (
+            self.digits is not None
+            and self.packed is not None
+            and self.scale_f32 is not None
+            and x2.dtype == torch.bfloat16
+        ):
+            out = self.digits(x2, self.packed, self.scale_f32)
         elif self.use_int_mm and int_mm_eligible(
             rows, self.in_features, self.out_features, x2.device
         ):
@@ -130,6 +148,8 @@ class Int8Linear(nn.Module):
         kernel = "cpu_int8pack" if self.use_kernel else "dequantize"
         if self.use_int_mm:
             kernel = f"int_mm (>= {MIN_ROWS} rows), dequantize"
+        if self.digits is not None:
+            kernel = f"{kernel} (< {KERNEL_MAX_ROWS} rows), onednn_int8_digits"
         if self.native is not None:
             kernel = f"native_vnni (<= {NATIVE_MAX_ROWS} rows), {kernel}"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
