@@ -6,9 +6,9 @@ Two kinds of refusal, mirroring the runtime's own:
 
 - at start: `pinnace serve` checks its args before serving and exits 2 with one line
   (`serve.run`: `build_config`, then `engine.setup.require_single_rank`). Today that is
-  pipeline parallelism and multi-node groups. tests/operator/test_runtime_args.py builds
-  the runtime's config from every rendered pod's args and fails when the two disagree in
-  either direction, so the flags below move with the runtime.
+  multi-node groups (pipeline stages on one node run). tests/operator/test_runtime_args.py
+  builds the runtime's config from every rendered pod's args and fails when the two
+  disagree in either direction, so the flags below move with the runtime.
 - at load: what a tensor-parallel engine does not shard (runtime/distributed/model_split.py
   `check_tensor_parallel`; for embeddings runtime/engine/engine_core.py
   `refuse_parallel_pooling`, as the engine core starts, before any rank does):
@@ -24,7 +24,7 @@ from pinnace.operator.llmdeployment import LLMDeployment, SpecError
 
 REASON = "RuntimeUnsupported"
 # The runtime runs pipeline stages (pipeline_parallel_size > 1).
-RUNS_PIPELINE_PARALLEL = False
+RUNS_PIPELINE_PARALLEL = True
 # The runtime runs a group of ranks over several nodes (nnodes > 1: a LeaderWorkerSet).
 RUNS_MULTI_NODE = False
 # Quantizations that come with the checkpoint: their groups run along the dimension

@@ -1,9 +1,17 @@
 """The rank group one engine runs on, over torch.distributed.
 
-Two process groups, as vLLM keeps them: `device_group` for tensor collectives (nccl on
-CUDA, gloo on CPU) and `cpu_group` (always gloo) for Python objects, e.g. each step's
-SchedulerOutput broadcast from the driver (rank 0). Layers never reach a global: the
-model builder hands each sharded layer this object.
+Process groups as vLLM keeps them: `device_group` for the tensor-parallel collectives of
+this rank's stage (nccl on CUDA, gloo on CPU), `tp_cpu_group` the same ranks on gloo, and
+`cpu_group` (always gloo, every rank) for Python objects, e.g. each step's SchedulerOutput
+broadcast from the driver (rank 0). Pipeline stages talk point to point (send/recv on the
+default group). Layers never reach a global: the model builder hands each sharded layer
+this object.
+
+Rank layout (vLLM's: tensor-parallel innermost), e.g. tp=2 x pp=2:
+
+    rank      0  1 | 2  3
+    pp_rank   0  0 | 1  1      stage 0: embedding + first layers; driver = rank 0
+    tp_rank   0  1 | 0  1      stage 1: last layers + norm + LM head; output rank = 2
 """
 
 from __future__ import annotations
@@ -26,17 +34,39 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @dataclass
 class ParallelGroup:
-    """This process's place in the group: rank, and its tensor-parallel slice."""
+    """This process's place in the group: rank, its pipeline stage and tensor slice."""
 
     rank: int
     world_size: int
     tp_size: int
     device_group: Any = None  # dist.ProcessGroup; None when world_size == 1
     cpu_group: Any = None
+    tp_cpu_group: Any = None  # None: cpu_group (one stage: the stage is the world)
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def output_rank(self) -> int:
+        """The rank whose logits the driver samples: the last stage's tensor rank 0."""
+        return (self.pp_size - 1) * self.tp_size
 
     @property
     def is_driver(self) -> bool:
@@ -52,7 +82,7 @@ class ParallelGroup:
         """Elementwise max over the tensor-parallel ranks, in place."""
         if self.tp_size > 1:
             on_cpu = x.device.type == "cpu"  # quantized models are assembled on the CPU
-            group = self.cpu_group if on_cpu else self.device_group
+            group = (self.tp_cpu_group or self.cpu_group) if on_cpu else self.device_group
             dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
         return x
 
@@ -69,6 +99,40 @@ class ParallelGroup:
         t = torch.tensor([value], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over all ranks."""
+        return -self.min_int(-value)
+
+    def gather_ints(self, value: int) -> list[int]:
+        """Every rank's `value`, in rank order (e.g. each rank's weight bytes, logged)."""
+        parts = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        dist.all_gather(parts, torch.tensor([value], dtype=torch.long), group=self.cpu_group)
+        return [int(p.item()) for p in parts]
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Point to point to global rank `dst` (activations between pipeline stages)."""
+        dist.send(x.contiguous(), dst)
+
+    def recv(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int
+    ) -> torch.Tensor:
+        """The tensor global rank `src` sends; its shape and dtype both sides know."""
+        x = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(x, src)
+        return x
+
+    def send_object(self, obj: object, dst: int) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        dist.send(torch.tensor([data.numel()], dtype=torch.long), dst, group=self.cpu_group)
+        dist.send(data, dst, group=self.cpu_group)
+
+    def recv_object(self, src: int) -> Any:
+        size = torch.zeros(1, dtype=torch.long)
+        dist.recv(size, src, group=self.cpu_group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, src, group=self.cpu_group)
+        return pickle.loads(data.numpy().tobytes())
 
     def broadcast_object(self, obj: object = None) -> Any:
         """The driver's `obj` on every rank (pickled once, sent as one byte tensor)."""
@@ -108,8 +172,19 @@ def init_group(
         world_size=world_size,
         timeout=timeout,
     )
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return ParallelGroup(rank, world_size, tp_size, dist.group.WORLD, cpu_group or dist.group.WORLD)
+    world = dist.group.WORLD
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else world
+    if world_size == tp_size:  # one stage: its tensor group is the world
+        return ParallelGroup(rank, world_size, tp_size, world, cpu_group)
+    # One tensor group per stage; every rank creates every group, in the same order.
+    device_group = tp_cpu_group = None
+    for stage in range(world_size // tp_size):
+        ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
+        dev = dist.new_group(ranks, timeout=timeout)
+        cpu = dist.new_group(ranks, backend="gloo", timeout=timeout) if backend != "gloo" else dev
+        if rank in ranks:
+            device_group, tp_cpu_group = dev, cpu
+    return ParallelGroup(rank, world_size, tp_size, device_group, cpu_group, tp_cpu_group)
 
 
 def destroy_group() -> None:

@@ -10,6 +10,12 @@ import torch
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from pinnace.runtime.distributed.model_split import check_model_split, check_tensor_parallel
 from pinnace.runtime.distributed.parallel_state import ParallelGroup
+from pinnace.runtime.distributed.pipeline_parallel import (
+    Stage,
+    StageLink,
+    check_pipeline_parallel,
+    stage_of,
+)
 from pinnace.runtime.distributed.tensor_parallel import rank_config, tp_shape
 from pinnace.runtime.layers.attention import Attention, AttentionBackend, get_attention_backend
 from pinnace.runtime.layers.attention.fp8_kv import resolve_kv_cache_dtype
@@ -48,6 +54,7 @@ class EngineParts:
     quantization: str | None = None  # the method in use (None: float weights)
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
     sliding_window: int | None = None  # the window when every layer has one (KV released)
+    rank_weight_bytes: list[int] | None = None  # every rank's weight bytes, in rank order
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,14 +69,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def require_single_rank(config: EngineConfig) -> None:
-    """ValueError for what parallel execution does not cover yet: pipeline stages and
-    groups over several nodes (EngineConfig accepts them, so operator-rendered args
-    validate; the engine refuses them at start)."""
-    if config.pipeline_parallel_size > 1 or config.nnodes > 1:
+    """ValueError for what parallel execution does not cover yet: groups over several
+    nodes (EngineConfig accepts them, so operator-rendered args validate; the engine
+    refuses them at start)."""
+    if config.nnodes > 1:
         raise ValueError(
-            f"pipeline_parallel_size={config.pipeline_parallel_size} over nnodes="
-            f"{config.nnodes}: pipeline parallelism and multi-node groups are not available "
-            "yet; tensor_parallel_size on one node is."
+            f"nnodes={config.nnodes}: multi-node groups are not available yet; "
+            "tensor_parallel_size x pipeline_parallel_size on one node is."
         )
 
 
@@ -89,20 +95,26 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
     max_model_len = config.max_model_len or model_max
     lora = LoRASlotsConfig(config.max_loras, config.max_lora_rank) if config.enable_lora else None
-    tp = None
+    tp = stage = None
     kv_config = ckpt.config  # the rank's KV heads: what its cache holds
     if group is not None:
-        check_tensor_parallel(config, ckpt, quant)
+        if group.pp_size > 1:
+            check_pipeline_parallel(config, ckpt, quant)
+            stage = stage_of(ckpt.config, group.pp_rank, group.pp_size)
+        if group.tp_size > 1:
+            check_tensor_parallel(config, ckpt, quant)
         shape = tp_shape(ckpt.config, group.tp_rank, group.tp_size)
         tp = (group, shape)
         kv_config = rank_config(ckpt.config, shape)
-    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora, tp)
+    model = build_model(ckpt, dtype, device, max(max_model_len, model_max), quant, lora, tp, stage)
     weight_bytes = resident_weight_bytes(model)  # with the bf16 GEMV's plain copies
+    rank_weight_bytes = [weight_bytes] if group is None else group.gather_ints(weight_bytes)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
     backend = get_attention_backend(
         config.attention_backend, device, attention_spec(model, dtype, kv_dtype)
     )
-    per_block = block_bytes(kv_config, config.block_size, kv_dtype, backend)
+    kv_layers = stage.layers if stage is not None else None  # a stage caches its layers'
+    per_block = block_bytes(kv_config, config.block_size, kv_dtype, backend, kv_layers)
     draft_model = draft_backend = None
     if draft is not None:  # built before the KV budget is measured; its layers get KV too
         draft_model = _build_draft(config, draft, dtype, device, max(max_model_len, model_max))
@@ -129,7 +141,7 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     # With CUDA graphs, one more block that no request owns: padded decode rows write there.
     num_allocated = num_blocks + (1 if graph_sizes else 0)
     kv_caches = allocate_kv_caches(
-        kv_config, num_allocated, config.block_size, kv_dtype, device, backend
+        kv_config, num_allocated, config.block_size, kv_dtype, device, backend, kv_layers
     )
     sampler = Sampler(ckpt.eos_token_ids, config.seed, device)
     max_tokens = config.resolved_max_num_batched_tokens
@@ -146,11 +158,16 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         model, kv_caches, config.block_size, backend, sampler, device, max_tokens, input_batch
     )
     runner.is_driver = group is None or group.is_driver
+    if group is not None and group.pp_size > 1:
+        hidden_size, vocab = int(ckpt.config.hidden_size), int(ckpt.config.vocab_size)
+        runner.pipeline = StageLink(group, hidden_size, vocab, dtype, device)
     if graph_sizes:
         runner.cuda_graphs = capture_decode_graphs(
             model, backend, input_batch, kv_caches, graph_sizes, graph_bytes
         )
     window = _common_sliding_window(model)
+    if stage is not None and group is not None:  # the scheduler's window: every stage's
+        window = _window_of_all_stages(group, window)
     if draft is None or draft_model is None or draft_backend is None:
         runner.proposer = _ngram_proposer(config)
     else:
@@ -169,8 +186,13 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         "attention backend %s%s",
         arch, ckpt.format, _name(dtype), config.model, device,
         weight_bytes / 2**20, method or "none", backend.name,
-        "" if group is None else f"; tensor-parallel rank {group.tp_rank} of {group.tp_size}",
+        _rank_description(group, stage),
     )  # fmt: skip
+    if group is not None and group.is_driver:
+        logger.info(
+            "Weights per rank (MiB): %s",
+            ", ".join(f"rank {r}: {b / 2**20:.1f}" for r, b in enumerate(rank_weight_bytes)),
+        )
     logger.info(
         "KV cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d; "
         "maximum concurrency at full length: %.1fx",
@@ -186,8 +208,28 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         )  # fmt: skip
     return EngineParts(
         ckpt, device, dtype, runner, num_blocks, max_model_len, weight_bytes, method, kv_dtype,
-        sliding_window=window,
+        sliding_window=window, rank_weight_bytes=rank_weight_bytes,
     )  # fmt: skip
+
+
+def _rank_description(group: ParallelGroup | None, stage: Stage | None) -> str:
+    if group is None:
+        return ""
+    text = f"; tensor-parallel rank {group.tp_rank} of {group.tp_size}"
+    if stage is not None:
+        text += (
+            f", pipeline stage {stage.pp_rank} of {stage.pp_size} "
+            f"(layers {stage.start}..{stage.end - 1})"
+        )
+    return text
+
+
+def _window_of_all_stages(group: ParallelGroup, window: int | None) -> int | None:
+    """The sliding window the scheduler may release blocks outside: only if every
+    stage's layers have one (a stage with a global layer reads every block)."""
+    if group.max_int(1 if window is None else 0):
+        return None
+    return group.max_int(window or 0)
 
 
 def _open_draft(config: EngineConfig, target: Checkpoint) -> Checkpoint | None:

@@ -12,7 +12,8 @@ own:
 
 and implements (`CausalLM` below):
 
-    forward(input_ids [T], positions [T])   -> hidden [T, hidden]
+    forward(input_ids [T], positions [T])   -> hidden [T, hidden]  (a pipeline stage
+                                               after the first: + the received hidden)
     compute_logits(hidden [N, hidden])      -> float32 logits [N, vocab]
     load_weights(HF-named tensors)          -> names loaded, checked against expected_weights()
     shard_sizes(module path)                -> output rows of each part of a packed module
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pinnace.runtime.distributed.tensor_parallel import ShardSlicer
+from pinnace.runtime.distributed.pipeline_parallel import Stage
+from pinnace.runtime.distributed.tensor_parallel import LazyTensor, ShardSlicer
 from pinnace.runtime.layers.packed import PackedMapping, to_our_module
 from pinnace.runtime.layers.rotary import RotaryEmbedding
 
@@ -52,7 +54,12 @@ class CausalLM(Protocol):
     packed_modules_mapping: ClassVar[PackedMapping]
     lora_target_modules: ClassVar[tuple[str, ...]]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
     def expected_weights(self) -> set[str]: ...
@@ -80,6 +87,8 @@ class CausalLMBase(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # A tensor-parallel rank's cutter of checkpoint tensors (set by the loader).
         self.tp_slicer: ShardSlicer | None = None
+        # A pipeline stage: only its layers' tensors are read (set by the loader).
+        self.pp_stage: Stage | None = None
 
     def shard_sizes(self, module_path: str) -> tuple[int, ...]:
         """Output rows of each part of the packed module at `module_path` (our path)."""
@@ -115,11 +124,15 @@ class CausalLMBase(nn.Module):
         for name, tensor in weights:
             if self.skips_weight(name):
                 continue
+            if self.pp_stage is not None and not self.pp_stage.owns_weight(name):
+                continue  # another stage's (a lazy tensor: never read)
             key, dest = self._destination(params, name)
             if self.tp_slicer is not None:
                 tensor = self.tp_slicer.take(name, tensor)
                 if tensor.shape[0] < dest.shape[0] and self.tp_slicer.is_vocab(name):
                     dest = dest.narrow(0, 0, tensor.shape[0])  # the padded rows stay 0
+            elif isinstance(tensor, LazyTensor):
+                tensor = tensor.read()
             if dest.shape != tensor.shape:
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "

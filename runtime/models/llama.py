@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from pinnace.runtime.distributed.pipeline_parallel import PPMissingLayer, Stage
 from pinnace.runtime.layers.attention import Attention
 from pinnace.runtime.layers.forward_context import current_forward_context
 from pinnace.runtime.layers.norm import RMSNorm
@@ -127,19 +128,37 @@ class LlamaModel(nn.Module):
         # wrapped, which rules it out); None where it does not apply.
         self.native_decode: NativeLlamaDecode | None = None
         self._native_checked = False
+        # A pipeline stage's layer range (distributed/pipeline_parallel.py); None: all.
+        self.stage: Stage | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        if self.embed_scale is not None:
-            # HF rounds the scale to the activation dtype first.
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden]; a pipeline stage after the first starts from
+        the previous stage's `intermediate` [T, hidden], one before the last returns its
+        last layer's output (not normed)."""
+        stage = self.stage
+        if stage is None or stage.is_first:
+            hidden = self.embed_tokens(input_ids)  # [T, hidden]
+            if self.embed_scale is not None:
+                # HF rounds the scale to the activation dtype first.
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        else:
+            assert intermediate is not None  # the runner receives it for a later stage
+            hidden = intermediate
+        layers = self.layers if stage is None else self.layers[stage.start : stage.end]
         if not self._native_checked:
-            self.native_decode = NativeLlamaDecode.create(list(self.layers), self.embed_scale)
+            self.native_decode = NativeLlamaDecode.create(list(layers), self.embed_scale)
             self._native_checked = True
         native = self.native_decode
         if native is None or not native.run(current_forward_context(), positions, hidden):
-            for layer in self.layers:
+            for layer in layers:
                 hidden = layer(positions, hidden)
+        if stage is not None and not stage.is_last:
+            return hidden
         return self.norm(hidden)
 
 
@@ -197,7 +216,11 @@ class LlamaForCausalLM(CausalLMBase):
         return None
 
     def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
+        # A pipeline stage without the head (or the embedding) has nothing to tie.
+        owned = not isinstance(self.lm_head, PPMissingLayer) and not isinstance(
+            self.model.embed_tokens, PPMissingLayer
+        )
+        if self.tie_word_embeddings and owned:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def prepare(self, device: torch.device) -> None:
@@ -205,8 +228,13 @@ class LlamaForCausalLM(CausalLMBase):
             if isinstance(module, RotaryEmbedding):
                 module.build_tables(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from pinnace.runtime.distributed.parallel_state import ParallelGroup
+from pinnace.runtime.distributed.pipeline_parallel import Stage, prune_to_stage
 from pinnace.runtime.distributed.tensor_parallel import (
     LazyTensor,
     ShardSlicer,
@@ -208,6 +209,7 @@ def build_model(
     quantization: QuantizationConfig | None = None,
     lora: LoRASlotsConfig | None = None,
     tp: tuple[ParallelGroup, TPShape] | None = None,
+    stage: Stage | None = None,
 ) -> nn.Module:
     """The one place a model is constructed, in this order:
 
@@ -221,7 +223,9 @@ def build_model(
     A quantized model is assembled on the CPU and moved to `device` after step 3, so a GPU
     only ever holds the quantized weights. With `tp` (a tensor-parallel rank), step 1 builds
     the rank's shapes, step 2 reads only the rank's shard of each tensor, and a last step
-    installs the collectives (distributed/tensor_parallel.py).
+    installs the collectives (distributed/tensor_parallel.py). With `stage` (a pipeline
+    stage), step 1 prunes the modules other stages own and step 2 reads only the stage's
+    tensors (distributed/pipeline_parallel.py).
     """
     architectures = getattr(ckpt.config, "architectures", None) or ["<none>"]
     cls = resolve_model_class(architectures)
@@ -234,6 +238,9 @@ def build_model(
     config = ckpt.config if tp is None else rank_config(ckpt.config, tp[1])
     with torch.device("meta"):
         model: Any = cls(config, max_positions)
+        if stage is not None:
+            prune_to_stage(model, stage)
+            model.pp_stage = stage
     quant = quantization
     shells = install_shells(model) if quant is not None and quant.from_checkpoint else {}
     load_device = device if quant is None else torch.device("cpu")
@@ -261,7 +268,9 @@ def _zero_padded_vocab(model: nn.Module) -> None:
     """A rank's vocabulary rows past the real vocabulary get no checkpoint rows: zeros."""
     with torch.no_grad():
         for path, module in model.named_modules():
-            if path.rpartition(".")[2] in ("embed_tokens", "lm_head"):
+            if path.rpartition(".")[2] in ("embed_tokens", "lm_head") and hasattr(
+                module, "weight"
+            ):  # not another pipeline stage's
                 module.weight.zero_()
 
 
@@ -290,7 +299,8 @@ def _load(
     headless: bool = False,
 ) -> None:
     weights: Iterable[tuple[str, Any]] = _weight_stream(ckpt, dtype, quant)
-    if getattr(model, "tp_slicer", None) is not None and ckpt.lazy_weights is not None:
+    parallel = getattr(model, "tp_slicer", None) or getattr(model, "pp_stage", None)
+    if parallel is not None and ckpt.lazy_weights is not None:
         weights = ckpt.lazy_weights(dtype)
     if headless:  # the body's own names: embed_tokens, layers.<i>..., norm
         weights = ((n if n.startswith("model.") else f"model.{n}", t) for n, t in weights)

@@ -22,6 +22,7 @@ from pinnace.runtime.core.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from pinnace.runtime.distributed.pipeline_parallel import StageLink
 from pinnace.runtime.layers.attention.backend import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
 from pinnace.runtime.lora.context import lora_batch_context
@@ -61,10 +62,13 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # set by the engine when LoRA is enabled
         self.proposer: Proposer | None = None  # set by the engine for speculative decoding
         self.max_spec_batch_size: int | None = None  # more requests sampling: no proposals
-        # Only the driver (tensor-parallel rank 0) samples; the other ranks run the forward
-        # and the LM head (whose gather is a collective) and stop there.
+        # Only the driver (rank 0) samples; the other ranks run the forward and the LM head
+        # (whose gather is a collective) and stop there. Under pipeline parallelism the
+        # last stage sends the driver its logits (StageLink).
         self.is_driver = True
         self.cuda_graphs: CUDAGraphRunner | None = None  # set by the engine on CUDA
+        # A pipeline stage's sends and receives (set by the engine when pp > 1).
+        self.pipeline: StageLink | None = None
         # Persistent step inputs; None: one for 256 requests of up to 8k tokens.
         self.input_batch = input_batch or InputBatch(
             256, max_num_batched_tokens + 256, 8192 // block_size + 1, block_size, device
@@ -98,16 +102,21 @@ class ModelRunner:
         else:
             metadata = self.backend.build_metadata(step.layout)
             ctx = ForwardContext(self.backend, metadata, self.kv_caches, rope)
+            inputs = [step.input_ids, step.positions]
+            if self.pipeline is not None and not self.pipeline.is_first:
+                inputs.append(self.pipeline.recv_hidden(step.input_ids.shape[0]))
             with forward_context(ctx), lora_batch_context(lora_batch):
-                hidden = self.model(step.input_ids, step.positions)  # [T, hidden]
+                hidden = self.model(*inputs)  # [T, hidden]
         out = ModelRunnerOutput()
-        self._prompt_logprobs(sched, hidden, out)
-        if not sample_idx:
+        if self.pipeline is not None:
+            logits = self._pipeline_outputs(sched, hidden, sample_idx, out)
+        else:
+            self._prompt_logprobs(sched, hidden, out)
+            logits = self._logits(hidden, sample_idx)
+        if logits is None:
             if self.is_driver:
                 self._propose(sched, [], [], out)  # a draft's KV follows prompt chunks
             return out
-        rows_idx = torch.tensor(sample_idx, device=self.device)
-        logits = self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
         if not self.is_driver:
             return out
         items = [s for s in sched.scheduled if s.needs_sample]
@@ -129,6 +138,38 @@ class ModelRunner:
                 out.logprobs[item.req_id] = lp
         self._propose(sched, items, tokens, out)
         return out
+
+    def _logits(self, hidden: torch.Tensor, sample_idx: list[int]) -> torch.Tensor | None:
+        """[N, vocab] float32 logits of the sample rows (None: no row samples)."""
+        if not sample_idx:
+            return None
+        rows_idx = torch.tensor(sample_idx, device=self.device)
+        return self.model.compute_logits(hidden[rows_idx])  # type: ignore[operator]
+
+    def _pipeline_outputs(
+        self,
+        sched: SchedulerOutput,
+        hidden: torch.Tensor,
+        sample_idx: list[int],
+        out: ModelRunnerOutput,
+    ) -> torch.Tensor | None:
+        """A pipeline stage's end of the step: earlier stages pass their hidden on, the
+        last computes logits (and prompt logprobs) and sends them to the driver, which
+        returns them to sample; None on every other rank."""
+        assert self.pipeline is not None
+        wants_prompt = any(s.num_prompt_logprobs is not None for s in sched.scheduled)
+        if not self.pipeline.is_last:
+            self.pipeline.send_hidden(hidden)
+            if not self.is_driver:
+                return None
+            logits, prompt = self.pipeline.recv_output(len(sample_idx), wants_prompt)
+            if prompt is not None:
+                out.prompt_logprobs = prompt
+            return logits
+        self._prompt_logprobs(sched, hidden, out)
+        logits = self._logits(hidden, sample_idx)
+        self.pipeline.send_output(logits, out.prompt_logprobs if wants_prompt else None)
+        return None
 
     def _propose(
         self,

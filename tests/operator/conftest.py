@@ -106,8 +106,8 @@ def lws_crd() -> dict[str, Any]:
 
 @pytest.fixture
 def runtime_runs_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The operator as it will be once the runtime runs pipeline parallelism and multi-node
-    groups (operator/runtime_support.py): until then it refuses them (RuntimeUnsupported)."""
+    """The operator as it will be once the runtime runs multi-node groups
+    (operator/runtime_support.py): until then it refuses them (RuntimeUnsupported)."""
     from pinnace.operator import runtime_support
 
     monkeypatch.setattr(runtime_support, "RUNS_PIPELINE_PARALLEL", True)
