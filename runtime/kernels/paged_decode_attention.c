@@ -46,6 +46,32 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* Row of the cache holding token t of kv head h (the layout above). */
+static inline int64_t row_of(const int64_t* table, int64_t Hkv, int64_t h, int64_t bs, int64_t t) {
+    return (table[t / bs] * Hkv + h) * bs + t % bs;
+}
+
+/* out[j] = sum of v[j]'s 16 lanes, for 16 vectors at once: pairs of vectors are added
+ * lane-interleaved (unpack), then 128-bit chunks are gathered and added (shuffle_f32x4). */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 quad[4];
+    for (int i = 0; i < 4; i++) {
+        const __m512* w = v + 4 * i;
+        const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        /* per 128-bit chunk: [w0, w1, w2, w3] partial sums over that chunk's 4 lanes */
+        const __m512d ad = _mm512_castps_pd(a), bd = _mm512_castps_pd(b);
+        quad[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ad, bd)),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(ad, bd)));
+    }
+    /* quad[i] chunk c: tokens 4i..4i+3 summed over lanes 4c..4c+3 */
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88),
+                                    _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88),
+                                    _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+}
+
 /* Returns 0, -1 on bad arguments, -2 when scratch memory could not be allocated. */
 int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
                               const uint16_t* v_cache, const int64_t* block_tables,
@@ -78,16 +104,30 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
                     qv[g][c] = load_bf16(q + (b * H + h * G + g) * D + 16 * c);
             float best[MAX_GROUP];
             for (int64_t g = 0; g < G; g++) best[g] = -INFINITY;
-            for (int64_t t = first; t < len; t++) {
-                const uint16_t* k = k_cache + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
-                __m512 kv[16];
-                for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k + 16 * c);
+            /* Scores 16 tokens at a time: each token's 16-lane partial dot products are
+             * summed across lanes for all 16 at once (sum16), not one horizontal reduction
+             * per token; the next 16 tokens' rows are prefetched meanwhile. */
+            for (int64_t t0 = first; t0 < len; t0 += 16) {
+                const int64_t n = len - t0 < 16 ? len - t0 : 16;
+                for (int64_t j = t0 + 16; j < t0 + 32 && j < len; j++) {
+                    const char* next = (const char*)(k_cache + row_of(table, Hkv, h, bs, j) * D);
+                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+                }
+                const uint16_t* rows[16];
+                for (int64_t j = 0; j < n; j++) rows[j] = k_cache + row_of(table, Hkv, h, bs, t0 + j) * D;
+                const __mmask16 valid = n == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
                 for (int64_t g = 0; g < G; g++) {
-                    __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-                    for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-                    const float s = _mm512_reduce_add_ps(acc) * scale;
-                    scores[g * stride + t] = s;
-                    best[g] = s > best[g] ? s : best[g];
+                    __m512 acc[16];
+                    for (int64_t j = 0; j < 16; j++) {
+                        acc[j] = _mm512_setzero_ps();
+                        if (j >= n) continue;
+                        for (int64_t c = 0; c < chunks; c++)
+                            acc[j] = _mm512_fmadd_ps(qv[g][c], load_bf16(rows[j] + 16 * c), acc[j]);
+                    }
+                    const __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+                    _mm512_mask_storeu_ps(scores + g * stride + t0, valid, s);
+                    const float m = _mm512_mask_reduce_max_ps(valid, s);
+                    best[g] = m > best[g] ? m : best[g];
                 }
             }
             float total[MAX_GROUP];
@@ -108,7 +148,11 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
             for (int64_t g = 0; g < G; g++)
                 for (int64_t c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
             for (int64_t t = first; t < len; t++) {
-                const uint16_t* v = v_cache + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
+                if (t + 16 < len) {
+                    const char* next = (const char*)(v_cache + row_of(table, Hkv, h, bs, t + 16) * D);
+                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+                }
+                const uint16_t* v = v_cache + row_of(table, Hkv, h, bs, t) * D;
                 __m512 vv[16];
                 for (int64_t c = 0; c < chunks; c++) vv[c] = load_bf16(v + 16 * c);
                 for (int64_t g = 0; g < G; g++) {
