@@ -7,7 +7,9 @@ offline `LLM`) times its phases and writes one JSON summary there when it stops:
                encode, send; each step's execute time by batch size, with or without a
                prompt in it; how long a request waited from arrival to its first step
     front end  decode, process (detokenize, stop strings), deliver, sse (building chunks);
-               a request's arrival -> first step -> first token delivered
+               a request's arrival -> first step -> first token delivered, and (streamed
+               completions) from the route taking the request to its first text chunk
+               written, the server's share of the time to first token
 
 and both report the process's CPU seconds over its wall time, which shows two processes
 contending for the cores. Unset, `profile()` is a null object and costs a method call.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from pinnace.runtime.server.serving import (
     EngineRequest,
     ServerContext,
     cancel_on_disconnect,
+    prepare_off_loop,
     sse,
     sse_error,
 )
@@ -100,7 +101,7 @@ async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
     # Templating and tokenizing a long conversation must not stall the event loop.
-    job = await asyncio.to_thread(prepare_chat, ctx, req)
+    job = await prepare_off_loop(raw, functools.partial(prepare_chat, ctx, req))
     await ctx.compile_grammar(job.params, job.constraint_param)
     ctx.check_room(job.params.n)
     if req.stream:

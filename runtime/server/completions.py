@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pinnace.runtime.server.serving import (
     EngineRequest,
     ServerContext,
     cancel_on_disconnect,
+    prepare_off_loop,
     sse,
     sse_error,
 )
@@ -85,8 +87,9 @@ def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> Completion
 async def create_completion(
     ctx: ServerContext, req: CompletionRequest, raw: Request
 ) -> CompletionResponse | Response:
+    received = time.monotonic()
     # Tokenizing long prompts must not stall the event loop (probes, other streams).
-    job = await asyncio.to_thread(prepare_completion, ctx, req)
+    job = await prepare_off_loop(raw, functools.partial(prepare_completion, ctx, req))
     await ctx.compile_grammar(job.params, constraint_param(req))
     ctx.check_room(len(job.requests) * job.params.num_samples)
     if req.use_beam_search:
@@ -100,7 +103,7 @@ async def create_completion(
         return await cancel_on_disconnect(raw, complete_beams(ctx, job, beams))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_completion(ctx, job, include_usage, raw.url.path)
+        events = stream_completion(ctx, job, include_usage, raw.url.path, received)
         return StreamingResponse(events, media_type="text/event-stream")
     return await cancel_on_disconnect(raw, complete(ctx, job))
 
@@ -163,8 +166,14 @@ def _prompt_logprobs(
 
 
 async def stream_completion(
-    ctx: ServerContext, job: CompletionJob, include_usage: bool, path: str
+    ctx: ServerContext,
+    job: CompletionJob,
+    include_usage: bool,
+    path: str,
+    received: float | None = None,
 ) -> AsyncIterator[str]:
+    """The SSE chunks of a streamed completion; `received`: when the route got the request
+    (time.monotonic(); the profile's request_to_first_chunk)."""
     created = int(time.time())
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
@@ -203,7 +212,10 @@ async def stream_completion(
                 )
                 data = chunk([choice])
                 prof.add("sse", time.perf_counter() - start)
-                yield data
+                yield data  # resumes once written to the connection
+                if received is not None and delta.text:
+                    prof.add("request_to_first_chunk", time.monotonic() - received)
+                    received = None
         if include_usage:
             yield chunk([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
     except APIError as exc:

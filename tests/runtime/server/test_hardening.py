@@ -112,6 +112,34 @@ def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(http: httpx.Clien
     assert time.monotonic() - start < 5  # tokenizing 16 MB three times would take longer
 
 
+def test_small_requests_tokenize_on_the_loop_and_large_ones_in_a_thread(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short prompt is tokenized on the event loop (two thread hops cost more than the
+    tokenizing: time to first token); a long one in a worker thread, so the loop goes on
+    serving streams and probes."""
+    import asyncio
+
+    from pinnace.runtime.server.serving import INLINE_PREPARE_BYTES
+
+    threaded: list[str] = []
+    real = asyncio.to_thread
+
+    async def recording(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        threaded.append(getattr(func, "func", func).__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    short = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    long = {**short, "user": "x" * INLINE_PREPARE_BYTES}  # a large body, short prompt
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for body, path in [(short, "/v1/completions"), (chat, "/v1/chat/completions")]:
+        assert http.post(path, json=body).status_code == 200
+    assert threaded == []
+    assert http.post("/v1/completions", json=long).status_code == 200
+    assert threaded == ["prepare_completion"]
+
+
 SURROGATE_CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": "\ud800"}, "prompt"),
     ("/v1/completions", {"prompt": "ok", "stop": ["x", "a\udfffb"]}, "stop[1]"),
