@@ -11,8 +11,9 @@ Two kinds of refusal, mirroring the runtime's own:
   disagree in either direction, so the flags below move with the runtime.
 - at load: what a tensor-parallel engine does not shard (runtime/distributed/model_split.py
   `check_tensor_parallel`; for embeddings runtime/engine/engine_core.py
-  `refuse_parallel_pooling`, as the engine core starts, before any rank does):
-  checkpoint-quantized or GGUF weights, LoRA adapters, pooling models.
+  `refuse_parallel_pooling`, as the engine core starts, before any rank does; pipeline
+  stages: runtime/distributed/pipeline_parallel.py `check_pipeline_parallel`):
+  checkpoint-quantized or GGUF weights, LoRA adapters, draft models, pooling models.
 
 The LeaderWorkerSet renderer (render/leaderworkerset.py) is complete and tested; it runs
 once the runtime does.
@@ -69,6 +70,12 @@ def load_refusals(llmd: LLMDeployment) -> list[str]:
         problems.append(
             f"adapters and engine.enableLora with {where}: the runtime does not shard LoRA "
             "adapters across GPUs yet"
+        )
+    speculative = engine.speculative
+    if speculative is not None and speculative.method == "draft_model":
+        problems.append(
+            f"engine.speculative method draft_model with {where}: the runtime does not "
+            "split a draft model across GPUs; use method ngram"
         )
     if engine.runner == "pooling":
         problems.append(
