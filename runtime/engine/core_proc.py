@@ -82,9 +82,12 @@ def run_engine_core(
             event.updates = updates_to_wire(event.updates)
         data = codec.encode(event)
         prof.lap("encode")
+        cpu = time.thread_time() if prof.enabled else 0.0
         while True:  # blocks only when the front end is far behind, or gone
             try:
                 events.send(data, copy=False)
+                if prof.enabled:  # send >> send_cpu: the thread lost its core meanwhile
+                    prof.add("send_cpu", time.thread_time() - cpu)
                 prof.lap("send")
                 return
             except zmq.Again:
