@@ -118,17 +118,21 @@ class NativeLlamaDecode:
         if caches is self._caches and block_size == self._block_size:
             return True
         g = self.geometry
-        shape = (2, caches[0].shape[1], g.kv_heads, block_size, g.head_dim)
-        if any(c.dtype != torch.bfloat16 or c.shape != shape for c in caches):
+        # Only these layers' caches (a pipeline stage's; the others' are empty).
+        own = [caches[x.self_attn.attn.layer_idx] for x in self.layers]
+        if own[0].dim() != 5:
+            return False
+        shape = (2, own[0].shape[1], g.kv_heads, block_size, g.head_dim)
+        if any(c.dtype != torch.bfloat16 or c.shape != shape for c in own):
             return False  # fp8 KV, another backend's layout
-        if not all(c.is_contiguous() for c in caches):
+        if not all(c.is_contiguous() for c in own):
             return False
         rot = self.rotary
         self._model = self.kernel.model(
             g.hidden, g.heads, g.kv_heads, g.head_dim, g.intermediate, block_size, g.eps,
             rot.cos, rot.sin,
         )  # fmt: skip
-        structs = [_layer_struct(x, caches[x.self_attn.attn.layer_idx]) for x in self.layers]
+        structs = [_layer_struct(x, c) for x, c in zip(self.layers, own, strict=True)]
         self._layer_structs = (kernels.Layer * len(structs))(*structs)
         self._scratch = self.kernel.scratch(self._model, MAX_ROWS)
         self._caches, self._block_size = caches, block_size

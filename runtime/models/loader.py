@@ -259,7 +259,7 @@ def build_model(
         pack_linears(model)  # the layers still in bfloat16
     if lora is not None:
         install_lora_layers(model, model_spec(model), lora, dtype, device)
-    if tp is not None:
+    if tp is not None and tp[1].tp_size > 1:  # one rank per stage: nothing to combine
         install_collectives(model, *tp)
     return cast(nn.Module, model.eval())
 

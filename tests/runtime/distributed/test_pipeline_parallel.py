@@ -174,6 +174,21 @@ def test_architectures(
     assert _generate(pp2(model, **ENGINE), TEXT) == expected
 
 
+def test_bf16_with_the_native_decode_on_every_stage(
+    make_tiny_model: Callable[[str], Path], pp2: Callable[..., LLM]
+) -> None:
+    """bf16 Llama decodes through the native all-layers call where the CPU runs it
+    (models/llama_native.py), on each stage over its own layers and KV caches."""
+    model = make_tiny_model("LlamaForCausalLM")
+    bf16 = dict(ENGINE, dtype="bfloat16")
+    pp1 = LLM(str(model), **bf16)
+    expected = _generate(pp1, TEXT)
+    llm = pp2(model, **bf16)
+    assert _generate(llm, TEXT) == expected
+    native = [x.llm_engine.parts.runner.model.model.native_decode for x in (pp1, llm)]
+    assert (native[0] is None) == (native[1] is None)  # stage 0 applies it like PP=1
+
+
 def test_int8_pp2_equals_int8_pp1_with_prompt_logprobs(
     make_tiny_model: Callable[[str], Path], pp2: Callable[..., LLM]
 ) -> None:
