@@ -17,7 +17,8 @@ one-token decode, so near-ties can flip: the JSON reports how many outputs agree
 batch is already compute-bound. The engines alternate in rounds (order swapped each
 round), so a shared machine's load drifts over both alike; each round gives each engine's
 output tokens/s and each method's ratio over none. Prints one JSON object with the median
-and spread (min, max) over the rounds, and each method's acceptance rate.
+and spread (min, max) over the rounds, and each method's acceptance rate; also the ratio
+of output tokens per CPU second of this process, steadier than wall time when shared.
 Run it via its path (it does not import ./operator).
 """
 
@@ -64,15 +65,18 @@ TASKS = [
 
 
 def timed(llm: LLM, prompts: list[Any], params: SamplingParams, batched: bool) -> tuple:
-    """(seconds, output tokens, token lists): all prompts at once, or one at a time."""
-    start = time.perf_counter()
+    """(seconds, CPU seconds of this process, output tokens, token lists): all prompts at
+    once, or one at a time. On a machine shared with other work, CPU time counts only
+    this process's compute, so its ratio drifts less with the others' load than wall
+    time's (it still sees their cache and memory-bandwidth contention)."""
+    start, cpu = time.perf_counter(), time.process_time()
     if batched:
         outs = llm.generate(prompts, params, use_tqdm=False)
     else:
         outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = [o.outputs[0].token_ids for o in outs]
-    return elapsed, sum(len(t) for t in tokens), tokens
+    return elapsed, cpu, sum(len(t) for t in tokens), tokens
 
 
 def rounds(
@@ -83,20 +87,26 @@ def rounds(
         timed(llm, prompts[:2], params, batched)
     rates: dict[str, list[float]] = {name: [] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in names if name != "none"}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
     agree: dict[str, int] = {}
     for r in range(n):
         this: dict[str, float] = {}
+        per_cpu: dict[str, float] = {}
         tokens: dict[str, list] = {}
         for name in names if r % 2 == 0 else names[::-1]:
-            elapsed, count, tokens[name] = timed(engines[name], prompts, params, batched)
+            elapsed, cpu, count, tokens[name] = timed(engines[name], prompts, params, batched)
             this[name] = count / elapsed
+            per_cpu[name] = count / cpu
             rates[name].append(this[name])
         for name in ratios:
             ratios[name].append(this[name] / this["none"])
+            cpu_ratios[name].append(per_cpu[name] / per_cpu["none"])
             agree[name] = sum(a == b for a, b in zip(tokens[name], tokens["none"], strict=True))
     out: dict[str, Any] = {f"{k}_tok_s": summary(v, 1) for k, v in rates.items()}
     for name, values in ratios.items():
         out[f"{name}_over_none"] = summary(values, 3)
+        # Output tokens per CPU second of this process, over none's.
+        out[f"{name}_over_none_cpu_time"] = summary(cpu_ratios[name], 3)
         out[f"{name}_outputs_equal"] = f"{agree[name]}/{len(prompts)} (last round)"
     return out
 
