@@ -169,7 +169,7 @@ def run_engine(engine: str, model: str, args: argparse.Namespace) -> float:
         cmd = [args.vllm_python, os.path.join(here, "vllm_cpu.py"), *flags]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, *flags]
-        if args.quantization and engine == "pinnace":
+        if args.quantization and engine.startswith("pinnace"):
             cmd += ["--quantization", args.quantization]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -185,7 +185,11 @@ def run_engine(engine: str, model: str, args: argparse.Namespace) -> float:
 def one_engine(args: argparse.Namespace) -> int:
     """Worker mode: one engine, one measurement, one JSON line."""
     prompts = make_prompts(args.num_prompts, args.input_len)
-    run = run_pinnace if args.engine == "pinnace" else run_transformers
+    if args.engine == "pinnace-module-path":
+        from pinnace.runtime.models.llama_native import NativeLlamaDecode
+
+        NativeLlamaDecode.enabled = False  # every decode layer through the PyTorch modules
+    run = run_transformers if args.engine == "transformers" else run_pinnace
     print(json.dumps({"engine": args.engine, "tok_s": run(args.model, prompts, args)}))
     return 0
 
@@ -197,12 +201,18 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu (vllm_cpu.py)")
     parser.add_argument("--quantization", default=None, help="Pinnace only, e.g. int8")
-    parser.add_argument("--engine", choices=["pinnace", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compare-module-path",
+        action="store_true",
+        help="also Pinnace without the one-call native Llama decode (its before/after)",
+    )
+    engine_choices = ["pinnace", "pinnace-module-path", "transformers"]
+    parser.add_argument("--engine", choices=engine_choices, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.engine:
         return one_engine(args)
-    engines = ["pinnace"]
+    engines = ["pinnace"] + (["pinnace-module-path"] if args.compare_module_path else [])
     engines += [] if args.skip_transformers else ["transformers"]
     engines += ["vllm-cpu"] if args.vllm_python else []
     with tempfile.TemporaryDirectory() as tmp:

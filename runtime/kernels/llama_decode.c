@@ -6,7 +6,7 @@
  * the step. Here one call runs every layer; per layer:
  *
  *   x = norm(h, in_norm)                      the RMSNorm kernel (rms_norm.c)
- *   qkv = x @ Wqkv^T (+ b)                    the GEMV (bf16_gemv.c)
+ *   qkv = x @ Wqkv^T (+ b)                    the GEMV (bf16_gemv.c or int8_gemv.c)
  *   q, k = rotate(q, k, pos); cache <- k, v   here: HF's rounding, see rotate()
  *   a = attend(q, cache)                      the paged decode kernel
  *   h = h + a @ Wo^T (+ b)                    GEMV, then the residual add here
@@ -30,16 +30,28 @@ typedef void (*gemv_fn)(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
                         const uint16_t* bias, int64_t N, uint16_t* y, int threads);
 typedef void (*norm_fn)(const uint16_t* x, const uint16_t* w, int64_t rows, int64_t cols,
                         float eps, uint16_t* out, int threads);
+typedef int (*int8_gemv_fn)(const uint16_t* x, int64_t M, int64_t K, const int8_t* w,
+                            const float* scale, const int32_t* rowsum, int64_t N, uint16_t* y,
+                            int threads);
 typedef int (*attend_fn)(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                          const int64_t* block_tables, int64_t max_blocks,
                          const int64_t* seq_lens, int64_t B, int64_t H, int64_t Hkv,
                          int64_t D, int64_t bs, float scale, int64_t window, uint16_t* out,
                          int threads);
 
-/* One layer's weights (bf16, as nn.Linear stores them) and cache; biases may be NULL. */
+/* A linear layer's weight [N, K] as nn.Linear stores it: bf16 (scale NULL), or int8 codes
+ * with float32 row scales and row sums (int8_gemv.c); bias bf16 or NULL. */
 typedef struct {
-    const uint16_t *in_norm, *qkv, *qkv_bias, *o, *o_bias;
-    const uint16_t *post_norm, *gate_up, *gate_up_bias, *down, *down_bias;
+    const void* w;
+    const uint16_t* bias;
+    const float* scale;
+    const int32_t* rowsum;
+} Linear;
+
+/* One layer's weights and cache. */
+typedef struct {
+    const uint16_t *in_norm, *post_norm;
+    Linear qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;  /* [num_blocks * Hkv * bs, D] rows, head-major blocks */
     float scale;
     int64_t window;  /* 0: none */
@@ -50,6 +62,7 @@ typedef struct {
     float eps;
     const float *cos, *sin;  /* [max_positions, D] float32 rotary tables */
     gemv_fn gemv;
+    int8_gemv_fn int8_gemv;  /* NULL when no layer is int8 */
     norm_fn norm;
     attend_fn attend;
 } Model;
@@ -109,6 +122,21 @@ static void add_into(uint16_t* h, const uint16_t* o, int64_t n) {  /* h = bf16(h
     for (int64_t i = 0; i < n; i++) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(o[i]));
 }
 
+/* y [M, N] = x [M, K] @ W^T (+ bias) by the layer's kernel; int8's bias added after its
+ * rounding to bf16, as Int8Linear does. Returns 0, or -2 when the int8 kernel failed. */
+static int linear(const Model* m, const Linear* L, const uint16_t* x, int64_t M, int64_t K,
+                  int64_t N, uint16_t* y, int threads) {
+    if (L->scale == NULL) {
+        m->gemv(x, M, K, (const uint16_t*)L->w, L->bias, N, y, threads);
+        return 0;
+    }
+    if (m->int8_gemv(x, M, K, (const int8_t*)L->w, L->scale, L->rowsum, N, y, threads) != 0)
+        return -2;
+    if (L->bias != NULL)
+        for (int64_t r = 0; r < M; r++) add_into(y + r * N, L->bias, N);
+    return 0;
+}
+
 /* Rotates each row's q and k heads by its position, copies q to [M, nq, D] for the
  * attention kernel and writes k and v to the cache rows. */
 static void rope_and_write(const Model* m, const Layer* L, int64_t M, uint16_t* qkv,
@@ -146,7 +174,7 @@ static void silu_and_mul(const uint16_t* gu, int64_t M, int64_t I, uint16_t* act
  * residual stream; the final norm is the caller's). positions, seq_lens: [M];
  * write_rows: [M * Hkv] the cache row of each (row, kv head)'s new K/V; block_tables:
  * [M, max_blocks]. timings: NULL, or T_PARTS seconds to add each part's time to.
- * Returns 0, or the attention kernel's error status. */
+ * Returns 0, -1 on a shape the kernels refuse, -2 when a kernel could not allocate. */
 int pinnace_llama_decode_bf16(const Model* m, const Layer* layers, int64_t num_layers,
                               int64_t M, uint16_t* hidden, const int64_t* positions,
                               const int64_t* write_rows, const int64_t* block_tables,
@@ -167,19 +195,23 @@ int pinnace_llama_decode_bf16(const Model* m, const Layer* layers, int64_t num_l
         const Layer* L = layers + l;
         int status = 0;
         TIMED(T_NORM, m->norm(hidden, L->in_norm, M, H, m->eps, x, threads));
-        TIMED(T_MATMUL, m->gemv(x, M, H, L->qkv, L->qkv_bias, qkv_size, qkv, threads));
+        TIMED(T_MATMUL, status = linear(m, &L->qkv, x, M, H, qkv_size, qkv, threads));
+        if (status != 0) return status;
         TIMED(T_ROPE_KV, rope_and_write(m, L, M, qkv, q, positions, write_rows));
         TIMED(T_ATTENTION,
               status = m->attend(q, L->k_cache, L->v_cache, block_tables, max_blocks, seq_lens,
                                  M, nq, nkv, D, m->block_size, L->scale, L->window, att,
                                  threads));
         if (status != 0) return status;
-        TIMED(T_MATMUL, m->gemv(att, M, q_size, L->o, L->o_bias, H, out, threads));
+        TIMED(T_MATMUL, status = linear(m, &L->o, att, M, q_size, H, out, threads));
+        if (status != 0) return status;
         TIMED(T_ELEMENTWISE, add_into(hidden, out, M * H));
         TIMED(T_NORM, m->norm(hidden, L->post_norm, M, H, m->eps, x, threads));
-        TIMED(T_MATMUL, m->gemv(x, M, H, L->gate_up, L->gate_up_bias, 2 * I, gu, threads));
+        TIMED(T_MATMUL, status = linear(m, &L->gate_up, x, M, H, 2 * I, gu, threads));
+        if (status != 0) return status;
         TIMED(T_ELEMENTWISE, silu_and_mul(gu, M, I, act));
-        TIMED(T_MATMUL, m->gemv(act, M, I, L->down, L->down_bias, H, out, threads));
+        TIMED(T_MATMUL, status = linear(m, &L->down, act, M, I, H, out, threads));
+        if (status != 0) return status;
         TIMED(T_ELEMENTWISE, add_into(hidden, out, M * H));
     }
     return 0;

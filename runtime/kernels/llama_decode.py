@@ -1,5 +1,7 @@
 """Python side of llama_decode.c: every layer of a Llama stack for decode rows in one call.
 
+Linear layers may be bf16 (the bf16 GEMV) or int8 (the int8 GEMV, where available).
+
     kernel = llama_decode()    # None where it, the GEMV, the norm or attention is missing
     model = kernel.model(...)  # geometry, rotary tables, the three kernels' entry points
     kernel.run(model, layers, hidden, positions, write_rows, block_tables, seq_lens, scratch)
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pinnace.runtime.kernels import bf16_gemv, build, paged_attention, rms_norm
+from pinnace.runtime.kernels import bf16_gemv, build, int8_gemv, paged_attention, rms_norm
 
 REQUIRED_CPU_FLAGS = tuple(
     sorted(
@@ -33,11 +35,16 @@ PARTS = ("norm", "matmul", "rope_kv", "attention", "elementwise")
 _ptr = ctypes.c_void_p
 
 
+class Linear(ctypes.Structure):
+    """bf16 weight (scale None), or int8 codes with float32 scales and int32 row sums."""
+
+    _fields_ = [("w", _ptr), ("bias", _ptr), ("scale", _ptr), ("rowsum", _ptr)]
+
+
 class Layer(ctypes.Structure):
     _fields_ = [
-        ("in_norm", _ptr), ("qkv", _ptr), ("qkv_bias", _ptr), ("o", _ptr), ("o_bias", _ptr),
-        ("post_norm", _ptr), ("gate_up", _ptr), ("gate_up_bias", _ptr), ("down", _ptr),
-        ("down_bias", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+        ("in_norm", _ptr), ("post_norm", _ptr), ("qkv", Linear), ("o", Linear),
+        ("gate_up", Linear), ("down", Linear), ("k_cache", _ptr), ("v_cache", _ptr),
         ("scale", ctypes.c_float), ("window", ctypes.c_int64),
     ]  # fmt: skip
 
@@ -47,7 +54,8 @@ class Model(ctypes.Structure):
         ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
         ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
         ("block_size", ctypes.c_int64), ("eps", ctypes.c_float),
-        ("cos", _ptr), ("sin", _ptr), ("gemv", _ptr), ("norm", _ptr), ("attend", _ptr),
+        ("cos", _ptr), ("sin", _ptr), ("gemv", _ptr), ("int8_gemv", _ptr), ("norm", _ptr),
+        ("attend", _ptr),
     ]  # fmt: skip
 
 
@@ -59,7 +67,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
 class LlamaDecodeKernel:
     fn: Any  # pinnace_llama_decode_bf16
     scratch_fn: Any  # pinnace_llama_decode_scratch
-    entry_points: tuple[int, int, int]  # gemv, norm, attend
+    entry_points: tuple[int, int | None, int, int]  # bf16 GEMV, int8 GEMV, norm, attend
 
     def model(
         self,
@@ -74,11 +82,15 @@ class LlamaDecodeKernel:
         sin: torch.Tensor,
     ) -> Model:
         """cos/sin: float32 [max_positions, head_dim], contiguous (kept alive by the caller)."""
-        gemv, norm, attend = self.entry_points
+        gemv, int8_gemv, norm, attend = self.entry_points
         return Model(
             hidden, heads, kv_heads, head_dim, intermediate, block_size, eps,
-            ptr(cos), ptr(sin), gemv, norm, attend,
+            ptr(cos), ptr(sin), gemv, int8_gemv, norm, attend,
         )  # fmt: skip
+
+    @property
+    def has_int8(self) -> bool:
+        return self.entry_points[1] is not None
 
     def scratch(self, model: Model, rows: int) -> torch.Tensor:
         return torch.empty(self.scratch_fn(ctypes.byref(model), rows), dtype=torch.bfloat16)
@@ -117,7 +129,7 @@ class LlamaDecodeKernel:
         if status == -1:
             raise ValueError("llama decode kernel: unsupported shape")
         if status != 0:
-            raise MemoryError("paged attention kernel could not allocate its scratch buffer")
+            raise MemoryError("llama decode kernel: a kernel could not allocate its scratch")
 
 
 def _address(lib: ctypes.CDLL, symbol: str) -> int:
@@ -150,8 +162,13 @@ def llama_decode() -> LlamaDecodeKernel | None:
     scratch_fn = lib.pinnace_llama_decode_scratch
     scratch_fn.argtypes = [_ptr, i64]
     scratch_fn.restype = i64
+    # int8 layers are optional: without VNNI they run the module path.
+    int8_lib = None
+    if int8_gemv.int8_gemv() is not None:
+        int8_lib = build.load_for_cpu("int8_gemv", int8_gemv.REQUIRED_CPU_FLAGS)
     entry_points = (
         _address(gemv_lib, "pinnace_bf16_gemv"),
+        None if int8_lib is None else _address(int8_lib, "pinnace_int8_gemv_bf16"),
         _address(norm_lib, "pinnace_rms_norm_bf16"),
         _address(attend_lib, "pinnace_paged_decode_bf16"),
     )

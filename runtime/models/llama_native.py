@@ -5,10 +5,10 @@ CPU besides streaming the weights; for decode rows (one token per request, at mo
 GEMV's MAX_ROWS of them) `NativeLlamaDecode` runs every layer with one ctypes call over the
 same weights, KV cache and kernels. It applies where the stack is plain Llama arithmetic:
 exactly LlamaDecoderLayer / LlamaAttention (no q/k norm, no soft-capping) / LlamaMLP with
-SiLU, native RMSNorm, packed bf16 linears with the GEMV, one rotary table without LongRoPE
-offsets, no module hooks (tensor parallelism's all-reduce), and the CPU attention backend
-reading a bf16 cache. Every other step (prefill, larger batches, LoRA, other architectures'
-layers) takes the module path.
+SiLU, native RMSNorm, bf16 linears with the GEMV or int8 ones with the int8 GEMV (then at
+most its MAX_ROWS rows), one rotary table without LongRoPE offsets, no module hooks (tensor
+parallelism's all-reduce), and the CPU attention backend reading a bf16 cache. Every other
+step (prefill, larger batches, LoRA, other architectures' layers) takes the module path.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from transformers.activations import SiLUActivation
 
 from pinnace.runtime.kernels import llama_decode as kernels
 from pinnace.runtime.kernels.bf16_gemv import MAX_ROWS
+from pinnace.runtime.kernels.int8_gemv import MAX_ROWS as INT8_MAX_ROWS
 from pinnace.runtime.kernels.paged_attention import supports
 from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
 from pinnace.runtime.layers.forward_context import ForwardContext
 from pinnace.runtime.layers.linear import PackedLinear
 from pinnace.runtime.layers.norm import RMSNorm
+from pinnace.runtime.layers.quantization.int8 import Int8Linear
 from pinnace.runtime.layers.rotary import RotaryEmbedding
 
 
@@ -39,6 +41,7 @@ class _Geometry:
     head_dim: int
     intermediate: int
     eps: float
+    max_rows: int = MAX_ROWS  # the int8 GEMV's limit when a layer is int8
 
 
 class NativeLlamaDecode:
@@ -69,7 +72,7 @@ class NativeLlamaDecode:
         kernel = kernels.llama_decode()
         if kernel is None or not cls.enabled or not layers or embed_scale is not None:
             return None
-        geometry = _plain_llama_geometry(layers)
+        geometry = _plain_llama_geometry(layers, kernel.has_int8)
         if geometry is None:
             return None
         first: Any = layers[0]
@@ -85,7 +88,7 @@ class NativeLlamaDecode:
             return False  # outside a step: no cache to attend to
         meta: Any = ctx.attn_metadata
         if (
-            hidden.shape[0] > MAX_ROWS
+            hidden.shape[0] > self.geometry.max_rows
             or hidden.dtype != torch.bfloat16
             or hidden.device.type != "cpu"
             or not isinstance(ctx.backend, CPUDecodeAttentionBackend)
@@ -142,16 +145,25 @@ class NativeLlamaDecode:
 def _layer_struct(layer: Any, cache: torch.Tensor) -> kernels.Layer:
     attn, mlp, ptr = layer.self_attn, layer.mlp, kernels.ptr
     return kernels.Layer(
-        ptr(layer.input_layernorm.weight), ptr(attn.qkv_proj.plain), ptr(attn.qkv_proj.bias),
-        ptr(attn.o_proj.plain), ptr(attn.o_proj.bias), ptr(layer.post_attention_layernorm.weight),
-        ptr(mlp.gate_up_proj.plain), ptr(mlp.gate_up_proj.bias), ptr(mlp.down_proj.plain),
-        ptr(mlp.down_proj.bias), ptr(cache[0]), ptr(cache[1]), attn.attn.scale,
-        attn.attn.sliding_window or 0,
+        ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
+        _linear_struct(attn.qkv_proj), _linear_struct(attn.o_proj),
+        _linear_struct(mlp.gate_up_proj), _linear_struct(mlp.down_proj),
+        ptr(cache[0]), ptr(cache[1]), attn.attn.scale, attn.attn.sliding_window or 0,
     )  # fmt: skip
 
 
-def _plain_llama_geometry(layers: list[Any]) -> _Geometry | None:
-    """The shared geometry when every layer is plain Llama arithmetic on native kernels."""
+def _linear_struct(linear: Any) -> kernels.Linear:
+    ptr = kernels.ptr
+    if isinstance(linear, PackedLinear):
+        return kernels.Linear(ptr(linear.plain), ptr(linear.bias), None, None)
+    return kernels.Linear(
+        ptr(linear.weight), ptr(linear.bias), ptr(linear.scale_f32), ptr(linear.rowsum)
+    )
+
+
+def _plain_llama_geometry(layers: list[Any], int8: bool) -> _Geometry | None:
+    """The shared geometry when every layer is plain Llama arithmetic on native kernels
+    (int8 linears too when `int8`)."""
     from pinnace.runtime.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
     first = layers[0]
@@ -190,8 +202,10 @@ def _plain_llama_geometry(layers: list[Any]) -> _Geometry | None:
         if not all(_native_norm(n, geometry.eps) for n in norms):
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(_gemv_linear(lin) for lin in linears):
+        if not all(_gemv_linear(lin) or (int8 and _int8_linear(lin)) for lin in linears):
             return None
+        if any(type(lin) is Int8Linear for lin in linears):
+            geometry.max_rows = min(geometry.max_rows, INT8_MAX_ROWS)
     return geometry
 
 
@@ -202,6 +216,17 @@ def _native_norm(norm: Any, eps: float) -> bool:
         and norm.eps == eps
         and norm.weight.dtype == torch.bfloat16
         and norm.weight.is_contiguous()
+    )
+
+
+def _int8_linear(linear: Any) -> bool:
+    return (
+        type(linear) is Int8Linear
+        and linear.native is not None
+        and linear.scale_f32 is not None
+        and linear.rowsum is not None
+        and linear.weight.is_contiguous()
+        and (linear.bias is None or linear.bias.dtype == torch.bfloat16)
     )
 
 

@@ -1,6 +1,6 @@
 """The one-call native decode of a Llama stack (kernels/llama_decode.c via
 models/llama_native.py) against the module path it replaces and a float64 evaluation of the
-same bf16 weights, on a tiny random model with scattered cache blocks."""
+same bf16 (or int8) weights, on a tiny random model with scattered cache blocks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from pinnace.runtime.kernels.int8_gemv import REQUIRED_CPU_FLAGS as INT8_CPU_FLAGS
+from pinnace.runtime.kernels.int8_gemv import int8_gemv
 from pinnace.runtime.kernels.llama_decode import REQUIRED_CPU_FLAGS, llama_decode
 from pinnace.runtime.layers.attention import BatchLayout
 from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
-from pinnace.runtime.layers.linear import pack_linears
+from pinnace.runtime.layers.linear import PackedLinear, pack_linears
+from pinnace.runtime.layers.quantization.convert import quantize_linears
 from pinnace.runtime.models.llama import LlamaForCausalLM
 from pinnace.runtime.models.llama_native import NativeLlamaDecode
 
@@ -26,7 +29,7 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 24
 
 
-def tiny_model(bias: bool) -> Any:
+def tiny_model(bias: bool, int8: bool = False) -> Any:
     config = LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -39,6 +42,9 @@ def tiny_model(bias: bool) -> Any:
         p.data = torch.randn(p.shape, generator=g) * 0.3 + centre
     model = model.to(torch.bfloat16)
     model.prepare(torch.device("cpu"))
+    if int8:  # the layers' linears (not the embedding or head)
+        paths = {n for n, m in model.named_modules() if ".layers." in n and m is not None}
+        quantize_linears(model, "int8", torch.device("cpu"), only=paths)
     pack_linears(model)
     return model
 
@@ -83,7 +89,8 @@ def _norm64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _linear64(x: torch.Tensor, lin: Any) -> torch.Tensor:
-    y = x @ lin.plain.double().T
+    w = lin.plain if isinstance(lin, PackedLinear) else lin.dequantized_weight()
+    y = x @ w.double().T
     return y if lin.bias is None else y + lin.bias.double()
 
 
@@ -127,13 +134,25 @@ def float64_reference(
     return h
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("seq_lens", [[1], [9], [30, 5, 13]])
+@pytest.mark.parametrize(
+    ("bias", "int8", "seq_lens"),
+    [
+        (False, False, [1]),
+        (False, False, [9]),
+        (False, False, [30, 5, 13]),
+        (True, False, [9]),
+        (True, False, [30, 5, 13]),
+        (False, True, [9]),
+        (True, True, [30, 5]),  # int8: at most the int8 GEMV's 2 rows
+    ],
+)
 def test_matches_module_path_and_float64(
-    native_kernel: Callable[..., Any], bias: bool, seq_lens: list[int]
+    native_kernel: Callable[..., Any], bias: bool, int8: bool, seq_lens: list[int]
 ) -> None:
     native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
-    model = tiny_model(bias)
+    if int8:
+        native_kernel(int8_gemv, INT8_CPU_FLAGS)
+    model = tiny_model(bias, int8)
     native = NativeLlamaDecode.create(list(model.model.layers), None)
     assert native is not None
     backend, meta, caches, positions = decode_step(seq_lens, 2, 16, seed=len(seq_lens))
@@ -166,6 +185,10 @@ def test_only_decode_rows_of_plain_llama_layers(native_kernel: Callable[..., Any
     h = torch.zeros(5, 64, dtype=torch.bfloat16)
     assert not native.run(ForwardContext(backend, meta, caches), positions, h)  # > MAX_ROWS
     assert not native.run(None, positions[:1], h[:1])  # no forward context
+    int8_native = NativeLlamaDecode.create(list(tiny_model(False, int8=True).model.layers), None)
+    if int8_native is not None:  # where the int8 GEMV is available: at most 2 rows
+        ctx = ForwardContext(backend, meta, caches)
+        assert not int8_native.run(ctx, positions[:3], h[:3])
     assert NativeLlamaDecode.create(list(model.model.layers), 2.0) is None  # scaled embeddings
     hook = model.model.layers[2].mlp.down_proj.register_forward_hook(lambda m, a, out: out)
     assert NativeLlamaDecode.create(list(model.model.layers), None) is None  # TP's all-reduce
