@@ -209,12 +209,13 @@ ENGINE_CORE_ENV = "PINNACE_ENGINE_CORE"
 
 def run(args: argparse.Namespace) -> int:
     config, settings = build_config(args)
-    from pinnace.runtime.engine.setup import require_single_rank
-
-    require_single_rank(config)  # before the server starts: one line, exit 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if config.node_rank > 0:  # a worker node of a multi-node group: ranks only, no API
+        from pinnace.runtime.executor.node import run_worker_node
+
+        return run_worker_node(config)
     from pinnace.runtime.server.app import build_app
     from pinnace.runtime.server.lifecycle import run_server
 

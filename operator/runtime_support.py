@@ -5,18 +5,19 @@ crash-loop while the resource looks healthy.
 Two kinds of refusal, mirroring the runtime's own:
 
 - at start: `pinnace serve` checks its args before serving and exits 2 with one line
-  (`serve.run`: `build_config`, then `engine.setup.require_single_rank`). Today that is
-  multi-node groups (pipeline stages on one node run). tests/operator/test_runtime_args.py
-  builds the runtime's config from every rendered pod's args and fails when the two
-  disagree in either direction, so the flags below move with the runtime.
+  (`serve.run`: `build_config`, the full EngineConfig validation); no parallel layout is
+  refused there any more (pipeline stages and multi-node groups both run), so the
+  RUNS_* flags below are True. tests/operator/test_runtime_args.py builds the runtime's
+  config from every rendered pod's args and fails when the two disagree in either
+  direction, so the flags below move with the runtime.
 - at load: what a tensor-parallel engine does not shard (runtime/distributed/model_split.py
   `check_tensor_parallel`; for embeddings runtime/engine/engine_core.py
   `refuse_parallel_pooling`, as the engine core starts, before any rank does; pipeline
   stages: runtime/distributed/pipeline_parallel.py `check_pipeline_parallel`):
   checkpoint-quantized or GGUF weights, LoRA adapters, draft models, pooling models.
 
-The LeaderWorkerSet renderer (render/leaderworkerset.py) is complete and tested; it runs
-once the runtime does.
+The LeaderWorkerSet renderer (render/leaderworkerset.py) renders multi-node groups, which
+the runtime runs (runtime/executor/node.py for the pods other than the leader).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REASON = "RuntimeUnsupported"
 # The runtime runs pipeline stages (pipeline_parallel_size > 1).
 RUNS_PIPELINE_PARALLEL = True
 # The runtime runs a group of ranks over several nodes (nnodes > 1: a LeaderWorkerSet).
-RUNS_MULTI_NODE = False
+RUNS_MULTI_NODE = True
 # Quantizations that come with the checkpoint: their groups run along the dimension
 # tensor parallelism splits.
 _CHECKPOINT_QUANTIZATIONS = ("gptq", "awq", "gguf")

@@ -12,6 +12,11 @@ Rank layout (vLLM's: tensor-parallel innermost), e.g. tp=2 x pp=2:
     rank      0  1 | 2  3
     pp_rank   0  0 | 1  1      stage 0: embedding + first layers; driver = rank 0
     tp_rank   0  1 | 0  1      stage 1: last layers + norm + LM head; output rank = 2
+
+Rendezvous is torch.distributed's own: rank 0 hosts a TCPStore on master_addr:master_port
+(node 0 in a multi-node group), every other rank, on this node or another, connects to it,
+and init_process_group completes once all world_size ranks have. A group that does not
+complete within the timeout is one RendezvousError line naming the address and the count.
 """
 
 from __future__ import annotations
@@ -27,9 +32,20 @@ import torch
 import torch.distributed as dist
 
 # A peer that neither answers nor dies fails the collective after this long (a hung
-# worker must not hang the engine forever). Long enough for a slow model load.
+# worker must not hang the engine forever), and a group whose ranks do not all arrive
+# fails the rendezvous after this long. Long enough for a slow model load, or for a
+# LeaderWorkerSet's worker pods to be scheduled after their leader.
 TIMEOUT_ENV = "PINNACE_DISTRIBUTED_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
+JOINED_KEY = "pinnace/joined"  # ranks that reached the store (for the timeout's message)
+
+
+class RendezvousError(RuntimeError):
+    """The group did not complete: a rank never arrived, or the store was unreachable."""
+
+
+def distributed_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
 
 
 @dataclass
@@ -161,17 +177,24 @@ def init_group(
 
     On CUDA `device` is this rank's own GPU (cuda:<local rank>): it becomes the current
     device first, so nccl does not put every rank's communicator on GPU 0."""
-    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    timeout = distributed_timeout()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{addr}:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    store = _connect_store(rank, world_size, addr, port, timeout)
+    store.add(JOINED_KEY, 1)
+    try:
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+    except dist.DistError as exc:
+        joined = _joined(store)
+        raise RendezvousError(
+            f"rank {rank}: the group at {addr}:{port} did not complete within "
+            f"{timeout.total_seconds():.0f} s ({joined} of {world_size} ranks arrived; every "
+            "node must start with the same --nnodes and --tensor-parallel-size x "
+            f"--pipeline-parallel-size, and ${TIMEOUT_ENV} sets the wait): {_first_line(exc)}"
+        ) from None
     world = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else world
     if world_size == tp_size:  # one stage: its tensor group is the world
@@ -185,6 +208,34 @@ def init_group(
         if rank in ranks:
             device_group, tp_cpu_group = dev, cpu
     return ParallelGroup(rank, world_size, tp_size, device_group, cpu_group, tp_cpu_group)
+
+
+def _connect_store(
+    rank: int, world_size: int, addr: str, port: int, timeout: datetime.timedelta
+) -> dist.TCPStore:
+    """Rank 0 hosts the store (listening on every interface), the others connect to it."""
+    try:
+        return dist.TCPStore(
+            addr, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False
+        )
+    except dist.DistError as exc:
+        what = "host the store on port" if rank == 0 else "reach rank 0's store at"
+        raise RendezvousError(
+            f"rank {rank} could not {what} {addr}:{port} within "
+            f"{timeout.total_seconds():.0f} s (is node 0 started, and are --master-addr/"
+            f"--master-port or $LWS_LEADER_ADDRESS its address?): {_first_line(exc)}"
+        ) from None
+
+
+def _joined(store: dist.TCPStore) -> str:
+    try:
+        return str(store.add(JOINED_KEY, 0))
+    except dist.DistError:
+        return "?"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def destroy_group() -> None:

@@ -68,17 +68,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def require_single_rank(config: EngineConfig) -> None:
-    """ValueError for what parallel execution does not cover yet: groups over several
-    nodes (EngineConfig accepts them, so operator-rendered args validate; the engine
-    refuses them at start)."""
-    if config.nnodes > 1:
-        raise ValueError(
-            f"nnodes={config.nnodes}: multi-node groups are not available yet; "
-            "tensor_parallel_size x pipeline_parallel_size on one node is."
-        )
-
-
 def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None) -> EngineParts:
     """This rank's model, KV cache and runner (`group`: the rank group when world_size > 1)."""
     device = resolve_device(config.device)
@@ -88,7 +77,6 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
         device = torch.device("cuda", group.rank % config.local_world_size)
     ckpt = open_checkpoint(config.model, config.chat_template)
     check_model_split(ckpt.config, config.tensor_parallel_size, config.pipeline_parallel_size)
-    require_single_rank(config)
     draft = _open_draft(config, ckpt)
     dtype = resolve_dtype(config.dtype, ckpt, device)
     quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)

@@ -14,6 +14,10 @@ core fails loudly instead of waiting. Any step that fails on the driver breaks t
 for good (the ranks may be at different collectives): every later execute and
 check_health raises WorkerDiedError, so the core exits rather than stepping out of step.
 A worker whose driver is gone exits by itself.
+
+Several nodes (config.nnodes > 1): this executor starts node 0's ranks; every other node
+runs its own (executor/node.py, `pinnace serve --node-rank R`), joining the same group at
+master_addr:master_port. Their death shows in their heartbeats (executor/node_health.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pinnace.runtime.distributed.parallel_state import (
 )
 from pinnace.runtime.engine.setup import build_engine_parts, resolve_device
 from pinnace.runtime.executor.executor import Executor, WorkerDiedError
+from pinnace.runtime.executor.node_health import RemoteNodes
 from pinnace.runtime.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pinnace.runtime")
@@ -106,34 +111,37 @@ class MultiprocExecutor(GroupExecutor):
         addr = config.master_addr or "127.0.0.1"
         port = config.master_port or free_port(addr)
         device = rank_device(config, 0)
-        _limit_cpu_threads(config, device)
-        ctx = multiprocessing.get_context("spawn")
-        workers: list[BaseProcess] = []
-        joining: list[Connection] = []
-        for rank in range(1, config.local_world_size):
-            receiver, sender = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=run_worker,
-                args=(config, rank, addr, port, os.getpid(), sender),
-                name=f"pinnace-rank-{rank}",
-                daemon=True,
-            )
-            with _may_have_children():
-                proc.start()
-            sender.close()
-            workers.append(proc)
-            joining.append(receiver)
+        limit_cpu_threads(config, device)
+        workers = spawn_ranks(config, range(1, config.local_world_size), addr, port)
+        # Other nodes' ranks (a multi-node group): watched through their heartbeats.
+        self.nodes: RemoteNodes | None = None
         try:
-            wait_joining(joining, workers)
             group = init_group(0, config.world_size, config.tensor_parallel_size, addr, port,
                                device)  # fmt: skip
+            if config.nnodes > 1:
+                self.nodes = RemoteNodes(addr, port, config.nnodes)
             super().__init__(config, group, workers)
         except BaseException:
-            _kill(workers)
+            kill_ranks(workers)
             destroy_group()
             raise
         logger.info("%d ranks ready (worker pids %s)", self.world_size,
                     [p.pid for p in self.workers])  # fmt: skip
+
+    def check_health(self) -> None:
+        super().check_health()
+        if self.nodes is not None:
+            self.nodes.check()
+
+    def _in_step(self) -> bool:
+        if not super()._in_step():
+            return False
+        try:
+            if self.nodes is not None:
+                self.nodes.check()
+        except WorkerDiedError:
+            return False
+        return True
 
     def shutdown(self) -> None:
         if self._stopped:
@@ -145,8 +153,10 @@ class MultiprocExecutor(GroupExecutor):
                 self.group.broadcast_object(None)  # no next engine: the workers exit
                 for proc in self.workers:
                     proc.join(timeout=10)
+                if self.nodes is not None:  # the store lives until they read the None
+                    self.nodes.wait_closed()
         finally:
-            _kill(self.workers)
+            kill_ranks(self.workers)
             destroy_group()
 
 
@@ -164,6 +174,32 @@ def _may_have_children() -> Iterator[None]:
         yield
     finally:
         config["daemon"] = was
+
+
+def spawn_ranks(config: EngineConfig, ranks: range, addr: str, port: int) -> list[BaseProcess]:
+    """This node's `ranks`, each in a spawned process, once every one is about to join."""
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[BaseProcess] = []
+    joining: list[Connection] = []
+    for rank in ranks:
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=run_worker,
+            args=(config, rank, addr, port, os.getpid(), sender),
+            name=f"pinnace-rank-{rank}",
+            daemon=True,
+        )
+        with _may_have_children():
+            proc.start()
+        sender.close()
+        workers.append(proc)
+        joining.append(receiver)
+    try:
+        wait_joining(joining, workers)
+    except BaseException:
+        kill_ranks(workers)
+        raise
+    return workers
 
 
 def wait_joining(joining: list[Connection], workers: list[BaseProcess]) -> None:
@@ -184,7 +220,7 @@ def wait_joining(joining: list[Connection], workers: list[BaseProcess]) -> None:
                 raise WorkerDiedError(_start_failure(proc))
 
 
-def _kill(workers: list[BaseProcess]) -> None:
+def kill_ranks(workers: list[BaseProcess]) -> None:
     for proc in workers:
         if proc.is_alive():
             proc.kill()
@@ -207,7 +243,7 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return device
 
 
-def _limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
+def limit_cpu_threads(config: EngineConfig, device: torch.device) -> None:
     """On CPU the ranks share the cores this process may run on (its affinity mask, which
     a container's cpuset sets; or config.num_threads): each takes its share."""
     if device.type == "cpu":
@@ -237,15 +273,22 @@ def run_worker(
     )
     _exit_with_parent(driver_pid)
     device = rank_device(config, rank)
-    _limit_cpu_threads(config, device)
+    limit_cpu_threads(config, device)
     joining.send(rank)
     joining.close()
     group = init_group(rank, config.world_size, config.tensor_parallel_size, addr, port, device)
+    serve_engines(group)
+    destroy_group()
+
+
+def serve_engines(group: ParallelGroup) -> None:
+    """A worker rank's life in a group: per engine the driver starts (its config
+    broadcast) load the shard and run every broadcast step until a None; returns at a
+    None instead of a config (the driver closes the group)."""
     while (engine := group.broadcast_object()) is not None:
         parts = build_engine_parts(engine, group)
         _serve(group, parts.runner)
         del parts
-    destroy_group()
 
 
 def _serve(group: ParallelGroup, runner: ModelRunner) -> None:

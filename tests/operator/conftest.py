@@ -104,16 +104,6 @@ def lws_crd() -> dict[str, Any]:
     return harness.load_crd(harness.LWS_CRD_PATH)
 
 
-@pytest.fixture
-def runtime_runs_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The operator as it will be once the runtime runs multi-node groups
-    (operator/runtime_support.py): until then it refuses them (RuntimeUnsupported)."""
-    from pinnace.operator import runtime_support
-
-    monkeypatch.setattr(runtime_support, "RUNS_PIPELINE_PARALLEL", True)
-    monkeypatch.setattr(runtime_support, "RUNS_MULTI_NODE", True)
-
-
 @pytest.fixture(scope="session")
 def service_monitor_crd() -> dict[str, Any]:
     """Prometheus operator v0.93.0's ServiceMonitor CRD (data/prometheus-operator/SOURCE.txt)."""

@@ -145,7 +145,6 @@ NOT_EXERCISED = {
 }
 
 
-@pytest.mark.usefixtures("runtime_runs_multi_node")  # so it creates a LeaderWorkerSet
 def test_rbac_is_exactly_what_the_operator_uses(
     cluster: Any,
     create_llmd: Any,

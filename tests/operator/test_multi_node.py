@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pinnace.operator import names
+from pinnace.operator import names, runtime_support
 from pinnace.operator.fit import check_fit
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import (
@@ -159,9 +159,16 @@ def test_autoscalers_scale_groups_and_the_network_policy_lets_a_group_talk(
     assert single is not None and {"from": [same_model]} not in single["spec"]["ingress"]
 
 
-def test_operator_refuses_a_group_the_runtime_cannot_run_yet(
-    cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
+def test_operator_refuses_a_group_the_runtime_cannot_run(
+    cluster: Any,
+    create_llmd: Any,
+    start_operator: Any,
+    lws_crd: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A runtime without multi-node groups (RUNS_MULTI_NODE off, as before they ran): no
+    LeaderWorkerSet whose pods would crash-loop, a Degraded resource instead."""
+    monkeypatch.setattr(runtime_support, "RUNS_MULTI_NODE", False)
     cluster.apply_crd(lws_crd)
     start_operator()
     path = create_llmd("multi-node")
@@ -174,7 +181,6 @@ def test_operator_refuses_a_group_the_runtime_cannot_run_yet(
     assert cluster.get(LWS) is None and cluster.get(DEPLOYMENT) is None
 
 
-@pytest.mark.usefixtures("runtime_runs_multi_node")
 def test_operator_runs_scales_and_mirrors_a_leader_worker_set(
     cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
 ) -> None:
@@ -215,7 +221,6 @@ def test_operator_runs_scales_and_mirrors_a_leader_worker_set(
     assert names.LWS_WORKER_INDEX_LABEL not in selector
 
 
-@pytest.mark.usefixtures("runtime_runs_multi_node")
 def test_without_leader_worker_set_installed_the_resource_is_degraded_until_it_is(
     cluster: Any, create_llmd: Any, start_operator: Any, lws_crd: dict[str, Any]
 ) -> None:

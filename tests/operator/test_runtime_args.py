@@ -1,7 +1,7 @@
 """Never render flags the runtime refuses: every pod's rendered args, for every example and
 every resource the operator tests build from one, go through what `pinnace serve` does
-before it serves (`build_config`: argparse, then the full EngineConfig with its validation;
-then `require_single_rank`), in the environment the pod gets (a LeaderWorkerSet pod's
+before it serves (`build_config`: argparse, then the full EngineConfig with its
+validation), in the environment the pod gets (a LeaderWorkerSet pod's
 LWS_* variables). A resource is either refused by the operator or runs; and what the
 operator refuses as RuntimeUnsupported at start, the runtime refuses too, so
 operator/runtime_support.py moves with the runtime in both directions.
@@ -27,7 +27,6 @@ from pinnace.operator.fit import check_fit
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import render_all
 from pinnace.operator.runtime_support import REASON, check_runtime_support, start_refusals
-from pinnace.runtime.engine.setup import require_single_rank
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).parent
@@ -116,7 +115,6 @@ def serve_config(
     assert args[0] == "serve"
     argv = ["serve", str(model), *args[2:]]  # the pod's model path, here a folder that exists
     config, _ = build_config(build_parser().parse_args(argv))
-    require_single_rank(config)
     return config
 
 

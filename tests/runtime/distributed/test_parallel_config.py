@@ -124,6 +124,8 @@ def test_a_cuda_rank_makes_its_own_gpu_current_before_joining(
         lambda backend, **kw: calls.append(("init", backend)),
     )
     monkeypatch.setattr(parallel_state.dist, "new_group", lambda **kw: "cpu group")
+    store = SimpleNamespace(add=lambda key, amount: amount)  # no rank 0 to reach here
+    monkeypatch.setattr(parallel_state, "_connect_store", lambda *args: store)
     config = EngineConfig(model="m", tensor_parallel_size=4, nnodes=2, node_rank=1,
                           master_addr="leader", device="cpu")  # fmt: skip
     monkeypatch.setattr(config, "device", "cuda")
