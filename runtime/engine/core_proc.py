@@ -94,6 +94,7 @@ def run_engine_core(
                 if not _alive(front_end_pid):
                     raise FrontEndGone(front_end_pid) from None
 
+    core: EngineCore | None = None
     try:
         try:
             core = EngineCore(config)
@@ -113,6 +114,8 @@ def run_engine_core(
         raise
     except FrontEndGone as gone:
         logger.warning("the front end (pid %s) is gone: stopping", gone)
+        if core is not None:  # not an orderly close: other nodes exit non-zero
+            core.executor.abandon(f"the front end (pid {gone}) is gone")
         events.close(linger=0)
         return
     except BaseException as exc:

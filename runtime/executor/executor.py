@@ -38,6 +38,10 @@ class Executor(ABC):
     def shutdown(self) -> None:  # noqa: B027 - one rank: nothing to stop
         """Stop the worker ranks (idempotent)."""
 
+    def abandon(self, reason: str) -> None:  # noqa: B027 - one rank: nothing to tell
+        """The engine stops abnormally: shutdown then kills the ranks instead of closing
+        the group in order, so other nodes see their leader gone (and exit non-zero)."""
+
 
 class InprocExecutor(Executor):
     """One rank, in the caller's process: today's path."""

@@ -92,6 +92,9 @@ class GroupExecutor(Executor):
         if self.broken is not None:
             raise WorkerDiedError(f"{self.broken}; the engine cannot step any more.")
 
+    def abandon(self, reason: str) -> None:
+        self.broken = self.broken or reason
+
     def _in_step(self) -> bool:
         """Whether the workers wait for a broadcast (alive, and no step failed part-way)."""
         return self.broken is None and all(p.is_alive() for p in self.workers)
