@@ -14,8 +14,10 @@ Every round runs each engine in a fresh process (Pinnace, transformers, vLLM whe
 1 GiB buffer (the native GEMV's load pattern) and bf16 GEMM FLOP/s (a 2048^3 torch matmul).
 Shares: tokens/s x weight bytes / bandwidth (the batch-1 bound: each decode step reads
 every weight once) and FLOPs of prefill + decode (2 x matmul parameters per token; attention
-excluded) / time / GEMM FLOP/s (the batch-32 bound). Prints one JSON object with the median
-and spread (min, max) over the rounds. Run it via its path (it does not import ./operator).
+excluded) / time / GEMM FLOP/s (the batch-32 bound); limits.max_share_of_gemm is the most
+of the latter this machine allows (decode steps also stream the weights and the KV cache).
+Prints one JSON object with the median and spread (min, max) over the rounds. Run it via its
+path (it does not import ./operator).
 """
 
 from __future__ import annotations
@@ -154,7 +156,32 @@ def model_facts(model_path: str) -> dict[str, int]:
     params = sum(p.numel() for p in model.parameters())  # a tied embedding counted once
     # The (tied) embedding is the head's matmul; only the norms are not matmul weights.
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
-    return {"params": params, "matmul_params": params - norms}
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    # K and V of one token in every layer, in elements (the cache holds the model's dtype).
+    kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim
+    return {"params": params, "matmul_params": params - norms, "kv_per_token": kv_per_token}
+
+
+def roofline_share(
+    args: argparse.Namespace, facts: dict[str, int], weight_bytes: int, bw: float, gemm: float
+) -> float:
+    """The largest share of the GEMM limit any engine can reach on this workload here: the
+    prefill at GEMM speed, then each decode step of `batch` rows taking the longer of its
+    matmul FLOPs at GEMM speed and reading every weight plus every request's K/V (growing
+    with the context) at the measured bandwidth. Attention FLOPs are left out."""
+    batch = min(args.batch_size, args.num_prompts)
+    dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    kv_bytes = facts["kv_per_token"] * dtype_bytes
+    flops_per_row = 2 * facts["matmul_params"]
+    seconds = flops_per_row * batch * args.input_len / gemm
+    for i in range(1, args.output_len):
+        read = weight_bytes + batch * (args.input_len + i) * kv_bytes
+        seconds += max(read / bw, flops_per_row * batch / gemm)
+    flops = flops_per_row * batch * (args.input_len + args.output_len)
+    return flops / seconds / gemm
 
 
 def run_engine(engine: str, model: str, args: argparse.Namespace) -> float:
@@ -276,6 +303,10 @@ def report(
             "bf16_gemm_tflop_s": round(gemm / 1e12, 3),
             "weight_bytes_per_step": weight_bytes,
             "matmul_flops_per_output_token": round(flops_per_output),
+            # what the limits above allow (roofline_share): a target above it cannot be met
+            "max_share_of_gemm": None
+            if bandwidth is None
+            else round(roofline_share(args, facts, weight_bytes, bandwidth, gemm), 3),
         },
         "engines": engines,
         "ratios": ratios,

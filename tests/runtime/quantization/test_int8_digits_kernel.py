@@ -1,6 +1,6 @@
 """The int8 x int8 GEMM for large row counts (runtime/kernels/int8_digits.c + oneDNN): within
 the two activation digits' rounding of a float64 reference, robust to outliers, zeros and
-NaN, used by Int8Linear from KERNEL_MAX_ROWS rows on, and optional."""
+NaN, used by Int8Linear above the native GEMV's 2 rows, and optional."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_outliers_zero_and_nan_rows(matmul: DigitsMatmul) -> None:
     assert not out[[0, 1, *range(4, 16)]].isnan().any()
 
 
-def test_int8_linear_uses_it_from_kernel_max_rows_on(matmul: DigitsMatmul) -> None:
+def test_int8_linear_uses_it_above_the_native_gemv_rows(matmul: DigitsMatmul) -> None:
     w = torch.randn(96, 576)
     layer = Int8Linear(*quantize_int8(w), None, torch.bfloat16)
     assert layer.digits is not None and "onednn_int8_digits" in layer.extra_repr()
@@ -76,11 +76,11 @@ def test_int8_linear_uses_it_from_kernel_max_rows_on(matmul: DigitsMatmul) -> No
         return matmul(*args)
 
     layer.digits = counting  # type: ignore[assignment]
-    for rows in (2, KERNEL_MAX_ROWS - 1, KERNEL_MAX_ROWS, 40):
+    for rows in (2, 3, KERNEL_MAX_ROWS, 40):
         x = torch.randn(rows, 576).bfloat16()
         ref = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
         torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=2e-2)
-    assert calls == [KERNEL_MAX_ROWS, 40]
+    assert calls == [3, KERNEL_MAX_ROWS, 40]  # every row count above the native GEMV's
     assert Int8Linear(*quantize_int8(w), None, torch.float32).digits is None
     # The packed copy is counted in the weight memory the engine reports: twice the codes.
     params = sum(p.numel() * p.element_size() for p in layer.parameters())
