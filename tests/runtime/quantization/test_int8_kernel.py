@@ -83,10 +83,14 @@ def test_int8_linear_uses_it_for_decode_rows_only(gemv: Gemv) -> None:
         return native(*args)
 
     layer.native = counting
+    weight_l1 = float(layer.dequantized_weight().abs().sum(1).max())
     for rows in (1, 2, 3, 8):
         x = torch.randn(rows, 576).bfloat16()
         ref = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
-        torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=1e-3)
+        # Above 2 rows the two-digit int8 GEMM (test_int8_digits_kernel) carries activations
+        # to max|x| / 64516, not exactly.
+        atol = 1e-3 if rows <= 2 else float(x.float().abs().max()) / 64516 * weight_l1
+        torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=atol)
     assert calls == [1, 2]
     # fp32 layers, and models on other devices, never take it.
     assert Int8Linear(*quantize_int8(w), None, torch.float32).native is None
