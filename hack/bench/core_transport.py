@@ -6,6 +6,11 @@ transport and round: the wall and CPU time of the child's send, and the latency 
 to the parent's loop seeing the message. Transports alternate in rounds.
 
     hack/bench/core_transport.py --rounds 3 --messages 100
+
+The core keeps ZeroMQ: a socketpair transport (commit 5f494b3, reverted) made the core's
+send cheaper in `serving.py --profile` (p50 0.036 vs 0.05 ms) but, with 48 requests at
+once, raised TTFT p50 from ~215 to ~300 ms (6 alternating rounds, load ~1 on 2 cores) at
+equal tokens/s. pyzmq is a dependency of the server, so both transports are measured.
 """
 
 from __future__ import annotations
@@ -155,12 +160,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--messages", type=int, default=100)
     args = p.parse_args()
-    try:
-        import zmq  # noqa: F401  (no longer a dependency: `pip install pyzmq` to compare)
-
-        kinds: tuple[str, ...] = ("zmq", "unix")
-    except ImportError:
-        kinds = ("unix",)
+    kinds = ("zmq", "unix")
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:

@@ -5,9 +5,8 @@ callback on the front end's event loop:
 
     InprocClient  the core of an `LLMEngine` on a thread of this process (commands off a
                   queue, events via call_soon_threadsafe; nothing is encoded)
-    MPClient      an engine-core process (core_proc.py) started from a forkserver, over a
-                  socketpair (core_channel.py); its exit is watched through the process
-                  sentinel
+    MPClient      an engine-core process (core_proc.py) started from a forkserver, over two
+                  ZeroMQ ipc sockets; its exit is watched through the process sentinel
 """
 
 from __future__ import annotations
@@ -18,15 +17,18 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
-import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import zmq
+import zmq.asyncio
+
 from pinnace.runtime.config import EngineConfig
-from pinnace.runtime.engine.core_channel import channel_pair
 from pinnace.runtime.engine.core_loop import CoreLoop
 from pinnace.runtime.engine.core_messages import (
     Codec,
@@ -206,22 +208,26 @@ class MPClient:
     """An engine-core process for `config`; `wait_ready` returns once its model is loaded."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self._channel, theirs = channel_pair()
+        self._dir = tempfile.mkdtemp(prefix="pinnace-core-")
+        self._context = zmq.Context()
         self._codec = Codec()
         self._stopping = False
-        self._reader_failed = False
+        self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: EventHandler | None = None
-        self._prof = profile("frontend")
         try:
-            self._start(config, theirs)
-        except BaseException:  # nothing started: leave no sockets behind
-            self._channel.close()
+            self._start(config)
+        except BaseException:  # nothing started: leave no sockets or folder behind
+            self._close_sockets()
             raise
-        finally:
-            theirs.close()  # the core's end is the core's: its exit then closes the channel
 
-    def _start(self, config: EngineConfig, theirs: socket.socket) -> None:
+    def _start(self, config: EngineConfig) -> None:
+        input_address = f"ipc://{self._dir}/input"
+        output_address = f"ipc://{self._dir}/output"
+        self._input = self._context.socket(zmq.PUSH)
+        self._input.bind(input_address)
+        self._output = self._context.socket(zmq.PULL)
+        self._output.bind(output_address)
         # A forkserver forks a clean, preloaded process: quick, and safe in a parent that
         # already runs threads (uvicorn, OpenMP), which a plain fork is not.
         mp = multiprocessing.get_context("forkserver")
@@ -231,7 +237,7 @@ class MPClient:
 
         self.process = mp.Process(
             target=run_engine_core,
-            args=(config, theirs, os.getpid()),
+            args=(config, input_address, output_address, os.getpid()),
             name="pinnace-engine-core",
             daemon=True,
         )
@@ -251,8 +257,8 @@ class MPClient:
     def _wait_ready(self, timeout: float | None) -> CoreReady:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._poll(0.1):
-                event = self._next_event()
+            if self._output.poll(100):
+                event = self._codec.events.decode(self._output.recv())
                 if isinstance(event, CoreReady):
                     return event
                 if isinstance(event, CoreDead):
@@ -266,27 +272,31 @@ class MPClient:
 
     def start(self, loop: asyncio.AbstractEventLoop, on_event: EventHandler) -> None:
         self._loop, self._on_event = loop, on_event
-        self._channel.attach(loop, self._on_frame)
+        self._task = loop.create_task(self._read(zmq.asyncio.Socket.from_socket(self._output)))
         loop.add_reader(self.process.sentinel, self._on_exit)
 
-    def _on_frame(self, frame: bytes) -> None:
-        if self._stopping or self._reader_failed or self._on_event is None:
-            return
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        decode = self._codec.events.decode
+        prof = profile("frontend")
         try:
-            start = time.perf_counter()
-            event = self._codec.events.decode(frame)
-            if isinstance(event, StepOutputs):
-                event.updates = updates_from_wire(event.updates)
-                self._prof.add("step_start_to_frontend", time.monotonic() - event.step_start)
-            self._prof.add("decode", time.perf_counter() - start)
-            self._on_event(event)
+            while True:
+                frame = await sock.recv(copy=False)
+                start = time.perf_counter()
+                event = decode(frame.buffer)
+                if isinstance(event, StepOutputs):
+                    event.updates = updates_from_wire(event.updates)
+                    prof.add("step_start_to_frontend", time.monotonic() - event.step_start)
+                prof.add("decode", time.perf_counter() - start)
+                if self._on_event is not None:
+                    self._on_event(event)
         except Exception as exc:
             # Nothing would read the core's events any more: every stream would wait
             # forever on a server that looks healthy. A dead reader is a dead core.
+            if self._stopping:
+                return
             logger.exception("reading the engine core's events failed")
-            self._reader_failed = True
-            self._channel.detach()
-            self._on_event(CoreDead(_handler_failed(exc)))
+            if self._on_event is not None:
+                self._on_event(CoreDead(_handler_failed(exc)))
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, StepOutputs):
@@ -299,49 +309,35 @@ class MPClient:
         its death unless we asked it to stop."""
         assert self._loop is not None
         self._loop.remove_reader(self.process.sentinel)
-        self._channel.detach()
-        with contextlib.suppress(OSError):
-            for frame in self._channel.drain():
-                self._dispatch(self._codec.events.decode(frame))
+        if self._task is not None:
+            self._task.cancel()
+        with contextlib.suppress(zmq.ZMQError):
+            while self._output.poll(0):
+                self._dispatch(self._codec.events.decode(self._output.recv()))
         self.process.join(1.0)
         if not self._stopping:
             code = self.process.exitcode
             self._dispatch(CoreDead(f"the engine core process exited (status {code})"))
 
     def send(self, command: Command) -> None:
-        self._channel.send(self._codec.encode(command), self._check_alive)
-
-    def _check_alive(self) -> None:  # a blocking send that waits a second asks
-        if not self.process.is_alive():
-            raise CoreStartError("the engine core exited.")
-
-    def _poll(self, timeout: float) -> bool:
-        try:
-            return self._channel.poll(timeout)
-        except ConnectionError:  # closed: the process check reports the exit
-            time.sleep(min(timeout, 0.01))
-            return False
-
-    def _next_event(self) -> Event:
-        frame = self._channel.recv_nowait()
-        assert frame is not None
-        event: Event = self._codec.events.decode(frame)
-        return event
+        self._input.send(self._codec.encode(command), copy=False)
 
     def recv(self, timeout_ms: int) -> Event | None:
         """The core's next event read here, without an event loop (MPLLMEngine; not after
         `start`); None if none came within `timeout_ms`."""
-        if not self._poll(timeout_ms / 1000):
+        if not self._output.poll(timeout_ms):
             return None
-        return self._next_event()
+        event: Event = self._codec.events.decode(self._output.recv())
+        return event
 
     def call_sync(self, method: str, *args: Any) -> Any:
         self.send(UtilityCall(0, method, dumps(args)))
         while True:
-            if not self._poll(0.1):
-                self._check_alive()
+            if not self._output.poll(100):
+                if not self.process.is_alive():
+                    raise CoreStartError("the engine core exited.")
                 continue
-            event = self._next_event()
+            event = self._codec.events.decode(self._output.recv())
             if isinstance(event, UtilityResult) and event.call_id == 0:
                 result = loads(event.result)
                 if event.failed:
@@ -360,13 +356,22 @@ class MPClient:
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self.process.sentinel)
-        self._channel.detach()
+        if self._task is not None:
+            self._task.cancel()
         if self.process.is_alive():
-            with contextlib.suppress(OSError):  # blocks at most until the core reads it
-                self._channel.send(self._codec.encode(Shutdown()), self._check_alive)
+            with contextlib.suppress(zmq.ZMQError):
+                self._input.send(self._codec.encode(Shutdown()), zmq.NOBLOCK)
             self.process.join(timeout)
         if self.process.is_alive():
             logger.warning("the engine core did not stop in %gs: killing it", timeout)
             self.process.kill()
             self.process.join(5.0)
-        self._channel.close()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for name in ("_input", "_output"):
+            sock: zmq.Socket[bytes] | None = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

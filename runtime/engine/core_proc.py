@@ -2,10 +2,9 @@
 
     front end (server process)                 engine core (this module)
     --------------------------                 -------------------------
-    one socketpair (core_channel.py):
-      commands ─────────────────────────────>  drained between steps
-      events   <─────────────────────────────  CoreReady, then a StepOutputs per step
-                                               (and call results, failures)
+    PUSH ipc://.../input  ── commands ──────>  PULL: drained between steps
+    PULL ipc://.../output <── events ───────── PUSH: CoreReady, then a StepOutputs per
+                                               step (and call results, failures)
 
 Nothing but the engine runs here, so a step never waits for HTTP work on the GIL. The
 process ignores SIGINT (Ctrl-C reaches the whole process group: the front end drains and
@@ -15,21 +14,19 @@ gone. An error that escapes the loop is sent as CoreDead, and the process exits 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+import zmq
 
 from pinnace.runtime.config import EngineConfig
-from pinnace.runtime.engine.core_channel import Channel, ChannelClosed
 from pinnace.runtime.engine.core_loop import CoreLoop
 from pinnace.runtime.engine.core_messages import (
     Codec,
@@ -45,8 +42,9 @@ from pinnace.runtime.engine.step_profile import NullProfile, profile
 
 logger = logging.getLogger("pinnace.runtime")
 
-IDLE_POLL_S = 1.0  # how often an idle core checks that its front end is still there
-COMPILE_POLL_S = 0.005  # an idle core waiting for a grammar looks this often
+IDLE_POLL_MS = 1000  # how often an idle core checks that its front end is still there
+COMPILE_POLL_MS = 5  # an idle core waiting for a grammar looks this often
+SEND_TIMEOUT_MS = 1000  # a send that waits this long checks it too
 LIVENESS_CHECK_S = 1.0  # and a busy core, between steps
 USER_ERROR_EXIT = 2  # the exit status of a core that could not start from bad input
 
@@ -55,7 +53,9 @@ class FrontEndGone(Exception):
     """The process that started this core is gone: nobody is left to serve."""
 
 
-def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: int) -> None:
+def run_engine_core(
+    config: EngineConfig, input_address: str, output_address: str, front_end_pid: int
+) -> None:
     """The process's target: serve until Shutdown; exit status 1 on any failure."""
     # The server owns the lifecycle: on SIGTERM it drains, then sends Shutdown (and the core
     # exits by itself if the server is gone). A signal to the whole process group (Ctrl+C,
@@ -66,13 +66,15 @@ def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: in
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (core): %(message)s"
     )
-    channel = Channel(sock)
+    context = zmq.Context()
+    commands = context.socket(zmq.PULL)
+    commands.connect(input_address)
+    events = context.socket(zmq.PUSH)
+    events.connect(output_address)
     codec = Codec()
-    prof = profile("core")
 
-    def check_front_end() -> None:  # a send waiting a second asks
-        if not _alive(front_end_pid):
-            raise FrontEndGone(front_end_pid)
+    events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+    prof = profile("core")
 
     def emit(event: Event) -> None:
         prof.start()
@@ -81,13 +83,16 @@ def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: in
         data = codec.encode(event)
         prof.lap("encode")
         cpu = time.thread_time() if prof.enabled else 0.0
-        try:  # blocks only when the front end is far behind, or gone
-            channel.send(data, check_front_end)
-        except OSError:  # the front end closed its end
-            raise FrontEndGone(front_end_pid) from None
-        if prof.enabled:  # send >> send_cpu: the thread lost its core meanwhile
-            prof.add("send_cpu", time.thread_time() - cpu)
-        prof.lap("send")
+        while True:  # blocks only when the front end is far behind, or gone
+            try:
+                events.send(data, copy=False)
+                if prof.enabled:  # send >> send_cpu: the thread lost its core meanwhile
+                    prof.add("send_cpu", time.thread_time() - cpu)
+                prof.lap("send")
+                return
+            except zmq.Again:
+                if not _alive(front_end_pid):
+                    raise FrontEndGone(front_end_pid) from None
 
     core: EngineCore | None = None
     try:
@@ -95,7 +100,7 @@ def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: in
             core = EngineCore(config)
         except (ValueError, FileNotFoundError) as exc:  # the user's to fix: no traceback
             emit(CoreDead(str(exc), type(exc).__name__))
-            channel.close()
+            events.close(linger=1000)
             sys.exit(USER_ERROR_EXIT)
         core.profile = prof
         logger.info(
@@ -103,7 +108,7 @@ def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: in
         )
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
-        _serve(CoreLoop(core, emit), channel, codec, front_end_pid, prof, core.check_health)
+        _serve(CoreLoop(core, emit), commands, codec, front_end_pid, prof, core.check_health)
         core.shutdown()  # the worker ranks, if any
     except SystemExit:
         raise
@@ -111,37 +116,36 @@ def run_engine_core(config: EngineConfig, sock: socket.socket, front_end_pid: in
         logger.warning("the front end (pid %s) is gone: stopping", gone)
         if core is not None:  # not an orderly close: other nodes exit non-zero
             core.executor.abandon(f"the front end (pid {gone}) is gone")
-        channel.close()
+        events.close(linger=0)
         return
     except BaseException as exc:
         logger.exception("the engine core failed")
-        with contextlib.suppress(FrontEndGone):
-            emit(CoreDead(repr(exc)))  # written before exit: the front end reads it
-        channel.close()
+        emit(CoreDead(repr(exc)))
+        events.close(linger=1000)  # let the last word reach the front end
         sys.exit(1)
     finally:
         prof.dump()  # a multiprocessing child leaves by os._exit: no atexit
-    channel.close()
+    events.close(linger=1000)
+    commands.close(linger=0)
 
 
 def _serve(
     loop: CoreLoop,
-    channel: Channel,
+    commands: zmq.Socket[bytes],
     codec: Codec,
     front_end_pid: int,
     prof: NullProfile,
     check_health: Callable[[], None] = lambda: None,
 ) -> None:
+    poller = zmq.Poller()
+    poller.register(commands, zmq.POLLIN)
     checked = time.monotonic()
     while True:
         busy = loop.core.has_unfinished_requests()
         # Idle: sleep until a command comes (or, while a grammar compiles, a moment); busy:
         # only take what is already there.
         prof.start()
-        try:
-            ready = channel.poll(0 if busy else COMPILE_POLL_S if loop.has_work else IDLE_POLL_S)
-        except ChannelClosed:
-            raise FrontEndGone(front_end_pid) from None
+        ready = poller.poll(0 if busy else COMPILE_POLL_MS if loop.has_work else IDLE_POLL_MS)
         prof.lap("poll" if busy else "poll_idle")
         # Every second or so: is anyone left to serve? (A killed server leaves no word.)
         if (not ready or busy) and time.monotonic() - checked > LIVENESS_CHECK_S:
@@ -150,9 +154,13 @@ def _serve(
                 raise FrontEndGone(front_end_pid)
             check_health()  # a dead model rank: fail now (CoreDead, exit 1)
         handled = False
-        while (data := channel.recv_nowait()) is not None:
+        while True:
+            try:
+                data = commands.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
             handled = True
-            if not loop.handle(codec.commands.decode(data)):
+            if not loop.handle(codec.commands.decode(data.buffer)):
                 return
         if handled:
             prof.lap("commands")

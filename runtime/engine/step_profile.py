@@ -5,8 +5,8 @@ offline `LLM`) times its phases and writes one JSON summary there when it stops:
 
     core       poll_idle (waiting for work), commands, schedule, execute, update,
                encode, send (and send_cpu, the thread's CPU time in it: on a busy
-               machine a send that wakes another thread can cost the core its CPU for
-               a scheduler slice); each step's execute time by batch size, with or without a
+               machine waking ZeroMQ's I/O thread can cost the core its CPU for a
+               scheduler slice); each step's execute time by batch size, with or without a
                prompt in it; how long a request waited from arrival to its first step
     front end  decode, process (detokenize, stop strings), deliver, sse (building chunks);
                a request's arrival -> first step -> first token delivered, and (streamed

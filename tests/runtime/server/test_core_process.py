@@ -7,7 +7,7 @@ import asyncio
 import multiprocessing.context
 import os
 import signal
-import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import zmq
 
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.engine.core_client import MPClient
@@ -157,27 +158,28 @@ def test_a_failure_handling_core_events_is_core_death(
 
 
 def test_a_core_that_fails_to_start_leaves_nothing_behind(
-    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MPClient makes its socketpair before starting the process: if the start fails,
-    both ends are closed."""
-    pairs: list[tuple[socket.socket, socket.socket]] = []
-    real = socket.socketpair
+    """MPClient binds its sockets in a temporary folder before starting the process: if
+    the start fails, the sockets are closed and the folder removed."""
+    contexts: list[zmq.Context[Any]] = []
 
-    def recording(*args: Any) -> tuple[socket.socket, socket.socket]:
-        pair = real(*args)
-        pairs.append(pair)
-        return pair
+    class RecordingContext(zmq.Context):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            super().__init__()
+            contexts.append(self)
 
     def no_start(self: Any) -> None:
         raise OSError("injected: cannot start a process")
 
-    monkeypatch.setattr(socket, "socketpair", recording)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(zmq, "Context", RecordingContext)
     monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", no_start)
     with pytest.raises(OSError, match="injected"):
         MPClient(EngineConfig(model=str(tiny_model)))
-    [(ours, theirs)] = pairs
-    assert ours.fileno() == -1 and theirs.fileno() == -1  # both closed
+    assert list(tmp_path.iterdir()) == []
+    [context] = contexts
+    assert context.closed  # term() returns only once its sockets are closed
 
 
 def test_constraints_compile_in_the_core_only(
