@@ -183,11 +183,17 @@ def init_group(
         torch.cuda.set_device(device)
     store = _connect_store(rank, world_size, addr, port, timeout)
     store.add(JOINED_KEY, 1)
+    # torch names a group's store keys by a per-process counter that a failed join leaves
+    # advanced; a later join from this process (LLM(...) again after a failed start) would
+    # then wait on keys no fresh peer writes. Put it back on failure.
+    world_state = dist.distributed_c10d._world
+    group_count = world_state.group_count
     try:
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
     except dist.DistError as exc:
+        world_state.group_count = group_count
         joined = _joined(store)
         raise RendezvousError(
             f"rank {rank}: the group at {addr}:{port} did not complete within "

@@ -109,11 +109,15 @@ def test_a_group_that_never_completes_is_one_line(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(TIMEOUT_ENV, "1")
     port = free_port()
     started = time.monotonic()
+    groups_before = torch.distributed.distributed_c10d._world.group_count
     with pytest.raises(RendezvousError) as leader:  # rank 0 waits for a rank that never comes
         init_group(0, 2, 2, "127.0.0.1", port, torch.device("cpu"))
     message = str(leader.value)
     assert "\n" not in message and f"127.0.0.1:{port}" in message
     assert "1 of 2 ranks arrived" in message
+    # torch's group counter names the store keys: left advanced, this process's next join
+    # would wait on keys a fresh peer never writes (the next test module's group hung so).
+    assert torch.distributed.distributed_c10d._world.group_count == groups_before
     port = free_port()
     with pytest.raises(RendezvousError) as worker:  # a node with no leader to reach
         init_group(1, 2, 2, "127.0.0.1", port, torch.device("cpu"))
