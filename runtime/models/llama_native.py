@@ -1,14 +1,15 @@
 """Decode steps of a Llama stack in one native call (kernels/llama_decode.c).
 
 At batch 1 the model's PyTorch ops and module calls cost a third of a bf16 decode step on
-CPU besides streaming the weights; for decode rows (one token per request, at most the
-GEMV's MAX_ROWS of them) `NativeLlamaDecode` runs every layer with one ctypes call over the
+CPU besides streaming the weights; for steps of at most the GEMV's MAX_ROWS tokens (decode
+rows, a speculative verification's few tokens of one request, a short prompt chunk)
+`NativeLlamaDecode` runs every layer with one ctypes call over the
 same weights, KV cache and kernels. It applies where the stack is plain Llama arithmetic:
 exactly LlamaDecoderLayer / LlamaAttention (no q/k norm, no soft-capping) / LlamaMLP with
 SiLU, native RMSNorm, bf16 linears with the GEMV or int8 ones with the int8 GEMV (then at
 most its MAX_ROWS rows), one rotary table without LongRoPE offsets, no module hooks (tensor
 parallelism's all-reduce), and the CPU attention backend reading a bf16 cache. Every other
-step (prefill, larger batches, LoRA, other architectures' layers) takes the module path.
+step (longer prefills, larger batches, LoRA, other architectures' layers) takes the module path.
 """
 
 from __future__ import annotations
@@ -93,8 +94,7 @@ class NativeLlamaDecode:
             or hidden.device.type != "cpu"
             or not isinstance(ctx.backend, CPUDecodeAttentionBackend)
             or ctx.rope_offsets is not None
-            or getattr(meta, "q_gather", 0) is not None  # decode rows only
-            or getattr(meta, "split", None) is not None
+            or not hasattr(meta, "q_gather")
             or meta.block_tables.dtype != torch.int64
             or not meta.block_tables.is_contiguous()
             or self.layers[0].self_attn.qkv_proj is not self._first_qkv
@@ -103,14 +103,22 @@ class NativeLlamaDecode:
             return False
         assert self._model is not None and self._layer_structs is not None
         assert self._scratch is not None
+        tables, seq_lens = meta.block_tables, meta.seq_lens
+        if meta.q_gather is not None:
+            # Several query tokens of a request (a speculative verification step, a short
+            # prompt chunk): one kernel row per token, attending causally up to its own
+            # position. The kernel writes every row's K/V of a layer before any row
+            # attends, so a token sees the ones before it in the same step.
+            tables = tables.index_select(0, meta.q_scatter // meta.max_q)
+            seq_lens = positions.to(torch.int64) + 1
         self.kernel.run(
             self._model,
             self._layer_structs,
             hidden,
             positions,
             meta.write_rows,
-            meta.block_tables,
-            meta.seq_lens,
+            tables,
+            seq_lens,
             self._scratch,
             self.timings,
         )

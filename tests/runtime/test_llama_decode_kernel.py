@@ -176,6 +176,65 @@ def test_matches_module_path_and_float64(
     assert math.isfinite(error)
 
 
+def test_several_tokens_of_a_request_attend_causally(native_kernel: Callable[..., Any]) -> None:
+    """A speculative verification (3 tokens after 6 cached) next to a decode row: one kernel
+    row per token, each seeing exactly the tokens before it in the step. The reference is
+    the same kernel fed the tokens one decode step at a time (future slots then still hold
+    the cache's random data, so a token that saw later ones would differ); the module path
+    (SDPA for the 3-token query, another summation order) agrees within bf16 rounding."""
+    native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
+    model = tiny_model(bias=True)
+    native = NativeLlamaDecode.create(list(model.model.layers), None)
+    assert native is not None
+    g = torch.Generator().manual_seed(5)
+    backend = CPUDecodeAttentionBackend.create(2)
+    assert backend is not None
+    order = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    computed, query = [6, 9], [3, 1]
+    tables = [
+        [order.pop() for _ in range(-(-(c + q) // BLOCK_SIZE))]
+        for c, q in zip(computed, query, strict=True)
+    ]
+    new = [
+        (b, p)
+        for b, (c, q) in enumerate(zip(computed, query, strict=True))
+        for p in range(c, c + q)
+    ]
+    slots = [tables[b][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for b, p in new]
+
+    def step(lens: list[int], done: list[int], rows: list[int], which: list[int]) -> Any:
+        return backend.build_metadata(
+            BatchLayout(
+                query_lens=lens,
+                num_computed_tokens=done,
+                block_tables=[tables[b] for b in which],
+                block_size=BLOCK_SIZE,
+                slot_mapping=torch.tensor([slots[r] for r in rows]),
+                device=torch.device("cpu"),
+            )
+        )
+
+    shape = backend.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, 2, 16)
+    caches = [torch.randn(shape, generator=g).bfloat16() for _ in range(3)]
+    positions = torch.tensor([p for _, p in new])
+    h0 = torch.randn(len(new), 64, generator=g).bfloat16()
+    one_by_one_caches = [c.clone() for c in caches]
+    module_caches = [c.clone() for c in caches]
+    meta = step(query, computed, list(range(len(new))), [0, 1])
+    got = h0.clone()
+    assert native.run(ForwardContext(backend, meta, caches), positions, got)
+    for r, (b, p) in enumerate(new):
+        row = h0[r : r + 1].clone()
+        ctx = ForwardContext(backend, step([1], [p], [r], [b]), one_by_one_caches)
+        assert native.run(ctx, positions[r : r + 1], row)
+        assert torch.equal(row, got[r : r + 1]), f"token {r} (position {p})"
+    for c, o in zip(caches, one_by_one_caches, strict=True):
+        assert torch.equal(c, o)
+    expected = module_path(model, ForwardContext(backend, meta, module_caches), positions, h0)
+    gap = (got.float() - expected.float()).abs().mean() / expected.float().abs().mean()
+    assert gap < 0.01
+
+
 def test_only_decode_rows_of_plain_llama_layers(native_kernel: Callable[..., Any]) -> None:
     native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
     model = tiny_model(bias=False)
