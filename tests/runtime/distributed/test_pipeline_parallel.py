@@ -7,27 +7,22 @@ test_pipeline_tensor_parallel.py (4 ranks: another process group). float32.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.distributed.parallel_state import (
     ParallelGroup,
-    destroy_group,
-    free_port,
-    init_group,
 )
 from pinnace.runtime.distributed.pipeline_parallel import check_pipeline_parallel, get_pp_indices
 from pinnace.runtime.engine import engine_core
-from pinnace.runtime.executor.multiproc import GroupExecutor, run_worker, wait_joining
+from pinnace.runtime.executor.multiproc import GroupExecutor
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # A small step budget (chunked prefill) and few blocks (preemption when all run at once).
@@ -53,31 +48,12 @@ ARCHS = ["LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForC
 
 
 @pytest.fixture(scope="module")
-def group() -> Iterator[tuple[ParallelGroup, multiprocessing.process.BaseProcess]]:
+def group(spawned_group: Any) -> Iterator[tuple[ParallelGroup, BaseProcess]]:
     """Rank 0 (stage 0) here, rank 1 (stage 1) in a spawned worker for every engine."""
-    port = free_port()
     config = EngineConfig(model="unused", pipeline_parallel_size=2, dtype="float32")
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=run_worker, args=(config, 1, "127.0.0.1", port, os.getpid(), sender), daemon=True
-    )
-    proc.start()
-    sender.close()
-    threads = torch.get_num_threads()
-    try:
-        wait_joining([receiver], [proc])
-        rank0 = init_group(0, 2, 1, "127.0.0.1", port, torch.device("cpu"))
+    with spawned_group(config) as (rank0, proc):
         assert (rank0.pp_size, rank0.output_rank) == (2, 1)
         yield rank0, proc
-        rank0.broadcast_object(None)  # no next engine: the worker exits
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        destroy_group()
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -101,26 +77,6 @@ def _generate(llm: LLM, prompts: list[Any], params: SamplingParams = GREEDY) -> 
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     finally:
         llm.shutdown()
-
-
-@pytest.fixture(scope="module")
-def four_layers(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """4 layers whose weights outweigh the (512-token, untied) embedding and head, so a
-    stage's share is about half; one KV head (replicated under TP=2)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1,
-        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("four_layers")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_refused_under_stages() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.executor.executor import WorkerDiedError
@@ -26,34 +25,15 @@ IDS: list[Any] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_kv_head(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """4 layers (2 per stage), one KV head (replicated on both tensor ranks)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1,
-        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("one_kv_head")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
-def test_tp2_x_pp2_then_a_dead_stage_fails_loudly(one_kv_head: Path) -> None:
+def test_tp2_x_pp2_then_a_dead_stage_fails_loudly(four_layers: Path) -> None:
     """4 ranks started by the engine (~10 s of process start-up on a quiet machine, more
     on a loaded one): one KV head for two tensor ranks, two stages. Then a last-stage
     worker is killed mid-generation: the engine raises instead of hanging."""
-    single = LLM(str(one_kv_head), **ENGINE)
+    single = LLM(str(four_layers), **ENGINE)
     expected = [list(o.outputs[0].token_ids) for o in single.generate(IDS, GREEDY)]
     single.shutdown()
-    llm = LLM(str(one_kv_head), tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
+    llm = LLM(str(four_layers), tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
     executor = llm.llm_engine.core.executor
     assert isinstance(executor, MultiprocExecutor)
     try:

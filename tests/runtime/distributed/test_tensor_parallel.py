@@ -8,9 +8,8 @@ spawns its own ranks. float32, so sums split over ranks round like the whole.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,11 @@ from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.distributed.parallel_state import (
     ParallelGroup,
-    destroy_group,
-    free_port,
-    init_group,
 )
 from pinnace.runtime.engine import engine_core
 from pinnace.runtime.engine.core_loop import CoreLoop
 from pinnace.runtime.executor.executor import WorkerDiedError
-from pinnace.runtime.executor.multiproc import GroupExecutor, run_worker, wait_joining
+from pinnace.runtime.executor.multiproc import GroupExecutor
 
 PROMPTS: list[Any] = [
     "The quick brown fox jumps over the lazy dog and then",
@@ -46,30 +42,11 @@ MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 
 
 @pytest.fixture(scope="module")
-def group() -> Iterator[tuple[ParallelGroup, multiprocessing.process.BaseProcess]]:
+def group(spawned_group: Any) -> Iterator[tuple[ParallelGroup, BaseProcess]]:
     """Rank 0 here, rank 1 in a spawned worker that serves every engine of the module."""
-    port = free_port()
     config = EngineConfig(model="unused", tensor_parallel_size=2, dtype="float32")
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=run_worker, args=(config, 1, "127.0.0.1", port, os.getpid(), sender), daemon=True
-    )
-    proc.start()
-    sender.close()
-    threads = torch.get_num_threads()
-    try:
-        wait_joining([receiver], [proc])
-        rank0 = init_group(0, 2, 2, "127.0.0.1", port, torch.device("cpu"))
-        yield rank0, proc
-        rank0.broadcast_object(None)  # no next engine: the worker exits
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        destroy_group()
-        torch.set_num_threads(threads)
+    with spawned_group(config) as group:
+        yield group
 
 
 @pytest.fixture(scope="module")
