@@ -10,11 +10,11 @@ Two kinds of refusal, mirroring the runtime's own:
   RUNS_* flags below are True. tests/operator/test_runtime_args.py builds the runtime's
   config from every rendered pod's args and fails when the two disagree in either
   direction, so the flags below move with the runtime.
-- at load: what a tensor-parallel engine does not shard (runtime/distributed/model_split.py
-  `check_tensor_parallel`; for embeddings runtime/engine/engine_core.py
-  `refuse_parallel_pooling`, as the engine core starts, before any rank does; pipeline
-  stages: runtime/distributed/pipeline_parallel.py `check_pipeline_parallel`):
-  checkpoint-quantized or GGUF weights, LoRA adapters, draft models, pooling models.
+- at load: what tensor ranks do not shard and pipeline stages do not split
+  (runtime/distributed/model_split.py `check_split_support`; for embeddings
+  runtime/engine/engine_core.py `refuse_parallel_pooling`, as the engine core starts,
+  before any rank does): checkpoint-quantized or GGUF weights, LoRA adapters, draft
+  models, pooling models.
 
 The LeaderWorkerSet renderer (render/leaderworkerset.py) renders multi-node groups, which
 the runtime runs (runtime/executor/node.py for the pods other than the leader).

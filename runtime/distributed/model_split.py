@@ -37,31 +37,40 @@ def check_model_split(model_config: Any, tensor_parallel_size: int, pp_size: int
         )
 
 
-def check_tensor_parallel(config: Any, ckpt: Any, quant: Any) -> None:
-    """ValueError for what a tensor-parallel engine does not shard (yet), before any weight
-    is read: `config` an EngineConfig, `ckpt` a Checkpoint, `quant` its QuantizationConfig."""
-    tp = config.tensor_parallel_size
+def check_split_support(config: Any, ckpt: Any, quant: Any) -> None:
+    """ValueError for what tensor ranks do not shard and pipeline stages do not split (yet),
+    before any weight is read: `config` an EngineConfig, `ckpt` a Checkpoint, `quant` its
+    QuantizationConfig. Nothing to check for a single rank."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if tp == 1 and pp == 1:
+        return
+    # The message names every setting that splits the model and how each would need to
+    # split what it cannot, so the user sees which setting to drop.
+    parts = [(tp, "tensor_parallel_size", "sharded across ranks"),
+             (pp, "pipeline_parallel_size", "split across stages")]  # fmt: skip
+    used = [(size, name, how) for size, name, how in parts if size > 1]
+    layout = " x ".join(f"{name}={size}" for size, name, _ in used)
+    unsplit = " or ".join(how for _, _, how in used)
+    single = " and ".join(f"{name}=1" for _, name, _ in used)
     if ckpt.format != "safetensors":
         raise ValueError(
-            f"tensor_parallel_size={tp} needs a safetensors checkpoint: a {ckpt.format} file "
-            "is not read in shards (each rank would hold the whole model)."
+            f"{layout} needs a safetensors checkpoint: a {ckpt.format} file is not read "
+            "in parts (each rank would read the whole model)."
         )
     if quant is not None and quant.from_checkpoint:
         raise ValueError(
-            f"tensor_parallel_size={tp} with a {quant.method} checkpoint: its scale groups "
-            "run along the input dimension of o_proj/down_proj, which tensor parallelism "
-            "splits; splitting quantized groups is not supported. Use the float checkpoint "
-            "with quantization='int8' or 'fp8' (quantized after the split)."
+            f"{layout} with a {quant.method} checkpoint is not supported: a quantized "
+            "checkpoint is not read in parts. Use the float checkpoint with "
+            "quantization='int8' or 'fp8' (quantized after the split)."
         )
     if config.enable_lora:
         raise ValueError(
-            f"tensor_parallel_size={tp} with LoRA adapters is not supported: adapters are "
-            "not sharded across ranks; serve them with tensor_parallel_size=1."
+            f"{layout} with LoRA adapters is not supported: adapters are not {unsplit}; "
+            f"serve them with {single}."
         )
     spec = config.speculative
     if spec is not None and spec.method == "draft_model":
         raise ValueError(
-            f"tensor_parallel_size={tp} with a speculative draft model is not supported: "
-            "the draft is not sharded across ranks; use method 'ngram' or "
-            "tensor_parallel_size=1."
+            f"{layout} with a speculative draft model is not supported: the draft is not "
+            f"{unsplit}; use method 'ngram' or {single}."
         )

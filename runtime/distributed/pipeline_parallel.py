@@ -177,31 +177,3 @@ class StageLink:
             logits = self.group.recv((num_rows, self.vocab_size), torch.float32, self.device, src)
         prompt = self.group.recv_object(src) if wants_prompt_logprobs else None
         return logits, prompt
-
-
-def check_pipeline_parallel(config: Any, ckpt: Any, quant: Any) -> None:
-    """ValueError for what pipeline stages do not cover, before any weight is read:
-    `config` an EngineConfig, `ckpt` a Checkpoint, `quant` its QuantizationConfig."""
-    pp = config.pipeline_parallel_size
-    if ckpt.format != "safetensors":
-        raise ValueError(
-            f"pipeline_parallel_size={pp} needs a safetensors checkpoint: a {ckpt.format} "
-            "file is not read per stage (each stage would read the whole model)."
-        )
-    if quant is not None and quant.from_checkpoint:
-        raise ValueError(
-            f"pipeline_parallel_size={pp} with a {quant.method} checkpoint is not supported; "
-            "use the float checkpoint with quantization='int8' or 'fp8'."
-        )
-    if config.enable_lora:
-        raise ValueError(
-            f"pipeline_parallel_size={pp} with LoRA adapters is not supported: adapters "
-            "are not split across stages; serve them with pipeline_parallel_size=1."
-        )
-    spec = config.speculative
-    if spec is not None and spec.method == "draft_model":
-        raise ValueError(
-            f"pipeline_parallel_size={pp} with a speculative draft model is not supported: "
-            "the draft is not split across stages; use method 'ngram' or "
-            "pipeline_parallel_size=1."
-        )

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from pinnace.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from pinnace.runtime.distributed.model_split import check_model_split, check_tensor_parallel
+from pinnace.runtime.distributed.model_split import check_model_split, check_split_support
 from pinnace.runtime.distributed.parallel_state import ParallelGroup
 from pinnace.runtime.distributed.pipeline_parallel import (
     Stage,
     StageLink,
-    check_pipeline_parallel,
     stage_of,
 )
 from pinnace.runtime.distributed.tensor_parallel import rank_config, tp_shape
@@ -86,11 +85,9 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     tp = stage = None
     kv_config = ckpt.config  # the rank's KV heads: what its cache holds
     if group is not None:
+        check_split_support(config, ckpt, quant)
         if group.pp_size > 1:
-            check_pipeline_parallel(config, ckpt, quant)
             stage = stage_of(ckpt.config, group.pp_rank, group.pp_size)
-        if group.tp_size > 1:
-            check_tensor_parallel(config, ckpt, quant)
         shape = tp_shape(ckpt.config, group.tp_rank, group.tp_size)
         tp = (group, shape)
         kv_config = rank_config(ckpt.config, shape)
@@ -201,15 +198,18 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
 
 
 def _rank_description(group: ParallelGroup | None, stage: Stage | None) -> str:
+    """The rank's place in the group for the load log line, naming only the splits in use."""
     if group is None:
         return ""
-    text = f"; tensor-parallel rank {group.tp_rank} of {group.tp_size}"
+    parts = []
+    if group.tp_size > 1:
+        parts.append(f"tensor-parallel rank {group.tp_rank} of {group.tp_size}")
     if stage is not None:
-        text += (
-            f", pipeline stage {stage.pp_rank} of {stage.pp_size} "
+        parts.append(
+            f"pipeline stage {stage.pp_rank} of {stage.pp_size} "
             f"(layers {stage.start}..{stage.end - 1})"
         )
-    return text
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _window_of_all_stages(group: ParallelGroup, window: int | None) -> int | None:

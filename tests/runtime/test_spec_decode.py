@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.config import EngineConfig
 from pinnace.runtime.core.outputs import ScheduledRequest, SchedulerStats, SpecDecodingStats
-from pinnace.runtime.distributed.model_split import check_tensor_parallel
+from pinnace.runtime.distributed.model_split import check_split_support
 from pinnace.runtime.engine.stat_logger import StatLogger
 from pinnace.runtime.sampling_params import StructuredOutputsParams
 from pinnace.runtime.server.metrics import ServingMetrics
@@ -437,7 +437,7 @@ def test_a_draft_model_is_refused_under_tensor_parallelism() -> None:
     )
     ckpt = SimpleNamespace(format="safetensors", config=None)
     with pytest.raises(ValueError, match="with a speculative draft model is not supported"):
-        check_tensor_parallel(config, ckpt, None)
+        check_split_support(config, ckpt, None)
 
 
 def test_structured_outputs_are_not_speculated_and_keep_their_tokens(

@@ -17,11 +17,13 @@ import pytest
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.distributed.model_split import check_split_support
 from pinnace.runtime.distributed.parallel_state import (
     ParallelGroup,
 )
-from pinnace.runtime.distributed.pipeline_parallel import check_pipeline_parallel, get_pp_indices
+from pinnace.runtime.distributed.pipeline_parallel import get_pp_indices, stage_of
 from pinnace.runtime.engine import engine_core
+from pinnace.runtime.engine.setup import _rank_description
 from pinnace.runtime.executor.multiproc import GroupExecutor
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -83,12 +85,33 @@ def test_refused_under_stages() -> None:
     ckpt = SimpleNamespace(format="safetensors")
     config = EngineConfig(model="m", pipeline_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 with LoRA"):
-        check_pipeline_parallel(config, ckpt, None)
+        check_split_support(config, ckpt, None)
     with pytest.raises(ValueError, match="needs a safetensors checkpoint"):
-        check_pipeline_parallel(config, SimpleNamespace(format="gguf"), None)
+        check_split_support(config, SimpleNamespace(format="gguf"), None)
     with pytest.raises(ValueError, match="with a gptq checkpoint"):
         gptq = SimpleNamespace(from_checkpoint=True, method="gptq")
-        check_pipeline_parallel(EngineConfig(model="m", pipeline_parallel_size=2), ckpt, gptq)
+        check_split_support(EngineConfig(model="m", pipeline_parallel_size=2), ckpt, gptq)
+    both = EngineConfig(model="m", tensor_parallel_size=2, pipeline_parallel_size=2)
+    both.enable_lora = True
+    with pytest.raises(ValueError) as refused:
+        check_split_support(both, ckpt, None)
+    assert str(refused.value) == (
+        "tensor_parallel_size=2 x pipeline_parallel_size=2 with LoRA adapters is not "
+        "supported: adapters are not sharded across ranks or split across stages; serve "
+        "them with tensor_parallel_size=1 and pipeline_parallel_size=1."
+    )
+    check_split_support(EngineConfig(model="m", enable_lora=True), ckpt, None)  # one rank
+
+
+def test_the_load_line_names_only_the_splits_in_use() -> None:
+    stage = stage_of(SimpleNamespace(num_hidden_layers=4), 1, 2)
+    pp_only = SimpleNamespace(tp_rank=0, tp_size=1)
+    assert _rank_description(pp_only, stage) == "; pipeline stage 1 of 2 (layers 2..3)"
+    both = SimpleNamespace(tp_rank=1, tp_size=2)
+    assert _rank_description(both, stage) == (
+        "; tensor-parallel rank 1 of 2, pipeline stage 1 of 2 (layers 2..3)"
+    )
+    assert _rank_description(both, None) == "; tensor-parallel rank 1 of 2"
 
 
 def test_layer_split() -> None:
