@@ -4,7 +4,10 @@ speculation, on a copy-heavy workload (prompts that ask to repeat or lightly edi
 code block or text).
 
     hack/bench/speculative.py [--threads 2] [--max-tokens 128] [--rounds 3] [--model PATH]
-        [--methods ngram,draft] [--draft-layers 6 | --draft-model PATH]
+        [--methods ngram,draft] [--num-speculative-tokens K[,K...]]
+        [--draft-layers 6 | --draft-model PATH]
+
+Several ngram K (e.g. 3,4,5) run as engines ngram_k3, ngram_k4, ... in the same rounds.
 
 The draft model is by default the target's own first --draft-layers layers plus its
 embedding, final norm and head, written once as a float safetensors folder (from the
@@ -36,6 +39,8 @@ from safetensors.torch import save_file
 
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.models.loader import open_checkpoint
+
+DEFAULT_NGRAM_K = "3"
 
 CODE = '''def merge_sorted(a, b):
     """Merge two sorted lists into one sorted list."""
@@ -149,9 +154,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--methods", default="ngram,draft", help="comma-separated: ngram, draft")
-    # 3: a verification step of one request is then 4 tokens, which the native one-call
-    # Llama decode takes (its GEMV's MAX_ROWS); 4 proposals fall back to the module path.
-    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument(
+        "--num-speculative-tokens",
+        default=DEFAULT_NGRAM_K,
+        help="ngram proposals per step; comma-separated to compare several",
+    )
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--draft-model", default=None, help="a draft folder (default: truncated)")
@@ -169,12 +176,14 @@ def main() -> None:
         raise SystemExit(f"--methods takes ngram and/or draft, got {args.methods!r}")
     configs: dict[str, dict[str, Any]] = {}
     if "ngram" in methods:
-        configs["ngram"] = {
-            "method": "ngram",
-            "num_speculative_tokens": args.num_speculative_tokens,
-            "prompt_lookup_min": args.prompt_lookup_min,
-            "prompt_lookup_max": args.prompt_lookup_max,
-        }
+        ks = [int(k) for k in str(args.num_speculative_tokens).split(",")]
+        for k in ks:
+            configs["ngram" if len(ks) == 1 else f"ngram_k{k}"] = {
+                "method": "ngram",
+                "num_speculative_tokens": k,
+                "prompt_lookup_min": args.prompt_lookup_min,
+                "prompt_lookup_max": args.prompt_lookup_max,
+            }
     if "draft" in methods:
         draft = args.draft_model or truncated_draft(model, args.draft_layers, args.draft_dir)
         configs["draft"] = {"model": draft, "num_speculative_tokens": args.draft_tokens}

@@ -11,19 +11,38 @@
  * read as zero), 16 lanes per row, summed at the end; oneDNN sums in another order, so
  * results differ from F.linear by float32 rounding (not bf16's), then both round to bf16.
  *
- * Weight rows are processed in blocks of 4 (4 * K contiguous elements); while one block is
- * computed, the one PREFETCH_BLOCKS ahead is prefetched, which keeps the loads streaming
- * on one core. Activation rows go 4 at a time over a block, so more than 4 rows reread
- * the block from L1. Threads: OpenMP over row blocks, statically (each thread one
- * contiguous range of the weights); the process shares torch's libgomp and thread pool.
+ * Weight rows are processed in blocks (BR * K contiguous elements); while one block is
+ * computed, the rows PREFETCH_ROWS ahead are prefetched, which keeps the loads streaming
+ * on one core. Each weight vector loaded is multiplied with every activation row of the
+ * pass before the next is loaded, so a row costs one VDPBF16PS per 64 weight bytes, not
+ * another pass over memory: up to 4 rows, blocks of 4 weight rows (16 accumulators);
+ * 5-8 rows, blocks of 2 weight rows with all rows in one pass (up to 16 accumulators,
+ * 8 activation vectors, 2 weight vectors: 26 of the 32 registers); more than 8 rows go 4
+ * at a time over blocks of 4, rereading each block from L1. Threads: OpenMP over row
+ * blocks, statically (each thread one contiguous range of the weights); the process
+ * shares torch's libgomp and thread pool.
+ *
+ * With AMX (pinnace_bf16_gemv_use_amx(1) returned 1), 2-16 rows and K a multiple of 32
+ * take TDPBF16PS instead, whose cost per weight byte does not grow with the rows: the
+ * weights are tile A as stored (16 rows of 32 elements, stride K), the activations tile B
+ * in the pair-interleaved layout TDPBF16PS wants (copied once per call, M * K elements),
+ * and the 16 x M float32 sums tile C, so y^T = W x^T needs no packed copy of the weights.
+ * Sums are float32 in the unit's own order (denormal inputs read as zero), like above.
  */
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#define ROWS 4          /* weight rows per block */
-#define MGROUP 4        /* activation rows per pass over a block */
-#define PREFETCH_BLOCKS 2
+#define ROWS 4          /* weight rows per block up to 4 and past 8 activation rows */
+#define WIDE_ROWS 2     /* weight rows per block for 5-8 activation rows */
+#define MGROUP 4        /* activation rows per pass over a block past 8 rows */
+#define WIDE_MAX 8      /* the most activation rows one pass takes */
+#define PREFETCH_ROWS 8
+#ifndef AMX_MIN
+#define AMX_MIN 2       /* the fewest activation rows that take AMX where enabled */
+#endif
 
 static inline uint16_t to_bf16(float f) {  /* round to nearest even, NaN stays NaN */
     union { float f; uint32_t u; } v = {f};
@@ -53,21 +72,24 @@ static inline __m128 load4_bf16(const uint16_t* p) {
     return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)p)), 16));
 }
 
-/* R (<= ROWS) weight rows from n0 against activation rows m0 .. m0 + MG - 1. R and MG are
- * compile-time constants at every call, so the loops unroll into registers. */
+/* R (<= BR) weight rows from n0 against activation rows m0 .. m0 + MG - 1, where the
+ * block's BR rows are BR * K contiguous elements (prefetch: the same span PREFETCH_ROWS
+ * rows ahead, or NULL). R, BR and MG are compile-time constants at every call, so the
+ * loops unroll into registers. */
 static inline __attribute__((always_inline)) void block(
     const uint16_t* x, int64_t m0, int MG, int64_t K, const uint16_t* w, int64_t n0, int R,
-    const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch, __mmask32 tail) {
-    __m512 acc[ROWS][MGROUP];
+    int BR, const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch,
+    __mmask32 tail) {
+    __m512 acc[ROWS][WIDE_MAX];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < MG; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        if (prefetch != NULL) {  /* a block's rows are ROWS * K contiguous elements */
-            const char* p = prefetch + 2 * ROWS * k;
-            for (int i = 0; i < ROWS; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+        if (prefetch != NULL) {  /* BR rows' next 32 elements: BR cache lines of the span */
+            const char* p = prefetch + 2 * BR * k;
+            for (int i = 0; i < BR; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
         }
         const __mmask32 mask = k + 32 <= K ? ~(__mmask32)0 : tail;
-        __m512bh xv[MGROUP];
+        __m512bh xv[WIDE_MAX];
         for (int j = 0; j < MG; j++)
             xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (m0 + j) * K + k);
         for (int r = 0; r < R; r++) {
@@ -75,11 +97,27 @@ static inline __attribute__((always_inline)) void block(
             for (int j = 0; j < MG; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
         }
     }
-    if (R == ROWS) {  /* 4 outputs per activation row at once, stored as one 8-byte run */
+    if (R == 4) {  /* 4 outputs per activation row at once, stored as one 8-byte run */
         const __m128 b = bias != NULL ? load4_bf16(bias + n0) : _mm_setzero_ps();
         for (int j = 0; j < MG; j++) {
             const __m128 v = _mm_add_ps(reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]), b);
             _mm_storel_epi64((__m128i*)(y + (m0 + j) * N + n0), (__m128i)_mm_cvtneps_pbh(v));
+        }
+        return;
+    }
+    if (R == 2) {  /* two activation rows' 2 outputs at once, each stored as a 4-byte run */
+        __m128 b = _mm_setzero_ps();
+        if (bias != NULL) {
+            const float b0 = from_bf16(bias[n0]), b1 = from_bf16(bias[n0 + 1]);
+            b = _mm_setr_ps(b0, b1, b0, b1);
+        }
+        for (int j = 0; j < MG; j += 2) {
+            const int j1 = j + 1 < MG ? j + 1 : j;  /* an odd last row pairs with itself */
+            const __m128 v =
+                _mm_add_ps(reduce4(acc[0][j], acc[1][j], acc[0][j1], acc[1][j1]), b);
+            const __m128i h = (__m128i)_mm_cvtneps_pbh(v);
+            _mm_storeu_si32(y + (m0 + j) * N + n0, h);
+            if (j + 1 < MG) _mm_storeu_si32(y + (m0 + j1) * N + n0, _mm_srli_si128(h, 4));
         }
         return;
     }
@@ -90,34 +128,175 @@ static inline __attribute__((always_inline)) void block(
     }
 }
 
-#define BLOCK(MG)                                                                   \
+/* ---- AMX ---------------------------------------------------------------------------- */
+
+#define AMX_ROWS 16     /* weight rows per tile */
+#define AMX_TILES 4     /* C tiles per block: 64 weight rows */
+#define AMX_MAX 16      /* the most activation rows (tile B's and C's 16 x 4-byte columns) */
+#define AMX_MAX_K 8192  /* the activations' copy lives on the stack: at most 256 KiB */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_enabled = 0;
+
+/* on != 0: asks Linux for the AMX tile state (a process needs it before its first tile
+ * instruction) and uses the AMX path when granted; 0: the AVX-512 path only. Returns
+ * whether the AMX path is now used. */
+int pinnace_bf16_gemv_use_amx(int on) {
+    amx_enabled = on && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_enabled;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) TileConfig;
+
+/* Tiles 0-3: C (16 weight rows x M float32 sums), 4-5: A (16 weight rows x 32 elements),
+ * 6: B (16 element pairs x M rows). */
+static void amx_configure(int64_t M) {
+    TileConfig c = {0};
+    c.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * M);
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Sums (tile C stored as [16][M] float32) + bias -> y[m, n0 + i], bf16. */
+static inline void amx_write(const float* c, int64_t M, const uint16_t* bias, int64_t N,
+                             int64_t n0, uint16_t* y) {
+    for (int i = 0; i < AMX_ROWS; i++) {
+        const float b = bias != NULL ? from_bf16(bias[n0 + i]) : 0.f;
+        for (int64_t m = 0; m < M; m++) y[m * N + n0 + i] = to_bf16(c[i * M + m] + b);
+    }
+}
+
+/* T (1 or AMX_TILES) tiles of 16 weight rows from n0; xp: the pair-interleaved
+ * activations [K / 2][M][2]; prefetch: the next block's span or NULL. */
+static inline __attribute__((always_inline)) void amx_block(
+    const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int T,
+    const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch) {
+    const int64_t stride = 2 * K;
+    const uint16_t* a = w + n0 * K;
+    _tile_zero(0);
+    if (T > 1) { _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+    for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch != NULL) {  /* the next block's T * 16 lines per step of 32 elements */
+            const char* p = prefetch + 2 * AMX_ROWS * T * k;
+            for (int i = 0; i < AMX_ROWS * T; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+        }
+        _tile_loadd(6, xp + k * M, 4 * M);
+        _tile_loadd(4, a + k, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        if (T > 1) {
+            _tile_loadd(5, a + AMX_ROWS * K + k, stride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(4, a + 2 * AMX_ROWS * K + k, stride);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(5, a + 3 * AMX_ROWS * K + k, stride);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+    }
+    float c[AMX_TILES][AMX_ROWS * AMX_MAX];
+    _tile_stored(0, c[0], 4 * M);
+    if (T > 1) {
+        _tile_stored(1, c[1], 4 * M);
+        _tile_stored(2, c[2], 4 * M);
+        _tile_stored(3, c[3], 4 * M);
+    }
+    for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
+}
+
+static void gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+                     const uint16_t* bias, int64_t N, uint16_t* y, int threads,
+                     __mmask32 tail) {
+    uint16_t xp[M * K];  /* M <= 16, K <= AMX_MAX_K */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xp[(k >> 1) * 2 * M + 2 * m + (k & 1)] = x[m * K + k];
+    const int64_t tiles = N / AMX_ROWS, blocks = (tiles + AMX_TILES - 1) / AMX_TILES;
+    const int64_t block_elems = (int64_t)AMX_TILES * AMX_ROWS * K;
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_configure(M);  /* per thread: the tile configuration is thread state */
+        #pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * AMX_TILES * AMX_ROWS;
+            if (n0 + AMX_TILES * AMX_ROWS <= tiles * AMX_ROWS) {
+                const char* p = b + 1 < blocks ? (const char*)(w + (b + 1) * block_elems) : NULL;
+                amx_block(xp, M, K, w, n0, AMX_TILES, bias, N, y, p);
+            } else {
+                for (int64_t n = n0; n < tiles * AMX_ROWS; n += AMX_ROWS)
+                    amx_block(xp, M, K, w, n, 1, bias, N, y, NULL);
+            }
+        }
+        _tile_release();  /* back to the initial state: oneDNN configures its own */
+        #pragma omp for schedule(static)
+        for (int64_t n = tiles * AMX_ROWS; n < N; n++)  /* the last N % 16 rows */
+            for (int64_t m = 0; m < M; m++)
+                block(x, m, 1, K, w, n, 1, 1, bias, N, y, NULL, tail);
+    }
+}
+
+/* A block of BR weight rows (fewer at the end of N) against MG activation rows. */
+#define BLOCK(BR, MG)                                                               \
     do {                                                                            \
-        if (rows == ROWS) {                                                         \
-            block(x, m0, MG, K, w, n0, ROWS, bias, N, y, p, tail);                  \
+        if (rows == BR) {                                                           \
+            block(x, m0, MG, K, w, n0, BR, BR, bias, N, y, p, tail);                \
         } else {                                                                    \
             for (int64_t r = 0; r < rows; r++)                                      \
-                block(x, m0, MG, K, w, n0 + r, 1, bias, N, y, NULL, tail);          \
+                block(x, m0, MG, K, w, n0 + r, 1, 1, bias, N, y, NULL, tail);       \
         }                                                                           \
     } while (0)
+
+/* 5-8 activation rows: blocks of WIDE_ROWS weight rows, every activation row in one pass. */
+static void gemv_wide(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+                      const uint16_t* bias, int64_t N, uint16_t* y, int threads,
+                      __mmask32 tail) {
+    const int64_t blocks = (N + WIDE_ROWS - 1) / WIDE_ROWS, m0 = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * WIDE_ROWS, rows = N - n0 < WIDE_ROWS ? N - n0 : WIDE_ROWS;
+        const int64_t ahead = n0 + PREFETCH_ROWS;
+        const char* p = ahead + WIDE_ROWS <= N ? (const char*)(w + ahead * K) : NULL;
+        switch (M) {
+            case 5: BLOCK(WIDE_ROWS, 5); break;
+            case 6: BLOCK(WIDE_ROWS, 6); break;
+            case 7: BLOCK(WIDE_ROWS, 7); break;
+            default: BLOCK(WIDE_ROWS, 8); break;
+        }
+    }
+}
 
 /* bias may be NULL. */
 void pinnace_bf16_gemv(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                        const uint16_t* bias, int64_t N, uint16_t* y, int threads) {
     const __mmask32 tail = (K & 31) ? (((__mmask32)1 << (K & 31)) - 1) : ~(__mmask32)0;
+    if (amx_enabled && M >= AMX_MIN && M <= AMX_MAX && K % 32 == 0 && K <= AMX_MAX_K &&
+        N >= AMX_ROWS) {
+        gemv_amx(x, M, K, w, bias, N, y, threads, tail);
+        return;
+    }
+    if (M > MGROUP && M <= WIDE_MAX) {
+        gemv_wide(x, M, K, w, bias, N, y, threads, tail);
+        return;
+    }
     const int64_t blocks = (N + ROWS - 1) / ROWS;
 
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-        const int64_t ahead = n0 + ROWS * PREFETCH_BLOCKS;
-        const char* prefetch = ahead < N ? (const char*)(w + ahead * K) : NULL;
+        const int64_t ahead = n0 + PREFETCH_ROWS;
+        const char* prefetch = ahead + ROWS <= N ? (const char*)(w + ahead * K) : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MGROUP) {
             const char* p = m0 == 0 ? prefetch : NULL;
             switch (M - m0 < MGROUP ? M - m0 : MGROUP) {
-                case 1: BLOCK(1); break;
-                case 2: BLOCK(2); break;
-                case 3: BLOCK(3); break;
-                default: BLOCK(4); break;
+                case 1: BLOCK(ROWS, 1); break;
+                case 2: BLOCK(ROWS, 2); break;
+                case 3: BLOCK(ROWS, 3); break;
+                default: BLOCK(ROWS, 4); break;
             }
         }
     }

@@ -3,7 +3,9 @@
     gemv = bf16_gemv()             # None when the kernel is unavailable here
     y = gemv(x, weight, bias)      # x [M, K], weight [N, K] as nn.Linear stores it
 
-`read_bandwidth(nbytes)` times the kernel's load pattern over a buffer (benchmarks).
+Where the CPU has AMX (and Linux grants the tile state), 2-16 rows use its tiles; `use_amx`
+turns that off and on (tests, benchmarks). `read_bandwidth(nbytes)` times the kernel's
+load pattern over a buffer (benchmarks).
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ import torch
 from pinnace.runtime.kernels import build
 
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-# The kernel takes any number of rows, but every activation row adds a pass of dot products
-# over the weights, while oneDNN's packed GEMM (AMX tiles) barely slows from 1 to 12 rows.
-# SmolLM2-135M's 120 layer matmuls, median of 7 rounds (hack/bench/linear_kernels.py),
-# packed time / GEMV time: quiet, 2 threads: 2 rows 1.11, 4 rows 1.08, 8 rows 0.70;
-# contended, 1 thread: 1 row 1.14, 2 rows 1.01, 4 rows 0.89, 8 rows 0.71.
-MAX_ROWS = 4
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
+# The kernel takes any number of rows. With AVX-512 alone every activation row adds a
+# VDPBF16PS per 64 weight bytes, which shows from 2 rows; with AMX the cost per weight byte
+# is the same for 2-16 rows. SmolLM2-135M's 120 layer matmuls, 1 thread, contended (load
+# 3.4), GB/s of weights, median of 7 rounds (hack/bench/linear_kernels.py):
+#   rows                     1      2      4      5      8
+#   AVX-512 only (before)  12.5   11.0   10.2    9.2    7.4
+#   AMX from 2 rows        12.4   12.3   12.1   11.8   11.5
+#   oneDNN packed (AMX)    11.2   11.3   11.2   11.1   11.1
+# so decode steps of up to 8 rows (a speculative verification of 7 proposals) take it.
+MAX_ROWS = 8
 
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -38,7 +45,23 @@ def _lib() -> ctypes.CDLL | None:
     lib.pinnace_bf16_gemv.restype = None
     lib.pinnace_read_sum.argtypes = [ptr, i64, ctypes.c_int]
     lib.pinnace_read_sum.restype = ctypes.c_float
+    lib.pinnace_bf16_gemv_use_amx.argtypes = [ctypes.c_int]
+    lib.pinnace_bf16_gemv_use_amx.restype = ctypes.c_int
+    lib.pinnace_bf16_gemv_use_amx(int(_amx_cpu()))
     return lib
+
+
+def _amx_cpu() -> bool:
+    return all(flag in build.cpu_flags() for flag in AMX_CPU_FLAGS)
+
+
+def use_amx(on: bool) -> bool:
+    """Lets the kernel use AMX tiles (where the CPU has them and Linux grants their state)
+    or not; returns whether it now does. The default: where available."""
+    lib = _lib()
+    if lib is None:
+        return False
+    return bool(lib.pinnace_bf16_gemv_use_amx(int(on and _amx_cpu())))
 
 
 @functools.cache

@@ -1,10 +1,10 @@
-"""The native bf16 GEMV (runtime/kernels/bf16_gemv.c): against a float64 reference, NaN and
-zero rows, used by PackedLinear for decode rows only, and optional (PINNACE_NATIVE_KERNELS=0
-leaves oneDNN's path)."""
+"""The native bf16 GEMV (runtime/kernels/bf16_gemv.c): against a float64 reference (AMX
+and AVX-512 paths), NaN and zero rows, used by PackedLinear for decode rows only, and
+optional (PINNACE_NATIVE_KERNELS=0 leaves oneDNN's path)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from pinnace.runtime.kernels.bf16_gemv import (
     Gemv,
     bf16_gemv,
     read_bandwidth,
+    use_amx,
 )
 from pinnace.runtime.layers.linear import PackedLinear, can_pack, pack_linears, weight_bytes
 
@@ -26,6 +27,14 @@ pytestmark = pytest.mark.usefixtures("fresh_kernels")
 @pytest.fixture
 def gemv(native_kernel: Callable[..., Gemv]) -> Gemv:
     return native_kernel(bf16_gemv, REQUIRED_CPU_FLAGS)
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def path(request: pytest.FixtureRequest, gemv: Gemv) -> Iterator[str]:
+    """The kernel with AMX allowed (where the CPU has it: 2-16 rows, K % 32 == 0) or not."""
+    use_amx(request.param == "amx")
+    yield request.param
+    use_amx(True)
 
 
 def _problem(rows: int, cols: int, outs: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -50,9 +59,9 @@ def _assert_close_to_float64(
 @pytest.mark.parametrize(
     ("rows", "cols", "outs"),
     [(1, 576, 960), (2, 1536, 576), (3, 100, 7), (4, 64, 1), (5, 576, 33), (8, 1000, 18),
-     (7, 32, 4), (1, 8192, 9)],
+     (7, 32, 4), (1, 8192, 9), (6, 1536, 577), (8, 576, 960), (5, 40, 3), (12, 100, 10)],
 )  # fmt: skip
-def test_matches_float64_reference(gemv: Gemv, rows: int, cols: int, outs: int) -> None:
+def test_matches_float64_reference(gemv: Gemv, path: str, rows: int, cols: int, outs: int) -> None:
     x, w, bias = _problem(rows, cols, outs)
     for b in (bias, None):
         out = gemv(x, w, b)
@@ -60,16 +69,18 @@ def test_matches_float64_reference(gemv: Gemv, rows: int, cols: int, outs: int) 
         _assert_close_to_float64(out, x, w, b)
 
 
-def test_zero_and_nan_rows(gemv: Gemv) -> None:
-    x, w, _ = _problem(3, 576, 64)
+@pytest.mark.parametrize("rows", [3, 6])
+def test_zero_and_nan_rows(gemv: Gemv, path: str, rows: int) -> None:
+    x, w, _ = _problem(rows, 576, 70)  # 70: 4 AMX tiles of 16 weight rows and 6 rows more
     x[1] = 0
     x[2, 5] = float("nan")
     out = gemv(x, w, None)
     assert (out[1] == 0).all() and out[2].isnan().all() and not out[0].isnan().any()
 
 
-def test_threads_give_the_same_result(gemv: Gemv) -> None:
-    x, w, bias = _problem(4, 576, 1000)
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_threads_give_the_same_result(gemv: Gemv, rows: int) -> None:
+    x, w, bias = _problem(rows, 576, 1000)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from pinnace.runtime.kernels.bf16_gemv import MAX_ROWS
 from pinnace.runtime.kernels.int8_gemv import REQUIRED_CPU_FLAGS as INT8_CPU_FLAGS
 from pinnace.runtime.kernels.int8_gemv import int8_gemv
 from pinnace.runtime.kernels.llama_decode import REQUIRED_CPU_FLAGS, llama_decode
@@ -142,6 +143,7 @@ def float64_reference(
         (False, False, [30, 5, 13]),
         (True, False, [9]),
         (True, False, [30, 5, 13]),
+        (True, False, [20, 5, 13, 2, 9, 7, 4, 11]),  # the GEMV's 8 rows (AMX where present)
         (False, True, [9]),
         (True, True, [30, 5]),  # int8: at most the int8 GEMV's 2 rows
     ],
@@ -176,12 +178,18 @@ def test_matches_module_path_and_float64(
     assert math.isfinite(error)
 
 
-def test_several_tokens_of_a_request_attend_causally(native_kernel: Callable[..., Any]) -> None:
-    """A speculative verification (3 tokens after 6 cached) next to a decode row: one kernel
-    row per token, each seeing exactly the tokens before it in the step. The reference is
-    the same kernel fed the tokens one decode step at a time (future slots then still hold
-    the cache's random data, so a token that saw later ones would differ); the module path
-    (SDPA for the 3-token query, another summation order) agrees within bf16 rounding."""
+@pytest.mark.parametrize(
+    ("computed", "query"),
+    [([6, 9], [3, 1]), ([6], [5]), ([5, 2], [6, 2]), ([3], [8])],
+)  # verifications of 2 + a decode row, 4, 5 + 1, 7 proposals: 4, 5, 8, 8 kernel rows
+def test_several_tokens_of_a_request_attend_causally(
+    native_kernel: Callable[..., Any], computed: list[int], query: list[int]
+) -> None:
+    """A speculative verification (e.g. 3 tokens after 6 cached) next to a decode row: one
+    kernel row per token, each seeing exactly the tokens before it in the step. The
+    reference is the same kernel fed the tokens one decode step at a time (future slots
+    then still hold the cache's random data, so a token that saw later ones would differ),
+    and the module path fed them so agrees as decode rows do."""
     native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
     model = tiny_model(bias=True)
     native = NativeLlamaDecode.create(list(model.model.layers), None)
@@ -190,7 +198,6 @@ def test_several_tokens_of_a_request_attend_causally(native_kernel: Callable[...
     backend = CPUDecodeAttentionBackend.create(2)
     assert backend is not None
     order = torch.randperm(NUM_BLOCKS, generator=g).tolist()
-    computed, query = [6, 9], [3, 1]
     tables = [
         [order.pop() for _ in range(-(-(c + q) // BLOCK_SIZE))]
         for c, q in zip(computed, query, strict=True)
@@ -220,7 +227,8 @@ def test_several_tokens_of_a_request_attend_causally(native_kernel: Callable[...
     h0 = torch.randn(len(new), 64, generator=g).bfloat16()
     one_by_one_caches = [c.clone() for c in caches]
     module_caches = [c.clone() for c in caches]
-    meta = step(query, computed, list(range(len(new))), [0, 1])
+    caches0 = [c.clone() for c in caches]
+    meta = step(query, computed, list(range(len(new))), list(range(len(query))))
     got = h0.clone()
     assert native.run(ForwardContext(backend, meta, caches), positions, got)
     for r, (b, p) in enumerate(new):
@@ -230,9 +238,19 @@ def test_several_tokens_of_a_request_attend_causally(native_kernel: Callable[...
         assert torch.equal(row, got[r : r + 1]), f"token {r} (position {p})"
     for c, o in zip(caches, one_by_one_caches, strict=True):
         assert torch.equal(c, o)
-    expected = module_path(model, ForwardContext(backend, meta, module_caches), positions, h0)
-    gap = (got.float() - expected.float()).abs().mean() / expected.float().abs().mean()
-    assert gap < 0.01
+    # The module path fed one decode step at a time: the same roundings (as in the test
+    # above); fed the whole step it attends through SDPA, another summation order.
+    decode_rows = []
+    for r, (b, p) in enumerate(new):
+        ctx = ForwardContext(backend, step([1], [p], [r], [b]), module_caches)
+        decode_rows.append(module_path(model, ctx, positions[r : r + 1], h0[r : r + 1]))
+    expected = torch.cat(decode_rows)
+    ulp = 2.0 ** (torch.floor(torch.log2(expected.float().abs())) - 7)
+    assert ((got.float() - expected.float()).abs() <= 2 * ulp).all()
+    assert (got == expected).float().mean() > 0.95
+    whole = module_path(model, ForwardContext(backend, meta, caches0), positions, h0)
+    gap = (got.float() - whole.float()).abs().mean() / whole.float().abs().mean()
+    assert gap < 0.02
 
 
 def test_only_decode_rows_of_plain_llama_layers(native_kernel: Callable[..., Any]) -> None:
@@ -240,9 +258,11 @@ def test_only_decode_rows_of_plain_llama_layers(native_kernel: Callable[..., Any
     model = tiny_model(bias=False)
     native = NativeLlamaDecode.create(list(model.model.layers), None)
     assert native is not None
-    backend, meta, caches, positions = decode_step([3, 4, 5, 6, 7], 2, 16, seed=0)
-    h = torch.zeros(5, 64, dtype=torch.bfloat16)
-    assert not native.run(ForwardContext(backend, meta, caches), positions, h)  # > MAX_ROWS
+    lens = [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    backend, meta, caches, positions = decode_step(lens, 2, 16, seed=0)
+    h = torch.zeros(len(lens), 64, dtype=torch.bfloat16)
+    assert len(lens) > MAX_ROWS  # the module path's steps (a verification of 8 proposals)
+    assert not native.run(ForwardContext(backend, meta, caches), positions, h)
     assert not native.run(None, positions[:1], h[:1])  # no forward context
     int8_native = NativeLlamaDecode.create(list(tiny_model(False, int8=True).model.layers), None)
     if int8_native is not None:  # where the int8 GEMV is available: at most 2 rows
