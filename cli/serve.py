@@ -150,6 +150,7 @@ def build_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings
         num_threads=args.threads,
         max_logprobs=args.max_logprobs,
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         enable_lora=args.enable_lora,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,

@@ -206,6 +206,13 @@ def _add_compat_flags(later: argparse._ArgumentGroup) -> None:
         "and fp8 checkpoints are detected from config.json",
     )
     later.add_argument(
+        "--quantize-lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8 / fp8: also the LM head and the token embedding (--no-quantize-lm-head "
+        "keeps them in the model dtype, as vLLM does)",
+    )
+    later.add_argument(
         "--kv-cache-dtype", default="auto", help="auto | fp8 (scaled e4m3, half the memory)"
     )
 

@@ -78,7 +78,9 @@ def build_engine_parts(config: EngineConfig, group: ParallelGroup | None = None)
     check_model_split(ckpt.config, config.tensor_parallel_size, config.pipeline_parallel_size)
     draft = _open_draft(config, ckpt)
     dtype = resolve_dtype(config.dtype, ckpt, device)
-    quant = resolve_quantization(config.quantization, ckpt.config, ckpt.format)
+    quant = resolve_quantization(
+        config.quantization, ckpt.config, ckpt.format, config.quantize_lm_head
+    )
     model_max = int(getattr(ckpt.config, "max_position_embeddings", 0) or 2048)
     max_model_len = config.max_model_len or model_max
     lora = LoRASlotsConfig(config.max_loras, config.max_lora_rank) if config.enable_lora else None
@@ -254,7 +256,9 @@ def _build_draft(
     max_positions: int,
 ) -> torch.nn.Module:
     """The draft model in the target's dtype and quantization method (no LoRA)."""
-    quant = resolve_quantization(config.quantization, draft.config, draft.format)
+    quant = resolve_quantization(
+        config.quantization, draft.config, draft.format, config.quantize_lm_head
+    )
     draft_max = int(getattr(draft.config, "max_position_embeddings", 0) or 2048)
     return build_model(draft, dtype, device, max(max_positions, draft_max), quant)
 

@@ -358,11 +358,14 @@ def _quantize_float_layers(
     device: torch.device,
     row_amax: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """int8 / fp8: every linear layer, embedding and expert stack. gguf: the layers stored
+    """int8 / fp8: every linear layer, embedding and expert stack (the LM head and the
+    token embedding only with `quant.lm_head`). gguf: the layers stored
     in a ggml type with no exact 4-bit form (Q8_0, Q5_*, Q6_K), and every quantized expert
     stack, as int8."""
     if quant.quantizes_at_load:
-        quantize_linears(model, quant.method, device, row_amax=row_amax)
+        quantize_linears(
+            model, quant.method, device, row_amax=row_amax, keep_head=not quant.lm_head
+        )
     elif quant.method == "gguf" and ckpt.gguf is not None:
         kept = _gguf_kept_4bit(ckpt.gguf)
         mapping = type(model).packed_modules_mapping  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@
 
 Two kinds of methods:
   * quantized at load (`int8`, `fp8` on a float checkpoint): float weights are read, then
-    every linear layer and the embedding are quantized;
+    every linear layer and the embedding are quantized (the LM head and the embedding stay
+    in the model dtype with `lm_head=False`);
   * stored quantized (`gptq`, `awq`, `fp8` checkpoints, `gguf` blocks kept): the checkpoint's
     codes are loaded as they are, in their own packing.
 
@@ -49,6 +50,9 @@ class Fp8CheckpointConfig:
 class QuantizationConfig:
     method: str  # one of METHODS
     checkpoint: GPTQConfig | AWQConfig | Fp8CheckpointConfig | None = None
+    # int8 / fp8 at load: the LM head and the token embedding too (a tied pair keeps one
+    # copy of the codes); False keeps both in the model dtype, as vLLM keeps lm_head.
+    lm_head: bool = True
 
     @property
     def quantizes_at_load(self) -> bool:
@@ -62,14 +66,20 @@ class QuantizationConfig:
 
 
 def resolve_quantization(
-    requested: str | None, hf_config: Any, checkpoint_format: str
+    requested: str | None, hf_config: Any, checkpoint_format: str, lm_head: bool = True
 ) -> QuantizationConfig | None:
-    """The quantization to run with, or None for plain float weights."""
+    """The quantization to run with, or None for plain float weights. `lm_head` False: int8
+    / fp8 at load leave the LM head and the token embedding in the model dtype."""
     if requested is not None and requested not in METHODS:
         raise ValueError(f"quantization {requested!r} is not one of {', '.join(METHODS)}.")
     stored = _quantization_config_dict(hf_config)
     if stored is not None:
         parsed = parse_checkpoint_quantization(stored)
+        if not lm_head:
+            raise ValueError(
+                f"the checkpoint is already quantized with {parsed.method}; keeping the LM "
+                "head in floats (quantize_lm_head=False) applies to float checkpoints only."
+            )
         if requested not in (None, parsed.method):
             raise ValueError(
                 f"the checkpoint is already quantized with {parsed.method}; it cannot be "
@@ -87,7 +97,7 @@ def resolve_quantization(
         raise ValueError(
             "quantization='gguf' keeps a GGUF file's blocks quantized; this model is not GGUF."
         )
-    return None if requested is None else QuantizationConfig(requested)
+    return None if requested is None else QuantizationConfig(requested, lm_head=lm_head)
 
 
 def _quantization_config_dict(hf_config: Any) -> dict[str, Any] | None:

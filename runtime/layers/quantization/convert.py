@@ -1,9 +1,10 @@
 """Quantize a loaded float model in place: linear layers and embeddings -> int8 / FP8.
 
 Weight-only methods quantize every matmul weight, the LM head and the token embedding
-included (in a small model like SmolLM2-135M the tied embedding is a fifth of the weights).
-A tied head and embedding keep one copy of the codes. Routed experts are quantized too
-(quantization/experts.py), with the same per-row scheme.
+included (in a small model like SmolLM2-135M the tied embedding is a fifth of the weights,
+so a float head would leave batch-1 decode reading 1.2x the bytes); `keep_head` leaves
+those two in floats. A tied head and embedding keep one copy of the codes. Routed experts
+are quantized too (quantization/experts.py), with the same per-row scheme.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pinnace.runtime.layers.quantization.experts import ROW_QUANTIZERS, Quantize
 from pinnace.runtime.layers.quantization.fp8 import Fp8Linear
 from pinnace.runtime.layers.quantization.int8 import Int8Linear, frozen
 
+# The modules `keep_head` leaves in floats, by their last path component.
+HEAD_MODULES = ("lm_head", "embed_tokens")
+
 
 def quantize_linears(
     model: nn.Module,
@@ -26,10 +30,12 @@ def quantize_linears(
     device: torch.device,
     only: set[str] | None = None,
     row_amax: Mapping[str, torch.Tensor] | None = None,
+    keep_head: bool = False,
 ) -> int:
-    """Replace nn.Linear / nn.Embedding modules (those in `only`, or all) by `method`
-    versions on `device`; returns how many modules were replaced. `row_amax`: per linear
-    path, its rows' max |w| over the whole row (a tensor-parallel shard holds part of it)."""
+    """Replace nn.Linear / nn.Embedding modules (those in `only`, or all; never the LM head
+    and the token embedding with `keep_head`) by `method` versions on `device`; returns how
+    many modules were replaced. `row_amax`: per linear path, its rows' max |w| over the
+    whole row (a tensor-parallel shard holds part of it)."""
     if method not in ROW_QUANTIZERS:
         raise ValueError(f"cannot quantize float weights to {method!r}; use int8 or fp8.")
     quantize = ROW_QUANTIZERS[method]
@@ -38,6 +44,8 @@ def quantize_linears(
     count = 0
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Embedding or (only is not None and path not in only):
+            continue
+        if keep_head and _is_head(path):
             continue
         weight = module.weight.detach()
         codes, scale = quantize(weight.to(device))
@@ -48,7 +56,7 @@ def quantize_linears(
     if only is None:
         count += quantize_experts(model, method, device, row_amax=row_amax)
     for path, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear or (keep_head and _is_head(path)):
             continue
         tied = shared.get(id(module.weight))
         if tied is None and only is not None and path not in only:
@@ -99,6 +107,10 @@ def _quantized_linear(
         return Fp8Linear(tied[0], tied[1], bias)
     codes, scale = ROW_QUANTIZERS[method](linear.weight.detach().to(device), amax)
     return Fp8Linear(codes, scale, bias)
+
+
+def _is_head(path: str) -> bool:
+    return path.rpartition(".")[2] in HEAD_MODULES
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

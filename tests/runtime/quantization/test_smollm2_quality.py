@@ -1,7 +1,7 @@
 """The real SmolLM2-135M (GGUF Q4_1): perplexity on a fixed English text and weight memory in
-bfloat16, int8, FP8, and with the file's 4-bit blocks kept 4-bit (quantization="gguf"); the
-engine's bf16 perplexity is bounded by transformers' own bf16 value (+1 %), the others by
-the engine's bf16."""
+bfloat16, int8 (the LM head too, as by default, and kept in bf16), FP8, and with the file's
+4-bit blocks kept 4-bit (quantization="gguf"); the engine's bf16 perplexity is bounded by
+transformers' own bf16 value (+1 %), the others by the engine's bf16."""
 
 from __future__ import annotations
 
@@ -61,17 +61,20 @@ def test_perplexity_and_weight_memory_by_quantization(
     cached = list(smollm2_checkpoint.weights(torch.bfloat16))
     ckpt = dataclasses.replace(smollm2_checkpoint, weights=lambda dtype: iter(cached))
     results: dict[str, tuple[float, int]] = {}
-    for method in (None, "int8", "fp8", "gguf"):
-        quant = resolve_quantization(method, ckpt.config, ckpt.format)
+    for name in ("bf16", "int8", "int8 head bf16", "fp8", "gguf"):
+        method = None if name == "bf16" else name.split()[0]
+        quant = resolve_quantization(method, ckpt.config, ckpt.format, "head" not in name)
         model = build_model(ckpt, torch.bfloat16, torch.device("cpu"), 1024, quant)
-        if method == "int8":  # 30 layers x 4 linears + the tied head; the embedding
+        if name == "int8":  # 30 layers x 4 linears + the tied head; the embedding
             assert _count(model, Int8Linear) == 121 and _count(model, QuantizedEmbedding) == 1
+        if name == "int8 head bf16":
+            assert _count(model, Int8Linear) == 120 and _count(model, QuantizedEmbedding) == 0
         if method == "fp8":
             assert _count(model, Fp8Linear) == 121 and _count(model, QuantizedEmbedding) == 1
         if method == "gguf":  # Q4_1 linears stay 4-bit; the Q8_0 embedding (tied head) int8
             assert _count(model, Int4Linear) == 120 and _count(model, Int8Linear) == 1
         ppl = model_eval.perplexity(model, ckpt.config, ids, torch.bfloat16)
-        results[method or "bf16"] = (ppl, _weight_bytes(model))
+        results[name] = (ppl, _weight_bytes(model))
         del model
     base_ppl, base_bytes = results["bf16"]
     # The absolute bound: transformers' own bf16 model of the same file on the same text.
@@ -84,11 +87,13 @@ def test_perplexity_and_weight_memory_by_quantization(
                  .parameters())  # fmt: skip
     for name, (ppl, size) in results.items():
         print(
-            f"{name:>5}: perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f} %), weights "
+            f"{name:>14}: perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f} %), weights "
             f"{size / 2**20:.1f} MiB ({100 * size / base_bytes:.1f} % of bf16 as loaded, "
             f"{100 * size / (2 * params):.1f} % of 2 bytes x {params / 1e6:.1f} M parameters)"
         )
-    assert results["int8"][0] <= 1.02 * base_ppl
+    # Issue #15: int8 within +1 % of bf16 (+0.96 % measured; +0.11 % with the head in bf16)
+    assert results["int8"][0] <= 1.01 * base_ppl
+    assert results["int8 head bf16"][0] <= results["int8"][0]
     assert results["fp8"][0] <= 1.03 * base_ppl
     assert results["gguf"][0] <= 1.01 * base_ppl  # the same weights, bf16-rounded scales
     # bf16 as loaded keeps the tied embedding twice (the head is repacked for oneDNN); the

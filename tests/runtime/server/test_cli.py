@@ -27,7 +27,7 @@ FLAGS = [
     "--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora",
     "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--grpc-port",
     "--runner", "--convert", "--task", "--pipeline-parallel-size", "--nnodes", "--node-rank",
-    "--master-addr", "--master-port", "--threads",
+    "--master-addr", "--master-port", "--threads", "--no-quantize-lm-head",
 ]  # fmt: skip
 
 
@@ -131,6 +131,15 @@ def test_speculative_config_flag() -> None:
     assert config.speculative is not None
     assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 4)
     assert (config.speculative.prompt_lookup_min, config.speculative.prompt_lookup_max) == (4, 4)
+
+
+def test_quantize_lm_head_flag() -> None:
+    def keeps(*flags: str) -> bool:
+        config, _ = build_config(build_parser().parse_args(["serve", ".", *flags]))
+        return config.quantize_lm_head
+
+    assert keeps("--quantization", "int8")
+    assert not keeps("--quantization", "int8", "--no-quantize-lm-head")
 
 
 def test_threads_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
