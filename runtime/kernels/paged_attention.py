@@ -7,6 +7,10 @@
 q: bfloat16 [B, H, D] (one query per request); k_rows / v_rows: a layer's K and V as
 [num_blocks * Hkv, block_size * D] head-major rows; block_tables: int64 [B, n_blk];
 seq_lens: int64 [B]. Returns bfloat16 [B, H, D].
+
+Where the CPU has AVX-512 BF16 the kernel's vdpbf16ps variant is used (about 2.5x fewer
+instructions per context token, the same float32 arithmetic up to summation order);
+`paged_decode_attention(bf16_dot=False)` is the plain AVX-512 one on any such CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from pinnace.runtime.kernels import build
 
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+BF16_DOT_FLAGS = ("avx512_bf16",)  # for the vdpbf16ps variant
 MAX_GROUP = 16  # query heads per KV head (the kernel's limit)
 MAX_HEAD_DIM = 256
 
@@ -40,10 +45,15 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 
 
 @functools.cache
-def paged_decode_attention() -> Attend | None:
+def paged_decode_attention(bf16_dot: bool = True) -> Attend | None:
+    """The kernel (None where it cannot run); `bf16_dot`: its AVX-512 BF16 variant where
+    the CPU has it."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    dot = bf16_dot and set(BF16_DOT_FLAGS) <= build.cpu_flags()
     fn = build.native_function(
-        "paged_decode_attention", REQUIRED_CPU_FLAGS, "pinnace_paged_decode_bf16",
+        "paged_decode_attention",
+        REQUIRED_CPU_FLAGS + (BF16_DOT_FLAGS if dot else ()),
+        "pinnace_paged_decode_bf16dp" if dot else "pinnace_paged_decode_bf16",
         [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
          ctypes.c_int],
         ctypes.c_int,

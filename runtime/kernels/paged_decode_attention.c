@@ -46,9 +46,19 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Row of the cache holding token t of kv head h (the layout above). */
-static inline int64_t row_of(const int64_t* table, int64_t Hkv, int64_t h, int64_t bs, int64_t t) {
-    return (table[t / bs] * Hkv + h) * bs + t % bs;
+/* off[t] = row_of(t) * D for t in [first, len), walking the blocks: no division per token
+ * (a 64-bit divide per row lookup, four per token, was most of the kernel's time). */
+static inline void fill_offsets(const int64_t* table, int64_t Hkv, int64_t h, int64_t bs,
+                                int64_t D, int64_t first, int64_t len, int64_t* off) {
+    int64_t blk = first / bs, pos = first % bs;
+    int64_t base = (table[blk] * Hkv + h) * bs * D;
+    for (int64_t t = first; t < len; t++) {
+        off[t] = base + pos * D;
+        if (++pos == bs && t + 1 < len) {
+            pos = 0;
+            base = (table[++blk] * Hkv + h) * bs * D;
+        }
+    }
 }
 
 /* out[j] = sum of v[j]'s 16 lanes, for 16 vectors at once: pairs of vectors are added
@@ -87,7 +97,9 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
 
     #pragma omp parallel num_threads(threads)
     {
-        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * stride));
+        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * stride) +
+                                       sizeof(int64_t) * (size_t)stride);
+        int64_t* off = (int64_t*)(scores + G * stride);  /* G * stride is even */
         if (scores == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -97,7 +109,7 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
             if (scores == NULL) continue;
             const int64_t b = task / Hkv, h = task % Hkv, len = seq_lens[b];
             const int64_t first = window > 0 && len > window ? len - window : 0;
-            const int64_t* table = block_tables + b * max_blocks;
+            fill_offsets(block_tables + b * max_blocks, Hkv, h, bs, D, first, len, off);
             __m512 qv[MAX_GROUP][16];
             for (int64_t g = 0; g < G; g++)
                 for (int64_t c = 0; c < chunks; c++)
@@ -110,11 +122,11 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
             for (int64_t t0 = first; t0 < len; t0 += 16) {
                 const int64_t n = len - t0 < 16 ? len - t0 : 16;
                 for (int64_t j = t0 + 16; j < t0 + 32 && j < len; j++) {
-                    const char* next = (const char*)(k_cache + row_of(table, Hkv, h, bs, j) * D);
+                    const char* next = (const char*)(k_cache + off[j]);
                     for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
                 }
                 const uint16_t* rows[16];
-                for (int64_t j = 0; j < n; j++) rows[j] = k_cache + row_of(table, Hkv, h, bs, t0 + j) * D;
+                for (int64_t j = 0; j < n; j++) rows[j] = k_cache + off[t0 + j];
                 const __mmask16 valid = n == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
                 for (int64_t g = 0; g < G; g++) {
                     __m512 acc[16];
@@ -149,10 +161,10 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
                 for (int64_t c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
             for (int64_t t = first; t < len; t++) {
                 if (t + 16 < len) {
-                    const char* next = (const char*)(v_cache + row_of(table, Hkv, h, bs, t + 16) * D);
+                    const char* next = (const char*)(v_cache + off[t + 16]);
                     for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
                 }
-                const uint16_t* v = v_cache + row_of(table, Hkv, h, bs, t) * D;
+                const uint16_t* v = v_cache + off[t];
                 __m512 vv[16];
                 for (int64_t c = 0; c < chunks; c++) vv[c] = load_bf16(v + 16 * c);
                 for (int64_t g = 0; g < G; g++) {
@@ -174,3 +186,134 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
     }
     return failed ? -2 : 0;
 }
+
+/* The same with AVX-512 BF16 (Cooper Lake, Sapphire Rapids and later): a query-key dot
+ * product is vdpbf16ps over 32 bf16 pairs per instruction (bf16 products are exact in
+ * float32, so only the float32 summation order differs from the kernel above), and a V
+ * row is widened to float32 two lanes at a time (even elements by a shift, odd ones by a
+ * mask: dimensions are kept as even/odd halves and put back in order at the end) before
+ * float32 FMAs with the probabilities. About 2.5x fewer instructions per context token;
+ * same arguments, same results up to float32 rounding order. */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+static inline __mmask32 chunk_mask(int64_t D, int64_t c) {  /* bf16 lanes of 32-chunk c */
+    const int64_t left = D - 32 * c;
+    return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
+}
+
+int pinnace_paged_decode_bf16dp(const uint16_t* q, const uint16_t* k_cache,
+                                const uint16_t* v_cache, const int64_t* block_tables,
+                                int64_t max_blocks, const int64_t* seq_lens, int64_t B,
+                                int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                                int64_t window, uint16_t* out, int threads) {
+    if (Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP || D % 16 || D > 256 || bs <= 0) return -1;
+    const int64_t G = H / Hkv, chunks = (D + 31) / 32;
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    const int64_t stride = (longest + 15) & ~(int64_t)15;
+    int failed = 0;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * stride) +
+                                       sizeof(int64_t) * (size_t)stride);
+        int64_t* off = (int64_t*)(scores + G * stride);  /* G * stride is even */
+        if (scores == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * Hkv; task++) {
+            if (scores == NULL) continue;
+            const int64_t b = task / Hkv, h = task % Hkv, len = seq_lens[b];
+            const int64_t first = window > 0 && len > window ? len - window : 0;
+            fill_offsets(block_tables + b * max_blocks, Hkv, h, bs, D, first, len, off);
+            __m512bh qv[MAX_GROUP][8];
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t c = 0; c < chunks; c++)
+                    qv[g][c] = (__m512bh)_mm512_maskz_loadu_epi16(
+                        chunk_mask(D, c), q + (b * H + h * G + g) * D + 32 * c);
+            float best[MAX_GROUP];
+            for (int64_t g = 0; g < G; g++) best[g] = -INFINITY;
+            for (int64_t t0 = first; t0 < len; t0 += 16) {
+                const int64_t n = len - t0 < 16 ? len - t0 : 16;
+                for (int64_t j = t0 + 16; j < t0 + 32 && j < len; j++) {
+                    const char* next = (const char*)(k_cache + off[j]);
+                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+                }
+                const uint16_t* rows[16];
+                for (int64_t j = 0; j < n; j++) rows[j] = k_cache + off[t0 + j];
+                const __mmask16 valid = n == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+                for (int64_t g = 0; g < G; g++) {
+                    __m512 acc[16];
+                    for (int64_t j = 0; j < 16; j++) {
+                        acc[j] = _mm512_setzero_ps();
+                        if (j >= n) continue;
+                        for (int64_t c = 0; c < chunks; c++)
+                            acc[j] = _mm512_dpbf16_ps(
+                                acc[j], qv[g][c],
+                                (__m512bh)_mm512_maskz_loadu_epi16(chunk_mask(D, c), rows[j] + 32 * c));
+                    }
+                    const __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+                    _mm512_mask_storeu_ps(scores + g * stride + t0, valid, s);
+                    const float m = _mm512_mask_reduce_max_ps(valid, s);
+                    best[g] = m > best[g] ? m : best[g];
+                }
+            }
+            float total[MAX_GROUP];
+            for (int64_t g = 0; g < G; g++) {
+                float* row = scores + g * stride;
+                __m512 sum = _mm512_setzero_ps();
+                const __m512 mx = _mm512_set1_ps(best[g]);
+                for (int64_t t = first; t < len; t += 16) {
+                    const __mmask16 m = len - t >= 16 ? (__mmask16)0xffff
+                                                      : (__mmask16)((1u << (len - t)) - 1);
+                    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), mx));
+                    _mm512_mask_storeu_ps(row + t, m, e);
+                    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+                }
+                total[g] = _mm512_reduce_add_ps(sum);
+            }
+            /* acc[g][2c] lane i: dimension 32c + 2i; acc[g][2c + 1] lane i: 32c + 2i + 1 */
+            __m512 acc[MAX_GROUP][16];
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t c = 0; c < 2 * chunks; c++) acc[g][c] = _mm512_setzero_ps();
+            const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+            for (int64_t t = first; t < len; t++) {
+                if (t + 16 < len) {
+                    const char* next = (const char*)(v_cache + off[t + 16]);
+                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+                }
+                const uint16_t* v = v_cache + off[t];
+                __m512 vv[16];
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m512i x = _mm512_maskz_loadu_epi16(chunk_mask(D, c), v + 32 * c);
+                    vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                    vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 p = _mm512_set1_ps(scores[g * stride + t]);
+                    for (int64_t c = 0; c < 2 * chunks; c++)
+                        acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float even[16], odd[16];
+                const __m512 inv = _mm512_set1_ps(1.0f / total[g]);
+                uint16_t* o = out + (b * H + h * G + g) * D;
+                for (int64_t c = 0; c < chunks; c++) {
+                    _mm512_storeu_ps(even, _mm512_mul_ps(acc[g][2 * c], inv));
+                    _mm512_storeu_ps(odd, _mm512_mul_ps(acc[g][2 * c + 1], inv));
+                    for (int i = 0; i < 16 && 32 * c + 2 * i < D; i++) {
+                        o[32 * c + 2 * i] = to_bf16(even[i]);
+                        o[32 * c + 2 * i + 1] = to_bf16(odd[i]);
+                    }
+                }
+            }
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}
+#pragma GCC pop_options

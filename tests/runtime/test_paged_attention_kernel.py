@@ -1,5 +1,6 @@
 """The native paged decode attention (runtime/kernels/paged_decode_attention.c) against a
-float64 reference on scattered blocks, and inside the torch backend against its matmul path."""
+float64 reference on scattered blocks, and inside the torch backend against its matmul path;
+both variants (AVX-512 BF16 dot products, plain AVX-512)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from pinnace.runtime.kernels import build
 from pinnace.runtime.kernels.paged_attention import (
+    BF16_DOT_FLAGS,
     REQUIRED_CPU_FLAGS,
     Attend,
     paged_decode_attention,
@@ -20,9 +23,18 @@ from pinnace.runtime.layers.attention.torch_backend import TorchAttentionBackend
 pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
 
-@pytest.fixture
-def attend(native_kernel: Callable[..., Attend]) -> Attend:
-    return native_kernel(paged_decode_attention, REQUIRED_CPU_FLAGS)
+@pytest.fixture(params=[True, False], ids=["bf16_dot", "avx512"])
+def attend(request: pytest.FixtureRequest, native_kernel: Callable[..., Attend]) -> Attend:
+    dot: bool = request.param
+    flags = REQUIRED_CPU_FLAGS + (BF16_DOT_FLAGS if dot else ())
+
+    def lookup() -> Attend | None:
+        # None (a skip naming the missing flag) rather than the plain variant again.
+        if dot and not set(BF16_DOT_FLAGS) <= build.cpu_flags():
+            return None
+        return paged_decode_attention(bf16_dot=dot)
+
+    return native_kernel(lookup, flags)
 
 
 def _paged_problem(
@@ -75,6 +87,7 @@ CASES = pytest.mark.parametrize(
         ([100, 17, 1, 64], 9, 3, 64, None),
         ([40, 33], 4, 4, 128, None),  # no grouping, Qwen3's head size
         ([70, 5], 16, 2, 16, 8),  # group of 8, sliding window shorter than one sequence
+        ([200, 129, 31], 6, 3, 80, None),  # a 16-wide tail past whole 32-lane chunks
     ],
 )
 
