@@ -3,6 +3,7 @@ batch size, and the summary is written as JSON; unset, the profile is a null obj
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,21 @@ def test_unset_is_a_null_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     prof = step_profile.profile("core")
     assert not prof.enabled and not isinstance(prof, StepProfile)
     assert step_profile.profile("core") is prof
+
+
+def test_garbage_collections_are_timed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(step_profile.ENV, str(tmp_path))
+    monkeypatch.setattr(step_profile, "_profiles", {})
+    prof = step_profile.profile("frontend")
+    assert isinstance(prof, StepProfile)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(prof.on_gc)
+    prof.dump()  # (and not at exit)
+    (path,) = tmp_path.glob("frontend-*.json")
+    gc2 = json.loads(path.read_text())["phases"]["gc2"]
+    assert gc2["n"] == 1 and gc2["total"] > 0
 
 
 def test_engine_steps_are_timed_by_phase_and_batch(
