@@ -24,6 +24,10 @@ from pinnace.runtime.kernels import build
 logger = logging.getLogger(__name__)
 
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# Rows per oneDNN call. A prefill chunk in one call writes (and `combine` reads back) a
+# float32 [2 x rows, N] product far larger than the caches: SmolLM2's layer set at 2048 rows
+# (1 thread) took 43 ms in one call, 21.5 ms in 512-row calls (bf16: 15 ms).
+CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class DigitsMatmul:
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        out = torch.empty(x.shape[0], scale.shape[0], dtype=torch.bfloat16)
+        # Each row's digits, scale and integer sums are its own: chunks change no output.
+        for start in range(0, x.shape[0], CHUNK_ROWS):
+            self._rows(x[start : start + CHUNK_ROWS], packed, scale, out[start:])
+        return out
+
+    def _rows(
+        self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """out[:len(x)] = x @ (scale codes)^T; x and out contiguous row ranges."""
         rows, cols = x.shape
         threads = torch.get_num_threads()
         digits = torch.empty(2 * rows, cols, dtype=torch.int8)
@@ -48,11 +62,9 @@ class DigitsMatmul:
         acc = torch.ops.onednn.qlinear_pointwise.default(
             digits, 1.0, 0, packed, scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
         )
-        out = torch.empty(rows, acc.shape[1], dtype=torch.bfloat16)
         self.combine(
             acc.data_ptr(), rows, acc.shape[1], x_scale.data_ptr(), out.data_ptr(), threads
         )
-        return out
 
 
 @functools.cache

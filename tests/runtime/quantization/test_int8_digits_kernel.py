@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from pinnace.runtime.kernels import int8_digits
 from pinnace.runtime.kernels.int8_digits import REQUIRED_CPU_FLAGS, DigitsMatmul, int8_digits_matmul
 from pinnace.runtime.layers.linear import weight_bytes
 from pinnace.runtime.layers.quantization.int8 import KERNEL_MAX_ROWS, Int8Linear, quantize_int8
@@ -49,6 +50,15 @@ def test_matches_float64_reference(matmul: DigitsMatmul, rows: int, cols: int, o
     out = matmul(x, matmul.pack(codes), scale)
     assert out.shape == (rows, outs) and out.dtype == torch.bfloat16
     _assert_close(out, x, codes, scale)
+
+
+def test_row_chunks_change_no_output(matmul: DigitsMatmul, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, codes, scale = _problem(45, 576, 96)
+    packed = matmul.pack(codes)
+    whole = matmul(x, packed, scale)
+    monkeypatch.setattr(int8_digits, "CHUNK_ROWS", 16)  # 16 + 16 + 13 rows
+    assert torch.equal(matmul(x, packed, scale), whole)
+    _assert_close(whole, x, codes, scale)
 
 
 def test_outliers_zero_and_nan_rows(matmul: DigitsMatmul) -> None:
