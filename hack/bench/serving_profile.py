@@ -3,7 +3,8 @@ had every Pinnace process write: DIR/<engine>/<role>-<pid>.json -> one condensed
 
 Per engine and role (core, frontend, offline): CPU seconds per wall second of the
 process, and per phase the count, total seconds and p50 / p90 in milliseconds; the core's
-execute time by batch size (bins of sizes, steps with a prompt in them apart).
+execute time by batch size (bins of sizes, steps with a prompt in them apart) and by the
+tokens a step ran (bins of 16: the CPU matmuls' row blocks, where a step's cost jumps).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def condense(raw: dict[str, Any]) -> dict[str, Any]:
             "p90": round(s["p90"] * scale, 3),
         }
     return {"cpu_per_wall": round(raw["cpu_per_wall"], 3), "wall_s": round(raw["wall_s"], 1),
-            "phases": phases, "execute_ms_by_batch": by_batch(raw["execute_by_batch"])}  # fmt: skip
+            "phases": phases, "execute_ms_by_batch": by_batch(raw["execute_by_batch"]),
+            "execute_ms_by_tokens": by_tokens(raw.get("execute_by_tokens", {}))}  # fmt: skip
 
 
 def by_batch(steps: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -54,3 +56,14 @@ def by_batch(steps: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         acc[0] += s["total"]
         acc[1] += s["n"]
     return {k: {"n": int(n), "mean_ms": round(1000 * t / n, 2)} for k, (t, n) in sums.items()}
+
+
+def by_tokens(steps: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean execute ms and step count per bin of 16 tokens run (1-16, 17-32, ...)."""
+    sums: dict[int, list[float]] = {}
+    for key, s in steps.items():
+        acc = sums.setdefault((int(key) - 1) // 16, [0.0, 0.0])
+        acc[0] += s["total"]
+        acc[1] += s["n"]
+    return {f"{16 * b + 1}-{16 * b + 16}": {"n": int(n), "mean_ms": round(1000 * t / n, 2)}
+            for b, (t, n) in sorted(sums.items())}  # fmt: skip

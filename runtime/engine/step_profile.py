@@ -7,7 +7,8 @@ offline `LLM`) times its phases and writes one JSON summary there when it stops:
                encode, send (and send_cpu, the thread's CPU time in it: on a busy
                machine waking ZeroMQ's I/O thread can cost the core its CPU for a
                scheduler slice); each step's execute time by batch size, with or without a
-               prompt in it; how long a request waited from arrival to its first step
+               prompt in it, and by the tokens it ran; how long a request waited from
+               arrival to its first step
     front end  decode, process (detokenize, stop strings), deliver, sse (building chunks);
                a request's arrival -> first step -> first token delivered, and (streamed
                completions) from the route taking the request to its first text chunk
@@ -90,6 +91,9 @@ class StepProfile(NullProfile):
         self.phases: dict[str, Samples] = defaultdict(Samples)
         # execute seconds by (batch size, has a prompt in it)
         self.steps: dict[tuple[int, bool], Samples] = defaultdict(Samples)
+        # and by the tokens (rows) it ran: CPU matmuls cost by row blocks (AMX tiles are
+        # 16 rows), so 17 decodes can cost more over 16 than 16 over 8
+        self.steps_by_tokens: dict[int, Samples] = defaultdict(Samples)
         self.wall0 = time.perf_counter()
         self.cpu0 = time.process_time()
         self._t = self.wall0
@@ -127,6 +131,7 @@ class StepProfile(NullProfile):
 
     def step(self, num_reqs: int, num_tokens: int, has_prompt: bool, seconds: float) -> None:
         self.steps[(num_reqs, has_prompt)].append(seconds)
+        self.steps_by_tokens[num_tokens].append(seconds)
         self.phases["step_tokens"].append(float(num_tokens))
 
     def summary(self) -> dict[str, Any]:
@@ -137,9 +142,10 @@ class StepProfile(NullProfile):
             f"{n}{'+prompt' if prompt else ''}": _stats(v)
             for (n, prompt), v in sorted(self.steps.items())
         }
+        by_tokens = {str(n): _stats(v) for n, v in sorted(self.steps_by_tokens.items())}
         return {"role": self.role, "pid": os.getpid(), "wall_s": wall, "cpu_s": cpu,
                 "cpu_per_wall": cpu / max(wall, 1e-9), "phases": phases,
-                "execute_by_batch": steps}  # fmt: skip
+                "execute_by_batch": steps, "execute_by_tokens": by_tokens}  # fmt: skip
 
     def dump(self) -> None:
         if self._dumped or not self.phases:

@@ -55,6 +55,8 @@ def test_engine_steps_are_timed_by_phase_and_batch(
         assert phases[name]["n"] == 5, name
     assert summary["execute_by_batch"]["2+prompt"]["n"] == 1
     assert summary["execute_by_batch"]["2"]["n"] == 4
+    by_tokens = summary["execute_by_tokens"]
+    assert by_tokens["2"]["n"] == 4 and sum(s["n"] for s in by_tokens.values()) == 5
     tokenizer = llm.get_tokenizer()
     num_prompt = len(tokenizer.encode("Hello there")) + len(tokenizer.encode("One two three"))
     assert phases["step_tokens"]["total"] == num_prompt + 2 * 4
