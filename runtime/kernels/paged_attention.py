@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -99,3 +100,98 @@ def paged_decode_attention(bf16_dot: bool = True) -> Attend | None:
         return out
 
     return attend
+
+
+class RopeAttend(Protocol):
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_rows: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        block_size: int,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor: ...
+
+
+def rope_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    return supports(num_heads, num_kv_heads, head_dim) and head_dim % 32 == 0
+
+
+@functools.cache
+def rope_decode_attention() -> RopeAttend | None:
+    """A decode layer from its qkv projection on, in one call: rotary on q and k (bit-equal
+    to RotaryEmbedding.rotate), k/v written to the cache, then the kernel's BF16 variant;
+    None where that variant is unavailable.
+
+        out = rope_attend(qkv, positions, cos, sin, write_rows, k_rows, v_rows,
+                          block_tables, seq_lens, num_heads, num_kv_heads, block_size,
+                          scale, window)
+
+    qkv: bfloat16 [B, >= (H + 2 Hkv) * D] rows (unit stride within a row), q | k | v of
+    one token per request; positions: int64 [B] rows of cos / sin (float32 [P, D], HF's
+    unsigned sin); write_rows: int64 [B * Hkv], the torch backend's rows of the
+    [slots * Hkv, D] cache view. Returns bfloat16 [B, H, D].
+    """
+    if not set(BF16_DOT_FLAGS) <= build.cpu_flags():
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = build.native_function(
+        "paged_decode_attention", REQUIRED_CPU_FLAGS + BF16_DOT_FLAGS,
+        "pinnace_rope_decode_bf16dp",
+        [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
+         ctypes.c_float, i64, ptr, ctypes.c_int],
+        ctypes.c_int,
+    )  # fmt: skip
+    if fn is None:
+        return None
+
+    def rope_attend(
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_rows: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        block_size: int,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        batch, head_dim = qkv.shape[0], cos.shape[-1]
+        if (
+            qkv.stride(1) != 1
+            or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
+            or not (cos.is_contiguous() and sin.is_contiguous())
+            or cos.dtype != torch.float32
+            or sin.dtype != torch.float32
+        ):
+            raise ValueError("rope decode kernel: unsupported qkv or tables")
+        q_out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype)
+        out = torch.empty_like(q_out)
+        status = fn(
+            qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            write_rows.data_ptr(), q_out.data_ptr(), k_rows.data_ptr(), v_rows.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), batch,
+            num_heads, num_kv_heads, head_dim, block_size, scale, window or 0, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -1:
+            raise ValueError(f"rope decode kernel: unsupported shape {tuple(q_out.shape)}")
+        if status != 0:
+            raise MemoryError("rope decode kernel could not allocate its scratch buffer")
+        return out
+
+    return rope_attend

@@ -202,11 +202,73 @@ static inline __mmask32 chunk_mask(int64_t D, int64_t c) {  /* bf16 lanes of 32-
     return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
 }
 
-int pinnace_paged_decode_bf16dp(const uint16_t* q, const uint16_t* k_cache,
-                                const uint16_t* v_cache, const int64_t* block_tables,
-                                int64_t max_blocks, const int64_t* seq_lens, int64_t B,
-                                int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
-                                int64_t window, uint16_t* out, int threads) {
+/* float32 -> the nearest bfloat16, kept as a float32 (low 16 bits zero); NaN stays NaN. */
+static inline __m512 round_bf16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), u,
+                             _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+static inline __m512 widen16(const uint16_t* p) { return load_bf16(p); }
+
+static inline void store16_bf16(uint16_t* p, __m512 rounded) {  /* round_bf16's output */
+    _mm256_storeu_si256((__m256i*)p,
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+/* The rotary embedding and the K/V write of one decode token, before attention reads:
+ * the same bf16 roundings as RotaryEmbedding.rotate (cos and sin rounded to bf16, then
+ * x * cos and roll(x, D / 2) * signed_sin each rounded, then their sum), so its q and k
+ * are bit-identical to the PyTorch path's. */
+typedef struct {
+    const uint16_t* qkv;       /* [T, >= (H + 2 Hkv) D] q | k | v of each token, pre-rotary */
+    int64_t qkv_stride;        /* elements between tokens */
+    const int64_t* positions;  /* [T] rows of the tables */
+    const float* cos;          /* [positions, D] float32 */
+    const float* sin;          /* [positions, D] float32, unsigned (HF's) */
+    const int64_t* write_rows; /* [T * Hkv] row of the [slots * Hkv, D] cache view */
+    uint16_t* q_out;           /* [T, H, D] rotated queries */
+} rope_args;
+
+static void rope_write_token(const rope_args* a, int64_t t, int64_t H, int64_t Hkv, int64_t D,
+                             uint16_t* k_cache, uint16_t* v_cache) {
+    const int64_t half = D / 2, pos = a->positions[t];
+    __m512 cs[16], sn[16];  /* D <= 256 */
+    for (int64_t c = 0; c < D / 16; c++) {
+        cs[c] = round_bf16(_mm512_loadu_ps(a->cos + pos * D + 16 * c));
+        __m512 s = round_bf16(_mm512_loadu_ps(a->sin + pos * D + 16 * c));
+        /* rotate_half's sign folded into sin: the first half negated (exact) */
+        if (16 * c < half) s = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(s), _mm512_set1_epi32((int)0x80000000u)));
+        sn[c] = s;
+    }
+    const uint16_t* row = a->qkv + t * a->qkv_stride;
+    for (int64_t j = 0; j < H + Hkv; j++) {
+        const uint16_t* x = row + j * D;
+        uint16_t rolled[256];  /* roll(x, D / 2): the second half, then the first */
+        for (int64_t d = 0; d < half; d++) { rolled[d] = x[d + half]; rolled[d + half] = x[d]; }
+        uint16_t* dst = j < H ? a->q_out + (t * H + j) * D
+                              : k_cache + a->write_rows[t * Hkv + j - H] * D;
+        for (int64_t c = 0; c < D / 16; c++) {
+            const __m512 p = round_bf16(_mm512_mul_ps(widen16(x + 16 * c), cs[c]));
+            const __m512 r = round_bf16(_mm512_mul_ps(widen16(rolled + 16 * c), sn[c]));
+            store16_bf16(dst + 16 * c, round_bf16(_mm512_add_ps(p, r)));
+        }
+    }
+    for (int64_t h = 0; h < Hkv; h++) {
+        const uint16_t* v = row + (H + Hkv + h) * D;
+        uint16_t* dst = v_cache + a->write_rows[t * Hkv + h] * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = v[d];
+    }
+}
+
+static int decode_dp(const rope_args* rope, const uint16_t* q, uint16_t* k_cache,
+                     uint16_t* v_cache, const int64_t* block_tables, int64_t max_blocks,
+                     const int64_t* seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                     int64_t bs, float scale, int64_t window, uint16_t* out, int threads) {
     if (Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP || D % 16 || D > 256 || bs <= 0) return -1;
     const int64_t G = H / Hkv, chunks = (D + 31) / 32;
     int64_t longest = 1;
@@ -222,6 +284,10 @@ int pinnace_paged_decode_bf16dp(const uint16_t* q, const uint16_t* k_cache,
         if (scores == NULL) {
             #pragma omp atomic write
             failed = 1;
+        }
+        if (rope != NULL) {  /* every token's K/V written before any task reads */
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < B; t++) rope_write_token(rope, t, H, Hkv, D, k_cache, v_cache);
         }
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * Hkv; task++) {
@@ -315,5 +381,32 @@ int pinnace_paged_decode_bf16dp(const uint16_t* q, const uint16_t* k_cache,
         free(scores);
     }
     return failed ? -2 : 0;
+}
+
+int pinnace_paged_decode_bf16dp(const uint16_t* q, const uint16_t* k_cache,
+                                const uint16_t* v_cache, const int64_t* block_tables,
+                                int64_t max_blocks, const int64_t* seq_lens, int64_t B,
+                                int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                                int64_t window, uint16_t* out, int threads) {
+    return decode_dp(NULL, q, (uint16_t*)k_cache, (uint16_t*)v_cache, block_tables, max_blocks,
+                     seq_lens, B, H, Hkv, D, bs, scale, window, out, threads);
+}
+
+/* One decode layer's attention from the qkv projection on: rotary on q and k, k and v
+ * written to the cache rows, then the kernel above, in one parallel region (the PyTorch
+ * path is some ten ops, each its own dispatch and parallel region). q_out: [B, H, D]
+ * scratch for the rotated queries. D must be a multiple of 32 (rotary halves of whole
+ * 16-lane vectors); -1 otherwise. */
+int pinnace_rope_decode_bf16dp(const uint16_t* qkv, int64_t qkv_stride, const int64_t* positions,
+                               const float* cos, const float* sin, const int64_t* write_rows,
+                               uint16_t* q_out, uint16_t* k_cache, uint16_t* v_cache,
+                               const int64_t* block_tables, int64_t max_blocks,
+                               const int64_t* seq_lens, int64_t B, int64_t H, int64_t Hkv,
+                               int64_t D, int64_t bs, float scale, int64_t window,
+                               uint16_t* out, int threads) {
+    if (D % 32) return -1;
+    const rope_args rope = {qkv, qkv_stride, positions, cos, sin, write_rows, q_out};
+    return decode_dp(&rope, q_out, k_cache, v_cache, block_tables, max_blocks, seq_lens, B, H,
+                     Hkv, D, bs, scale, window, out, threads);
 }
 #pragma GCC pop_options

@@ -73,6 +73,11 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, kv_heads, self.head_dim))  # [T, Hkv, D]
             q, k = self.rotary[0](positions, q, k)
         else:
+            # A backend that fuses rotary, the K/V write and decode attention (CPU, bf16).
+            rotary = self.rotary[0]
+            fused = self.attn.rope_forward(positions, qkv, rotary.cos, rotary.sin)
+            if fused is not None:
+                return self.o_proj(fused)
             # q and k side by side are [T, H + Hkv, D]: one rotation for both.
             qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, -1)
             q, k = self.rotary[0].rotate(positions, qk).split([heads, kv_heads], dim=1)

@@ -8,17 +8,22 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from pinnace.runtime.kernels import build
 from pinnace.runtime.kernels.paged_attention import (
     BF16_DOT_FLAGS,
     REQUIRED_CPU_FLAGS,
     Attend,
+    RopeAttend,
     paged_decode_attention,
+    rope_decode_attention,
 )
 from pinnace.runtime.layers.attention import AttentionBackend, BatchLayout
 from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
+from pinnace.runtime.layers.attention.fp8_kv import write_kv
 from pinnace.runtime.layers.attention.torch_backend import TorchAttentionBackend
+from pinnace.runtime.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.usefixtures("fresh_kernels")
 
@@ -242,3 +247,55 @@ def test_mixed_step_float32_is_the_unsplit_path(attend: Attend) -> None:
     rows = split.other_rows
     alone = native._attend(q[rows], written, split.other, dim**-0.5, 4, None)
     torch.testing.assert_close(alone, outs[1][rows], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "heads", "kv_heads", "dim", "window"),
+    [([100, 17, 1, 64], 9, 3, 64, None), ([40, 33, 90], 4, 4, 128, 32)],
+)
+def test_rope_decode_equals_rotate_write_then_attend(
+    native_kernel: Callable[..., RopeAttend],
+    seq_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    window: int | None,
+) -> None:
+    """The fused call's q/k are RotaryEmbedding.rotate's bit for bit: the cache it leaves
+    equals the PyTorch write of the rotated k and v, and its output the kernel's on the
+    rotated q (itself checked against float64 above). qkv is a strided view."""
+    rope_attend = native_kernel(rope_decode_attention, REQUIRED_CPU_FLAGS + BF16_DOT_FLAGS)
+    bs = 16
+    _, cache, tables = _paged_problem(seq_lens, heads, kv_heads, dim, bs, seed=5)
+    batch, width = len(seq_lens), (heads + 2 * kv_heads) * dim
+    g = torch.Generator().manual_seed(9)
+    qkv = (torch.randn(batch, width + 48, generator=g) * 3).bfloat16()[:, :width]
+    positions = torch.tensor(seq_lens) - 1
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, head_dim=dim)
+    rotary = RotaryEmbedding(config, dim, max_positions=128)
+    slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(seq_lens)]
+    write_rows = torch.tensor(
+        [((s // bs) * kv_heads + h) * bs + s % bs for s in slots for h in range(kv_heads)]
+    )
+    lens, scale = torch.tensor(seq_lens), dim**-0.5
+
+    fused_cache = cache.clone()
+    out = rope_attend(
+        qkv, positions, rotary.cos, rotary.sin, write_rows, fused_cache[0], fused_cache[1],
+        tables, lens, heads, kv_heads, bs, scale, window,
+    )  # fmt: skip
+
+    qk = rotary.rotate(positions, qkv[:, : (heads + kv_heads) * dim].reshape(batch, -1, dim))
+    q_rot, k_rot = qk.split([heads, kv_heads], dim=1)
+    v = qkv[:, (heads + kv_heads) * dim :].reshape(-1, dim)
+    expected_cache = cache.clone()
+    write_kv(expected_cache[0].view(-1, dim), write_rows, k_rot.reshape(-1, dim))
+    write_kv(expected_cache[1].view(-1, dim), write_rows, v)
+    assert not torch.equal(expected_cache, cache)
+    assert torch.equal(fused_cache, expected_cache)
+    attend = paged_decode_attention(bf16_dot=True)
+    assert attend is not None
+    expected = attend(
+        q_rot, expected_cache[0], expected_cache[1], tables, lens, kv_heads, bs, scale, window
+    )
+    assert torch.equal(out, expected)

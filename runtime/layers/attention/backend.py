@@ -129,3 +129,19 @@ class AttentionBackend(ABC):
         softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap)
     ) -> torch.Tensor:  # [T, H, D]
         ...
+
+    def rope_decode(
+        self,
+        qkv: torch.Tensor,  # [T, (H + 2 * Hkv) * D] q | k | v, before rotary
+        positions: torch.Tensor,  # [T] int64 rows of cos / sin
+        cos: torch.Tensor,  # [P, D] float32 (RotaryEmbedding's tables)
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+        num_heads: int,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor | None:  # [T, H, D]
+        """Rotary, K/V write and attention of a decode step in one fused call, where this
+        backend has one for the step (else None: the caller rotates and calls forward)."""
+        return None

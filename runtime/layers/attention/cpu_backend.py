@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pinnace.runtime.kernels.paged_attention import Attend, paged_decode_attention, supports
+from pinnace.runtime.kernels.paged_attention import (
+    Attend,
+    RopeAttend,
+    paged_decode_attention,
+    rope_decode_attention,
+    rope_supports,
+    supports,
+)
 from pinnace.runtime.layers.attention.backend import BatchLayout
 from pinnace.runtime.layers.attention.fp8_kv import write_kv
 from pinnace.runtime.layers.attention.torch_backend import (
@@ -86,16 +93,59 @@ class CPUMetadataBuilder(TorchMetadataBuilder):
 class CPUDecodeAttentionBackend(TorchAttentionBackend):
     name = "torch+cpu-decode"
 
-    def __init__(self, num_kv_heads: int, native: Attend, split_mixed: bool = True) -> None:
+    def __init__(
+        self,
+        num_kv_heads: int,
+        native: Attend,
+        split_mixed: bool = True,
+        rope_native: RopeAttend | None = None,
+    ) -> None:
         super().__init__(num_kv_heads)
         self.native = native
+        self.rope_native = rope_native
         self.builder = CPUMetadataBuilder(num_kv_heads, split_mixed)
 
     @classmethod
     def create(cls, num_kv_heads: int) -> CPUDecodeAttentionBackend | None:
         """The backend, or None where the kernel does not build (no AVX-512, no compiler)."""
         native = paged_decode_attention()
-        return None if native is None else cls(num_kv_heads, native)
+        if native is None:
+            return None
+        return cls(num_kv_heads, native, rope_native=rope_decode_attention())
+
+    def rope_decode(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        num_heads: int,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor | None:
+        """Decode-only bf16 steps: rotary + K/V write + attention in one native call (about
+        ten PyTorch ops and their dispatch per layer otherwise); bit-equal q/k and cache."""
+        head_dim = cos.shape[-1]
+        if (
+            self.rope_native is None
+            or not metadata.is_decode
+            or qkv.device.type != "cpu"
+            or qkv.dtype != torch.bfloat16
+            or kv_cache.dtype != torch.bfloat16
+            or cos.dtype != torch.float32
+            or not rope_supports(num_heads, self.num_kv_heads, head_dim)
+            or positions.dtype != torch.int64
+            or not positions.is_contiguous()
+        ):
+            return None
+        rows = kv_cache.view(2, -1, metadata.block_size * head_dim)
+        return self.rope_native(
+            qkv, positions, cos, sin, metadata.write_rows, rows[0], rows[1],
+            metadata.block_tables, metadata.seq_lens, num_heads, self.num_kv_heads,
+            metadata.block_size, scale, sliding_window,
+        )  # fmt: skip
 
     def forward(
         self,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pinnace.runtime.layers.attention.backend import AttentionSpec, LayerParams
-from pinnace.runtime.layers.forward_context import get_forward_context
+from pinnace.runtime.layers.forward_context import current_rope_offsets, get_forward_context
 
 
 class Attention(nn.Module):
@@ -41,6 +41,28 @@ class Attention(nn.Module):
             self.softcap,
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def rope_forward(
+        self, positions: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor | None:
+        """forward() of q and k rotated by RotaryEmbedding.rotate, from the unrotated qkv
+        projection [T, (H + 2 * Hkv) * D], where the step's backend fuses it (None: the
+        caller rotates and calls forward). cos / sin: the rotary's float32 tables."""
+        if self.softcap is not None or current_rope_offsets() is not None:
+            return None
+        ctx = get_forward_context()
+        out = ctx.backend.rope_decode(
+            qkv,
+            positions,
+            cos,
+            sin,
+            ctx.kv_caches[self.layer_idx],
+            ctx.attn_metadata,
+            self.num_heads,
+            self.scale,
+            self.sliding_window,
+        )
+        return None if out is None else out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
 
 
 def attention_spec(
