@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pinnace.runtime import LLM, SamplingParams
-from pinnace.runtime.worker.sampler import Sampler, SamplingRow, _top_k_top_p
+from pinnace.runtime.worker.sampler import Sampler, SamplingRow, _top_k_top_p, row_argmax
 
 CPU = torch.device("cpu")
 EOS = 2
@@ -277,3 +277,16 @@ def test_seeded_text_survives_preemption(llm, make_tiny_model):
     roomy = llm.generate(prompts, params, use_tqdm=False)
     assert llm.llm_engine.stats().num_preemptions == 0
     assert token_ids(crowded) == token_ids(roomy)
+
+
+def test_row_argmax_is_argmax_with_ties_and_nan() -> None:
+    """Greedy's row_argmax (max(dim=-1).indices) picks argmax's index: the first of tied
+    maxima, and a NaN's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 4, (64, 300), generator=g).float()  # many ties per row
+    x[3, 10] = float("nan")
+    x[5, 7] = x[5, 200] = 99.0
+    got = row_argmax(x)
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert int(got[3]) == 10 and int(got[5]) == 7
+    assert torch.equal(row_argmax(x.bfloat16()), x.bfloat16().argmax(dim=-1))
