@@ -32,6 +32,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -133,7 +134,7 @@ static inline __attribute__((always_inline)) void block(
 #define AMX_ROWS 16     /* weight rows per tile */
 #define AMX_TILES 4     /* C tiles per block: 64 weight rows */
 #define AMX_MAX 16      /* the most activation rows (tile B's and C's 16 x 4-byte columns) */
-#define AMX_MAX_K 8192  /* the activations' copy lives on the stack: at most 256 KiB */
+#define AMX_STACK_X 16384  /* activation elements copied on the stack; more: malloc */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -165,12 +166,19 @@ static void amx_configure(int64_t M) {
     _tile_loadconfig(&c);
 }
 
-/* Sums (tile C stored as [16][M] float32) + bias -> y[m, n0 + i], bf16. */
+/* Sums (tile C stored as [16][M] float32) + bias -> y[m, n0 .. n0 + 15], bf16: per
+ * activation row one gather of its column, one rounding (nearest even) and a 32-byte store. */
 static inline void amx_write(const float* c, int64_t M, const uint16_t* bias, int64_t N,
                              int64_t n0, uint16_t* y) {
-    for (int i = 0; i < AMX_ROWS; i++) {
-        const float b = bias != NULL ? from_bf16(bias[n0 + i]) : 0.f;
-        for (int64_t m = 0; m < M; m++) y[m * N + n0 + i] = to_bf16(c[i * M + m] + b);
+    const __m512 b = bias != NULL ? _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(bias + n0))), 16))
+                                  : _mm512_setzero_ps();
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)M));
+    for (int64_t m = 0; m < M; m++) {
+        const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, c + m, 4), b);
+        _mm256_storeu_si256((__m256i*)(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
 
@@ -210,10 +218,14 @@ static inline __attribute__((always_inline)) void amx_block(
     for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
 }
 
-static void gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+/* Returns 0, or -1 when the activations' copy could not be allocated (y untouched). */
+static int gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                      const uint16_t* bias, int64_t N, uint16_t* y, int threads,
                      __mmask32 tail) {
-    uint16_t xp[M * K];  /* M <= 16, K <= AMX_MAX_K */
+    uint16_t on_stack[AMX_STACK_X];
+    uint16_t* xp = M * K <= AMX_STACK_X ? on_stack
+                                        : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(M * K));
+    if (xp == NULL) return -1;
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) xp[(k >> 1) * 2 * M + 2 * m + (k & 1)] = x[m * K + k];
     const int64_t tiles = N / AMX_ROWS, blocks = (tiles + AMX_TILES - 1) / AMX_TILES;
@@ -238,6 +250,8 @@ static void gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
             for (int64_t m = 0; m < M; m++)
                 block(x, m, 1, K, w, n, 1, 1, bias, N, y, NULL, tail);
     }
+    if (xp != on_stack) free(xp);
+    return 0;
 }
 
 /* A block of BR weight rows (fewer at the end of N) against MG activation rows. */
@@ -274,11 +288,9 @@ static void gemv_wide(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w
 void pinnace_bf16_gemv(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                        const uint16_t* bias, int64_t N, uint16_t* y, int threads) {
     const __mmask32 tail = (K & 31) ? (((__mmask32)1 << (K & 31)) - 1) : ~(__mmask32)0;
-    if (amx_enabled && M >= AMX_MIN && M <= AMX_MAX && K % 32 == 0 && K <= AMX_MAX_K &&
-        N >= AMX_ROWS) {
-        gemv_amx(x, M, K, w, bias, N, y, threads, tail);
+    if (amx_enabled && M >= AMX_MIN && M <= AMX_MAX && K % 32 == 0 && N >= AMX_ROWS &&
+        gemv_amx(x, M, K, w, bias, N, y, threads, tail) == 0)
         return;
-    }
     if (M > MGROUP && M <= WIDE_MAX) {
         gemv_wide(x, M, K, w, bias, N, y, threads, tail);
         return;

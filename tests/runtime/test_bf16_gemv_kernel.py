@@ -59,7 +59,8 @@ def _assert_close_to_float64(
 @pytest.mark.parametrize(
     ("rows", "cols", "outs"),
     [(1, 576, 960), (2, 1536, 576), (3, 100, 7), (4, 64, 1), (5, 576, 33), (8, 1000, 18),
-     (7, 32, 4), (1, 8192, 9), (6, 1536, 577), (8, 576, 960), (5, 40, 3), (12, 100, 10)],
+     (7, 32, 4), (1, 8192, 9), (6, 1536, 577), (8, 576, 960), (5, 40, 3), (12, 100, 10),
+     (3, 8192, 40)],
 )  # fmt: skip
 def test_matches_float64_reference(gemv: Gemv, path: str, rows: int, cols: int, outs: int) -> None:
     x, w, bias = _problem(rows, cols, outs)
