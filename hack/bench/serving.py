@@ -63,6 +63,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     out = {name: spread([get(r) for r in runs]) for name, get in keys.items()}
     out["failed"] = sum(r["failed"] for r in runs)
+    out["load_avg"] = [r["load_avg"] for r in runs]  # per round: before, after
     return out
 
 

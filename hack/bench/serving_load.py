@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -107,6 +108,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.num_prompts + 8)
+    load_before = os.getloadavg()[0]
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, limits=limits, timeout=args.timeout
     ) as client:
@@ -121,6 +123,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report_ = report(args, results, duration)
     # This client shares the machine's cores with the server: what it took of them.
     report_["client_cpu_s"] = time.process_time() - cpu
+    # The machine's 1-minute load average before and after: a contended run says so.
+    report_["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return report_
 
 
