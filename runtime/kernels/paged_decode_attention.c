@@ -202,6 +202,42 @@ static inline __mmask32 chunk_mask(int64_t D, int64_t c) {  /* bf16 lanes of 32-
     return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1);
 }
 
+/* acc = sum over t in [first, len) of p[t] * V row t, dimensions as even/odd halves
+ * (acc[2c] lane i: dimension 32c + 2i, acc[2c + 1]: 32c + 2i + 1). One query head at a
+ * time with two tokens in flight (two accumulator sets, added at the end): inlined with a
+ * constant `CH` (D / 32 rounded up) the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void weigh_values(
+    const uint16_t* v_cache, const int64_t* off, const float* p, int64_t first, int64_t len,
+    int64_t D, const int64_t CH, __m512* acc) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 a0[16], a1[16];
+    for (int64_t c = 0; c < 2 * CH; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+    int64_t t = first;
+    for (; t + 1 < len; t += 2) {
+        const uint16_t* v0 = v_cache + off[t];
+        const uint16_t* v1 = v_cache + off[t + 1];
+        const __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
+        for (int64_t c = 0; c < CH; c++) {
+            const __m512i x0 = _mm512_maskz_loadu_epi16(chunk_mask(D, c), v0 + 32 * c);
+            const __m512i x1 = _mm512_maskz_loadu_epi16(chunk_mask(D, c), v1 + 32 * c);
+            a0[2 * c] = _mm512_fmadd_ps(p0, _mm512_castsi512_ps(_mm512_slli_epi32(x0, 16)), a0[2 * c]);
+            a0[2 * c + 1] = _mm512_fmadd_ps(p0, _mm512_castsi512_ps(_mm512_and_si512(x0, high)), a0[2 * c + 1]);
+            a1[2 * c] = _mm512_fmadd_ps(p1, _mm512_castsi512_ps(_mm512_slli_epi32(x1, 16)), a1[2 * c]);
+            a1[2 * c + 1] = _mm512_fmadd_ps(p1, _mm512_castsi512_ps(_mm512_and_si512(x1, high)), a1[2 * c + 1]);
+        }
+    }
+    if (t < len) {
+        const uint16_t* v0 = v_cache + off[t];
+        const __m512 p0 = _mm512_set1_ps(p[t]);
+        for (int64_t c = 0; c < CH; c++) {
+            const __m512i x0 = _mm512_maskz_loadu_epi16(chunk_mask(D, c), v0 + 32 * c);
+            a0[2 * c] = _mm512_fmadd_ps(p0, _mm512_castsi512_ps(_mm512_slli_epi32(x0, 16)), a0[2 * c]);
+            a0[2 * c + 1] = _mm512_fmadd_ps(p0, _mm512_castsi512_ps(_mm512_and_si512(x0, high)), a0[2 * c + 1]);
+        }
+    }
+    for (int64_t c = 0; c < 2 * CH; c++) acc[c] = _mm512_add_ps(a0[c], a1[c]);
+}
+
 /* float32 -> the nearest bfloat16, kept as a float32 (low 16 bits zero); NaN stays NaN. */
 static inline __m512 round_bf16(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
@@ -343,25 +379,12 @@ static int decode_dp(const rope_args* rope, const uint16_t* q, uint16_t* k_cache
             }
             /* acc[g][2c] lane i: dimension 32c + 2i; acc[g][2c + 1] lane i: 32c + 2i + 1 */
             __m512 acc[MAX_GROUP][16];
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t c = 0; c < 2 * chunks; c++) acc[g][c] = _mm512_setzero_ps();
-            const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-            for (int64_t t = first; t < len; t++) {
-                if (t + 16 < len) {
-                    const char* next = (const char*)(v_cache + off[t + 16]);
-                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
-                }
-                const uint16_t* v = v_cache + off[t];
-                __m512 vv[16];
-                for (int64_t c = 0; c < chunks; c++) {
-                    const __m512i x = _mm512_maskz_loadu_epi16(chunk_mask(D, c), v + 32 * c);
-                    vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-                    vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
-                }
-                for (int64_t g = 0; g < G; g++) {
-                    const __m512 p = _mm512_set1_ps(scores[g * stride + t]);
-                    for (int64_t c = 0; c < 2 * chunks; c++)
-                        acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+            for (int64_t g = 0; g < G; g++) {
+                const float* p = scores + g * stride;
+                switch (chunks) {  /* constant chunk counts: accumulators in registers */
+                    case 2: weigh_values(v_cache, off, p, first, len, D, 2, acc[g]); break;
+                    case 4: weigh_values(v_cache, off, p, first, len, D, 4, acc[g]); break;
+                    default: weigh_values(v_cache, off, p, first, len, D, chunks, acc[g]); break;
                 }
             }
             for (int64_t g = 0; g < G; g++) {
