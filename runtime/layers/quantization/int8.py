@@ -106,12 +106,13 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
+        # Rows first: the buffers are nn.Module attribute lookups, ~0.5 us each.
         if (
-            self.native is not None
+            rows <= NATIVE_MAX_ROWS
+            and self.native is not None
             and self.scale_f32 is not None
             and self.rowsum is not None
             and x2.dtype == torch.bfloat16
-            and rows <= NATIVE_MAX_ROWS
         ):
             out = self.native(x2, self.weight, self.scale_f32, self.rowsum)
         elif (
