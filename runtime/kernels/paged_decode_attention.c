@@ -340,9 +340,16 @@ static int decode_dp(const rope_args* rope, const uint16_t* q, uint16_t* k_cache
             for (int64_t g = 0; g < G; g++) best[g] = -INFINITY;
             for (int64_t t0 = first; t0 < len; t0 += 16) {
                 const int64_t n = len - t0 < 16 ? len - t0 : 16;
-                for (int64_t j = t0 + 16; j < t0 + 32 && j < len; j++) {
+                /* K rows 32 tokens ahead; and these tokens' V rows into L2 now, read after
+                 * the softmax: the context comes from memory (a layer's KV was last read a
+                 * step ago), and two streams in flight read it faster than one. */
+                for (int64_t j = t0 + 32; j < t0 + 48 && j < len; j++) {
                     const char* next = (const char*)(k_cache + off[j]);
                     for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+                }
+                for (int64_t j = t0; j < t0 + 16 && j < len; j++) {
+                    const char* vrow = (const char*)(v_cache + off[j]);
+                    for (int64_t line = 0; line < 2 * D; line += 64) _mm_prefetch(vrow + line, _MM_HINT_T1);
                 }
                 const uint16_t* rows[16];
                 for (int64_t j = 0; j < n; j++) rows[j] = k_cache + off[t0 + j];
