@@ -70,6 +70,9 @@ class StepTimer:
             cat = category(name, module)
             if cat is not None:
                 module.forward = self._timed(module.forward, cat)  # type: ignore[method-assign]
+            if cat == "attention" and hasattr(module, "rope_forward"):
+                # The fused rotary + K/V write + attention call (CPU bf16 decode steps).
+                module.rope_forward = self._timed(module.rope_forward, cat)
         model.forward = self._model_forward(model.forward)  # type: ignore[method-assign]
 
     def _timed(self, fn: Callable[..., Any], cat: str) -> Callable[..., Any]:
