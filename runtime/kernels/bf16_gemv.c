@@ -1,4 +1,4 @@
-/* bfloat16 matmul for decode (1-8 activation rows), x86-64 with AVX-512 BF16.
+/* bfloat16 matmul for decode (1-8 activation rows; 2-32 with AMX), x86-64 with AVX-512 BF16.
  *
  *   y[m, n] = bf16( sum_k x[m, k] * w[n, k] + bias[n] )   x: bf16 [M, K]   w: bf16 [N, K]
  *
@@ -27,12 +27,16 @@
  * weights are tile A as stored (16 rows of 32 elements, stride K), the activations tile B
  * in the pair-interleaved layout TDPBF16PS wants (copied once per call, M * K elements),
  * and the 16 x M float32 sums tile C, so y^T = W x^T needs no packed copy of the weights.
+ * 17-32 rows: two B tiles (rows 0-15 and the rest) and two C tiles per weight tile, so
+ * each weight tile is still loaded once for every row; with 2 A tiles that is all 8 tiles,
+ * and a block is 2 weight tiles (4 with 16 rows or fewer, one B tile).
  * Sums are float32 in the unit's own order (denormal inputs read as zero), like above.
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -133,7 +137,9 @@ static inline __attribute__((always_inline)) void block(
 
 #define AMX_ROWS 16     /* weight rows per tile */
 #define AMX_TILES 4     /* C tiles per block: 64 weight rows */
-#define AMX_MAX 16      /* the most activation rows (tile B's and C's 16 x 4-byte columns) */
+#define AMX_COLS 16     /* activation rows per B and C tile (16 x 4-byte columns) */
+#define AMX_MAX 32      /* the most activation rows: two B tiles, two C tiles per weight tile */
+#define AMX_TILES_2 2   /* weight tiles per block past AMX_COLS rows: 4 C tiles, 2 A, 2 B */
 #define AMX_STACK_X 16384  /* activation elements copied on the stack; more: malloc */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -154,15 +160,18 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((aligned(64))) TileConfig;
 
-/* Tiles 0-3: C (16 weight rows x M float32 sums), 4-5: A (16 weight rows x 32 elements),
- * 6: B (16 element pairs x M rows). */
+/* Up to 16 rows: tiles 0-3 C (16 weight rows x M float32 sums), 4-5 A (16 weight rows x
+ * 32 elements), 6 B (16 element pairs x M rows). 17-32 rows: B 6 takes rows 0-15 and B 7
+ * rows 16 .. M - 1; weight tile 4 sums into C 0 (rows 0-15) and 1 (the rest), 5 into 2, 3. */
 static void amx_configure(int64_t M) {
     TileConfig c = {0};
     c.palette = 1;
-    for (int t = 0; t < 7; t++) {
+    const int64_t lo = M <= AMX_COLS ? M : AMX_COLS, hi = M - lo;
+    for (int t = 0; t < 8; t++) {
         c.rows[t] = 16;
-        c.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * M);
+        c.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * ((t & 1) && t != 6 && hi ? hi : lo));
     }
+    if (!hi) c.rows[7] = 0, c.colsb[7] = 0;
     _tile_loadconfig(&c);
 }
 
@@ -208,12 +217,48 @@ static inline __attribute__((always_inline)) void amx_block(
             _tile_dpbf16ps(3, 5, 6);
         }
     }
-    float c[AMX_TILES][AMX_ROWS * AMX_MAX];
+    float c[AMX_TILES][AMX_ROWS * AMX_COLS];
     _tile_stored(0, c[0], 4 * M);
     if (T > 1) {
         _tile_stored(1, c[1], 4 * M);
         _tile_stored(2, c[2], 4 * M);
         _tile_stored(3, c[3], 4 * M);
+    }
+    for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
+}
+
+/* 17-32 activation rows: T (1 or AMX_TILES_2) tiles of 16 weight rows from n0, each
+ * loaded once and multiplied with both B tiles (rows 0-15 and 16 .. M - 1). */
+static inline __attribute__((always_inline)) void amx_block_2(
+    const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int T,
+    const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch) {
+    const int64_t stride = 2 * K;
+    const uint16_t* a = w + n0 * K;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (T > 1) { _tile_zero(2); _tile_zero(3); }
+    for (int64_t k = 0; k < K; k += 32) {
+        if (prefetch != NULL) {
+            const char* p = prefetch + 2 * AMX_ROWS * T * k;
+            for (int i = 0; i < AMX_ROWS * T; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+        }
+        _tile_loadd(6, xp + k * M, 4 * M);
+        _tile_loadd(7, xp + k * M + 2 * AMX_COLS, 4 * M);
+        _tile_loadd(4, a + k, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (T > 1) {
+            _tile_loadd(5, a + AMX_ROWS * K + k, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float c[AMX_TILES_2][AMX_ROWS * AMX_MAX];  /* per weight tile [16][M], both halves */
+    _tile_stored(0, c[0], 4 * M);
+    _tile_stored(1, c[0] + AMX_COLS, 4 * M);
+    if (T > 1) {
+        _tile_stored(2, c[1], 4 * M);
+        _tile_stored(3, c[1] + AMX_COLS, 4 * M);
     }
     for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
 }
@@ -226,22 +271,32 @@ static int gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
     uint16_t* xp = M * K <= AMX_STACK_X ? on_stack
                                         : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(M * K));
     if (xp == NULL) return -1;
+    /* [M][K / 2] element pairs -> [K / 2][M]: a transpose of 4-byte units */
     for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xp[(k >> 1) * 2 * M + 2 * m + (k & 1)] = x[m * K + k];
-    const int64_t tiles = N / AMX_ROWS, blocks = (tiles + AMX_TILES - 1) / AMX_TILES;
-    const int64_t block_elems = (int64_t)AMX_TILES * AMX_ROWS * K;
+        for (int64_t j = 0; j < K / 2; j++) {
+            uint32_t pair;
+            memcpy(&pair, x + m * K + 2 * j, 4);
+            memcpy(xp + 2 * (j * M + m), &pair, 4);
+        }
+    const int wide = M > AMX_COLS, per_block = wide ? AMX_TILES_2 : AMX_TILES;
+    const int64_t tiles = N / AMX_ROWS, blocks = (tiles + per_block - 1) / per_block;
+    const int64_t block_elems = (int64_t)per_block * AMX_ROWS * K;
     #pragma omp parallel num_threads(threads)
     {
         amx_configure(M);  /* per thread: the tile configuration is thread state */
         #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * AMX_TILES * AMX_ROWS;
-            if (n0 + AMX_TILES * AMX_ROWS <= tiles * AMX_ROWS) {
-                const char* p = b + 1 < blocks ? (const char*)(w + (b + 1) * block_elems) : NULL;
-                amx_block(xp, M, K, w, n0, AMX_TILES, bias, N, y, p);
+            const int64_t n0 = b * per_block * AMX_ROWS;
+            const char* p = b + 1 < blocks ? (const char*)(w + (b + 1) * block_elems) : NULL;
+            if (n0 + per_block * AMX_ROWS > tiles * AMX_ROWS) {
+                for (int64_t n = n0; n < tiles * AMX_ROWS; n += AMX_ROWS) {
+                    if (wide) amx_block_2(xp, M, K, w, n, 1, bias, N, y, NULL);
+                    else amx_block(xp, M, K, w, n, 1, bias, N, y, NULL);
+                }
+            } else if (wide) {
+                amx_block_2(xp, M, K, w, n0, AMX_TILES_2, bias, N, y, p);
             } else {
-                for (int64_t n = n0; n < tiles * AMX_ROWS; n += AMX_ROWS)
-                    amx_block(xp, M, K, w, n, 1, bias, N, y, NULL);
+                amx_block(xp, M, K, w, n0, AMX_TILES, bias, N, y, p);
             }
         }
         _tile_release();  /* back to the initial state: oneDNN configures its own */

@@ -1,11 +1,11 @@
-"""Python side of bf16_gemv.c: y = bf16(x @ w^T + bias) for 1-8 bfloat16 rows.
+"""Python side of bf16_gemv.c: y = bf16(x @ w^T + bias) for decode's bfloat16 rows.
 
     gemv = bf16_gemv()             # None when the kernel is unavailable here
     y = gemv(x, weight, bias)      # x [M, K], weight [N, K] as nn.Linear stores it
 
-Where the CPU has AMX (and Linux grants the tile state), 2-16 rows use its tiles; `use_amx`
-turns that off and on (tests, benchmarks). `read_bandwidth(nbytes)` times the kernel's
-load pattern over a buffer (benchmarks).
+Where the CPU has AMX (and Linux grants the tile state), 2-32 rows use its tiles; `use_amx`
+turns that off and on (tests, benchmarks); `max_rows()`: the most rows it beats oneDNN at.
+`read_bandwidth(nbytes)` times the kernel's load pattern over a buffer (benchmarks).
 """
 
 from __future__ import annotations
@@ -31,6 +31,20 @@ AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
 #   oneDNN packed (AMX)    11.2   11.3   11.2   11.1   11.1
 # so decode steps of up to 8 rows (a speculative verification of 7 proposals) take it.
 MAX_ROWS = 8
+# With AMX, 17-32 rows take two B and two C tiles per weight tile (each weight tile read
+# once), and 9-32 rows beat oneDNN's packed GEMM (as PackedLinear packs it, no batch hint).
+# Same bench, --compare-avx512, 1 thread, 9 rounds, contended (load 5.9-6.4), GB/s:
+#   rows                     9     12     16     17     20     24     32
+#   AMX GEMV               11.2   11.0   10.3   10.3    9.8    9.4    9.0
+#   oneDNN packed           9.6    9.5    9.3    7.9    7.8    8.0    8.0
+#   AVX-512 GEMV            6.3    5.2    4.2    4.0    3.4    3.1    2.4
+# packed / AMX time per round: >= 1.09 at every row count (median 1.16-1.30). 2 threads,
+# 15 rounds, a quieter spell (load 3.9-4.1): rows 16/17/24/32 AMX 19.2/19.3/18.4/16.5,
+# packed 17.5/15.3/15.1/14.9 GB/s (median ratio 1.10/1.26/1.23/1.11; 17-32: >= 1.09 every
+# round). The 49152 x 576 LM head (--lm-head), 16-32 rows: median ratio 1.04-1.17 on 1
+# thread, 1.00-1.10 on 2 (both near the ~7 GB/s it gets from memory there).
+AMX_MAX_ROWS = 32
+_amx_on = False
 
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -47,7 +61,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.pinnace_read_sum.restype = ctypes.c_float
     lib.pinnace_bf16_gemv_use_amx.argtypes = [ctypes.c_int]
     lib.pinnace_bf16_gemv_use_amx.restype = ctypes.c_int
-    lib.pinnace_bf16_gemv_use_amx(int(_amx_cpu()))
+    global _amx_on
+    _amx_on = bool(lib.pinnace_bf16_gemv_use_amx(int(_amx_cpu())))
     return lib
 
 
@@ -58,10 +73,18 @@ def _amx_cpu() -> bool:
 def use_amx(on: bool) -> bool:
     """Lets the kernel use AMX tiles (where the CPU has them and Linux grants their state)
     or not; returns whether it now does. The default: where available."""
+    global _amx_on
     lib = _lib()
     if lib is None:
         return False
-    return bool(lib.pinnace_bf16_gemv_use_amx(int(on and _amx_cpu())))
+    _amx_on = bool(lib.pinnace_bf16_gemv_use_amx(int(on and _amx_cpu())))
+    return _amx_on
+
+
+def max_rows() -> int:
+    """The most activation rows a call should give the GEMV rather than oneDNN's packed
+    GEMM: AMX_MAX_ROWS with AMX tiles, MAX_ROWS on AVX-512 alone."""
+    return AMX_MAX_ROWS if _amx_on else MAX_ROWS
 
 
 @functools.cache

@@ -2,8 +2,8 @@
 
 torch's plain bf16 `F.linear` re-lays-out the weight on every call; packing it once into
 oneDNN's blocked format roughly halves the time of its matmuls. At 1-8 activation rows
-(decode) a layer only streams its weights once, and the native AVX-512 BF16 GEMV
-(kernels/bf16_gemv.c) reads them at close to memory bandwidth, faster than oneDNN there;
+(decode; up to 32 with AMX tiles) a layer only streams its weights once, and the native
+BF16 GEMV (kernels/bf16_gemv.c) reads them at close to memory bandwidth, faster than oneDNN;
 it reads the weight as nn.Linear stores it, so a layer that has the kernel keeps that
 copy besides the packed one (twice the linear weights' memory, bf16 on CPU only).
 
@@ -19,8 +19,8 @@ import logging
 import torch
 from torch import nn
 
-from pinnace.runtime.kernels.bf16_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from pinnace.runtime.kernels.bf16_gemv import Gemv, bf16_gemv
+from pinnace.runtime.kernels.bf16_gemv import max_rows as gemv_max_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def bf16_linear(
         gemv is not None
         and weight is not None
         and x.dim() == 2
-        and x.shape[0] <= GEMV_MAX_ROWS
+        and x.shape[0] <= gemv_max_rows()
         and x.dtype == torch.bfloat16
     ):
         return gemv(x, weight, bias)
@@ -70,7 +70,7 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         kernel = "onednn_packed"
         if self.gemv is not None:
-            kernel = f"native_bf16_gemv (<= {GEMV_MAX_ROWS} rows), {kernel}"
+            kernel = f"native_bf16_gemv (<= {gemv_max_rows()} rows), {kernel}"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
