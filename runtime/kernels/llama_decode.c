@@ -21,6 +21,8 @@
  * the module path bit for bit except SiLU's exp (libm's expf here, SLEEF's in PyTorch,
  * both within 1 float32 ulp, which a bf16 rounding rarely exposes).
  */
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -87,6 +89,19 @@ int64_t pinnace_llama_decode_scratch(const Model* m, int64_t M) {
     return M * (2 * m->hidden + (q + 2 * kv) + 2 * q + 3 * m->intermediate);
 }
 
+static inline __m512 load16_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline __m512 round16(__m512 v) {  /* float(bf16(v)) */
+    return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
+}
+
+static inline void store16_bf16(uint16_t* p, __m512 v) {  /* nearest even, as to_bf16 */
+    _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 /* HF's rotate-half rotation of one head in place, in bf16 PyTorch op order:
  * bf16( bf16(x * c) + bf16(roll(x) * s') ), c = bf16(cos), s' = bf16(sin) negated on the
  * first half (rotate_half(x) = cat(-x2, x1) = roll(x) with that sign). */
@@ -94,7 +109,20 @@ static void rotate(uint16_t* x, const float* cos, const float* sin, int64_t D) {
     uint16_t orig[512];
     const int64_t half = D / 2;
     memcpy(orig, x, sizeof(uint16_t) * (size_t)D);
-    for (int64_t i = 0; i < D; i++) {
+    int64_t i = 0;
+    if (half % 16 == 0) {  /* 16 lanes at a time, none straddling the halves */
+        const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+        for (; i < D; i += 16) {
+            const __m512 c = round16(_mm512_loadu_ps(cos + i));
+            __m512 sn = round16(_mm512_loadu_ps(sin + i));
+            if (i < half) sn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sn), sign));
+            const __m512 rolled = load16_bf16(orig + (i < half ? i + half : i - half));
+            const __m512 a = round16(_mm512_mul_ps(load16_bf16(orig + i), c));
+            const __m512 b = round16(_mm512_mul_ps(rolled, sn));
+            store16_bf16(x + i, _mm512_add_ps(a, b));
+        }
+    }
+    for (; i < D; i++) {
         const float c = from_bf16(to_bf16(cos[i]));
         const float s = from_bf16(to_bf16(sin[i]));
         const float rolled = from_bf16(orig[i < half ? i + half : i - half]);
@@ -122,7 +150,10 @@ static inline double now(const double* timings) {
     } while (0)
 
 static void add_into(uint16_t* h, const uint16_t* o, int64_t n) {  /* h = bf16(h + o) */
-    for (int64_t i = 0; i < n; i++) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(o[i]));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        store16_bf16(h + i, _mm512_add_ps(load16_bf16(h + i), load16_bf16(o + i)));
+    for (; i < n; i++) h[i] = to_bf16(from_bf16(h[i]) + from_bf16(o[i]));
 }
 
 /* y [M, N] = x [M, K] @ W^T (+ bias) by the layer's kernel; int8's bias added after its
@@ -161,11 +192,38 @@ static void rope_and_write(const Model* m, const Layer* L, int64_t M, uint16_t* 
     }
 }
 
+/* e^x for 16 lanes within 2 float32 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by its
+ * degree-7 Taylor polynomial, times 2^n by VSCALEFPS (inf / 0 past float's range; NaN
+ * stays NaN). */
+static inline __m512 exp16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* act = bf16( bf16(silu(g)) * u ) with g, u the halves of each [2I] row of gu. */
 static void silu_and_mul(const uint16_t* gu, int64_t M, int64_t I, uint16_t* act) {
+    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t r = 0; r < M; r++) {
         const uint16_t* g = gu + r * 2 * I;
-        for (int64_t i = 0; i < I; i++) {
+        int64_t i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const __m512 v = load16_bf16(g + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+            const __m512 silu = _mm512_div_ps(v, _mm512_add_ps(one, e));
+            store16_bf16(act + r * I + i, _mm512_mul_ps(round16(silu), load16_bf16(g + I + i)));
+        }
+        for (; i < I; i++) {
             const float v = from_bf16(g[i]);
             const float silu = from_bf16(to_bf16(v / (1.0f + expf(-v))));
             act[r * I + i] = to_bf16(silu * from_bf16(g[I + i]));

@@ -30,10 +30,13 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 24
 
 
-def tiny_model(bias: bool, int8: bool = False) -> Any:
+def tiny_model(bias: bool, int8: bool = False, heads: int = 4) -> Any:
+    """64 wide: 4 heads of 16 (2 KV heads), or 2 of 32 (1 KV head: the kernel's rotation
+    then runs 16 lanes at a time, its scalar loop otherwise)."""
     config = LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e4,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, rms_norm_eps=1e-5,
+        rope_theta=1e4,
         attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False,
     )  # fmt: skip
     g = torch.Generator().manual_seed(1)
@@ -136,28 +139,32 @@ def float64_reference(
 
 
 @pytest.mark.parametrize(
-    ("bias", "int8", "seq_lens"),
+    ("bias", "int8", "seq_lens", "heads"),
     [
-        (False, False, [1]),
-        (False, False, [9]),
-        (False, False, [30, 5, 13]),
-        (True, False, [9]),
-        (True, False, [30, 5, 13]),
-        (True, False, [20, 5, 13, 2, 9, 7, 4, 11]),  # the GEMV's 8 rows (AMX where present)
-        (False, True, [9]),
-        (True, True, [30, 5]),  # int8: at most the int8 GEMV's 2 rows
+        (False, False, [1], 4),
+        (False, False, [9], 4),
+        (False, False, [30, 5, 13], 4),
+        (True, False, [9], 4),
+        (True, False, [30, 5, 13], 4),
+        (True, False, [20, 5, 13, 2, 9, 7, 4, 11], 4),  # the GEMV's 8 rows (AMX if present)
+        (True, False, [20, 5, 13, 2, 9, 7, 4, 11], 2),  # head_dim 32
+        (False, True, [9], 4),
+        (True, True, [30, 5], 4),  # int8: at most the int8 GEMV's 2 rows
     ],
 )
 def test_matches_module_path_and_float64(
-    native_kernel: Callable[..., Any], bias: bool, int8: bool, seq_lens: list[int]
+    native_kernel: Callable[..., Any], bias: bool, int8: bool, seq_lens: list[int], heads: int
 ) -> None:
     native_kernel(llama_decode, REQUIRED_CPU_FLAGS)
     if int8:
         native_kernel(int8_gemv, INT8_CPU_FLAGS)
-    model = tiny_model(bias, int8)
+    model = tiny_model(bias, int8, heads)
     native = NativeLlamaDecode.create(list(model.model.layers), None)
     assert native is not None
-    backend, meta, caches, positions = decode_step(seq_lens, 2, 16, seed=len(seq_lens))
+    head_dim = 64 // heads
+    backend, meta, caches, positions = decode_step(
+        seq_lens, heads // 2, head_dim, seed=len(seq_lens)
+    )
     h0 = torch.randn(len(seq_lens), 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     reference = float64_reference(model, caches, meta, positions, h0)
     module_caches = [c.clone() for c in caches]
