@@ -40,12 +40,13 @@ from safetensors.torch import save_file
 from pinnace.runtime import LLM, SamplingParams
 from pinnace.runtime.models.loader import open_checkpoint
 
-# 7: verification steps of 8 tokens, the most the native one-call Llama decode takes (its
+# 5: verification steps of 6 tokens (the native one-call Llama decode takes up to 8, its
 # GEMV's MAX_ROWS; AMX tiles make 2-8 rows cost about what 1 row does). Batch 1, 1 thread,
-# contended (load 5-6), one process, steps counted per size times the median step time by
-# size (1 row 45.8 ms, 4: 49.4, 6: 55.9, 8: 56.5), over none: k 3 1.69x, 4 1.71x,
-# 5 1.75x, 6 1.80x, 7 1.86x (more accepted per proposal: 1.83 at k 3, 3.13 at k 7).
-DEFAULT_NGRAM_K = "7"
+# load 3.3-3.8, hack/bench/spec_step_cost.py --ks 0,3,5,7 --rounds 3: median step ms by
+# tokens 1: 26.6, 4: 26.5, 6: 30.7, 8: 37.5; estimated over none k 3 1.77x, k 5 1.84x,
+# k 7 1.84x. k 5 ties k 7 with smaller steps, whose per-token parts (attention, LM head
+# rows, sampling) weigh more at 2 threads than at 1.
+DEFAULT_NGRAM_K = "5"
 
 CODE = '''def merge_sorted(a, b):
     """Merge two sorted lists into one sorted list."""
