@@ -77,6 +77,7 @@ def main() -> int:
             max_num_seqs=args.batch_size,
             max_model_len=args.input_len + args.output_len + 16,
             enforce_eager=args.enforce_eager,
+            enable_prefix_caching=args.prefix_caching,
             seed=0,
         )
         params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
