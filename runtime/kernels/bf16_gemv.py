@@ -42,7 +42,10 @@ MAX_ROWS = 8
 # 15 rounds, a quieter spell (load 3.9-4.1): rows 16/17/24/32 AMX 19.2/19.3/18.4/16.5,
 # packed 17.5/15.3/15.1/14.9 GB/s (median ratio 1.10/1.26/1.23/1.11; 17-32: >= 1.09 every
 # round). The 49152 x 576 LM head (--lm-head), 16-32 rows: median ratio 1.04-1.17 on 1
-# thread, 1.00-1.10 on 2 (both near the ~7 GB/s it gets from memory there).
+# thread, 1.00-1.10 on 2 (both near the ~7 GB/s it gets from memory there). Decode steps
+# (hack/bench/step_profile.py --compare-onednn, random SmolLM2 shape, 3 rounds, median ms,
+# oneDNN -> GEMV): 2 threads (load 2.8-4.4) batch 20 28.6 -> 23.6 (matmul 14.4 -> 10.8, LM
+# head 3.1 -> 2.7), batch 32 31.3 -> 27.7; 1 thread (load 3.0) 45.3 -> 37.6, 50.4 -> 43.3.
 AMX_MAX_ROWS = 32
 _amx_on = False
 
