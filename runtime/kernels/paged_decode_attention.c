@@ -61,6 +61,25 @@ static inline void fill_offsets(const int64_t* table, int64_t Hkv, int64_t h, in
     }
 }
 
+/* Each of the G score rows (stride apart) over [first, len): exp(score - best[g]) in place,
+ * 16 at a time, and total[g] their sum (the softmax's numerators and denominator). */
+static inline void exp_scores(float* scores, int64_t stride, int64_t G, int64_t first,
+                              int64_t len, const float* best, float* total) {
+    for (int64_t g = 0; g < G; g++) {
+        float* row = scores + g * stride;
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mx = _mm512_set1_ps(best[g]);
+        for (int64_t t = first; t < len; t += 16) {
+            const __mmask16 m = len - t >= 16 ? (__mmask16)0xffff
+                                              : (__mmask16)((1u << (len - t)) - 1);
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), mx));
+            _mm512_mask_storeu_ps(row + t, m, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        total[g] = _mm512_reduce_add_ps(sum);
+    }
+}
+
 /* out[j] = sum of v[j]'s 16 lanes, for 16 vectors at once: pairs of vectors are added
  * lane-interleaved (unpack), then 128-bit chunks are gathered and added (shuffle_f32x4). */
 static inline __m512 sum16(const __m512 v[16]) {
@@ -143,19 +162,7 @@ int pinnace_paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache,
                 }
             }
             float total[MAX_GROUP];
-            for (int64_t g = 0; g < G; g++) {  /* exp in place, 16 at a time */
-                float* row = scores + g * stride;
-                __m512 sum = _mm512_setzero_ps();
-                const __m512 mx = _mm512_set1_ps(best[g]);
-                for (int64_t t = first; t < len; t += 16) {
-                    const __mmask16 m = len - t >= 16 ? (__mmask16)0xffff
-                                                      : (__mmask16)((1u << (len - t)) - 1);
-                    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), mx));
-                    _mm512_mask_storeu_ps(row + t, m, e);
-                    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-                }
-                total[g] = _mm512_reduce_add_ps(sum);
-            }
+            exp_scores(scores, stride, G, first, len, best, total);
             __m512 acc[MAX_GROUP][16];
             for (int64_t g = 0; g < G; g++)
                 for (int64_t c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
@@ -371,19 +378,7 @@ static int decode_dp(const rope_args* rope, const uint16_t* q, uint16_t* k_cache
                 }
             }
             float total[MAX_GROUP];
-            for (int64_t g = 0; g < G; g++) {
-                float* row = scores + g * stride;
-                __m512 sum = _mm512_setzero_ps();
-                const __m512 mx = _mm512_set1_ps(best[g]);
-                for (int64_t t = first; t < len; t += 16) {
-                    const __mmask16 m = len - t >= 16 ? (__mmask16)0xffff
-                                                      : (__mmask16)((1u << (len - t)) - 1);
-                    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), mx));
-                    _mm512_mask_storeu_ps(row + t, m, e);
-                    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-                }
-                total[g] = _mm512_reduce_add_ps(sum);
-            }
+            exp_scores(scores, stride, G, first, len, best, total);
             /* acc[g][2c] lane i: dimension 32c + 2i; acc[g][2c + 1] lane i: 32c + 2i + 1 */
             __m512 acc[MAX_GROUP][16];
             for (int64_t g = 0; g < G; g++) {
