@@ -121,6 +121,15 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 result["online_over_offline_throughput"] = (
                     online / result["offline"]["output_throughput"]
                 )
+                # Paired by round (the offline run follows that round's online runs): the
+                # machine's slow drifts cancel within a pair, so the spread is the method's.
+                paired = [
+                    r["output_throughput"] / o["output_throughput"]
+                    for r, o in zip(runs["pinnace"]["inf"], offline, strict=True)
+                ]
+                result["online_over_offline_by_round"] = {
+                    "median": statistics.median(paired), "min": min(paired), "max": max(paired)
+                }  # fmt: skip
                 result["serving_overhead_tpot"] = (
                     saturated["tpot_p50"]["median"] / result["offline"]["tpot_ms"]
                 )
