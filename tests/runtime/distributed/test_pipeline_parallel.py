@@ -7,6 +7,8 @@ test_pipeline_tensor_parallel.py (4 ranks: another process group). float32.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -25,6 +27,7 @@ from pinnace.runtime.distributed.pipeline_parallel import get_pp_indices, stage_
 from pinnace.runtime.engine import engine_core
 from pinnace.runtime.engine.setup import _rank_description
 from pinnace.runtime.executor.multiproc import GroupExecutor
+from pinnace.runtime.sampling_params import StructuredOutputsParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # A small step budget (chunked prefill) and few blocks (preemption when all run at once).
@@ -189,3 +192,32 @@ def test_int8_pp2_equals_int8_pp1_with_prompt_logprobs(
     expected = run(LLM(str(model), **int8))
     assert all(len(lps) > 1 for _, lps in expected)
     assert run(pp2(model, **int8)) == expected
+
+
+def test_structured_outputs_under_stages(
+    make_tiny_model: Callable[[str], Path], pp2: Callable[..., LLM]
+) -> None:
+    """The driver samples under PP, so the grammar's mask applies to the logits the last
+    stage sends: a regex and a JSON schema, batched with a free request, give PP=1's tokens
+    and match their constraint."""
+    model = make_tiny_model("LlamaForCausalLM")
+    pattern = "[a-z]{3}-[0-9]{3}"
+    schema = {"type": "object", "properties": {"n": {"enum": ["yes", "no"]}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, structured_outputs=so)
+        for so in (StructuredOutputsParams(regex=pattern), StructuredOutputsParams(json=schema))
+    ] + [GREEDY]
+    prompts = [TEXT[0], [5, 6, 7], [100 + i for i in range(20)]]
+
+    def run(llm: LLM) -> list[Any]:
+        try:
+            return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    expected = run(LLM(str(model), **ENGINE))
+    got = run(pp2(model, **ENGINE))
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert re.fullmatch(pattern, got[0].text), got[0].text
+    assert json.loads(got[1].text)["n"] in ("yes", "no"), got[1].text
