@@ -1,17 +1,22 @@
 """The `LLMDeployment` spec: one pydantic model that is both the parser and the CRD schema.
 
 The CRD's openAPIV3Schema is generated from these classes (`crd.py`), so the two cannot
-drift. The building blocks (`SpecModel`, `Rule`, value patterns) are in spec_base.py,
-`spec.engine` in engine_spec.py; both are re-exported here.
+drift. This module holds what the model is, where it runs and how clients reach it, and
+the top-level `LLMDeploymentSpec`; the rest is one module per concept: the building blocks
+(`SpecModel`, `Rule`, value patterns) in spec_base.py and `spec.engine` in engine_spec.py
+(both re-exported here), `spec.autoscaling` in autoscaling_spec.py, and how pods are
+scheduled, replaced and reached in pod_policy_spec.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from pinnace.operator.autoscaling_spec import Autoscaling
 from pinnace.operator.engine_spec import DType, Engine, EnvVar, Quantization, Runner, Speculative
+from pinnace.operator.pod_policy_spec import DisruptionBudget, NetworkPolicy, Rollout, Scheduling
 from pinnace.operator.spec_base import (
     ADAPTER_NAME_PATTERN,
     DNS_LABEL_PATTERN,
@@ -20,7 +25,6 @@ from pinnace.operator.spec_base import (
     MODEL_URI_PATTERN,
     PARAM_COUNT_PATTERN,
     QUANTITY_PATTERN,
-    URL_PATTERN,
     Quantity,
     Rule,
     SpecModel,
@@ -213,208 +217,6 @@ class Cache(SpecModel):
 
 class Storage(SpecModel):
     cache: Cache | None = Field(default=None, description="Absent: an emptyDir per pod.")
-
-
-ScalingMetricName = Literal["requestsWaiting", "kvCacheUsage", "requestsRunning", "cpu"]
-_TARGET_DESCRIPTION = (
-    "Per-replica target: requests (requestsWaiting, requestsRunning), a fraction 0-1 "
-    "(kvCacheUsage), or percent of the CPU request (cpu). Default depends on the metric."
-)
-
-
-class ScalingMetric(SpecModel):
-    """One signal to scale on; with several the autoscaler takes the largest replica count."""
-
-    metric: ScalingMetricName
-    target: float | None = Field(default=None, gt=0, description=_TARGET_DESCRIPTION)
-
-
-class Autoscaling(SpecModel):
-    """Replicas follow LLM load signals; replaces spec.replicas."""
-
-    engine: Literal["hpa", "keda"] = Field(
-        default="hpa",
-        description="hpa: autoscaling/v2 HPA (custom metrics via prometheus-adapter); "
-        "keda: a KEDA ScaledObject with Prometheus triggers (allows minReplicas 0).",
-    )
-    min_replicas: int = Field(default=1, ge=0, le=1000)
-    max_replicas: int = Field(ge=1, le=1000)
-    metric: ScalingMetricName | None = Field(
-        default=None, description="One metric (shorthand for metrics: [{metric, target}])."
-    )
-    target: float | None = Field(default=None, gt=0, description=_TARGET_DESCRIPTION)
-    metrics: list[ScalingMetric] = Field(default_factory=list, max_length=4)
-    scale_down_delay_seconds: int = Field(
-        default=300,
-        ge=0,
-        le=3600,
-        description="How long load must stay low before replicas are removed.",
-    )
-    prometheus_url: str | None = Field(
-        default=None,
-        pattern=URL_PATTERN,
-        max_length=1024,
-        description="Prometheus that KEDA queries "
-        "(default: http://prometheus-operated.monitoring.svc:9090, kube-prometheus-stack).",
-    )
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            "self.minReplicas <= self.maxReplicas",
-            "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
-            lambda a: a.min_replicas <= a.max_replicas,
-        ),
-        Rule(
-            "!has(self.metric) || !has(self.metrics)",
-            "autoscaling: set metric (with target) or metrics, not both",
-            lambda a: a.metric is None or not a.metrics,
-        ),
-        Rule(
-            "!has(self.target) || has(self.metric)",
-            "autoscaling.target goes with autoscaling.metric",
-            lambda a: a.target is None or a.metric is not None,
-        ),
-        Rule(
-            "!has(self.metrics)"
-            " || self.metrics.all(m, self.metrics.exists_one(n, n.metric == m.metric))",
-            "autoscaling.metrics: each metric at most once",
-            lambda a: len({m.metric for m in a.metrics}) == len(a.metrics),
-        ),
-        Rule(
-            "!has(self.prometheusUrl) || self.engine == 'keda'",
-            "autoscaling.prometheusUrl is read by KEDA only (engine: keda)",
-            lambda a: a.prometheus_url is None or a.engine == "keda",
-        ),
-    )
-
-    @property
-    def scaling_metrics(self) -> list[ScalingMetric]:
-        """The metrics to scale on, whichever form was used (default: requestsWaiting)."""
-        if self.metrics:
-            return list(self.metrics)
-        return [ScalingMetric(metric=self.metric or "requestsWaiting", target=self.target)]
-
-
-TolerationOperator = Literal["Exists", "Equal"]
-TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
-
-
-class Toleration(SpecModel):
-    key: str | None = None
-    operator: TolerationOperator | None = None
-    value: str | None = None
-    effect: TaintEffect | None = None
-    toleration_seconds: int | None = None
-
-
-class Scheduling(SpecModel):
-    """Copied into the pod spec as is."""
-
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    affinity: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
-    )
-    priority_class_name: str | None = None
-    runtime_class_name: str | None = None
-
-
-LABEL_MAP_DESCRIPTION = "Labels it must carry (matchLabels)."
-
-
-# The rollout default is RollingUpdate with maxSurge 1 and maxUnavailable 0: no capacity is
-# lost, but a cluster needs room for one extra replica's GPUs. Where GPUs are scarce use
-# maxSurge 0 with maxUnavailable 1 (a replica goes down before its replacement starts), or
-# Recreate (every old pod goes first: downtime, but never two copies of a model at once).
-class Rollout(SpecModel):
-    """How pods are replaced when the pod template changes (Deployment mode)."""
-
-    strategy: Literal["RollingUpdate", "Recreate"] = Field(
-        default="RollingUpdate",
-        description="The Deployment's strategy. The default (maxSurge 1, maxUnavailable 0) "
-        "needs room for one extra replica's GPUs; where GPUs are scarce set maxSurge 0 and "
-        "maxUnavailable 1, or use Recreate (downtime, never two copies at once).",
-    )
-    max_surge: int | None = Field(
-        default=None, ge=0, le=1000, description="Extra pods during a rollout (default 1)."
-    )
-    max_unavailable: int | None = Field(
-        default=None, ge=0, le=1000, description="Pods that may be down at once (default 0)."
-    )
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            "self.strategy == 'RollingUpdate'"
-            " || (!has(self.maxSurge) && !has(self.maxUnavailable))",
-            "rollout.maxSurge and rollout.maxUnavailable apply only to strategy RollingUpdate",
-            lambda r: (
-                r.strategy == "RollingUpdate" or (r.max_surge is None and r.max_unavailable is None)
-            ),
-        ),
-        Rule(
-            "self.strategy != 'RollingUpdate' || (has(self.maxSurge) ? self.maxSurge : 1)"
-            " + (has(self.maxUnavailable) ? self.maxUnavailable : 0) > 0",
-            "rollout: maxSurge and maxUnavailable cannot both be 0 (nothing could be replaced)",
-            lambda r: r.strategy != "RollingUpdate" or r.surge + r.unavailable > 0,
-        ),
-    )
-
-    @property
-    def surge(self) -> int:
-        return 1 if self.max_surge is None else self.max_surge
-
-    @property
-    def unavailable(self) -> int:
-        return 0 if self.max_unavailable is None else self.max_unavailable
-
-
-class DisruptionBudget(SpecModel):
-    """A PodDisruptionBudget: node drains and cluster upgrades take replicas down one by one."""
-
-    enabled: bool | None = Field(
-        default=None,
-        description="Default: on when more than one replica may run (replicas > 1, or "
-        "autoscaling.maxReplicas > 1); a single replica gets none, so drains are not blocked.",
-    )
-    max_unavailable: int = Field(
-        default=1, ge=1, le=1000, description="Replicas a voluntary disruption may take at once."
-    )
-
-
-class NetworkPeer(SpecModel):
-    """Pods allowed in: in namespaces with these labels, and/or with these labels."""
-
-    namespace_labels: dict[str, str] | None = Field(
-        default=None,
-        description=f"The namespace's labels; absent: this namespace only. {LABEL_MAP_DESCRIPTION}",
-    )
-    pod_labels: dict[str, str] | None = Field(
-        default=None, description=f"The pod's labels; absent: any pod. {LABEL_MAP_DESCRIPTION}"
-    )
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            "has(self.namespaceLabels) || has(self.podLabels)",
-            "networkPolicy.allowFrom: each peer needs namespaceLabels or podLabels",
-            lambda p: p.namespace_labels is not None or p.pod_labels is not None,
-        ),
-    )
-
-
-class NetworkPolicy(SpecModel):
-    """Present: a NetworkPolicy admits only these peers (and the operator) to the pods."""
-
-    allow_from: list[NetworkPeer] = Field(
-        default_factory=list,
-        max_length=32,
-        description="Who may reach the API (HTTP and gRPC ports); empty: nobody but the operator.",
-    )
-    operator_namespace: str = Field(
-        default="pinnace-system",
-        pattern=DNS_LABEL_PATTERN,
-        max_length=63,
-        description="Namespace of the operator, whose pods load LoRA adapters over HTTP.",
-    )
 
 
 class LLMDeploymentSpec(SpecModel):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pinnace.operator import names
+from pinnace.operator.autoscaling_spec import Autoscaling, ScalingMetric
 from pinnace.operator.llmdeployment import LLMDeployment
 from pinnace.operator.render import labels
-from pinnace.operator.spec import Autoscaling, ScalingMetric
 
 
 @dataclass(frozen=True)

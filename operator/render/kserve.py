@@ -19,6 +19,7 @@ import copy
 from typing import Any
 
 from pinnace.operator import names
+from pinnace.operator.autoscaling_spec import Autoscaling
 from pinnace.operator.llmdeployment import LLMDeployment
 from pinnace.operator.render import args as argmod
 from pinnace.operator.render import autoscaling, labels, sources
@@ -30,7 +31,6 @@ from pinnace.operator.render.deployment import (
     runtime_container,
     scheduling,
 )
-from pinnace.operator.spec import Autoscaling
 
 ISVC_API_VERSION = f"{names.KSERVE_GROUP}/v1beta1"
 RUNTIME_API_VERSION = f"{names.KSERVE_GROUP}/v1alpha1"

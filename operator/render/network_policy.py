@@ -10,9 +10,9 @@ from typing import Any
 
 from pinnace.operator import names
 from pinnace.operator.llmdeployment import LLMDeployment
+from pinnace.operator.pod_policy_spec import NetworkPeer
 from pinnace.operator.render import labels
 from pinnace.operator.render.args import serves_grpc
-from pinnace.operator.spec import NetworkPeer
 
 # The operator's pods carry this label in deploy/operator.yaml and in the Helm chart.
 OPERATOR_POD_LABELS = {names.LABEL_NAME: "pinnace-operator"}
