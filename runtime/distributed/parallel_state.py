@@ -17,6 +17,12 @@ Rendezvous is torch.distributed's own: rank 0 hosts a TCPStore on master_addr:ma
 (node 0 in a multi-node group), every other rank, on this node or another, connects to it,
 and init_process_group completes once all world_size ranks have. A group that does not
 complete within the timeout is one RendezvousError line naming the address and the count.
+
+Before that, rank 0 puts its layout (world size, tensor-parallel size, node count) in the
+store and every other rank compares its own: a node started with other --nnodes or sizes
+(say a worker against a leader not given --nnodes) exits at once with one line naming
+both layouts, and leaves that line in the store, where rank 0, waiting for its ranks,
+reads it and fails with it too, instead of both waiting out the rendezvous timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import datetime
 import os
 import pickle
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +44,9 @@ import torch.distributed as dist
 # LeaderWorkerSet's worker pods to be scheduled after their leader.
 TIMEOUT_ENV = "PINNACE_DISTRIBUTED_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
-JOINED_KEY = "pinnace/joined"  # ranks that reached the store (for the timeout's message)
+JOINED_KEY = "pinnace/joined"  # ranks that reached the store with rank 0's layout
+LAYOUT_KEY = "pinnace/layout"  # rank 0's world size, tensor-parallel size and node count
+REFUSED_KEY = "pinnace/refused"  # why a rank with another layout did not join (one line)
 
 
 class RendezvousError(RuntimeError):
@@ -171,7 +180,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_group(
-    rank: int, world_size: int, tp_size: int, addr: str, port: int, device: torch.device
+    rank: int,
+    world_size: int,
+    tp_size: int,
+    addr: str,
+    port: int,
+    device: torch.device,
+    nnodes: int = 1,
 ) -> ParallelGroup:
     """Join the group (blocks until all ranks arrived) and return this rank's view.
 
@@ -182,7 +197,14 @@ def init_group(
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     store = _connect_store(rank, world_size, addr, port, timeout)
+    layout = _layout(world_size, tp_size, nnodes)
+    if rank == 0:
+        store.set(LAYOUT_KEY, layout)
+    else:
+        _check_layout(store, rank, layout, addr, port)
     store.add(JOINED_KEY, 1)
+    if rank == 0:
+        _await_ranks(store, world_size, addr, port, timeout)
     # torch names a group's store keys by a per-process counter that a failed join leaves
     # advanced; a later join from this process (LLM(...) again after a failed start) would
     # then wait on keys no fresh peer writes. Put it back on failure.
@@ -194,13 +216,8 @@ def init_group(
         )
     except dist.DistError as exc:
         world_state.group_count = group_count
-        joined = _joined(store)
-        raise RendezvousError(
-            f"rank {rank}: the group at {addr}:{port} did not complete within "
-            f"{timeout.total_seconds():.0f} s ({joined} of {world_size} ranks arrived; every "
-            "node must start with the same --nnodes and --tensor-parallel-size x "
-            f"--pipeline-parallel-size, and ${TIMEOUT_ENV} sets the wait): {_first_line(exc)}"
-        ) from None
+        raise _incomplete(rank, addr, port, timeout, _joined(store), world_size,
+                          _first_line(exc)) from None  # fmt: skip
     world = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else world
     if world_size == tp_size:  # one stage: its tensor group is the world
@@ -231,6 +248,66 @@ def _connect_store(
             f"{timeout.total_seconds():.0f} s (is node 0 started, and are --master-addr/"
             f"--master-port or $LWS_LEADER_ADDRESS its address?): {_first_line(exc)}"
         ) from None
+
+
+def _layout(world_size: int, tp_size: int, nnodes: int) -> str:
+    return (
+        f"{world_size} ranks (tensor-parallel {tp_size} x pipeline-parallel "
+        f"{world_size // tp_size}) on {nnodes} node{'s' if nnodes > 1 else ''}"
+    )
+
+
+def _check_layout(store: dist.TCPStore, rank: int, layout: str, addr: str, port: int) -> None:
+    """A rank other than 0: join only a group of the layout it was started for; else
+    leave rank 0 the reason and fail with it."""
+    store.wait([LAYOUT_KEY])  # rank 0 sets it as soon as it hosts the store
+    leader = store.get(LAYOUT_KEY).decode()
+    if leader == layout:
+        return
+    why = (
+        f"rank {rank} was started for {layout} but rank 0 at {addr}:{port} runs {leader}; "
+        "start every node with the same --nnodes, --tensor-parallel-size and "
+        "--pipeline-parallel-size"
+    )
+    store.set(REFUSED_KEY, why)
+    raise RendezvousError(why)
+
+
+def _await_ranks(
+    store: dist.TCPStore, world_size: int, addr: str, port: int, timeout: datetime.timedelta
+) -> None:
+    """Rank 0: wait until every rank reached the store with this layout, failing at once
+    when one refused it (init_process_group would wait out the timeout)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        if store.check([REFUSED_KEY]):
+            raise RendezvousError(
+                f"rank 0: the group at {addr}:{port} cannot complete: "
+                f"{store.get(REFUSED_KEY).decode()}"
+            )
+        joined = store.add(JOINED_KEY, 0)
+        if joined >= world_size:
+            return
+        if time.monotonic() > deadline:
+            raise _incomplete(0, addr, port, timeout, str(joined), world_size, "timed out")
+        time.sleep(0.02)
+
+
+def _incomplete(
+    rank: int,
+    addr: str,
+    port: int,
+    timeout: datetime.timedelta,
+    joined: str,
+    world_size: int,
+    cause: str,
+) -> RendezvousError:
+    return RendezvousError(
+        f"rank {rank}: the group at {addr}:{port} did not complete within "
+        f"{timeout.total_seconds():.0f} s ({joined} of {world_size} ranks arrived; every "
+        "node must start with the same --nnodes and --tensor-parallel-size x "
+        f"--pipeline-parallel-size, and ${TIMEOUT_ENV} sets the wait): {cause}"
+    )
 
 
 def _joined(store: dist.TCPStore) -> str:

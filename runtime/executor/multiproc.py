@@ -120,7 +120,7 @@ class MultiprocExecutor(GroupExecutor):
         self.nodes: RemoteNodes | None = None
         try:
             group = init_group(0, config.world_size, config.tensor_parallel_size, addr, port,
-                               device)  # fmt: skip
+                               device, config.nnodes)  # fmt: skip
             if config.nnodes > 1:
                 self.nodes = RemoteNodes(addr, port, config.nnodes)
             super().__init__(config, group, workers)
@@ -279,7 +279,9 @@ def run_worker(
     limit_cpu_threads(config, device)
     joining.send(rank)
     joining.close()
-    group = init_group(rank, config.world_size, config.tensor_parallel_size, addr, port, device)
+    group = init_group(
+        rank, config.world_size, config.tensor_parallel_size, addr, port, device, config.nnodes
+    )
     serve_engines(group)
     destroy_group()
 

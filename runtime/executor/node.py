@@ -10,7 +10,8 @@ contract is the single-node one.
 The node lives as long as its leader: when the leader closes the group (its server
 stopped) the node exits 0; when the leader's process is gone (its store with it) or one
 of this node's ranks dies, exit 1 (node_health.LeaderWatch). A group that never completes
-is one line and exit 1 after the rendezvous timeout.
+is one line and exit 1 after the rendezvous timeout; a leader started with another
+layout (--nnodes, sizes) is one line and exit 1 at once (parallel_state.init_group).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run_worker_node(config: EngineConfig) -> int:
     ranks = spawn_ranks(config, range(first + 1, first + local), addr, port)
     try:
         group = init_group(first, config.world_size, config.tensor_parallel_size, addr, port,
-                           device)  # fmt: skip
+                           device, config.nnodes)  # fmt: skip
     except (RendezvousError, WorkerDiedError) as exc:
         kill_ranks(ranks)
         print(f"pinnace serve: error: {exc}", file=sys.stderr)

@@ -1,11 +1,17 @@
-"""Multi-node liveness and rendezvous, in-process: heartbeats through a real TCPStore, the
-close handshake, and the one-line errors of a group that never completes."""
+"""Multi-node liveness and rendezvous: heartbeats through a real TCPStore, the close
+handshake, and the one-line errors of a group that never completes (in-process), or whose
+worker node was started with another layout than its leader (a real `pinnace serve`)."""
 
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +130,45 @@ def test_a_group_that_never_completes_is_one_line(monkeypatch: pytest.MonkeyPatc
     message = str(worker.value)
     assert "\n" not in message and f"reach rank 0's store at 127.0.0.1:{port}" in message
     assert time.monotonic() - started < 15
+
+
+def test_a_worker_node_against_a_leader_without_nnodes_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The leader (here in-process, as a TP=2 engine without --nnodes hosts it) and a real
+    worker node `pinnace serve --nnodes 2 --node-rank 1`: both fail with one line naming the
+    two layouts, well within the rendezvous timeout (20 s here, 600 s by default)."""
+    monkeypatch.setenv(TIMEOUT_ENV, "20")
+    port = free_port()
+    failed: list[BaseException] = []
+
+    def leader() -> None:
+        try:
+            init_group(0, 2, 2, "127.0.0.1", port, torch.device("cpu"))  # nnodes=1
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=leader, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    worker = subprocess.run(
+        [str(Path(sys.executable).with_name("pinnace")), "serve", str(tmp_path),
+         "--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1",
+         "--master-addr", "127.0.0.1", "--master-port", str(port)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, TIMEOUT_ENV: "20"},
+    )  # fmt: skip
+    thread.join(timeout=10)
+    assert time.monotonic() - started < 15
+    errors = [line for line in worker.stderr.splitlines() if "error" in line]
+    assert worker.returncode == 1, worker.stderr
+    assert errors == [
+        "pinnace serve: error: rank 1 was started for 2 ranks (tensor-parallel 2 x "
+        "pipeline-parallel 1) on 2 nodes but rank 0 at 127.0.0.1:"
+        f"{port} runs 2 ranks (tensor-parallel 2 x pipeline-parallel 1) on 1 node; start "
+        "every node with the same --nnodes, --tensor-parallel-size and "
+        "--pipeline-parallel-size"
+    ], worker.stderr
+    [exc] = failed
+    assert isinstance(exc, RendezvousError) and "\n" not in str(exc)
+    assert str(exc).startswith(f"rank 0: the group at 127.0.0.1:{port} cannot complete: ")
+    assert "on 2 nodes but rank 0" in str(exc)
