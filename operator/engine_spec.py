@@ -97,6 +97,12 @@ class Engine(SpecModel):
     max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
     dtype: DType = "auto"
     quantization: Quantization | None = None
+    quantize_lm_head: bool = Field(
+        default=True,
+        description="quantization int8 / fp8: also quantize the LM head and the token "
+        "embedding (the runtime's default). false keeps them in the model dtype, as vLLM "
+        "does: more weight bytes, closer to the float model's output.",
+    )
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     runner: Runner = Field(
         default="auto",
@@ -134,6 +140,17 @@ class Engine(SpecModel):
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+    # The runtime refuses the combination at start: the pod would crash-loop.
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.quantizeLmHead) || self.quantizeLmHead"
+            " || (has(self.quantization) && self.quantization in ['int8', 'fp8'])",
+            "quantizeLmHead false applies only to quantization int8 or fp8 (quantized at "
+            "load): set one of them, or remove quantizeLmHead",
+            lambda e: e.quantize_lm_head or e.quantization in ("int8", "fp8"),
+        ),
+    )
 
     @property
     def world_size(self) -> int:

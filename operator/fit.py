@@ -36,6 +36,7 @@ class ModelShape:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int | None = None
+    embedding_params: int | None = None  # LM head + token embedding (one copy when tied)
 
     def kv_bytes_per_token(self, bytes_per_value: float) -> float | None:
         if self.num_layers is None or self.num_kv_heads is None or self.head_dim is None:
@@ -65,6 +66,7 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> ModelShape:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=cfg.get("max_position_embeddings"),
+        embedding_params=embed,
     )
 
 
@@ -105,12 +107,16 @@ def estimate(llmd: LLMDeployment, shape: ModelShape) -> FitEstimate | None:
         return None
     ranks = engine.world_size  # the whole replica: one pod's GPUs, or a group's
     weight_bytes = _QUANT_BYTES.get(engine.quantization or "", _DTYPE_BYTES[engine.dtype])
+    weights = shape.num_params * weight_bytes
+    if not engine.quantize_lm_head and shape.embedding_params is not None:
+        # int8 / fp8 at load leave the LM head and the embedding in the model dtype.
+        weights += shape.embedding_params * (_DTYPE_BYTES[engine.dtype] - weight_bytes)
     kv_value_bytes = 1.0 if engine.kv_cache_dtype == "fp8" else _DTYPE_BYTES[engine.dtype]
     per_token = shape.kv_bytes_per_token(kv_value_bytes)
     seq_len = engine.max_model_len or shape.max_position_embeddings
     kv = per_token * seq_len / ranks if per_token is not None and seq_len else None
     return FitEstimate(
-        weights_bytes=shape.num_params * weight_bytes / ranks,
+        weights_bytes=weights / ranks,
         kv_bytes=kv,
         budget_bytes=float(parse_quantity(gpu.memory)) * engine.gpu_memory_utilization,
     )

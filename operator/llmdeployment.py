@@ -31,6 +31,8 @@ MANAGED_FLAGS: dict[str, str] = {
     "--enable-prefix-caching": "use engine.enablePrefixCaching",
     "--no-enable-prefix-caching": "use engine.enablePrefixCaching",
     "--quantization": "use engine.quantization",
+    "--quantize-lm-head": "use engine.quantizeLmHead",
+    "--no-quantize-lm-head": "use engine.quantizeLmHead",
     "--kv-cache-dtype": "use engine.kvCacheDtype",
     "--runner": "use engine.runner",
     "--task": "use engine.runner",

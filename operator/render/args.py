@@ -94,6 +94,8 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     args.append(f"--{prefix_caching}-prefix-caching")
     if engine.quantization is not None:
         args += ["--quantization", engine.quantization]
+    if not engine.quantize_lm_head:  # only where set: the default rolls no pods
+        args.append("--no-quantize-lm-head")
     args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.runner != "auto":  # auto is the runtime's default: pods need not roll
         args += ["--runner", engine.runner]

@@ -99,6 +99,7 @@ def test_every_model_field_is_in_the_crd_and_nothing_else() -> None:
         ".spec.model.revision",
         ".spec.model.credentialsSecretRef",
         ".spec.engine.quantization",
+        ".spec.engine.quantizeLmHead",
         ".spec.engine.kvCacheDtype",
         ".spec.engine.runner",
         ".spec.engine.maxNumSeqs",

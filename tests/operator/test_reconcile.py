@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pinnace.operator.client import ApiError, HttpKubeClient
 from pinnace.operator.llmdeployment import parse_llmdeployment
@@ -15,6 +17,7 @@ DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/qwen-chat"
 SERVICE = "/api/v1/namespaces/ml/services/qwen-chat"
 PVC = "/api/v1/namespaces/ml/persistentvolumeclaims/qwen-chat-cache"
 PDB = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/qwen-chat"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(cluster: Any, client: HttpKubeClient, path: str) -> Any:
@@ -137,6 +140,51 @@ def test_invalid_spec_is_degraded_and_rolls_nothing_out(
     before = len(cluster.requests())
     run(cluster, kube_client, path)
     assert cluster.writes(since=before) == []  # no retry storm of status writes either
+
+
+def _without_cel_rules(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _without_cel_rules(v) for k, v in node.items() if k != "x-kubernetes-validations"
+        }
+    return [_without_cel_rules(v) for v in node] if isinstance(node, list) else node
+
+
+def test_a_rule_the_api_server_skipped_degrades_before_any_pod_runs(
+    cluster: Any, kube_client: HttpKubeClient
+) -> None:
+    """A cluster that does not evaluate the CRD's CEL rules (Kubernetes before 1.25) stores
+    quantizeLmHead false without int8/fp8, which the runtime refuses at start: the operator's
+    copy of the rule refuses it instead of rendering a crash-looping pod."""
+    cluster.apply_crd(
+        _without_cel_rules(
+            yaml.safe_load((REPO / "crds" / "pinnace.dev_llmdeployments.yaml").read_text())
+        )
+    )
+    body = yaml.safe_load((REPO / "examples" / "gpu.yaml").read_text())
+    body["spec"]["engine"]["quantizeLmHead"] = False
+    path = f"/apis/pinnace.dev/v1alpha1/namespaces/ml/llmdeployments/{body['metadata']['name']}"
+    cluster.post(path.rsplit("/", 1)[0], body)
+    result = run(cluster, kube_client, path)
+    message = (
+        "spec.engine: quantizeLmHead false applies only to quantization int8 or fp8 "
+        "(quantized at load): set one of them, or remove quantizeLmHead"
+    )
+    assert result.error is not None and str(result.error) == message
+    assert cluster.get(DEPLOYMENT) is None
+    degraded = next(c for c in cluster.get(path)["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == (
+        "True",
+        "InvalidSpec",
+        message,
+    )
+    # The user quantizes at load: the head stays in floats and the resource recovers.
+    assert cluster.patch(path, {"spec": {"engine": {"quantization": "int8"}}}).status_code == 200
+    assert run(cluster, kube_client, path).error is None
+    args = cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-quantize-lm-head" in args and args[args.index("--quantization") + 1] == "int8"
+    degraded = next(c for c in cluster.get(path)["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "False"
 
 
 def test_switching_modes_prunes_only_owned_children(

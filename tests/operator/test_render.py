@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import yaml
 from pinnace.cli.main import build_parser
 from pinnace.cli.serve import build_config
 from pinnace.operator import names
-from pinnace.operator.llmdeployment import LLMDeployment, parse_llmdeployment
+from pinnace.operator.engine_spec import Quantization
+from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import render_all, render_deployment, render_workload
+from pinnace.runtime.config import EngineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -130,6 +133,38 @@ def test_runner_flag_only_when_chosen() -> None:
     assert flag(args, "--runner") == "pooling"
     # auto is the runtime's own default: not rendered, so existing pods do not roll
     assert "--runner" not in container(render_deployment(example("minimal-cpu")))["args"]
+
+
+def test_lm_head_flag_only_when_kept_in_floats() -> None:
+    llmd = example("gpu", engine={"quantization": "int8", "quantizeLmHead": False})
+    args = container(render_deployment(llmd))["args"]
+    assert "--no-quantize-lm-head" in args
+    config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
+    assert (config.quantization, config.quantize_lm_head) == ("int8", False)
+    # true is the runtime's own default: not rendered, so existing pods do not roll
+    for default in (example("pvc-model"), example("gpu")):  # fp8; no quantization
+        assert not any(
+            "quantize-lm-head" in a for a in container(render_deployment(default))["args"]
+        )
+
+
+@pytest.mark.parametrize("quantization", [None, *typing.get_args(Quantization)])
+def test_lm_head_in_floats_is_refused_where_the_runtime_refuses_it(
+    quantization: str | None, tmp_path: Path
+) -> None:
+    engine = {"quantizeLmHead": False, **({"quantization": quantization} if quantization else {})}
+    try:
+        example("gpu", engine=engine)
+        operator_runs = True
+    except SpecError as err:
+        assert str(err).startswith("spec.engine: quantizeLmHead false applies only to")
+        operator_runs = False
+    try:
+        EngineConfig(model=str(tmp_path), quantization=quantization, quantize_lm_head=False)
+        runtime_runs = True
+    except ValueError:
+        runtime_runs = False
+    assert operator_runs == runtime_runs == (quantization in ("int8", "fp8"))
 
 
 def test_speculative_decoding_renders_vllms_json() -> None:

@@ -141,6 +141,15 @@ def test_fit_estimate_counts_weights_kv_and_tensor_parallelism() -> None:
     assert fits is not None and fits.fits
     assert fits.weights_bytes == pytest.approx(shape.num_params * 2)
     assert fits.kv_bytes == 2 * 28 * 2 * 128 * 2 * 32768
+    # int8 halves the weights; a head kept in bf16 (tied: one copy) adds back its bytes.
+    int8 = estimate(llmd({"count": 1, "memory": "24Gi"}, {"quantization": "int8"}), shape)
+    head = estimate(
+        llmd({"count": 1, "memory": "24Gi"}, {"quantization": "int8", "quantizeLmHead": False}),
+        shape,
+    )
+    assert int8 is not None and head is not None
+    assert int8.weights_bytes == pytest.approx(shape.num_params)
+    assert head.weights_bytes - int8.weights_bytes == pytest.approx(151936 * 1536)
     tiny = estimate(llmd({"count": 1, "memory": "2Gi"}, {}), shape)
     assert tiny is not None and not tiny.fits and "needs ~" in tiny.describe()
     big = ModelShape(num_params=70_000_000_000)
