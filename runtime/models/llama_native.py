@@ -109,8 +109,10 @@ class NativeLlamaDecode:
             # prompt chunk): one kernel row per token, attending causally up to its own
             # position. The kernel writes every row's K/V of a layer before any row
             # attends, so a token sees the ones before it in the same step.
+            # Its length is its index in the table (computed + j), which the draft's
+            # catch-up (tables from the first kept block) keeps apart from its position.
             tables = tables.index_select(0, meta.q_scatter // meta.max_q)
-            seq_lens = positions.to(torch.int64) + 1
+            seq_lens = meta.q_pos.reshape(-1).index_select(0, meta.q_scatter) + 1
         self.kernel.run(
             self._model,
             self._layer_structs,

@@ -33,6 +33,12 @@ computed = its leading run of valid hit blocks and catches up the rest. Catch-up
 step are capped at `max_catch_up_tokens`; a request whose catch-up does not fit goes on
 next step, without proposals this one.
 
+Sliding window: the KV manager releases a request's blocks outside the window of its
+target-computed count, so a catch-up longer than the window starts at the first kept
+block and attends from there on (each draft forward's tables begin at that block): its
+first window of rows sees fewer keys than the target's did, never a released block's
+(whose id is a placeholder, or by now another request's).
+
 A greedy draft is a one-hot proposal distribution: verification is exact for greedy
 requests and keeps the target's distribution for sampled ones. A wrong draft KV costs
 acceptance, never correctness.
@@ -211,8 +217,9 @@ class DraftModelProposer:
         kept = self._first_kept_position(item)
         if start < kept:
             # Outside the window its blocks are released: the draft starts at the first
-            # kept block (its first window of keys reads released positions: acceptance
-            # may dip, outputs do not change).
+            # kept block, and its attention reaches no further back (_run), so the rows of
+            # its first window see fewer keys than the target's did (acceptance may dip,
+            # outputs do not change).
             start = kept
             state.marked = max(state.marked, kept // self.block_size)
         catch_up = max(0, min(item.num_computed_tokens, end) - start)
@@ -262,10 +269,15 @@ class DraftModelProposer:
         query_lens = [piece.end - piece.start for piece in pieces]
         if inputs is not None:
             self.counters.num_decode_tokens += len(ids)
+        # Each table starts at the request's first kept block: the entries before it are
+        # placeholders of released blocks (another request's KV by now), which a catch-up
+        # row's window would otherwise reach. Attention indexes keys from the table's
+        # start; positions (rotary) stay absolute, so in-window scores are unchanged.
+        skip = [self._first_kept_position(piece.item) // bs for piece in pieces]
         layout = BatchLayout(
             query_lens=query_lens,
-            num_computed_tokens=[piece.start for piece in pieces],
-            block_tables=[piece.item.block_ids for piece in pieces],
+            num_computed_tokens=[p.start - n * bs for p, n in zip(pieces, skip, strict=True)],
+            block_tables=[p.item.block_ids[n:] for p, n in zip(pieces, skip, strict=True)],
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             device=dev,

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from pinnace.runtime import LLM, SamplingParams
+from pinnace.runtime.core.kv_cache_manager import RELEASED_BLOCK_ID
+from pinnace.runtime.core.outputs import ScheduledRequest
 from pinnace.runtime.engine.llm_engine import LLMEngine
 from pinnace.runtime.spec_decode.draft_model_proposer import DraftModelProposer
 
@@ -124,3 +128,89 @@ def test_prefix_hits_on_blocks_the_draft_skipped_are_caught_up_and_valid_ones_re
     assert draft.counters.num_catch_up_tokens == caught_up
     sd = llm.llm_engine.stats().spec_decoding
     assert 0 < sd.num_accepted_tokens == sd.num_draft_tokens
+
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A 2-layer Mistral whose every layer has an 8-token window, so the KV manager
+    releases the blocks outside it (vocabulary 512, the real tokenizer)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=WINDOW, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+        architectures=["MistralForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("windowed")
+    MistralForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_catch_up_past_the_window_reads_no_released_block(windowed: Path, dtype: str) -> None:
+    """A request whose draft lags 36 tokens (skipped steps) under a window of 8: its first
+    7 blocks are released, their table entries the placeholder id, whose block holds
+    another request's draft KV. What the catch-up writes and proposes must not depend on
+    that block (noise or zeros there: the same draft KV and proposals). Then a 4-row
+    catch-up (rejected proposals), which bfloat16 runs in the native Llama decode."""
+    spec = {"model": str(windowed), "num_speculative_tokens": 3}
+    llm = LLM(str(windowed), dtype=dtype, block_size=4, num_kv_blocks=32, speculative_config=spec)
+    draft = _draft(llm.llm_engine)
+    assert draft.sliding_window == WINDOW
+    prompt = [3 + 37 * i % 500 for i in range(40)]
+    table = [RELEASED_BLOCK_ID] * 7 + [20, 21, 22, 23]  # 36 - 8 + 1 = 29: block 7 on kept
+    item = ScheduledRequest("a", prompt[36:], 36, table, _greedy(8), needs_sample=True,
+                            prompt_token_ids=prompt)  # fmt: skip
+
+    def catch_up(fill: Callable[[torch.Tensor], object]) -> tuple[list[int], list[torch.Tensor]]:
+        for cache in draft.kv_caches:
+            fill(cache)
+        draft.valid_blocks[:] = bytes(len(draft.valid_blocks))
+        draft.begin_step([item], gone={"a"})  # a fresh state: nothing draft-computed
+        proposals = draft.propose([item], [[77]])[0]  # rows 28..40
+        draft._states["a"].computed, draft._states["a"].tail = 37, []
+        proposals += draft.propose([item], [[77]])[0]  # rows 37..40
+        return proposals, [cache[:, 20:23].float() for cache in draft.kv_caches]
+
+    gen = torch.Generator().manual_seed(0)
+    noise = catch_up(lambda c: c.copy_(torch.randn(c.shape, generator=gen)))
+    zeros = catch_up(lambda c: c.zero_())
+    assert draft.counters.num_catch_up_tokens == 2 * (36 - 28)  # from the first kept block
+    assert len(noise[0]) == 6 and noise[0] == zeros[0]
+    for layer, (a, b) in enumerate(zip(noise[1], zeros[1], strict=True)):
+        assert torch.equal(a, b), f"draft layer {layer}: the catch-up read a released block"
+
+
+def test_greedy_outputs_with_a_windowed_draft_that_catches_up(
+    windowed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine: two requests sampling (above disable_by_batch_size=1, no draft)
+    until the short one ends, then the long one's draft catches up past the window over
+    blocks released and reused meanwhile; the tokens are those without speculation."""
+    prompts = [[3 + 37 * i % 500 for i in range(10)], [5 + 11 * i % 500 for i in range(30)]]
+    params = [_greedy(40), _greedy(24)]
+    base = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    spec = {"model": str(windowed), "num_speculative_tokens": 3, "disable_by_batch_size": 1}
+    llm = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32,
+              speculative_config=spec)  # fmt: skip
+    draft = _draft(llm.llm_engine)
+    piece = draft._piece
+    behind: list[int] = []  # per piece: how far the draft was behind the first kept block
+
+    def recording(item: ScheduledRequest, *args: Any) -> Any:
+        behind.append(draft._first_kept_position(item) - (draft.draft_computed(item.req_id) or 0))
+        return piece(item, *args)
+
+    monkeypatch.setattr(draft, "_piece", recording)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert max(behind) > WINDOW  # a catch-up over released blocks
+    assert llm.llm_engine.core.scheduler.kv.num_released_blocks > 0
+    assert llm.llm_engine.stats().spec_decoding.num_draft_tokens > 0
