@@ -27,6 +27,7 @@ import torch
 import zmq
 
 from pinnace.runtime.config import EngineConfig
+from pinnace.runtime.distributed.parallel_state import RendezvousError
 from pinnace.runtime.engine.core_loop import CoreLoop
 from pinnace.runtime.engine.core_messages import (
     Codec,
@@ -98,7 +99,9 @@ def run_engine_core(
     try:
         try:
             core = EngineCore(config)
-        except (ValueError, FileNotFoundError) as exc:  # the user's to fix: no traceback
+        except (ValueError, FileNotFoundError, RendezvousError) as exc:
+            # The user's to fix (a bad flag, a missing path, nodes started with other
+            # layouts or not at all): one line, no traceback.
             emit(CoreDead(str(exc), type(exc).__name__))
             events.close(linger=1000)
             sys.exit(USER_ERROR_EXIT)
