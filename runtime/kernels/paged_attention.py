@@ -195,3 +195,66 @@ def rope_decode_attention() -> RopeAttend | None:
         return out
 
     return rope_attend
+
+
+RopeWrite = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+     torch.Tensor, int, int],
+    torch.Tensor,
+]  # fmt: skip
+
+
+@functools.cache
+def rope_write() -> RopeWrite | None:
+    """Rotary on q and k (bit-equal to RotaryEmbedding.rotate) and the k/v write to the
+    cache for every token of a step, without attention; None where unavailable.
+
+        q = rope_write(qkv, positions, cos, sin, write_rows, k_rows, v_rows, num_heads,
+                       num_kv_heads)
+
+    Arguments as rope_decode_attention's, for any number of tokens per request. Returns
+    the rotated queries, bfloat16 [T, H, D].
+    """
+    if not set(BF16_DOT_FLAGS) <= build.cpu_flags():
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = build.native_function(
+        "paged_decode_attention", REQUIRED_CPU_FLAGS + BF16_DOT_FLAGS,
+        "pinnace_rope_write_bf16",
+        [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int],
+        ctypes.c_int,
+    )  # fmt: skip
+    if fn is None:
+        return None
+
+    def write(
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_rows: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        tokens, head_dim = qkv.shape[0], cos.shape[-1]
+        if (
+            qkv.stride(1) != 1
+            or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
+            or not (cos.is_contiguous() and sin.is_contiguous())
+            or cos.dtype != torch.float32
+            or sin.dtype != torch.float32
+        ):
+            raise ValueError("rope write kernel: unsupported qkv or tables")
+        q_out = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
+        status = fn(
+            qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            write_rows.data_ptr(), q_out.data_ptr(), k_rows.data_ptr(), v_rows.data_ptr(),
+            tokens, num_heads, num_kv_heads, head_dim, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"rope write kernel: unsupported shape {tuple(q_out.shape)}")
+        return q_out
+
+    return write

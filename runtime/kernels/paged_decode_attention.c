@@ -434,4 +434,20 @@ int pinnace_rope_decode_bf16dp(const uint16_t* qkv, int64_t qkv_stride, const in
     return decode_dp(&rope, q_out, k_cache, v_cache, block_tables, max_blocks, seq_lens, B, H,
                      Hkv, D, bs, scale, window, out, threads);
 }
+
+/* Rotary on q and k and the K/V write of every token of a step, without attention: a
+ * prefill step's attention runs after (SDPA, or the kernel above with one row per token).
+ * The same roundings as pinnace_rope_decode_bf16dp, in one parallel pass over the tokens
+ * instead of PyTorch's roll, products, sum and two index copies, each over the whole step.
+ * q_out: [T, H, D]. D must be a multiple of 32; -1 otherwise. */
+int pinnace_rope_write_bf16(const uint16_t* qkv, int64_t qkv_stride, const int64_t* positions,
+                            const float* cos, const float* sin, const int64_t* write_rows,
+                            uint16_t* q_out, uint16_t* k_cache, uint16_t* v_cache, int64_t T,
+                            int64_t H, int64_t Hkv, int64_t D, int threads) {
+    if (D % 32 || D > 256) return -1;
+    const rope_args rope = {qkv, qkv_stride, positions, cos, sin, write_rows, q_out};
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < T; t++) rope_write_token(&rope, t, H, Hkv, D, k_cache, v_cache);
+    return 0;
+}
 #pragma GCC pop_options

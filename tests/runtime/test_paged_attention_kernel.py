@@ -5,6 +5,7 @@ both variants (AVX-512 BF16 dot products, plain AVX-512)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -18,9 +19,13 @@ from pinnace.runtime.kernels.paged_attention import (
     RopeAttend,
     paged_decode_attention,
     rope_decode_attention,
+    rope_write,
 )
 from pinnace.runtime.layers.attention import AttentionBackend, BatchLayout
-from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
+from pinnace.runtime.layers.attention.cpu_backend import (
+    CPUDecodeAttentionBackend,
+    per_token_pays,
+)
 from pinnace.runtime.layers.attention.fp8_kv import write_kv
 from pinnace.runtime.layers.attention.torch_backend import TorchAttentionBackend
 from pinnace.runtime.layers.rotary import RotaryEmbedding
@@ -209,7 +214,8 @@ def test_mixed_step_splits_decode_rows_to_the_kernel(attend: Attend) -> None:
         return attend(q_rows, *args)  # type: ignore[arg-type]
 
     outs, caches = [], []
-    for backend in (CPUDecodeAttentionBackend(kv_heads, spy), TorchAttentionBackend(kv_heads)):
+    split_only = CPUDecodeAttentionBackend(kv_heads, spy, per_token=False)
+    for backend in (split_only, TorchAttentionBackend(kv_heads)):
         kv_cache = cache.clone()
         meta = backend.build_metadata(layout)
         outs.append(backend.forward(q, k, v, kv_cache, meta, dim**-0.5, None))
@@ -224,9 +230,49 @@ def test_mixed_step_splits_decode_rows_to_the_kernel(attend: Attend) -> None:
 
     # Where the kernel does not apply (soft-capped scores), the step stays unsplit.
     calls.clear()
-    backend = CPUDecodeAttentionBackend(kv_heads, spy)
-    backend.forward(q, k, v, cache.clone(), backend.build_metadata(layout), dim**-0.5, None, 30.0)
+    for per_token in (False, True):
+        backend = CPUDecodeAttentionBackend(kv_heads, spy, per_token=per_token)
+        meta = backend.build_metadata(layout)
+        backend.forward(q, k, v, cache.clone(), meta, dim**-0.5, None, 30.0)
     assert not calls
+
+
+def test_short_context_step_goes_row_by_row_to_the_kernel(attend: Attend) -> None:
+    """Where the contexts are short, the whole mixed step is one kernel call with a row per
+    token (keys up to its own position): same K/V as the torch backend, output within
+    bf16 of its padded SDPA. A step of long prompts stays on SDPA."""
+    kv_heads, dim, bs = 3, 64, 16
+    layout, q, k, v, cache = _mixed_step(torch.bfloat16, kv_heads, dim, bs)
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def spy(q_rows: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append((q_rows.clone(), args[2], args[3]))
+        return attend(q_rows, *args)
+
+    outs, caches = [], []
+    for backend in (CPUDecodeAttentionBackend(kv_heads, spy), TorchAttentionBackend(kv_heads)):
+        kv_cache = cache.clone()
+        meta = backend.build_metadata(layout)
+        outs.append(backend.forward(q, k, v, kv_cache, meta, dim**-0.5, None))
+        caches.append(kv_cache)
+    assert len(calls) == 1 and torch.equal(calls[0][0], q)
+    # Each row's position + 1: the 5-token chunk covers positions 4..8, the 3 rows 17..19.
+    assert calls[0][2].tolist() == [37, 5, 6, 7, 8, 9, 5, 18, 19, 20, 12]
+    assert calls[0][1][1].tolist() == calls[0][1][5].tolist()  # rows of one request
+    assert torch.equal(caches[0], caches[1])
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.03, atol=0.02)
+
+    long_prompt = BatchLayout(
+        query_lens=[300],
+        num_computed_tokens=[0],
+        block_tables=[list(range(19))],
+        block_size=bs,
+        slot_mapping=torch.arange(300),
+        device=torch.device("cpu"),
+    )
+    assert not per_token_pays(long_prompt)
+    meta = CPUDecodeAttentionBackend(kv_heads, spy).build_metadata(long_prompt)
+    assert meta.per_token is None and meta.from_scratch
 
 
 def test_mixed_step_float32_is_the_unsplit_path(attend: Attend) -> None:
@@ -235,7 +281,7 @@ def test_mixed_step_float32_is_the_unsplit_path(attend: Attend) -> None:
     kv_heads, dim, bs = 2, 32, 8
     layout, q, k, v, cache = _mixed_step(torch.float32, kv_heads, dim, bs)
     outs = []
-    native = CPUDecodeAttentionBackend(kv_heads, attend)
+    native = CPUDecodeAttentionBackend(kv_heads, attend, per_token=False)
     for backend in (native, TorchAttentionBackend(kv_heads)):
         meta = backend.build_metadata(layout)
         outs.append(backend.forward(q, k, v, cache.clone(), meta, dim**-0.5, 4))
@@ -299,3 +345,62 @@ def test_rope_decode_equals_rotate_write_then_attend(
         q_rot, expected_cache[0], expected_cache[1], tables, lens, kv_heads, bs, scale, window
     )
     assert torch.equal(out, expected)
+
+
+def test_rope_write_equals_rotate_then_write(native_kernel: Callable[..., Any]) -> None:
+    """A prefill step's native rotary + K/V write: q and the cache bit-equal to
+    RotaryEmbedding.rotate and write_kv, for several tokens per request from a strided qkv."""
+    write = native_kernel(rope_write, REQUIRED_CPU_FLAGS + BF16_DOT_FLAGS)
+    heads, kv_heads, dim, bs, tokens = 6, 2, 64, 8, 21
+    g = torch.Generator().manual_seed(4)
+    width = (heads + 2 * kv_heads) * dim
+    qkv = (torch.randn(tokens, width + 32, generator=g) * 3).bfloat16()[:, :width]
+    positions = torch.cat((torch.arange(3, 16), torch.arange(8)))  # a chunk and a prompt
+    slots = torch.randperm(8 * bs, generator=g)[:tokens]
+    write_rows = (((slots // bs) * kv_heads)[:, None] + torch.arange(kv_heads)) * bs
+    write_rows = (write_rows + (slots % bs)[:, None]).reshape(-1)
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, head_dim=dim)
+    rotary = RotaryEmbedding(config, dim, max_positions=32)
+    cache = torch.zeros(2, 8 * kv_heads, bs * dim, dtype=torch.bfloat16)
+
+    written = cache.clone()
+    q = write(qkv, positions, rotary.cos, rotary.sin, write_rows, written[0], written[1],
+              heads, kv_heads)  # fmt: skip
+
+    qk = rotary.rotate(positions, qkv[:, : (heads + kv_heads) * dim].reshape(tokens, -1, dim))
+    q_rot, k_rot = qk.split([heads, kv_heads], dim=1)
+    expected = cache.clone()
+    write_kv(expected[0].view(-1, dim), write_rows, k_rot.reshape(-1, dim))
+    v = qkv[:, (heads + kv_heads) * dim :].reshape(-1, dim)
+    write_kv(expected[1].view(-1, dim), write_rows, v)
+    assert torch.equal(q, q_rot)
+    assert not torch.equal(expected, cache)
+    assert torch.equal(written, expected)
+
+
+def test_prompts_from_scratch_are_causal_sdpa_without_a_mask() -> None:
+    """Prompts with no KV before the step take SDPA's is_causal; their rows equal the
+    masked call's (float32, padded to the longest prompt, blocks scattered)."""
+    kv_heads, heads, dim, bs, lens = 2, 4, 32, 4, [5, 3, 8]
+    _, cache, tables = _paged_problem(lens, heads, kv_heads, dim, bs, seed=2)
+    slots = [int(tables[b, p // bs]) * bs + p % bs for b, n in enumerate(lens) for p in range(n)]
+    layout = BatchLayout(
+        query_lens=lens,
+        num_computed_tokens=[0, 0, 0],
+        block_tables=[t.tolist() for t in tables],
+        block_size=bs,
+        slot_mapping=torch.tensor(slots),
+        device=torch.device("cpu"),
+    )
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(sum(lens), n, dim, generator=g) for n in (heads, kv_heads, kv_heads))
+    backend, kv_cache = TorchAttentionBackend(kv_heads), cache.float().view(2, -1, kv_heads, dim)
+    outs = []
+    for from_scratch in (True, False):
+        meta = backend.build_metadata(layout)
+        assert meta.from_scratch
+        meta.from_scratch = from_scratch
+        outs.append(backend.forward(q, k, v, kv_cache.clone(), meta, dim**-0.5, None))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    layout.num_computed_tokens = [0, 1, 0]
+    assert not backend.build_metadata(layout).from_scratch

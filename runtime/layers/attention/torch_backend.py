@@ -44,6 +44,9 @@ class TorchAttentionMetadata:
     causal_mask: torch.Tensor  # [B, 1, max_q, L] without sliding window
     block_tables: torch.Tensor  # [B, n_blk] int64, for the native decode kernel
     seq_lens: torch.Tensor  # [B] int64
+    # No request has KV before this step: its padded queries j see keys 0..j of its own
+    # gathered context, which is SDPA's is_causal (top-left aligned), no mask needed.
+    from_scratch: bool = False
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _kv_rows: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -120,6 +123,7 @@ class TorchMetadataBuilder(AttentionMetadataBuilder):
             causal_mask=mask[:, None].to(dev),
             block_tables=tables.to(dev),
             seq_lens=seq_t.to(dev),
+            from_scratch=not any(layout.num_computed_tokens),
         )
 
 
@@ -191,6 +195,13 @@ class TorchAttentionBackend(AttentionBackend):
         q_pad = q[m.q_gather].view(num_reqs, m.max_q, num_heads, head_dim).transpose(1, 2)
         if softcap is not None:
             out = _capped_attention(q_pad, k_ctx, v_ctx, m.hidden(sliding_window), scale, softcap)
+        elif m.from_scratch and sliding_window is None:
+            # About half the time of the masked call at 2048 tokens (its causal blocks are
+            # skipped, no mask converted); padded rows past a request's own keys are dropped.
+            out = F.scaled_dot_product_attention(
+                q_pad, k_ctx, v_ctx, is_causal=True, scale=scale,
+                enable_gqa=num_heads != k_ctx.shape[1],
+            )  # fmt: skip
         else:
             out = F.scaled_dot_product_attention(
                 q_pad,
