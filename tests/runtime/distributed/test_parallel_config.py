@@ -124,7 +124,10 @@ def test_a_cuda_rank_makes_its_own_gpu_current_before_joining(
         lambda backend, **kw: calls.append(("init", backend)),
     )
     monkeypatch.setattr(parallel_state.dist, "new_group", lambda **kw: "cpu group")
-    store = SimpleNamespace(add=lambda key, amount: amount)  # no rank 0 to reach here
+    # No rank 0 to reach here: a store that has its layout.
+    layout = parallel_state._layout(4, 4, 2).encode()
+    store = SimpleNamespace(add=lambda key, amount: amount, wait=lambda keys: None,
+                            get=lambda key: layout)  # fmt: skip
     monkeypatch.setattr(parallel_state, "_connect_store", lambda *args: store)
     config = EngineConfig(model="m", tensor_parallel_size=4, nnodes=2, node_rank=1,
                           master_addr="leader", device="cpu")  # fmt: skip
@@ -132,5 +135,5 @@ def test_a_cuda_rank_makes_its_own_gpu_current_before_joining(
     monkeypatch.setattr(multiproc, "resolve_device", lambda name: torch.device(name))
     device = multiproc.rank_device(config, 3)  # node 1's second rank
     assert device == torch.device("cuda", 1)
-    parallel_state.init_group(3, 4, 4, "leader", 29500, device)
+    parallel_state.init_group(3, 4, 4, "leader", 29500, device, config.nnodes)
     assert calls == [("set_device", device), ("init", "nccl")]
