@@ -191,8 +191,10 @@ def test_greedy_outputs_with_a_windowed_draft_that_catches_up(
     windowed: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the engine: two requests sampling (above disable_by_batch_size=1, no draft)
-    until the short one ends, then the long one's draft catches up past the window over
-    blocks released and reused meanwhile; the tokens are those without speculation."""
+    until the short one ends, then the long one's draft catches up from more than a window
+    behind, its early blocks released meanwhile; the tokens are those without speculation
+    (the verification kept them so before the fix too: the test above is the one that
+    fails without it)."""
     prompts = [[3 + 37 * i % 500 for i in range(10)], [5 + 11 * i % 500 for i in range(30)]]
     params = [_greedy(40), _greedy(24)]
     base = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32)
