@@ -1,4 +1,4 @@
-/* bfloat16 matmul for decode (1-8 activation rows; 2-32 with AMX), x86-64 with AVX-512 BF16.
+/* bfloat16 matmul for decode (1-8 activation rows; 2-64 with AMX), x86-64 with AVX-512 BF16.
  *
  *   y[m, n] = bf16( sum_k x[m, k] * w[n, k] + bias[n] )   x: bf16 [M, K]   w: bf16 [N, K]
  *
@@ -29,7 +29,8 @@
  * and the 16 x M float32 sums tile C, so y^T = W x^T needs no packed copy of the weights.
  * 17-32 rows: two B tiles (rows 0-15 and the rest) and two C tiles per weight tile, so
  * each weight tile is still loaded once for every row; with 2 A tiles that is all 8 tiles,
- * and a block is 2 weight tiles (4 with 16 rows or fewer, one B tile).
+ * and a block is 2 weight tiles (4 with 16 rows or fewer, one B tile). 33-64 rows: the
+ * 17-32 arrangement twice over each block (see "Past 32 activation rows" below).
  * Sums are float32 in the unit's own order (denormal inputs read as zero), like above.
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
@@ -138,9 +139,10 @@ static inline __attribute__((always_inline)) void block(
 #define AMX_ROWS 16     /* weight rows per tile */
 #define AMX_TILES 4     /* C tiles per block: 64 weight rows */
 #define AMX_COLS 16     /* activation rows per B and C tile (16 x 4-byte columns) */
-#define AMX_MAX 32      /* the most activation rows: two B tiles, two C tiles per weight tile */
+#define AMX_MAX 64      /* the most activation rows: two passes of 32 (below) */
+#define AMX_PASS 32     /* activation rows per pass past 16: two B tiles, two C tiles */
 #define AMX_TILES_2 2   /* weight tiles per block past AMX_COLS rows: 4 C tiles, 2 A, 2 B */
-#define AMX_STACK_X 16384  /* activation elements copied on the stack; more: malloc */
+#define AMX_STACK_X 16384  /* activation elements copied on the stack; more: the heap */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -162,11 +164,13 @@ typedef struct {
 
 /* Up to 16 rows: tiles 0-3 C (16 weight rows x M float32 sums), 4-5 A (16 weight rows x
  * 32 elements), 6 B (16 element pairs x M rows). 17-32 rows: B 6 takes rows 0-15 and B 7
- * rows 16 .. M - 1; weight tile 4 sums into C 0 (rows 0-15) and 1 (the rest), 5 into 2, 3. */
+ * rows 16 .. M - 1; weight tile 4 sums into C 0 (rows 0-15) and 1 (the rest), 5 into 2, 3.
+ * Past 32 rows the same, every B and C tile 16 rows wide (the activations padded). */
 static void amx_configure(int64_t M) {
     TileConfig c = {0};
     c.palette = 1;
-    const int64_t lo = M <= AMX_COLS ? M : AMX_COLS, hi = M - lo;
+    const int64_t cols = M <= AMX_PASS ? M : AMX_PASS;
+    const int64_t lo = cols <= AMX_COLS ? cols : AMX_COLS, hi = cols - lo;
     for (int t = 0; t < 8; t++) {
         c.rows[t] = 16;
         c.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * ((t & 1) && t != 6 && hi ? hi : lo));
@@ -175,16 +179,16 @@ static void amx_configure(int64_t M) {
     _tile_loadconfig(&c);
 }
 
-/* Sums (tile C stored as [16][M] float32) + bias -> y[m, n0 .. n0 + 15], bf16: per
- * activation row one gather of its column, one rounding (nearest even) and a 32-byte store. */
-static inline void amx_write(const float* c, int64_t M, const uint16_t* bias, int64_t N,
-                             int64_t n0, uint16_t* y) {
+/* Sums (tile C stored as [16][ld] float32, ld >= M) + bias -> y[m, n0 .. n0 + 15], bf16:
+ * per activation row one gather of its column, one rounding (nearest even), a 32-byte store. */
+static inline void amx_write(const float* c, int64_t ld, int64_t M, const uint16_t* bias,
+                             int64_t N, int64_t n0, uint16_t* y) {
     const __m512 b = bias != NULL ? _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(bias + n0))), 16))
                                   : _mm512_setzero_ps();
     const __m512i rows = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)M));
+        _mm512_set1_epi32((int)ld));
     for (int64_t m = 0; m < M; m++) {
         const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, c + m, 4), b);
         _mm256_storeu_si256((__m256i*)(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
@@ -224,60 +228,101 @@ static inline __attribute__((always_inline)) void amx_block(
         _tile_stored(2, c[2], 4 * M);
         _tile_stored(3, c[3], 4 * M);
     }
-    for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
+    for (int t = 0; t < T; t++) amx_write(c[t], M, M, bias, N, n0 + t * AMX_ROWS, y);
 }
 
-/* 17-32 activation rows: T (1 or AMX_TILES_2) tiles of 16 weight rows from n0, each
- * loaded once and multiplied with both B tiles (rows 0-15 and 16 .. M - 1). */
-static inline __attribute__((always_inline)) void amx_block_2(
-    const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int T,
-    const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch) {
+/* Past 32 activation rows, four C tiles hold 16 weight rows x 64 activation rows, which
+ * leaves one A tile: each step would load 4 B tiles per weight tile (5 loads per 4
+ * products; the loads, not the products or memory, then set the pace). Instead a block of
+ * 2 weight tiles takes two passes of the 17-32 row arrangement (one load per product):
+ * rows 0-31 with the weights from memory, then the rest with the same 32 weight rows again
+ * from L1/L2 (2 * 16 * K * 2 bytes), so memory still sees each weight byte once per call.
+ * There the activations are padded with zero rows to 48 or 64, so every tile is 16 x 64
+ * bytes. The kernel alone, 1 thread, 49152 x 576, best of 9 alternating runs, GB/s at
+ * 33/48/64 rows: 5 loads per 4 products 12.2/11.7/9.2, two passes 14.1/14.0/12.0. */
+
+/* One pass: T (1 or AMX_TILES_2) weight tiles from a against H (1 or 2) B tiles of
+ * activation rows from g0, each loaded once per step and multiplied with each other (C
+ * 2t + h); the sums go to c[t] ([16][ld] float32) from column g0. xp: [K / 2][ld][2]. */
+static inline __attribute__((always_inline)) void amx_pass(
+    const uint16_t* xp, int64_t ld, int64_t g0, int H, int64_t K, const uint16_t* a, int T,
+    float (*c)[AMX_ROWS * AMX_MAX], const char* prefetch) {
     const int64_t stride = 2 * K;
-    const uint16_t* a = w + n0 * K;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (T > 1) { _tile_zero(2); _tile_zero(3); }
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t k = 0; k < K; k += 32) {
         if (prefetch != NULL) {
             const char* p = prefetch + 2 * AMX_ROWS * T * k;
             for (int i = 0; i < AMX_ROWS * T; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
         }
-        _tile_loadd(6, xp + k * M, 4 * M);
-        _tile_loadd(7, xp + k * M + 2 * AMX_COLS, 4 * M);
+        _tile_loadd(6, xp + k * ld + 2 * g0, 4 * ld);
+        if (H > 1) _tile_loadd(7, xp + k * ld + 2 * (g0 + AMX_COLS), 4 * ld);
         _tile_loadd(4, a + k, stride);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
+        if (H > 1) _tile_dpbf16ps(1, 4, 7);
         if (T > 1) {
             _tile_loadd(5, a + AMX_ROWS * K + k, stride);
             _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            if (H > 1) _tile_dpbf16ps(3, 5, 7);
         }
     }
-    float c[AMX_TILES_2][AMX_ROWS * AMX_MAX];  /* per weight tile [16][M], both halves */
-    _tile_stored(0, c[0], 4 * M);
-    _tile_stored(1, c[0] + AMX_COLS, 4 * M);
+    _tile_stored(0, c[0] + g0, 4 * ld);
+    if (H > 1) _tile_stored(1, c[0] + g0 + AMX_COLS, 4 * ld);
     if (T > 1) {
-        _tile_stored(2, c[1], 4 * M);
-        _tile_stored(3, c[1] + AMX_COLS, 4 * M);
+        _tile_stored(2, c[1] + g0, 4 * ld);
+        if (H > 1) _tile_stored(3, c[1] + g0 + AMX_COLS, 4 * ld);
     }
-    for (int t = 0; t < T; t++) amx_write(c[t], M, bias, N, n0 + t * AMX_ROWS, y);
+}
+
+/* 17-64 activation rows: T tiles of 16 weight rows from n0 against G (2, 3 or 4) groups of
+ * 16 activation rows (the last of 2 may be narrower), xp: [K / 2][ld][2]. */
+static inline __attribute__((always_inline)) void amx_block_2(
+    const uint16_t* xp, int64_t M, int64_t ld, int G, int64_t K, const uint16_t* w,
+    int64_t n0, int T, const uint16_t* bias, int64_t N, uint16_t* y, const char* prefetch) {
+    const uint16_t* a = w + n0 * K;
+    float c[AMX_TILES_2][AMX_ROWS * AMX_MAX];
+    amx_pass(xp, ld, 0, 2, K, a, T, c, prefetch);
+    if (G > 2) amx_pass(xp, ld, AMX_PASS, G - 2, K, a, T, c, NULL);
+    for (int t = 0; t < T; t++) amx_write(c[t], ld, M, bias, N, n0 + t * AMX_ROWS, y);
+}
+
+/* x [M][K] -> xp [K / 2][ld][2] (element pairs), ld = M up to 32 rows; past that one
+ * gather per pair index and 16 rows, and zero rows up to ld (a multiple of 16). */
+static void amx_pack(const uint16_t* x, int64_t M, int64_t K, int64_t ld, uint16_t* xp) {
+    if (M <= AMX_PASS) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < K / 2; j++) {
+                uint32_t pair;
+                memcpy(&pair, x + m * K + 2 * j, 4);
+                memcpy(xp + 2 * (j * M + m), &pair, 4);
+            }
+        return;
+    }
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g = 0; g < ld; g += AMX_COLS) {
+        const __mmask16 live = M - g >= 16 ? 0xffff : (__mmask16)((1u << (M - g)) - 1);
+        const __m512i rows = _mm512_mullo_epi32(
+            _mm512_add_epi32(lanes, _mm512_set1_epi32((int)g)), _mm512_set1_epi32((int)(K / 2)));
+        for (int64_t j = 0; j < K / 2; j++)
+            _mm512_storeu_si512(xp + 2 * (j * ld + g), _mm512_mask_i32gather_epi32(
+                                    _mm512_setzero_si512(), live, rows, x + 2 * j, 4));
+    }
 }
 
 /* Returns 0, or -1 when the activations' copy could not be allocated (y untouched). */
 static int gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                      const uint16_t* bias, int64_t N, uint16_t* y, int threads,
                      __mmask32 tail) {
-    uint16_t on_stack[AMX_STACK_X];
-    uint16_t* xp = M * K <= AMX_STACK_X ? on_stack
-                                        : (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(M * K));
+    const int G = (int)((M + AMX_COLS - 1) / AMX_COLS);
+    const int64_t ld = M <= AMX_PASS ? M : G * AMX_COLS;
+    /* 64-byte aligned: past 32 rows (B tile rows 4 * ld bytes apart, a multiple of 64)
+     * no B tile row straddles two cache lines, which cost 10-20% there (1 thread). The
+     * size, 2 * ld * K bytes, is a multiple of 64 as aligned_alloc requires. */
+    uint16_t on_stack[AMX_STACK_X] __attribute__((aligned(64)));
+    uint16_t* xp = ld * K <= AMX_STACK_X
+                       ? on_stack
+                       : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)(ld * K));
     if (xp == NULL) return -1;
-    /* [M][K / 2] element pairs -> [K / 2][M]: a transpose of 4-byte units */
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < K / 2; j++) {
-            uint32_t pair;
-            memcpy(&pair, x + m * K + 2 * j, 4);
-            memcpy(xp + 2 * (j * M + m), &pair, 4);
-        }
+    amx_pack(x, M, K, ld, xp);
     const int wide = M > AMX_COLS, per_block = wide ? AMX_TILES_2 : AMX_TILES;
     const int64_t tiles = N / AMX_ROWS, blocks = (tiles + per_block - 1) / per_block;
     const int64_t block_elems = (int64_t)per_block * AMX_ROWS * K;
@@ -288,15 +333,16 @@ static int gemv_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = b * per_block * AMX_ROWS;
             const char* p = b + 1 < blocks ? (const char*)(w + (b + 1) * block_elems) : NULL;
-            if (n0 + per_block * AMX_ROWS > tiles * AMX_ROWS) {
-                for (int64_t n = n0; n < tiles * AMX_ROWS; n += AMX_ROWS) {
-                    if (wide) amx_block_2(xp, M, K, w, n, 1, bias, N, y, NULL);
-                    else amx_block(xp, M, K, w, n, 1, bias, N, y, NULL);
-                }
-            } else if (wide) {
-                amx_block_2(xp, M, K, w, n0, AMX_TILES_2, bias, N, y, p);
-            } else {
-                amx_block(xp, M, K, w, n0, AMX_TILES, bias, N, y, p);
+            const int T = n0 + per_block * AMX_ROWS <= tiles * AMX_ROWS ? per_block : 1;
+            for (int64_t n = n0; n < n0 + per_block * AMX_ROWS && n < tiles * AMX_ROWS;
+                 n += T * AMX_ROWS) {  /* one block of per_block tiles, or the last few */
+                const char* q = T > 1 ? p : NULL;
+                if (!wide && T > 1) amx_block(xp, M, K, w, n, AMX_TILES, bias, N, y, q);
+                else if (!wide) amx_block(xp, M, K, w, n, 1, bias, N, y, NULL);
+                else if (T > 1 && G == 2) amx_block_2(xp, M, ld, 2, K, w, n, 2, bias, N, y, q);
+                else if (T > 1 && G == 3) amx_block_2(xp, M, ld, 3, K, w, n, 2, bias, N, y, q);
+                else if (T > 1) amx_block_2(xp, M, ld, 4, K, w, n, 2, bias, N, y, q);
+                else amx_block_2(xp, M, ld, G, K, w, n, 1, bias, N, y, NULL);
             }
         }
         _tile_release();  /* back to the initial state: oneDNN configures its own */

@@ -3,7 +3,7 @@
     gemv = bf16_gemv()             # None when the kernel is unavailable here
     y = gemv(x, weight, bias)      # x [M, K], weight [N, K] as nn.Linear stores it
 
-Where the CPU has AMX (and Linux grants the tile state), 2-32 rows use its tiles; `use_amx`
+Where the CPU has AMX (and Linux grants the tile state), 2-64 rows use its tiles; `use_amx`
 turns that off and on (tests, benchmarks); `max_rows()`: the most rows it beats oneDNN at.
 `read_bandwidth(nbytes)` times the kernel's load pattern over a buffer (benchmarks).
 """
@@ -46,6 +46,14 @@ MAX_ROWS = 8
 # (hack/bench/step_profile.py --compare-onednn, random SmolLM2 shape, 3 rounds, median ms,
 # oneDNN -> GEMV): 2 threads (load 2.8-4.4) batch 20 28.6 -> 23.6 (matmul 14.4 -> 10.8, LM
 # head 3.1 -> 2.7), batch 32 31.3 -> 27.7; 1 thread (load 3.0) 45.3 -> 37.6, 50.4 -> 43.3.
+# 33-64 rows take two passes of the 17-32 arrangement over each block of 2 weight tiles
+# (bf16_gemv.c), but do not beat oneDNN by enough to route them here. hack/bench/
+# gemv_rows.py (SmolLM2 shapes, the kernels alternating; "step": a decode step's qkv, o,
+# gate_up, down x 30 and LM head), packed / GEMV time per round, median (min-max), rows
+# 33/40/48/56/64: 2 threads, 11 rounds (load 2.3): 1.00 (0.99-4.8) / 1.06 (0.99-1.20) /
+# 1.01 (0.47-1.19) / 0.98 (0.83-1.19) / 0.99 (0.98-1.16), best round 19.2/19.0/18.6/16.9/
+# 16.4 GB/s vs packed 19.3/18.0/18.2/17.2/16.8 (both at the memory's pace); 1 thread, 9
+# rounds (load 4.2-4.5): 1.03/1.09/1.04/1.05/1.03, the LM head alone 0.93-0.99.
 AMX_MAX_ROWS = 32
 _amx_on = False
 

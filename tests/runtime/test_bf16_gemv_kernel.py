@@ -33,7 +33,7 @@ def gemv(native_kernel: Callable[..., Gemv]) -> Gemv:
 
 @pytest.fixture(params=["amx", "avx512"])
 def path(request: pytest.FixtureRequest, gemv: Gemv) -> Iterator[str]:
-    """The kernel with AMX allowed (where the CPU has it: 2-16 rows, K % 32 == 0) or not."""
+    """The kernel with AMX allowed (where the CPU has it: 2-64 rows, K % 32 == 0) or not."""
     use_amx(request.param == "amx")
     yield request.param
     use_amx(True)
@@ -63,7 +63,8 @@ def _assert_close_to_float64(
     [(1, 576, 960), (2, 1536, 576), (3, 100, 7), (4, 64, 1), (5, 576, 33), (8, 1000, 18),
      (7, 32, 4), (1, 8192, 9), (6, 1536, 577), (8, 576, 960), (5, 40, 3), (12, 100, 10),
      (3, 8192, 40), (17, 576, 960), (24, 1536, 577), (32, 576, 70), (32, 100, 20),
-     (20, 1000, 33), (17, 64, 9), (20, 64, 48)],
+     (20, 1000, 33), (17, 64, 9), (20, 64, 48), (33, 576, 70), (48, 1536, 577),
+     (40, 576, 48), (64, 64, 48), (57, 100, 20)],
 )  # fmt: skip
 def test_matches_float64_reference(gemv: Gemv, path: str, rows: int, cols: int, outs: int) -> None:
     x, w, bias = _problem(rows, cols, outs)
@@ -73,17 +74,17 @@ def test_matches_float64_reference(gemv: Gemv, path: str, rows: int, cols: int, 
         _assert_close_to_float64(out, x, w, b)
 
 
-@pytest.mark.parametrize("rows", [3, 6, 17, 32])
+@pytest.mark.parametrize("rows", [3, 6, 17, 32, 47, 64])
 def test_zero_and_nan_rows(gemv: Gemv, path: str, rows: int) -> None:
     x, w, _ = _problem(rows, 576, 70)  # 70: 4 AMX tiles of 16 weight rows and 6 rows more
     x[1] = x[rows - 2] = 0
-    x[2, 5] = x[rows - 1, 7] = float("nan")  # past 16 rows: also in the second B tile
+    x[2, 5] = x[rows - 1, 7] = float("nan")  # past 16 (32) rows: also in the last B tile
     out = gemv(x, w, None)
     assert (out[1] == 0).all() and (out[rows - 2] == 0).all() and not out[0].isnan().any()
     assert out[2].isnan().all() and out[rows - 1].isnan().all()
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 24])
+@pytest.mark.parametrize("rows", [1, 4, 8, 24, 56])
 def test_threads_give_the_same_result(gemv: Gemv, rows: int) -> None:
     x, w, bias = _problem(rows, 576, 1000)
     before = torch.get_num_threads()
@@ -113,11 +114,12 @@ def test_packed_linear_uses_it_for_decode_rows_only(gemv: Gemv, path: str) -> No
     layer.gemv = counting
     most = max_rows()
     assert most == (AMX_MAX_ROWS if use_amx(path == "amx") else MAX_ROWS)  # as set
-    for rows in (1, 3, MAX_ROWS, MAX_ROWS + 1, most, most + 1, 64):
+    row_counts = (1, 3, MAX_ROWS, MAX_ROWS + 1, most, most + 1)
+    for rows in row_counts:
         x = torch.randn(rows, 576).bfloat16()
         ref = F.linear(x, linear.weight, linear.bias)
         torch.testing.assert_close(layer(x), ref, rtol=2**-7, atol=1e-2)
-    assert calls == [rows for rows in (1, 3, MAX_ROWS, MAX_ROWS + 1, most) if rows <= most]
+    assert calls == [rows for rows in row_counts if rows <= most]
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
