@@ -187,32 +187,51 @@ def test_a_catch_up_past_the_window_reads_no_released_block(windowed: Path, dtyp
         assert torch.equal(a, b), f"draft layer {layer}: the catch-up read a released block"
 
 
-def test_greedy_outputs_with_a_windowed_draft_that_catches_up(
-    windowed: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Through the engine: two requests sampling (above disable_by_batch_size=1, no draft)
-    until the short one ends, then the long one's draft catches up from more than a window
-    behind, its early blocks released meanwhile; the tokens are those without speculation
-    (the verification kept them so before the fix too: the test above is the one that
-    fails without it)."""
-    prompts = [[3 + 37 * i % 500 for i in range(10)], [5 + 11 * i % 500 for i in range(30)]]
-    params = [_greedy(40), _greedy(24)]
-    base = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32)
-    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+def _long_proposals_after(
+    windowed: Path, first: list[int], prompts: list[list[int]], params: list[SamplingParams]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """With `first` run alone before: the tokens of `prompts` and the first prompt's
+    proposals step by step, checking that its draft caught up over released blocks."""
     spec = {"model": str(windowed), "num_speculative_tokens": 3, "disable_by_batch_size": 1}
     llm = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32,
               speculative_config=spec)  # fmt: skip
     draft = _draft(llm.llm_engine)
-    piece = draft._piece
+    piece, propose = draft._piece, draft.propose
     behind: list[int] = []  # per piece: how far the draft was behind the first kept block
+    proposed: list[list[int]] = []
 
-    def recording(item: ScheduledRequest, *args: Any) -> Any:
+    def recording_piece(item: ScheduledRequest, *args: Any) -> Any:
         behind.append(draft._first_kept_position(item) - (draft.draft_computed(item.req_id) or 0))
         return piece(item, *args)
 
-    monkeypatch.setattr(draft, "_piece", recording)
+    def recording_propose(items: list[ScheduledRequest], *args: Any) -> list[list[int]]:
+        out = propose(items, *args)
+        proposed.extend(
+            p for item, p in zip(items, out, strict=True) if item.prompt_token_ids == prompts[0]
+        )
+        return out
+
+    draft._piece = recording_piece  # type: ignore[method-assign]
+    draft.propose = recording_propose  # type: ignore[method-assign]
+    llm.generate([first], _greedy(8), use_tqdm=False)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert got == want
     assert max(behind) > WINDOW  # a catch-up over released blocks
     assert llm.llm_engine.core.scheduler.kv.num_released_blocks > 0
-    assert llm.llm_engine.stats().spec_decoding.num_draft_tokens > 0
+    return got, proposed
+
+
+def test_a_windowed_catch_up_through_the_engine_ignores_other_requests(windowed: Path) -> None:
+    """Through the engine: a first request runs alone (its draft writes block 0, the id
+    released blocks' places keep), then two sample together (above disable_by_batch_size=1:
+    no draft) until the short one ends, and the long one's draft catches up from more than
+    a window behind. Its proposals must not depend on what the first request was, and the
+    tokens are those without speculation."""
+    prompts = [[3 + 37 * i % 500 for i in range(10)], [5 + 11 * i % 500 for i in range(30)]]
+    params = [_greedy(40), _greedy(24)]
+    base = LLM(str(windowed), dtype="float32", block_size=4, num_kv_blocks=32)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    got_a, proposed_a = _long_proposals_after(windowed, [7 + i for i in range(12)], prompts, params)
+    got_b, proposed_b = _long_proposals_after(windowed, [400 - 3 * i for i in range(12)], prompts,
+                                              params)  # fmt: skip
+    assert got_a == got_b == want
+    assert len(proposed_a) > 2 and proposed_a == proposed_b
