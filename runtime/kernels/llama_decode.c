@@ -284,3 +284,12 @@ int pinnace_llama_decode_bf16(const Model* m, const Layer* layers, int64_t num_l
     }
     return 0;
 }
+
+/* silu_and_mul alone, for the module path's MLP (prefill rows, larger batches): one pass
+ * over the [M, 2I] gate | up rows instead of PyTorch's silu and its product, each over
+ * the whole step. act: [M, I]. */
+void pinnace_silu_and_mul_bf16(const uint16_t* gu, int64_t M, int64_t I, uint16_t* act,
+                               int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M * I >= 32768)
+    for (int64_t r = 0; r < M; r++) silu_and_mul(gu + r * 2 * I, 1, I, act + r * I);
+}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,3 +174,24 @@ def llama_decode() -> LlamaDecodeKernel | None:
         _address(attend_lib, "pinnace_paged_decode_bf16"),
     )
     return LlamaDecodeKernel(fn, scratch_fn, entry_points)
+
+
+@functools.cache
+def silu_and_mul() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """bf16 [M, 2I] gate | up (contiguous) -> bf16(bf16(silu(gate)) * up) [M, I], the
+    native decode's SiLU-and-mul (its exp within 1 float32 ulp of libm's, so within a
+    bf16 rounding of PyTorch's silu); None where the kernel is unavailable."""
+    fn = build.native_function(
+        "llama_decode", REQUIRED_CPU_FLAGS, "pinnace_silu_and_mul_bf16",
+        [_ptr, ctypes.c_int64, ctypes.c_int64, _ptr, ctypes.c_int], None,
+    )  # fmt: skip
+    if fn is None:
+        return None
+
+    def run(gate_up: torch.Tensor) -> torch.Tensor:
+        rows, width = gate_up.shape
+        act = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        fn(gate_up.data_ptr(), rows, width // 2, act.data_ptr(), torch.get_num_threads())
+        return act
+
+    return run

@@ -13,9 +13,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 
 from pinnace.runtime.distributed.pipeline_parallel import PPMissingLayer, Stage
+from pinnace.runtime.kernels.llama_decode import silu_and_mul
 from pinnace.runtime.layers.attention import Attention
 from pinnace.runtime.layers.forward_context import current_forward_context
 from pinnace.runtime.layers.norm import RMSNorm
@@ -95,9 +96,20 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[act or config.hidden_act]
+        # SiLU and the product in one native pass where it builds (bf16 CPU rows).
+        self.silu_and_mul = silu_and_mul() if isinstance(self.act, SiLUActivation) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, -1)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if (
+            self.silu_and_mul is not None
+            and gate_up.dtype == torch.bfloat16
+            and gate_up.device.type == "cpu"
+            and gate_up.dim() == 2
+            and gate_up.is_contiguous()
+        ):
+            return self.down_proj(self.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, -1)
         return self.down_proj(self.act(gate) * up)
 
 

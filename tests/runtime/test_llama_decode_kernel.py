@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 from pinnace.runtime.kernels.bf16_gemv import MAX_ROWS
 from pinnace.runtime.kernels.int8_gemv import REQUIRED_CPU_FLAGS as INT8_CPU_FLAGS
 from pinnace.runtime.kernels.int8_gemv import int8_gemv
-from pinnace.runtime.kernels.llama_decode import REQUIRED_CPU_FLAGS, llama_decode
+from pinnace.runtime.kernels.llama_decode import REQUIRED_CPU_FLAGS, llama_decode, silu_and_mul
 from pinnace.runtime.layers.attention import BatchLayout
 from pinnace.runtime.layers.attention.cpu_backend import CPUDecodeAttentionBackend
 from pinnace.runtime.layers.forward_context import ForwardContext, forward_context
@@ -288,3 +288,23 @@ def test_unavailable_without_native_kernels(monkeypatch: pytest.MonkeyPatch) -> 
     assert llama_decode() is None
     model = tiny_model(bias=False)
     assert NativeLlamaDecode.create(list(model.model.layers), None) is None
+
+
+def test_silu_and_mul_is_pytorchs_within_one_bf16_rounding(
+    native_kernel: Callable[..., Any],
+) -> None:
+    """The module path's native SiLU-and-mul (prefill rows): bf16(bf16(silu(g)) * u) as
+    PyTorch rounds it, except where the float32 exp's last bit moves a rounding (one bf16
+    step); a width of 100 covers the 16-lane loop and its scalar tail."""
+    fn = native_kernel(silu_and_mul, REQUIRED_CPU_FLAGS)
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(70, 200, generator=g) * 4).bfloat16()
+    gate, up = gate_up.split(100, -1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = fn(gate_up)
+    assert out.shape == (70, 100)
+    differ = out != expected
+    assert differ.float().mean() < 0.01
+    step = expected.float().abs().clamp(min=1e-30) * 2**-7  # one bf16 step, at most
+    assert bool(((out.float() - expected.float()).abs() <= step).all())
+    assert not torch.equal(out, (torch.nn.functional.silu(up) * gate))  # halves not swapped
