@@ -29,6 +29,7 @@ class ScheduledRequest:
     # Output tokens so far: sampling penalties and seeded generators need the history.
     num_output_tokens: int = 0
     # The request's own lists, shared (not copied): read-only for penalties and bad words.
+    # Ranks other than the driver never sample: theirs have no output_token_ids.
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     lora_id: int = 0  # the engine's key of the adapter (see LoRAManager); 0: base model

@@ -4,9 +4,10 @@
                                             \\-> ranks 1..N-1 (worker processes): forward
                                                  only, their shard of every layer
 
-The scheduler runs once, in the driver; the workers get each step's SchedulerOutput as
-broadcast (never re-derived) and take part in the forward's collectives. `InprocExecutor`
-is the one-rank case: the model in this process, no extra processes.
+The scheduler runs once, in the driver; the workers rebuild each step's SchedulerOutput
+from the driver's broadcast deltas (step_messages.py; never re-derived) and take part in
+the forward's collectives. `InprocExecutor` is the one-rank case: the model in this
+process, no extra processes.
 """
 
 from __future__ import annotations

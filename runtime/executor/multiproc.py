@@ -4,9 +4,11 @@ Start-up: the driver picks the rendezvous port, spawns ranks 1..N-1, and every r
 the torch.distributed group (gloo on CPU, nccl on CUDA with one GPU per rank), loads its
 shard and allocates its KV cache; the block count is the minimum over the ranks.
 
-Each step the driver broadcasts the SchedulerOutput (one pickle on the gloo CPU group),
-then runs its own rank; workers run theirs and throw their logits away. A `None` broadcast
-stops the workers.
+Each step the driver broadcasts a StepMessage (one pickle on the gloo CPU group): the
+step's requests as deltas, each request's prompt and sampling parameters only when it is
+first scheduled (step_messages.py), so its size does not grow with context. Then it runs
+its own rank; workers rebuild the step's SchedulerOutput from what they keep, run it and
+throw their logits away. A `None` broadcast stops the workers.
 
 Failure: a worker that dies breaks the next collective (gloo reports the closed
 connection; the driver raises) and `check_health` sees it between steps, so the engine
@@ -46,6 +48,7 @@ from pinnace.runtime.distributed.parallel_state import (
 from pinnace.runtime.engine.setup import build_engine_parts, resolve_device
 from pinnace.runtime.executor.executor import Executor, WorkerDiedError
 from pinnace.runtime.executor.node_health import RemoteNodes
+from pinnace.runtime.executor.step_messages import StepDecoder, StepEncoder
 from pinnace.runtime.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pinnace.runtime")
@@ -67,13 +70,14 @@ class GroupExecutor(Executor):
         # at different collectives (the next ones would pair up wrongly: a hang, or wrong
         # activations). Once set, execute and check_health always raise.
         self.broken: str | None = None
+        self.encoder = StepEncoder()  # what the workers keep of the running requests
         group.broadcast_object(config)
         self.parts = build_engine_parts(config, group)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
         try:
-            self.group.broadcast_object(sched)
+            self.group.broadcast_object(self.encoder.encode(sched))
             return self.parts.runner.execute(sched)
         except BaseException as exc:  # any failure part-way: the ranks may be out of step
             self.broken = f"a tensor-parallel step failed on the driver: {exc!r}"
@@ -297,11 +301,12 @@ def serve_engines(group: ParallelGroup) -> None:
 
 
 def _serve(group: ParallelGroup, runner: ModelRunner) -> None:
+    decoder = StepDecoder()  # this engine's running requests
     while True:
-        sched = group.broadcast_object()
-        if sched is None:
+        msg = group.broadcast_object()
+        if msg is None:
             return
-        runner.execute(sched)
+        runner.execute(decoder.decode(msg))
 
 
 def _exit_with_parent(driver_pid: int) -> None:

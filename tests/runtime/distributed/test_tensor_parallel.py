@@ -8,6 +8,7 @@ spawns its own ranks. float32, so sums split over ranks round like the whole.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -25,6 +26,7 @@ from pinnace.runtime.engine import engine_core
 from pinnace.runtime.engine.core_loop import CoreLoop
 from pinnace.runtime.executor.executor import WorkerDiedError
 from pinnace.runtime.executor.multiproc import GroupExecutor
+from pinnace.runtime.executor.step_messages import StepMessage
 
 PROMPTS: list[Any] = [
     "The quick brown fox jumps over the lazy dog and then",
@@ -67,6 +69,21 @@ def tp2(
     return make
 
 
+@pytest.fixture
+def steps_sent(group: tuple[ParallelGroup, Any], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every StepMessage the driver broadcasts, with its pickled size: (message, bytes)."""
+    rank0, sent = group[0], []
+    real = rank0.broadcast_object
+
+    def record(obj: object = None) -> Any:
+        if isinstance(obj, StepMessage):
+            sent.append((obj, len(pickle.dumps(obj))))
+        return real(obj)
+
+    monkeypatch.setattr(rank0, "broadcast_object", record)
+    return sent
+
+
 def _generate(llm: LLM, prompts: list[Any] = PROMPTS) -> list[list[int]]:
     try:
         outputs = llm.generate(prompts, GREEDY)
@@ -97,7 +114,7 @@ def odd_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 
 def test_odd_vocab_one_kv_head_chunked_prefix_preempted(
-    odd_llama: Path, tp2: Callable[..., LLM]
+    odd_llama: Path, tp2: Callable[..., LLM], steps_sent: list[Any]
 ) -> None:
     tp1 = LLM(str(odd_llama), **ENGINE)
     expected = _generate(tp1)
@@ -106,9 +123,35 @@ def test_odd_vocab_one_kv_head_chunked_prefix_preempted(
     assert _generate(llm) == expected
     stats = llm.llm_engine.core.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0  # both paths ran
+    # The worker got each request's prompt once per admission: again after a preemption.
+    sent_new = [d.req_id for msg, _ in steps_sent for d in msg.new]
+    preempted = [r for msg, _ in steps_sent for r in msg.preempted_req_ids]
+    assert preempted and len(set(sent_new)) == len(PROMPTS)
+    assert all(sent_new.count(r) == 1 + preempted.count(r) for r in sent_new)
     # Each rank's weights: half, plus the replicated norms and the padded vocabulary row.
     full, half = tp1.llm_engine.parts.weight_bytes, llm.llm_engine.parts.weight_bytes
     assert 0.5 * full <= half < 0.53 * full
+
+
+def test_step_messages_do_not_grow_with_context(
+    odd_llama: Path, tp2: Callable[..., LLM], steps_sent: list[Any]
+) -> None:
+    """The same batch decoding at context 32 and 256: the same bytes per step (before
+    the deltas, every step pickled each request's whole prompt, output and block table)."""
+    engine = dict(ENGINE, num_kv_blocks=160, max_model_len=280, max_num_batched_tokens=1024)
+    llm = tp2(odd_llama, **engine)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    decode_bytes = []
+    for context in (32, 256):
+        prompts = [[5 + (i * 7 + j) % 300 for j in range(context)] for i in range(4)]
+        steps_sent.clear()
+        llm.generate(prompts, params)
+        decode = [size for msg, size in steps_sent if msg.scheduled and not msg.new]
+        assert len(decode) >= 6
+        decode_bytes.append(max(decode))
+    llm.shutdown()
+    small, large = decode_bytes
+    assert large <= small + 16, decode_bytes  # 4 x 224 more tokens would be >= 2 kB
 
 
 @pytest.mark.parametrize("arch", DENSE + MOE)
