@@ -45,12 +45,14 @@ class Sampler:
         """logits: [R, V] float32: per request in `rows`, len(row.draft_token_ids) + 1
         consecutive rows (row j scores the token after the first j proposals). Returns per
         request its new tokens (accepted proposals, then one sampled token) and, when
-        asked, their logprobs."""
+        asked, their logprobs. `logits` is consumed: the processors write into it."""
         positions = _positions(rows)
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self.process(logits, positions)
+        # In place: the runner's logits are the LM head's fresh output, read by nothing
+        # else, and a copy of [48, 49152] float32 was ~1.7 ms of a 48-request step.
+        logits = self.process(logits, positions, in_place=True)
         if any(r.draft_token_ids for r in rows):
             tokens = self._verify(logits, rows, positions)
         else:
@@ -59,9 +61,12 @@ class Sampler:
             self.grammar.accept(rows, tokens)
         return tokens, self._logprobs(raw_logprobs, tokens, rows)
 
-    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """The logits processors that act before temperature (a copy when any applies)."""
-        logits = logits.clone()
+    def process(
+        self, logits: torch.Tensor, rows: list[SamplingRow], in_place: bool = False
+    ) -> torch.Tensor:
+        """The logits processors that act before temperature, on a copy unless `in_place`."""
+        if not in_place:
+            logits = logits.clone()
         lp.apply_allowed_token_ids(logits, rows)
         lp.apply_bad_words(logits, rows)
         if self.grammar is not None:

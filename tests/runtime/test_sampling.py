@@ -134,7 +134,7 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
     params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], logprobs=0)
     sampler = OneTokenSampler([EOS], seed=0, device=CPU)
     early = [SamplingRow("a", params, 1), SamplingRow("b", SamplingParams(temperature=0.0), 1)]
-    tokens, logprobs = sampler(logits, early)
+    tokens, logprobs = sampler(logits.clone(), early)  # the sampler consumes its logits
     assert tokens == [7, EOS]  # only the row still under min_tokens is affected
     assert logprobs[0] is not None and math.isfinite(logprobs[0].token_logprob)
     tokens, _ = sampler(logits[:1], [SamplingRow("a", params, 2)])
