@@ -271,6 +271,17 @@ def test_short_context_step_goes_row_by_row_to_the_kernel(attend: Attend) -> Non
         device=torch.device("cpu"),
     )
     assert not per_token_pays(long_prompt)
+    # Decode rows with long contexts beside it do not tip it over (they are the kernel's
+    # under the split anyway).
+    with_decodes = BatchLayout(
+        query_lens=[300] + [1] * 32,
+        num_computed_tokens=[0] + [1000] * 32,
+        block_tables=[list(range(19))] + [list(range(63))] * 32,
+        block_size=bs,
+        slot_mapping=torch.arange(332),
+        device=torch.device("cpu"),
+    )
+    assert not per_token_pays(with_decodes)
     meta = CPUDecodeAttentionBackend(kv_heads, spy).build_metadata(long_prompt)
     assert meta.per_token is None and meta.from_scratch
 

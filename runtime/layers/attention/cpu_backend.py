@@ -67,16 +67,19 @@ class CPUAttentionMetadata(TorchAttentionMetadata):
 
 
 def per_token_pays(layout: BatchLayout) -> bool:
-    """Whether a step with longer queries is cheaper through the kernel row by row than
-    through SDPA. The kernel's cost is ~ the keys all tokens see (~50 ns per token-key at
-    9 heads, 2 threads); SDPA's ~ its padded [B, max_q, L] score grid (~11 ns per entry
-    with a mask) plus ~0.2 ms a call. Measured on the SmolLM2 shape (48 x ~8-token prompts:
-    kernel 0.15, SDPA 0.38-0.46 ms; one 2048-token prompt: kernel 108, SDPA 48 ms)."""
-    work = sum(
-        q * c + q * (q + 1) // 2
-        for q, c in zip(layout.query_lens, layout.num_computed_tokens, strict=True)
-    )
-    grid = layout.num_reqs * max(layout.query_lens) * max(layout.seq_lens)
+    """Whether a step with longer queries (at least one) is cheaper through the kernel
+    row by row than through SDPA. The kernel's cost is ~ the keys all tokens see (~50 ns
+    per token-key at 9 heads, 2 threads); SDPA's ~ its padded [B, max_q, L] score grid
+    (~11 ns per entry with a mask) plus ~0.2 ms a call. Measured on the SmolLM2 shape
+    (48 x ~8-token prompts: kernel 0.15, SDPA 0.38-0.46 ms; one 2048-token prompt:
+    kernel 108, SDPA 48 ms)."""
+    # Only the requests with longer queries: decode rows go to the kernel either way (the
+    # split), so they would tip a step with a long prompt chunk towards the kernel.
+    longer = [
+        (q, c) for q, c in zip(layout.query_lens, layout.num_computed_tokens, strict=True) if q > 1
+    ]
+    work = sum(q * c + q * (q + 1) // 2 for q, c in longer)
+    grid = len(longer) * max(q for q, _ in longer) * max(q + c for q, c in longer)
     return 4 * work <= grid + 16384
 
 
