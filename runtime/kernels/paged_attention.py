@@ -126,6 +126,26 @@ def rope_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     return supports(num_heads, num_kv_heads, head_dim) and head_dim % 32 == 0
 
 
+def _check_rope_inputs(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    kernel: str,
+) -> None:
+    """The layout the rotary kernels read: unit-stride q | k | v rows, float32 tables."""
+    head_dim = cos.shape[-1]
+    if (
+        qkv.stride(1) != 1
+        or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
+        or not (cos.is_contiguous() and sin.is_contiguous())
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+    ):
+        raise ValueError(f"{kernel}: unsupported qkv or tables")
+
+
 @functools.cache
 def rope_decode_attention() -> RopeAttend | None:
     """A decode layer from its qkv projection on, in one call: rotary on q and k (bit-equal
@@ -171,14 +191,7 @@ def rope_decode_attention() -> RopeAttend | None:
         window: int | None,
     ) -> torch.Tensor:
         batch, head_dim = qkv.shape[0], cos.shape[-1]
-        if (
-            qkv.stride(1) != 1
-            or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
-            or not (cos.is_contiguous() and sin.is_contiguous())
-            or cos.dtype != torch.float32
-            or sin.dtype != torch.float32
-        ):
-            raise ValueError("rope decode kernel: unsupported qkv or tables")
+        _check_rope_inputs(qkv, cos, sin, num_heads, num_kv_heads, "rope decode kernel")
         q_out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype)
         out = torch.empty_like(q_out)
         status = fn(
@@ -239,14 +252,7 @@ def rope_write() -> RopeWrite | None:
         num_kv_heads: int,
     ) -> torch.Tensor:
         tokens, head_dim = qkv.shape[0], cos.shape[-1]
-        if (
-            qkv.stride(1) != 1
-            or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
-            or not (cos.is_contiguous() and sin.is_contiguous())
-            or cos.dtype != torch.float32
-            or sin.dtype != torch.float32
-        ):
-            raise ValueError("rope write kernel: unsupported qkv or tables")
+        _check_rope_inputs(qkv, cos, sin, num_heads, num_kv_heads, "rope write kernel")
         q_out = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
         status = fn(
             qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
