@@ -2,7 +2,7 @@
 """Prefill-only time of Pinnace on the SmolLM2-135M shape (random bf16 weights): generate
 with max_tokens=1, so one request's time is its prompt's forward plus one sample.
 
-    hack/bench/prefill_step.py --pythons /work/wt/a/.venv/bin/python,.venv/bin/python
+    hack/bench/prefill_step.py --pythons ../before/.venv/bin/python,.venv/bin/python
 
 Workloads: `short`, the serving benchmark's saturation step (48 prompts of ~8 tokens from
 serving_load.make_prompts, all at once: one forward of ~380 tokens); `long`, one prompt of
