@@ -47,14 +47,19 @@ MAX_ROWS = 8
 # oneDNN -> GEMV): 2 threads (load 2.8-4.4) batch 20 28.6 -> 23.6 (matmul 14.4 -> 10.8, LM
 # head 3.1 -> 2.7), batch 32 31.3 -> 27.7; 1 thread (load 3.0) 45.3 -> 37.6, 50.4 -> 43.3.
 # 33-64 rows take two passes of the 17-32 arrangement over each block of 2 weight tiles
-# (bf16_gemv.c), but do not beat oneDNN by enough to route them here. hack/bench/
+# (bf16_gemv.c). Alone, the kernels tie (below); in the engine the GEMV wins: the serving
+# benchmark at saturation (48 running requests: every decode step 48 rows), quiet machine,
+# `hack/bench/serving.py --compare --rates inf --rounds 5 --offline`, 33-64 rows routed
+# here vs to oneDNN as two servers of one run: online 1431 (1348-1448) vs 1276 (1251-1295)
+# output tok/s, time per output token p50 31.9 vs 36.0 ms; offline LLM.generate of the
+# same requests 1513-1559 tok/s vs 1322-1368 in the run before. hack/bench/
 # gemv_rows.py (SmolLM2 shapes, the kernels alternating; "step": a decode step's qkv, o,
 # gate_up, down x 30 and LM head), packed / GEMV time per round, median (min-max), rows
 # 33/40/48/56/64: 2 threads, 11 rounds (load 2.3): 1.00 (0.99-4.8) / 1.06 (0.99-1.20) /
 # 1.01 (0.47-1.19) / 0.98 (0.83-1.19) / 0.99 (0.98-1.16), best round 19.2/19.0/18.6/16.9/
 # 16.4 GB/s vs packed 19.3/18.0/18.2/17.2/16.8 (both at the memory's pace); 1 thread, 9
 # rounds (load 4.2-4.5): 1.03/1.09/1.04/1.05/1.03, the LM head alone 0.93-0.99.
-AMX_MAX_ROWS = 32
+AMX_MAX_ROWS = 64
 _amx_on = False
 
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -98,7 +98,7 @@ def test_threads_give_the_same_result(gemv: Gemv, rows: int) -> None:
 
 
 def test_packed_linear_uses_it_for_decode_rows_only(gemv: Gemv, path: str) -> None:
-    """Up to max_rows(): 32 rows with AMX tiles (where the CPU has them), 8 without."""
+    """Up to max_rows(): 64 rows with AMX tiles (where the CPU has them), 8 without."""
     if not can_pack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("CPU without oneDNN bf16")  # implies no AVX-512 BF16 either
     linear = nn.Linear(576, 96, bias=True).bfloat16()
