@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         from pinnace.runtime.executor.node import run_worker_node
 
         return run_worker_node(config)
+    from pinnace.runtime.engine.startup_heap import freeze_startup_heap
     from pinnace.runtime.server.app import build_app
     from pinnace.runtime.server.lifecycle import run_server
 
@@ -229,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         app = build_app(LLMEngine(config), settings)
     else:
         app = build_app(config, settings)
+    # Started: what exists now lives as long as the process (startup_heap.py).
+    freeze_startup_heap("front end")
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     logger.info(
         "Serving %s at http://%s:%d  (OpenAI /v1, KServe /v1/models/...:predict and /v2, "

@@ -39,6 +39,7 @@ from pinnace.runtime.engine.core_messages import (
     updates_to_wire,
 )
 from pinnace.runtime.engine.engine_core import EngineCore
+from pinnace.runtime.engine.startup_heap import freeze_startup_heap
 from pinnace.runtime.engine.step_profile import NullProfile, profile
 
 logger = logging.getLogger("pinnace.runtime")
@@ -110,6 +111,7 @@ def run_engine_core(
             "engine core ready (pid %d, %d torch threads)", os.getpid(), torch.get_num_threads()
         )
         facts = dumps((core.tokenizer, core.model_config, sorted(core.eos_token_ids)))
+        freeze_startup_heap("engine core")
         emit(CoreReady(core.max_model_len, core.parts.num_blocks, core.runner_type, facts))
         _serve(CoreLoop(core, emit), commands, codec, front_end_pid, prof, core.check_health)
         core.shutdown()  # the worker ranks, if any

@@ -266,6 +266,11 @@ def test_serve_starts_logs_and_answers(tmp_path: Path, tiny_model: Path) -> None
     assert "Loaded LlamaForCausalLM" in text
     assert re.search(r"KV cache.*= \d+ tokens", text) and "max_model_len 128" in text
     assert f"http://127.0.0.1:{port}" in text and "API key required" in text
+    # Both processes froze their start-up heap (torch, transformers: far over 10^5 objects)
+    # out of the garbage collector's full collections.
+    for process in ("front end", "engine core"):
+        found = re.search(rf"{process}: (\d+) start-up objects frozen", text)
+        assert found and int(found[1]) > 100_000, text
 
 
 def _healthy(url: str) -> bool:
