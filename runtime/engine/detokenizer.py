@@ -8,7 +8,9 @@ difference only once it no longer ends in U+FFFD (an incomplete UTF-8 sequence).
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from collections.abc import Callable
+
+from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
 from pinnace.runtime.engine.stop_strings import StopMatcher
 
@@ -34,9 +36,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.text = ""
         self.stop_reason: str | None = None
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
+        self._decode = _decoder(tokenizer, skip_special_tokens)
 
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; returns the stop string if one now appears in the text."""
@@ -66,3 +66,28 @@ class IncrementalDetokenizer:
             return self.text
         hold = self._stops.longest - 1
         return self.text[: max(0, len(self.text) - hold)]
+
+
+def _decoder(tokenizer: PreTrainedTokenizerBase, skip_special: bool) -> Callable[[list[int]], str]:
+    """`tokenizer.decode` of a token list. A Rust-backed tokenizer that does nothing of its
+    own around it (no subclass override, no clean-up of spaces) is called directly: the
+    same text without transformers' wrapper, which costs twice the decode itself (1.2 vs
+    3.3 us per 6-token window, two windows per streamed token)."""
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    ):
+        backend = tokenizer.backend_tokenizer
+
+        def direct(ids: list[int]) -> str:
+            return str(backend.decode(ids, skip_special_tokens=skip_special))
+
+        return direct
+
+    def wrapped(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=skip_special))
+
+    return wrapped

@@ -94,6 +94,32 @@ def test_special_tokens_follow_skip_special_tokens(tokenizer, make_detok, skip):
     assert detok.text == ("Hi there" if skip else f"Hi{tokenizer.eos_token} there")
 
 
+def test_a_plain_rust_tokenizer_is_decoded_without_the_wrapper(tokenizer, make_detok):
+    """SmolLM2's tokenizer takes the direct path (the Rust decode transformers would call);
+    random ids, specials included, give the wrapper's text either way."""
+    detok = make_detok()
+    assert detok._decode.__name__ == "direct"
+    rng = random.Random(1)
+    ids = [rng.randrange(len(tokenizer)) for _ in range(400)]
+    for skip in (True, False):
+        fast, slow = make_detok(skip_special_tokens=skip), make_detok(skip_special_tokens=skip)
+        slow._decode = lambda window, s=skip: tokenizer.decode(window, skip_special_tokens=s)
+        feed_one_by_one(fast, ids)
+        feed_one_by_one(slow, ids)
+        assert fast.text == slow.text and len(fast.text) > 400
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_the_wrapper(tokenizer_dir: Path):
+    """transformers' clean-up (" ." -> ".") happens in its wrapper: that path stays."""
+    cleaning = AutoTokenizer.from_pretrained(tokenizer_dir, clean_up_tokenization_spaces=True)
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    ids = cleaning.encode("Hello , world .")
+    detok = IncrementalDetokenizer(cleaning, [])
+    assert detok._decode.__name__ == "wrapped"
+    feed_one_by_one(detok, ids)
+    assert detok.text == cleaning.decode(ids) == "Hello, world."
+
+
 SENTENCE = "Hello world. Stop here please"
 
 
