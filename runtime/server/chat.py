@@ -43,6 +43,7 @@ from pinnace.runtime.server.serving import (
     sse,
     sse_error,
 )
+from pinnace.runtime.server.sse_chunks import ChunkEnvelope
 from pinnace.runtime.server.tool_parsers import ParsedToolCall
 from pinnace.runtime.server.tools import ToolPlan, new_tool_call_id, plan_tools
 
@@ -208,18 +209,22 @@ async def stream_chat(
     """A role delta per choice, content deltas, a finish_reason chunk, usage, [DONE]."""
     created = int(time.time())
 
-    def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+    def response(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         body = ChatCompletionChunk(
             id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
         )
         return sse(body.model_dump_json(exclude_none=True))
+
+    chunk = ChunkEnvelope(
+        ChatCompletionChunk(id=job.request_id, created=created, model=job.model, choices=[])
+    ).chunk
 
     tracker = DeltaTracker()
     sent: dict[int, int] = {}  # content characters streamed, per choice
     try:
         for i in range(job.params.n):
             first = DeltaMessage(role="assistant", content="")
-            yield chunk([ChatStreamChoice(index=i, delta=first)])
+            yield chunk(ChatStreamChoice(index=i, delta=first))
         async with stream_deltas(ctx, [job.request], tracker) as deltas:
             async for _, _, delta in deltas:
                 message = _stream_delta(job, delta, sent)
@@ -235,10 +240,10 @@ async def stream_chat(
                     finish_reason=finish,
                     stop_reason=delta.stop_reason,
                 )
-                yield chunk([choice])
+                yield chunk(choice)
         if include_usage:
             usage = UsageInfo.of(len(job.request.prompt_token_ids), tracker.num_tokens)
-            yield chunk([], usage)
+            yield response([], usage)
     except APIError as exc:
         yield sse_error(path, exc)
     yield SSE_DONE

@@ -37,6 +37,7 @@ from pinnace.runtime.server.serving import (
     sse,
     sse_error,
 )
+from pinnace.runtime.server.sse_chunks import ChunkEnvelope
 
 
 @dataclass
@@ -176,11 +177,15 @@ async def stream_completion(
     (time.monotonic(); the profile's request_to_first_chunk)."""
     created = int(time.time())
 
-    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+    def response(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         body = CompletionResponse(
             id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
         )
         return sse(body.model_dump_json(exclude_none=True))
+
+    chunk = ChunkEnvelope(
+        CompletionResponse(id=job.request_id, created=created, model=job.model, choices=[])
+    ).chunk
 
     tracker = DeltaTracker()
     prof = profile("frontend")
@@ -189,7 +194,7 @@ async def stream_completion(
         for i, text in enumerate(job.echo_texts or []):
             for s in range(job.params.n):
                 offsets[job.choice_index(i, s)] = len(text)
-                yield chunk([CompletionChoice(index=job.choice_index(i, s), text=text)])
+                yield chunk(CompletionChoice(index=job.choice_index(i, s), text=text))
         async with stream_deltas(ctx, job.requests, tracker) as deltas:
             async for prompt_index, output, delta in deltas:
                 start = time.perf_counter()
@@ -210,14 +215,14 @@ async def stream_completion(
                     finish_reason=delta.finish_reason,
                     stop_reason=delta.stop_reason,
                 )
-                data = chunk([choice])
+                data = chunk(choice)
                 prof.add("sse", time.perf_counter() - start)
                 yield data  # resumes once written to the connection
                 if received is not None and delta.text:
                     prof.add("request_to_first_chunk", time.monotonic() - received)
                     received = None
         if include_usage:
-            yield chunk([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
+            yield response([], UsageInfo.of(job.num_prompt_tokens, tracker.num_tokens))
     except APIError as exc:
         yield sse_error(path, exc)
     yield SSE_DONE
