@@ -76,20 +76,17 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        too_large = error_response(
-            path,
-            413,
-            f"the request body is larger than {limit} bytes (the server's "
-            "--max-request-body-bytes).",
-            headers={"Connection": "close"},
-        )
         declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await too_large(scope, receive, send)
-            return
         try:
+            if declared is not None and declared > limit:
+                raise BodyTooLarge
             body = await _read_body(receive, limit)
         except BodyTooLarge:
+            message = (
+                f"the request body is larger than {limit} bytes (the server's "
+                "--max-request-body-bytes)."
+            )
+            too_large = error_response(path, 413, message, headers={"Connection": "close"})
             await too_large(scope, receive, send)
             return
         where = lone_surrogate(body)
