@@ -27,6 +27,11 @@ class EnvVar(SpecModel):
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["int8", "fp8", "gptq", "awq", "gguf"]
 Runner = Literal["auto", "generate", "pooling"]
+# The runtime's flag for quantizeLmHead, first true then false. Before the field existed
+# users passed it in extraArgs; that spelling is still honoured (deprecated), see
+# `Engine.lm_head_flag`.
+LM_HEAD_FLAGS = ("--quantize-lm-head", "--no-quantize-lm-head")
+LM_HEAD_IN_FLOATS_NEEDS = "applies only to quantization int8 or fp8 (quantized at load)"
 
 
 class Speculative(SpecModel):
@@ -146,11 +151,27 @@ class Engine(SpecModel):
         Rule(
             "!has(self.quantizeLmHead) || self.quantizeLmHead"
             " || (has(self.quantization) && self.quantization in ['int8', 'fp8'])",
-            "quantizeLmHead false applies only to quantization int8 or fp8 (quantized at "
-            "load): set one of them, or remove quantizeLmHead",
+            f"quantizeLmHead false {LM_HEAD_IN_FLOATS_NEEDS}: set one of them, or remove "
+            "quantizeLmHead",
             lambda e: e.quantize_lm_head or e.quantization in ("int8", "fp8"),
         ),
     )
+
+    @property
+    def lm_head_flag(self) -> str | None:
+        """The deprecated spelling: the last of LM_HEAD_FLAGS in extraArgs (the runtime's
+        parser takes the last), or None."""
+        return next((a for a in reversed(self.extra_args) if a in LM_HEAD_FLAGS), None)
+
+    @property
+    def effective_quantize_lm_head(self) -> bool:
+        """quantizeLmHead as the pods run it: the extraArgs spelling where there is one.
+
+        The API server fills in the field's default (true), so a true field cannot be told
+        from an unset one: only false contradicts a flag (llmdeployment refuses that).
+        """
+        flag = self.lm_head_flag
+        return self.quantize_lm_head if flag is None else flag == LM_HEAD_FLAGS[0]
 
     @property
     def world_size(self) -> int:

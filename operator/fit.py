@@ -108,7 +108,7 @@ def estimate(llmd: LLMDeployment, shape: ModelShape) -> FitEstimate | None:
     ranks = engine.world_size  # the whole replica: one pod's GPUs, or a group's
     weight_bytes = _QUANT_BYTES.get(engine.quantization or "", _DTYPE_BYTES[engine.dtype])
     weights = shape.num_params * weight_bytes
-    if not engine.quantize_lm_head and shape.embedding_params is not None:
+    if not engine.effective_quantize_lm_head and shape.embedding_params is not None:
         # int8 / fp8 at load leave the LM head and the embedding in the model dtype.
         weights += shape.embedding_params * (_DTYPE_BYTES[engine.dtype] - weight_bytes)
     kv_value_bytes = 1.0 if engine.kv_cache_dtype == "fp8" else _DTYPE_BYTES[engine.dtype]

@@ -15,11 +15,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from pinnace.operator import names
+from pinnace.operator.engine_spec import LM_HEAD_FLAGS, LM_HEAD_IN_FLOATS_NEEDS, Engine
 from pinnace.operator.parallel_checks import parallel_errors
 from pinnace.operator.spec import Adapter, LLMDeploymentSpec, Rule
 
 # Flags the operator derives from the spec; setting them in extraArgs would silently fight
 # the operator (or break the probes), so they are refused with a pointer to the right field.
+# Not LM_HEAD_FLAGS: they worked in extraArgs before engine.quantizeLmHead existed, so they
+# are honoured there (deprecated) rather than breaking resources on an operator upgrade.
 MANAGED_FLAGS: dict[str, str] = {
     "--host": "the operator binds 0.0.0.0",
     "--port": "use serving.port",
@@ -31,8 +34,6 @@ MANAGED_FLAGS: dict[str, str] = {
     "--enable-prefix-caching": "use engine.enablePrefixCaching",
     "--no-enable-prefix-caching": "use engine.enablePrefixCaching",
     "--quantization": "use engine.quantization",
-    "--quantize-lm-head": "use engine.quantizeLmHead",
-    "--no-quantize-lm-head": "use engine.quantizeLmHead",
     "--kv-cache-dtype": "use engine.kvCacheDtype",
     "--runner": "use engine.runner",
     "--task": "use engine.runner",
@@ -208,11 +209,39 @@ def semantic_errors(llmd: LLMDeployment) -> list[str]:
             problems.append(f"engine.env: {var.name} is set by the operator")
     return (
         problems
+        + _lm_head_flag_errors(engine)
         + parallel_errors(llmd)
         + _adapter_errors(llmd)
         + _autoscaling_errors(llmd)
         + _kserve_errors(llmd)
     )
+
+
+def _lm_head_flag_errors(engine: Engine) -> list[str]:
+    """The deprecated extraArgs spelling of quantizeLmHead, refused where the field would be
+    (the runtime refuses it at start) or where it contradicts the field."""
+    flag = engine.lm_head_flag
+    if flag == LM_HEAD_FLAGS[0] and not engine.quantize_lm_head:
+        return [
+            f"engine.extraArgs: {flag} contradicts engine.quantizeLmHead false; remove the "
+            "flag (deprecated: engine.quantizeLmHead replaces it)"
+        ]
+    if flag == LM_HEAD_FLAGS[1] and engine.quantization not in ("int8", "fp8"):
+        return [
+            f"engine.extraArgs: {flag} (quantizeLmHead false) {LM_HEAD_IN_FLOATS_NEEDS}: set "
+            "one of them, or remove the flag"
+        ]
+    return []
+
+
+def deprecations(llmd: LLMDeployment) -> list[str]:
+    """Spellings that still work but should move to a field (a Warning for the user)."""
+    present = [f for f in LM_HEAD_FLAGS if f in llmd.spec.engine.extra_args]
+    hint = {
+        LM_HEAD_FLAGS[0]: "it is the default (engine.quantizeLmHead true): remove it",
+        LM_HEAD_FLAGS[1]: "set engine.quantizeLmHead: false instead",
+    }
+    return [f"engine.extraArgs: {flag} is deprecated; {hint[flag]}" for flag in present]
 
 
 def is_fetched(llmd: LLMDeployment, adapter: Adapter) -> bool:

@@ -22,7 +22,12 @@ from pinnace.operator import children, names
 from pinnace.operator.adapter_sync import AdapterSync, observe_kserve_adapters, sync_adapters
 from pinnace.operator.client import ApiError, KubeClient
 from pinnace.operator.fit import check_fit
-from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
+from pinnace.operator.llmdeployment import (
+    LLMDeployment,
+    SpecError,
+    deprecations,
+    parse_llmdeployment,
+)
 from pinnace.operator.render import PRUNABLE, endpoint, render_all
 from pinnace.operator.render.adapters import fetch_job_selector
 from pinnace.operator.render.args import model_source, serve_args
@@ -38,6 +43,7 @@ from pinnace.operator.status import (
     observe_inference_service,
     transition_events,
     with_adapters,
+    with_deprecations,
 )
 
 
@@ -94,6 +100,9 @@ def reconcile(
         elif llmd.lora_enabled and not llmd.spec.serving.is_kserve:
             report = sync_adapters(client, adapters, llmd, live)
         status = with_adapters(status, report, generation=meta.get("generation"), now=now())
+    status = with_deprecations(
+        status, deprecations(llmd), generation=meta.get("generation"), now=now()
+    )
     write_status(client, namespace, name, previous, status)
     return ReconcileResult(status, events + transition_events(previous, status), applied)
 

@@ -358,6 +358,25 @@ def with_adapters(
     return out
 
 
+DEPRECATED_CONDITION = "Deprecated"
+
+
+def with_deprecations(
+    status: Mapping[str, Any], messages: list[str], *, generation: int | None, now: str
+) -> dict[str, Any]:
+    """`status` plus a Deprecated condition naming what to change; none drops it."""
+    out = dict(status)
+    conds = [dict(c) for c in out.get("conditions") or []]
+    if messages:
+        message = "; ".join(messages)
+        reason = "DeprecatedSpelling"
+        set_condition(
+            conds, DEPRECATED_CONDITION, True, reason, message, now=now, generation=generation
+        )
+    out["conditions"] = [c for c in conds if messages or c["type"] != DEPRECATED_CONDITION]
+    return out
+
+
 def adapter_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
     """A Warning per adapter that starts failing (or fails differently)."""
     old = {a["name"]: a for a in (previous or {}).get("adapters") or []}
@@ -393,6 +412,13 @@ def transition_events(previous: Mapping[str, Any] | None, new: Mapping[str, Any]
         events.append(Event("Warning", cur["Degraded"][1], by_type["Degraded"]["message"]))
     if old.get("Degraded", ("",))[0] == "True" and cur.get("Degraded", ("",))[0] != "True":
         events.append(Event("Normal", "Recovered", "the resource is valid again"))
+    # Once per new deprecation message, not on every pass.
+    was_deprecated = [
+        c for c in (previous or {}).get("conditions") or [] if c["type"] == DEPRECATED_CONDITION
+    ]
+    deprecated = by_type.get(DEPRECATED_CONDITION)
+    if deprecated and [deprecated["message"]] != [c.get("message") for c in was_deprecated]:
+        events.append(Event("Warning", "Deprecated", deprecated["message"]))
     adapters = cur.get(ADAPTERS_CONDITION, ("",))
     if adapters[0] == "True" and old.get(ADAPTERS_CONDITION, ("",))[0] != "True":
         events.append(Event("Normal", "AdaptersLoaded", by_type[ADAPTERS_CONDITION]["message"]))

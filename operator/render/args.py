@@ -94,7 +94,9 @@ def serve_args(llmd: LLMDeployment) -> list[str]:
     args.append(f"--{prefix_caching}-prefix-caching")
     if engine.quantization is not None:
         args += ["--quantization", engine.quantization]
-    if not engine.quantize_lm_head:  # only where set: the default rolls no pods
+    # Only where set: the default rolls no pods. A flag in extraArgs (the deprecated
+    # spelling) stays where it is, so pods started before the field existed do not roll.
+    if not engine.quantize_lm_head and engine.lm_head_flag is None:
         args.append("--no-quantize-lm-head")
     args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.runner != "auto":  # auto is the runtime's default: pods need not roll

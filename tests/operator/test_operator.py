@@ -170,3 +170,22 @@ def test_an_api_failure_is_retried_with_backoff_neither_dropped_nor_in_a_storm(
     cluster.api.unavailable.clear()
     cluster.wait_for(lambda: cluster.get(DEPLOYMENT))
     assert operator.alive
+
+
+def test_deprecated_lm_head_flag_serves_and_posts_one_warning(
+    cluster: Any, create_llmd: Any, start_operator: Any
+) -> None:
+    """An upgrade from before spec.engine.quantizeLmHead: the flag in extraArgs still rolls
+    out (not Degraded), and the user is told once, by a Warning event, to move it."""
+    start_operator()
+    engine = {"quantization": "int8", "extraArgs": ["--no-quantize-lm-head"]}
+    path = create_llmd("gpu", engine=engine)
+    cr = cluster.wait_for(
+        lambda: (c := cluster.get(path)) and c.get("status", {}).get("phase") == "Pending" and c
+    )
+    assert condition(cr, "Degraded")["status"] == "False"
+    assert condition(cr, "Deprecated")["reason"] == "DeprecatedSpelling"
+    assert args_of(cluster.get(DEPLOYMENT)).count("--no-quantize-lm-head") == 1
+    warned = cluster.wait_for(lambda: cluster.events("Deprecated"))
+    assert [e["type"] for e in warned] == ["Warning"]
+    assert "set engine.quantizeLmHead: false instead" in warned[0]["message"]

@@ -187,6 +187,72 @@ def test_a_rule_the_api_server_skipped_degrades_before_any_pod_runs(
     assert degraded["status"] == "False"
 
 
+def _condition(cluster: Any, path: str, type_: str) -> dict[str, Any] | None:
+    conditions = cluster.get(path)["status"]["conditions"]
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def test_lm_head_flag_in_extra_args_keeps_working_after_the_upgrade(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    """--no-quantize-lm-head in extraArgs predates spec.engine.quantizeLmHead: honoured as
+    the field (deprecated, one Warning), its pods rendered as before (no rollout)."""
+    engine = yaml.safe_load((REPO / "examples" / "gpu.yaml").read_text())["spec"]["engine"]
+    engine |= {"quantization": "int8", "extraArgs": ["--no-quantize-lm-head"]}
+    # As the API server stores it after the CRD upgrade: the field's default filled in.
+    path = create_llmd("gpu", engine={**engine, "quantizeLmHead": True})
+    result = run(cluster, kube_client, path)
+    assert result.error is None
+    args = cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args.count("--no-quantize-lm-head") == 1 and args[-1] == "--no-quantize-lm-head"
+    warnings = [(e.reason, e.message) for e in result.events if e.type == "Warning"]
+    message = (
+        "engine.extraArgs: --no-quantize-lm-head is deprecated; "
+        "set engine.quantizeLmHead: false instead"
+    )
+    assert warnings == [("Deprecated", message)]
+    assert _condition(cluster, path, "Deprecated") is not None
+    ready = {
+        "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    }
+    assert cluster.patch(DEPLOYMENT + "/status", ready).status_code == 200
+    result = run(cluster, kube_client, path)
+    assert [e.reason for e in result.events] == ["Ready"]  # warned once, not every pass
+    assert cluster.get(path)["status"]["phase"] == "Ready"
+    assert _condition(cluster, path, "Degraded")["status"] == "False"  # type: ignore[index]
+    before = len(cluster.requests())
+    assert run(cluster, kube_client, path).events == []
+    assert cluster.writes(since=before) == []
+    # Moved to the field: the warning's condition goes, the flag is rendered once.
+    move = {"spec": {"engine": {"extraArgs": [], "quantizeLmHead": False}}}
+    assert cluster.patch(path, move).status_code == 200
+    assert run(cluster, kube_client, path).error is None
+    args = cluster.get(DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args.count("--no-quantize-lm-head") == 1
+    assert _condition(cluster, path, "Deprecated") is None
+
+
+def test_lm_head_flag_contradicting_the_field_is_degraded(
+    cluster: Any, kube_client: HttpKubeClient, create_llmd: Any
+) -> None:
+    engine = {"quantization": "int8", "quantizeLmHead": False, "extraArgs": ["--quantize-lm-head"]}
+    path = create_llmd("gpu", engine=engine)
+    result = run(cluster, kube_client, path)
+    message = (
+        "engine.extraArgs: --quantize-lm-head contradicts engine.quantizeLmHead false; "
+        "remove the flag (deprecated: engine.quantizeLmHead replaces it)"
+    )
+    assert result.error is not None and str(result.error) == message
+    assert cluster.get(DEPLOYMENT) is None
+    degraded = _condition(cluster, path, "Degraded")
+    assert degraded is not None
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == (
+        "True",
+        "InvalidSpec",
+        message,
+    )
+
+
 def test_switching_modes_prunes_only_owned_children(
     cluster: Any, kube_client: HttpKubeClient, create_llmd: Any, kserve_api_crds: Any
 ) -> None:

@@ -15,7 +15,7 @@ import yaml
 from pinnace.cli.main import build_parser
 from pinnace.cli.serve import build_config
 from pinnace.operator import names
-from pinnace.operator.engine_spec import Quantization
+from pinnace.operator.engine_spec import LM_HEAD_IN_FLOATS_NEEDS, Quantization
 from pinnace.operator.llmdeployment import LLMDeployment, SpecError, parse_llmdeployment
 from pinnace.operator.render import render_all, render_deployment, render_workload
 from pinnace.runtime.config import EngineConfig
@@ -148,16 +148,36 @@ def test_lm_head_flag_only_when_kept_in_floats() -> None:
         )
 
 
+def test_lm_head_flag_in_extra_args_renders_as_before_the_field() -> None:
+    """The deprecated extraArgs spelling: args as the operator rendered them before
+    quantizeLmHead existed (the spec's flags, then extraArgs), so upgrading rolls no pod."""
+    base = container(render_deployment(example("gpu", engine={"quantization": "int8"})))["args"]
+    for extra in (["--no-quantize-lm-head"], ["--enforce-eager", "--quantize-lm-head"]):
+        for field in ({}, {"quantizeLmHead": extra[-1] == "--quantize-lm-head"}):
+            engine = {"quantization": "int8", "extraArgs": extra, **field}
+            args = container(render_deployment(example("gpu", engine=engine)))["args"]
+            assert args == base + extra, field
+    args = [*base, "--no-quantize-lm-head"]
+    config, _ = build_config(build_parser().parse_args(["serve", str(REPO), *args[2:]]))
+    assert (config.quantization, config.quantize_lm_head) == ("int8", False)
+
+
+@pytest.mark.parametrize("spelling", ["field", "extraArgs"])
 @pytest.mark.parametrize("quantization", [None, *typing.get_args(Quantization)])
 def test_lm_head_in_floats_is_refused_where_the_runtime_refuses_it(
-    quantization: str | None, tmp_path: Path
+    quantization: str | None, spelling: str, tmp_path: Path
 ) -> None:
-    engine = {"quantizeLmHead": False, **({"quantization": quantization} if quantization else {})}
+    engine: dict[str, Any] = {"quantization": quantization} if quantization else {}
+    if spelling == "field":
+        engine["quantizeLmHead"] = False
+    else:
+        engine["extraArgs"] = ["--no-quantize-lm-head"]
     try:
         example("gpu", engine=engine)
         operator_runs = True
     except SpecError as err:
-        assert str(err).startswith("spec.engine: quantizeLmHead false applies only to")
+        prefix = {"field": "spec.engine: quantizeLmHead false", "extraArgs": "engine.extraArgs"}
+        assert str(err).startswith(prefix[spelling]) and LM_HEAD_IN_FLOATS_NEEDS in str(err)
         operator_runs = False
     try:
         EngineConfig(model=str(tmp_path), quantization=quantization, quantize_lm_head=False)

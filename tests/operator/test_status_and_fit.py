@@ -150,6 +150,8 @@ def test_fit_estimate_counts_weights_kv_and_tensor_parallelism() -> None:
     assert int8 is not None and head is not None
     assert int8.weights_bytes == pytest.approx(shape.num_params)
     assert head.weights_bytes - int8.weights_bytes == pytest.approx(151936 * 1536)
+    flag = {"quantization": "int8", "extraArgs": ["--no-quantize-lm-head"]}  # deprecated
+    assert estimate(llmd({"count": 1, "memory": "24Gi"}, flag), shape) == head
     tiny = estimate(llmd({"count": 1, "memory": "2Gi"}, {}), shape)
     assert tiny is not None and not tiny.fits and "needs ~" in tiny.describe()
     big = ModelShape(num_params=70_000_000_000)
