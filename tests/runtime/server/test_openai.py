@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,77 @@ def test_tokenize_detokenize_health_version(server: Any, llm: LLM) -> None:
         assert bad.status_code == 400 and "out of vocabulary" in bad.json()["error"]["message"]
         assert http.get("/health").status_code == 200
         assert http.get("/version").json()["version"]
+
+
+MULTIBYTE = "Grüße 👋🏽 from 東京: naïve café 🍣"
+
+
+def _stream(http: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streamed chunks of `body`; each event's bytes are its model's own dump (what the
+    chunk envelope of sse_chunks.py must reproduce)."""
+    from pinnace.runtime.server.openai_protocol import ChatCompletionChunk, CompletionResponse
+
+    model = ChatCompletionChunk if "chat" in path else CompletionResponse
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", path, json=streamed) as r:
+        payloads = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    for payload in payloads:
+        assert model.model_validate_json(payload).model_dump_json(exclude_none=True) == payload
+    return [json.loads(p) for p in payloads]
+
+
+def _straddling_stop(text: str, offsets: list[int]) -> str:
+    """Two characters across a token boundary, first found there."""
+    for k in offsets[1:]:
+        stop = text[k - 1 : k + 1]
+        if 0 < k < len(text) and stop.strip() and text.find(stop) == k - 1:
+            return stop
+    raise AssertionError(f"no token boundary to stop at in {text!r}")
+
+
+def test_streamed_chunks_reassemble_to_the_whole_response(server: Any) -> None:
+    """Completions and chat, n=2 over a multibyte prompt with logprobs, stopped by a string
+    across a token boundary (completions: in the output or not): per choice the chunks add
+    up to the non-streamed response, and each chunk is its model's own bytes."""
+    base: dict[str, Any] = dict(model=MODEL, prompt=MULTIBYTE, max_tokens=10, temperature=0,
+                                logprobs=2)  # fmt: skip
+    with server.client() as http:
+        probe = http.post("/v1/completions", json=base).json()["choices"][0]
+        stop = _straddling_stop(probe["text"], probe["logprobs"]["text_offset"])
+        for include in (False, True):
+            body = {**base, "n": 2, "stop": [stop], "include_stop_str_in_output": include}
+            whole = http.post("/v1/completions", json=body).json()
+            events = _stream(http, "/v1/completions", body)
+            assert events[-1]["usage"] == whole["usage"] and not events[-1]["choices"]
+            for choice in whole["choices"]:
+                assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+                assert choice["text"].endswith(stop) == include
+                parts = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+                assert "".join(p["text"] for p in parts) == choice["text"]
+                assert parts[-1]["finish_reason"] == "stop" and parts[-1]["stop_reason"] == stop
+                # Not text_offset: streamed, it counts the text sent so far, as vLLM's does
+                # (a stop string's held-back characters, an unfinished UTF-8 character).
+                for key in ("tokens", "token_logprobs", "top_logprobs"):
+                    streamed = [x for p in parts for x in p["logprobs"][key]]
+                    assert streamed == choice["logprobs"][key], key
+
+        messages = [{"role": "user", "content": MULTIBYTE}]
+        chat: dict[str, Any] = dict(model=MODEL, messages=messages, max_tokens=10,
+                                    temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+        probe = http.post("/v1/chat/completions", json=chat).json()["choices"][0]
+        tokens = [entry["token"] for entry in probe["logprobs"]["content"]]
+        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        stop = _straddling_stop(probe["message"]["content"], offsets)
+        body = {**chat, "n": 2, "stop": [stop]}
+        whole = http.post("/v1/chat/completions", json=body).json()
+        events = _stream(http, "/v1/chat/completions", body)
+        assert events[-1]["usage"] == whole["usage"] and not events[-1]["choices"]
+        for choice in whole["choices"]:
+            assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+            parts = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+            assert parts[0]["delta"] == {"role": "assistant", "content": ""}
+            content = "".join(p["delta"].get("content", "") for p in parts)
+            assert content == choice["message"]["content"]
+            assert parts[-1]["finish_reason"] == "stop" and parts[-1]["stop_reason"] == stop
+            entries = [x for p in parts if "logprobs" in p for x in p["logprobs"]["content"]]
+            assert entries == choice["logprobs"]["content"]
